@@ -1,0 +1,1 @@
+"""Format converters: one module per format, each found through the `edgeq.converters` registry."""

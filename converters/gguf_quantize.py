@@ -1,0 +1,114 @@
+"""llama.cpp's quantizer through llama-cpp-python, and a read-back of what it really wrote.
+
+llama.cpp may quietly choose another type than asked (a K-quant on a row width not divisible by
+256 falls back to a legacy type; an override pattern that matches nothing does nothing), so the
+written file is read back and every difference is reported.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.progress import bar
+
+FLOAT_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16, "BF16": gguf.LlamaFileType.MOSTLY_BF16}
+QUANT_TYPES = {
+    name: gguf.LlamaFileType[f"MOSTLY_{name}"]
+    for name in ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q3_K_M", "Q3_K_L", "Q2_K", "IQ4_NL", "IQ4_XS")
+}
+_K_TYPES = {t for t in gguf.GGMLQuantizationType if t.name.endswith("_K")}
+_QUANT_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
+
+
+def ggml_type(name: str) -> gguf.GGMLQuantizationType:
+    try:
+        return gguf.GGMLQuantizationType[name.upper()]
+    except KeyError:
+        raise EdgeqError(f"unknown GGUF tensor type {name!r}; use one of Q8_0, Q6_K, Q5_K, Q4_K, Q4_0, F16, …") from None
+
+
+def _imatrix_array(importance: dict[str, np.ndarray]):
+    import llama_cpp
+
+    keep = {name: np.ascontiguousarray(values, dtype=np.float32) for name, values in importance.items()}
+    entries = (llama_cpp.llama_model_imatrix_data * (len(keep) + 1))()
+    for entry, (name, values) in zip(entries, keep.items()):
+        entry.name = name.encode()
+        entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entry.size = values.size
+    return entries, keep  # `keep` must outlive the quantize call
+
+
+def _override_array(overrides: dict[str, str]):
+    import llama_cpp
+
+    entries = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    for entry, (tensor, type_name) in zip(entries, overrides.items()):
+        entry.pattern = f"^{re.escape(tensor)}$".encode()
+        entry.type = int(ggml_type(type_name))
+    return entries
+
+
+def quantize(src: Path, dst: Path, precision: str, *, overrides: dict[str, str] | None = None,
+             importance: dict[str, np.ndarray] | None = None, progress: bool | None = None) -> None:
+    """Runs llama_model_quantize; `overrides` maps exact GGUF tensor names to ggml type names."""
+    import llama_cpp
+
+    from edgeq.runtimes.llamacpp import llama_log_lines
+
+    base = FLOAT_TYPES.get(precision) or QUANT_TYPES[precision]
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = os.cpu_count() or 1
+    params.ftype = int(base)
+    keep = []
+    if importance:
+        entries, arrays = _imatrix_array(importance)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep += [entries, arrays]
+    if overrides:
+        entries = _override_array(overrides)
+        params.tt_overrides = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        keep.append(entries)
+
+    with bar(total=None, desc=f"quantize {precision}", unit="tensor", progress=progress) as pbar:
+        def on_line(line: str) -> None:
+            if m := _QUANT_LINE.search(line):
+                pbar.total = int(m[2])
+                pbar.n = int(m[1])
+                pbar.refresh()
+
+        with llama_log_lines(on_line):
+            status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if status != 0:
+        raise EdgeqError(f"llama.cpp could not quantize to {precision} (status {status}); run with --debug to see its log")
+
+
+def read_tensor_types(path: Path, precision: str, overrides: dict[str, str] | None = None) -> dict:
+    """Tensor types as written, real bits per weight, and every place the file differs from the request."""
+    reader = gguf.GGUFReader(path)
+    tensors, mismatches = {}, []
+    total_bits = total_weights = 0
+    k_mix = precision.startswith("Q") and "_K" in precision
+    for t in reader.tensors:
+        got = gguf.GGMLQuantizationType(t.tensor_type)
+        shape = [int(x) for x in reversed(t.shape.tolist())]
+        tensors[t.name] = {"type": got.name, "shape": shape, "bytes": int(t.n_bytes)}
+        total_bits += int(t.n_bytes) * 8
+        total_weights += int(t.n_elements)
+        asked = (overrides or {}).get(t.name)
+        if asked and ggml_type(asked) != got:
+            mismatches.append({"tensor": t.name, "asked": asked.upper(), "got": got.name, "why": f"row width {shape[-1]}"})
+        elif not asked and k_mix and len(shape) == 2 and got not in _K_TYPES and got != gguf.GGMLQuantizationType.F32:
+            mismatches.append({"tensor": t.name, "asked": precision, "got": got.name,
+                               "why": f"row width {shape[-1]} is not a multiple of 256, so llama.cpp fell back"})
+    return {
+        "tensors": tensors,
+        "bits_per_weight": round(total_bits / max(total_weights, 1), 3),
+        "mismatches": mismatches,
+    }

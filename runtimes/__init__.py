@@ -1,0 +1,1 @@
+"""Inference engines: one module per engine, each found through the `edgeq.runtimes` registry."""

@@ -1,0 +1,140 @@
+"""llama.cpp engine over llama-cpp-python's low-level API: one batch, logits read in place."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import llama_cpp
+import numpy as np
+
+from edgeq.errors import EdgeqError
+
+log = logging.getLogger("edgeq.llama_cpp")
+_line_handlers: list[Callable[[str], None]] = []
+
+
+@llama_cpp.llama_log_callback
+def _route_log(level, text, user_data):
+    line = text.decode("utf-8", errors="replace").rstrip()
+    if _line_handlers:
+        _line_handlers[-1](line)
+    if line:
+        log.debug(line)
+
+
+llama_cpp.llama_log_set(_route_log, ctypes.c_void_p(0))
+llama_cpp.llama_backend_init()
+
+
+@contextmanager
+def llama_log_lines(handler: Callable[[str], None]) -> Iterator[None]:
+    """Sends llama.cpp's log lines to `handler` for the duration (e.g. to drive a progress bar)."""
+    _line_handlers.append(handler)
+    try:
+        yield
+    finally:
+        _line_handlers.remove(handler)
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class LlamaCppEngine:
+    """A GGUF file in llama.cpp. `forward` returns a view of llama.cpp's logits buffer (valid until the next call)."""
+
+    n_batch = 512
+
+    def __init__(self, path: Path, *, threads: int | None = None, n_ctx: int | None = None, vocab_only: bool = False):
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.vocab_only = vocab_only
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self._model:
+            raise EdgeqError(f"llama.cpp could not load {path}; the file is not a valid GGUF for this llama.cpp (re-export it)")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._ctx = None
+        self._batch = None
+        if vocab_only:
+            return
+        trained = llama_cpp.llama_model_n_ctx_train(self._model)
+        self.n_ctx = min(n_ctx or trained, trained)
+        threads = threads or default_threads()
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx
+        cparams.n_batch = cparams.n_ubatch = self.n_batch
+        cparams.n_threads = cparams.n_threads_batch = threads
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            raise EdgeqError(f"llama.cpp could not create a context of {self.n_ctx} tokens; lower n_ctx")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.threads = threads
+        self._n_past = 0
+
+    @classmethod
+    def open(cls, model_path: Path, manifest: dict, *, threads: int | None = None, n_ctx: int | None = None) -> "LlamaCppEngine":
+        return cls(model_path, threads=threads, n_ctx=n_ctx)
+
+    def reset(self) -> None:
+        llama_cpp.llama_memory_clear(self._memory, True)
+        self._n_past = 0
+
+    def _decode(self, tokens: Sequence[int], all_logits: bool) -> None:
+        batch = self._batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            last = len(chunk) - 1
+            for i, token in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = self._n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = all_logits or i == last
+            batch.n_tokens = len(chunk)
+            if self._n_past + len(chunk) > self.n_ctx:
+                raise EdgeqError(f"sequence longer than the context ({self.n_ctx} tokens); load with a larger n_ctx")
+            status = llama_cpp.llama_decode(self._ctx, batch)
+            if status != 0:
+                raise EdgeqError(f"llama.cpp decode failed (status {status})")
+            self._n_past += len(chunk)
+            if all_logits:
+                yield np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(len(chunk), self.n_vocab))
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        for _ in self._decode(tokens, all_logits=False):
+            pass
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        self.reset()
+        out = np.concatenate([chunk.copy() for chunk in self._decode(list(tokens), all_logits=True)])
+        self.reset()
+        return out
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """llama.cpp's own tokenizer: used to prove the GGUF vocab tokenizes like the HF tokenizer."""
+        data = text.encode()
+        buf = (llama_cpp.llama_token * (len(data) + 8))()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, len(buf), add_special, parse_special)
+        if n < 0:
+            raise EdgeqError("llama.cpp tokenization overflowed")
+        return list(buf[:n])
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        self.close()

@@ -1,0 +1,9 @@
+"""edgeq: fine-tuned small language models, exported for and run on edge devices."""
+__version__ = "0.1.0"
+
+from .errors import EdgeqError  # noqa: E402
+from .export import evaluate, export  # noqa: E402
+from .loading import load  # noqa: E402
+from .bundle import read_manifest as inspect  # noqa: E402
+
+__all__ = ["EdgeqError", "load", "export", "evaluate", "inspect", "__version__"]

@@ -1,0 +1,175 @@
+"""The `edgeq` command: a thin shell over the Python API (each command calls one edgeq function)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from .errors import EdgeqError
+
+
+class Group(click.Group):
+    """Turns EdgeqError into one line on stderr and exit code 1 (the traceback only with --debug)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeqError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks and backend logs.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
+@click.version_option(package_name="edgeq")
+@click.pass_context
+def main(ctx, debug, verbose):
+    """Export fine-tuned small language models for edge devices, then run, evaluate and profile them."""
+    ctx.obj = {"debug": debug}
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(file_okay=False))
+@click.option("--device", "-d", help="Device profile: a built-in name (see `edgeq devices`) or a .toml file.")
+@click.option("--adapter", type=click.Path(file_okay=False), help="PEFT LoRA adapter folder to merge into MODEL.")
+@click.option("--format", "format_", help="Output format (gguf, …); default: the best one the device runs.")
+@click.option("--precision", help="Uniform precision, e.g. Q4_K_M, Q8_0, F16; default: what the device runs best.")
+@click.option("--calibration", type=click.Path(dir_okay=False), help="UTF-8 text file for the importance matrix.")
+@click.option("-o", "--output", type=click.Path(), help="Bundle folder to create (default: MODEL-DEVICE-PRECISION).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at the output path.")
+@click.option("--trust-pickle", is_flag=True, help="Allow pickle (.bin) weights, which can run code when loaded.")
+@click.option("--eval-tokens", default=1024, show_default=True, help="Tokens of the short quality check stored in the manifest (0 skips it).")
+def export(model, device, adapter, format_, precision, calibration, output, overwrite, trust_pickle, eval_tokens):
+    """Export MODEL (a Hugging Face folder; default: SmolLM2-135M-Instruct) into a bundle for a device."""
+    from .export import export as run_export
+
+    out = run_export(model, device=device, adapter=adapter, format=format_, precision=precision, calibration=calibration,
+                     output=output, overwrite=overwrite, trust_pickle=trust_pickle, eval_tokens=eval_tokens, progress=True)
+    click.echo(out)
+    _print_summary(out)
+
+
+def _print_summary(bundle) -> None:
+    from .bundle import read_manifest
+
+    m = read_manifest(bundle, verify=False)
+    size = sum(f["bytes"] for f in m["files"].values())
+    click.echo(f"  format {m['format']}  precision {m['precision']}  {m.get('bits_per_weight', '?')} bits/weight  {size / 2**20:.1f} MiB")
+    if q := m.get("quality"):
+        click.echo(f"  vs reference: KL {q['kl']:.4f}  top-1 {q['top1']:.3f}  ppl {q['ppl']:.2f} (reference {q['ppl_ref']:.2f}) on {q['tokens']} tokens")
+    for problem in m.get("mismatches", []):
+        click.echo(f"  note: {problem['tensor']} asked {problem['asked']}, got {problem['got']} ({problem['why']})")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("prompt", required=False)
+@click.option("--system", help="System message for chat models.")
+@click.option("--raw", is_flag=True, help="Send PROMPT as plain text, without the chat template.")
+@click.option("--max-new-tokens", default=256, show_default=True, help="Most tokens to generate.")
+@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely tokens (0: all).")
+@click.option("--repetition-penalty", default=1.0, show_default=True, help="Penalty for tokens already seen (1: none).")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--seed", type=int, help="Random seed for sampling.")
+@click.option("--threads", type=int, help="CPU threads (default: the device profile's, else all cores).")
+@click.option("--backend", help="Runtime to use instead of the one the bundle names.")
+def run(bundle, prompt, system, raw, max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, threads, backend):
+    """Generate from BUNDLE: answer PROMPT (streamed), or chat when no PROMPT is given."""
+    from .loading import load
+
+    model = load(bundle, backend=backend, threads=threads)
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                   repetition_penalty=repetition_penalty, stop=list(stop), seed=seed, stream=True)
+    chat = model.tokenizer.chat_template is not None and not raw
+    history = [{"role": "system", "content": system}] if system else []
+
+    def reply(text):
+        if not chat:
+            pieces = model.generate(text, **options)
+        else:
+            history.append({"role": "user", "content": text})
+            pieces = model.generate(messages=history, **options)
+        answer = []
+        for piece in pieces:
+            answer.append(piece)
+            click.echo(piece, nl=False)
+        click.echo()
+        if chat:
+            history.append({"role": "assistant", "content": "".join(answer)})
+
+    if prompt is not None:
+        reply(prompt)
+        return
+    click.echo("chat: type a message, empty line or Ctrl-D to quit", err=True)
+    while (text := click.prompt(">", default="", show_default=False, prompt_suffix=" ")).strip():
+        reply(text)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def inspect(bundle, as_json):
+    """Show what BUNDLE holds: format, precision per tensor, source, device, measured quality (checksums verified)."""
+    from .bundle import read_manifest
+
+    manifest = read_manifest(bundle)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    click.echo(f"{bundle}: edgeq {manifest['edgeq_version']}, created {manifest['created']}")
+    src = manifest.get("source", {})
+    click.echo(f"  source {src.get('path')} ({src.get('architecture')})" + (f" + adapter {src['adapter']['path']}" if src.get("adapter") else ""))
+    if manifest.get("device"):
+        click.echo(f"  device {manifest['device']['id']}  context {manifest.get('context_length')}")
+    _print_summary(bundle)
+    counts: dict[str, int] = {}
+    for info in manifest.get("tensors", {}).values():
+        counts[info["type"]] = counts.get(info["type"], 0) + 1
+    click.echo("  tensor types: " + ", ".join(f"{t} ×{n}" for t, n in sorted(counts.items())))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+def devices(as_json):
+    """List the built-in device profiles."""
+    from edgeq.devices import list_devices, load_device
+
+    profiles = [load_device(name) for name in list_devices()]
+    if as_json:
+        click.echo(json.dumps([p.to_dict() for p in profiles], indent=2))
+        return
+    for p in profiles:
+        click.echo(f"{p.id:18} {p.name:28} RAM {p.ram_gib:>5.1f} GiB  budget {p.budget_gib:>4.1f} GiB  "
+                   f"{p.bandwidth_gbps:>6.1f} GB/s  {', '.join(p.formats)}")
+
+
+@main.command("eval")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--text", type=click.Path(dir_okay=False), help="UTF-8 text to measure on (default: a built-in sample).")
+@click.option("--tokens", default=4096, show_default=True, help="Tokens to measure on.")
+@click.option("--ctx", default=512, show_default=True, help="Window length: the text is cut into non-overlapping windows of this many tokens.")
+@click.option("--reference", type=click.Path(file_okay=False), help="Reference HF folder (default: the source the manifest names).")
+@click.option("--backend", help="Runtime to use instead of the one the bundle names.")
+@click.option("--threads", type=int, help="CPU threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (kl, top1, ppl, ppl_ref, tokens, ctx).")
+def evaluate(bundle, text, tokens, ctx, reference, backend, threads, as_json):
+    """Measure BUNDLE against the torch reference on the same tokens: mean KL, top-1 agreement, perplexity."""
+    from .export import evaluate as run_eval
+
+    quality = run_eval(bundle, text=text, tokens=tokens, ctx=ctx, reference=reference, backend=backend, threads=threads, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(quality.to_dict()))
+    else:
+        click.echo(f"KL {quality.kl:.5f}  top-1 {quality.top1:.4f}  ppl {quality.ppl:.3f}  reference ppl {quality.ppl_ref:.3f}  ({quality.tokens} tokens, ctx {quality.ctx})")

@@ -1,0 +1,33 @@
+"""The seam every runtime implements: token ids in, logits out.
+
+edgeq itself owns tokenization, chat templates, sampling, stop handling and text decoding
+(see `generate.py`), so a backend stays a thin module and every backend sees the same ids.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Engine(Protocol):
+    n_ctx: int
+    n_vocab: int
+
+    @classmethod
+    def open(cls, model_path: Path, manifest: dict, *, threads: int | None = None, n_ctx: int | None = None) -> "Engine":
+        """Opens the model file (or folder) a bundle's manifest names."""
+
+    def reset(self) -> None:
+        """Forgets the cached sequence."""
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        """Appends `tokens` to the cached sequence; returns float32 logits of the last one, shape (vocab,)."""
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits of every position of a fresh sequence, shape (len(tokens), vocab); used by eval."""
+
+    def close(self) -> None:
+        """Frees the model."""

@@ -1,0 +1,142 @@
+"""`edgeq.export()`: model (+ adapter) → converter → bundle, with its quality measured before it lands."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from . import registry
+from .bundle import check_writable, staged_bundle, write_manifest
+from .errors import EdgeqError
+from .evaluate import DEFAULT_TEXT, compare
+from .importance import calibration_windows, compute_importance
+from .loading import CHAT_TEMPLATE_FILE, open_engine
+
+log = logging.getLogger(__name__)
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+DEFAULT_CONTEXT = 4096
+
+
+def choose_format(fmt: str | None, profile) -> str:
+    if fmt:
+        registry.converters.get(fmt)  # fails with the list of known formats
+        return fmt
+    if profile is None:
+        return "gguf"
+    available = set(registry.converters.names())
+    for candidate in profile.formats:
+        if candidate in available:
+            return candidate
+    raise EdgeqError(f"device {profile.id} runs {', '.join(profile.formats)}, none of which this edgeq can export; pass --format")
+
+
+def choose_precision(precision: str | None, profile, fmt: str, converter) -> str:
+    if precision:
+        return precision
+    if profile is not None:
+        for candidate in profile.precisions.get(fmt, []):
+            if candidate.upper() in {p.upper() for p in converter.precisions}:
+                return candidate
+    return converter.default_precision
+
+
+def _copy_tokenizer(source, stage: Path) -> None:
+    for name in COPIED_FILES:
+        for folder in (source.tokenizer_folder, source.path):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, stage / name)
+                break
+    template = source.chat_template()
+    if template:
+        (stage / CHAT_TEMPLATE_FILE).write_text(template)
+
+
+def export(model: str | Path | None = None, *, device: str | Path | None = None, adapter: str | Path | None = None,
+           format: str | None = None, precision: str | None = None, calibration: str | Path | None = None,
+           output: str | Path | None = None, overwrite: bool = False, trust_pickle: bool = False,
+           calibration_tokens: int = 8192, eval_tokens: int = 1024, eval_ctx: int = 256,
+           progress: bool | None = None) -> Path:
+    """Exports a Hugging Face model (and LoRA adapter) into a bundle for a device; returns the bundle path.
+
+    With no model, the built-in default (SmolLM2-135M-Instruct) is used. The format and precision
+    default to what the device profile runs best. A calibration text turns on an importance matrix.
+    """
+    from edgeq.devices import load_device
+    from .intake import open_model
+
+    if model is None:
+        from .default_model import default_model_path
+
+        model = default_model_path(progress=progress)
+    profile = load_device(device) if device else None
+    fmt = choose_format(format, profile)
+    converter = registry.converters.get(fmt)()
+    precision = choose_precision(precision, profile, fmt, converter)
+    source = open_model(model, adapter=adapter, trust_pickle=trust_pickle)
+    out = Path(output) if output else Path(f"{Path(model).name}-{profile.id if profile else 'generic'}-{precision.lower()}")
+    check_writable(out, overwrite)
+    tokenizer = source.chat_tokenizer()
+
+    reference = None
+    importance = None
+    if calibration or eval_tokens:
+        from edgeq.runtimes.torch import TorchEngine
+
+        reference = TorchEngine(source)
+    if calibration:
+        windows = calibration_windows(tokenizer, Path(calibration), calibration_tokens, 512)
+        importance = compute_importance(reference.model, windows, progress)
+
+    with staged_bundle(out, overwrite) as stage:
+        fields = converter.convert(source, stage, precision=precision, importance=importance, progress=progress)
+        _copy_tokenizer(source, stage)
+        trained = source.config.get("max_position_embeddings", DEFAULT_CONTEXT)
+        manifest = {
+            "format": fmt,
+            "runtime": converter.runtime,
+            **fields,
+            "context_length": min(profile.context_length if profile else DEFAULT_CONTEXT, trained),
+            "source": source.fingerprint(),
+            "device": profile.to_dict() if profile else None,
+            "importance": {"text": str(calibration), "tokens": calibration_tokens} if calibration else None,
+            "tokenizer": tokenizer.spec.to_dict(),
+        }
+        if eval_tokens:
+            candidate = open_engine(stage, manifest)
+            try:
+                windows = calibration_windows(tokenizer, DEFAULT_TEXT, eval_tokens, eval_ctx)
+                manifest["quality"] = compare(reference, candidate, windows, progress, text="built-in sample").to_dict()
+            finally:
+                candidate.close()
+        write_manifest(stage, manifest)
+    log.info("bundle written to %s", out)
+    return out
+
+
+def evaluate(bundle: str | Path, *, text: str | Path | None = None, tokens: int = 4096, ctx: int = 512,
+             reference: str | Path | None = None, backend: str | None = None, threads: int | None = None,
+             progress: bool | None = None):
+    """Measures a bundle against the torch reference on the same tokens: KL, top-1, perplexity.
+
+    The reference is the source model the manifest names (with its adapter), or `reference=`.
+    """
+    from edgeq.runtimes.torch import TorchEngine
+
+    from .bundle import read_manifest
+    from .intake import open_model
+    from .loading import bundle_tokenizer
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    src = manifest.get("source") or {}
+    ref_path = Path(reference) if reference else Path(src.get("path", ""))
+    if not (ref_path / "config.json").is_file():
+        raise EdgeqError(f"the reference model {ref_path} is not there; pass --reference with the source model folder")
+    adapter = None if reference else (src.get("adapter") or {}).get("path")
+    reference_engine = TorchEngine(open_model(ref_path, adapter=adapter), threads=threads)
+    candidate = open_engine(bundle, manifest, backend, threads, n_ctx=max(ctx, manifest.get("context_length") or 0))
+    try:
+        windows = calibration_windows(bundle_tokenizer(bundle, manifest), Path(text) if text else DEFAULT_TEXT, tokens, ctx)
+        return compare(reference_engine, candidate, windows, progress, text=str(text) if text else "built-in sample")
+    finally:
+        candidate.close()

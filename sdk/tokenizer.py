@@ -1,0 +1,177 @@
+"""Tokenization and chat templates, done once by edgeq so every backend gets the same token ids.
+
+Only the `tokenizers` library and a sandboxed Jinja environment are used: an app that embeds the
+runtime needs neither transformers nor the source model.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import EdgeqError
+
+# End-of-turn tokens used by the chat templates of the supported families. A fine-tune that
+# stops on one of these must stop on it after export too, so every one present in the vocab
+# becomes a stop id.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>")
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+@dataclass
+class TokenizerSpec:
+    """What the bundle's manifest records about the tokenizer; the files hold the rest."""
+
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    add_bos_token: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TokenizerSpec":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def read_chat_template(folder: Path) -> str | None:
+    """The chat template of an HF folder: `chat_template.jinja`, else tokenizer_config.json."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    config_path = folder / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None
+    template = json.loads(config_path.read_text()).get("chat_template")
+    if isinstance(template, list):  # named templates: the "default" one is used for chat
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template
+
+
+def _render_environment():
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise EdgeqError(f"the chat template refused the messages: {message}")
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+class ChatTokenizer:
+    """Encodes prompts and chats to ids, and decodes generated ids to text incrementally."""
+
+    def __init__(self, tokenizer_json: Path, spec: TokenizerSpec, chat_template: str | None):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(tokenizer_json))
+        self.spec = spec
+        self.chat_template = chat_template
+        self._template = _render_environment().from_string(chat_template) if chat_template else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, text: str | None) -> int | None:
+        return None if text is None else self._tok.token_to_id(text)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            raise EdgeqError("this model has no chat template; pass a plain prompt instead of messages")
+        s = self.spec
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=s.bos_token or "", eos_token=s.eos_token or "",
+            pad_token=s.pad_token or "", unk_token=s.unk_token or "",
+        )
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # The template writes BOS itself where the model wants one; adding it again doubles it.
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+    def prompt_ids(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise EdgeqError("pass exactly one of prompt= or messages=")
+        return self.encode(prompt) if messages is None else self.encode_chat(messages)
+
+    def detokenizer(self) -> "IncrementalDecoder":
+        return IncrementalDecoder(self)
+
+
+class IncrementalDecoder:
+    """Turns a growing list of ids into text pieces, never splitting a multi-byte character.
+
+    A character spread over byte-level tokens decodes to U+FFFD until its last byte arrives, so
+    text is only released once the tail of the decoded window no longer ends in U+FFFD.
+    """
+
+    def __init__(self, tokenizer: ChatTokenizer):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # ids before this one are only context for decoding the next piece
+        self._read = 0    # ids before this one have been released as text
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix:self._read])
+        full_text = decode(self._ids[self._prefix:])
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return full_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix:self._read])
+        full_text = decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return full_text[len(prefix_text):]
+
+
+def spec_from_hf_folder(folder: Path, vocab: dict[str, int], generation_config: dict) -> TokenizerSpec:
+    """Collects BOS/EOS and every stop id a fine-tune may end a turn with."""
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    special_map_path = folder / "special_tokens_map.json"
+    special_map = json.loads(special_map_path.read_text()) if special_map_path.is_file() else {}
+
+    def special(name):
+        return _token_text(config.get(name)) or _token_text(special_map.get(name))
+
+    spec = TokenizerSpec(
+        bos_token=special("bos_token"), eos_token=special("eos_token"),
+        pad_token=special("pad_token"), unk_token=special("unk_token"),
+    )
+    stop: list[int] = []
+    eos_ids = generation_config.get("eos_token_id")
+    stop += eos_ids if isinstance(eos_ids, list) else ([eos_ids] if eos_ids is not None else [])
+    candidates: Iterable[str | None] = (spec.eos_token, *END_OF_TURN_TOKENS)
+    stop += [vocab[t] for t in candidates if t in vocab]
+    spec.stop_token_ids = sorted(set(stop))
+    return spec

@@ -136,5 +136,11 @@ class LlamaCppEngine:
             llama_cpp.llama_model_free(self._model)
             self._model = None
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def __del__(self):
         self.close()

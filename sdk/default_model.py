@@ -52,6 +52,8 @@ def default_model_path(progress: bool = True) -> Path:
     try:
         log.info("building the default model from %s into %s", gguf, target)
         _build(gguf, tmp, progress)
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp makes 0700; a cache is shared like any download
+            path.chmod(0o755 if path.is_dir() else 0o644)
         try:
             os.rename(tmp, target)
         except OSError:

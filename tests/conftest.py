@@ -1,0 +1,105 @@
+"""Tiny random-config models built in-process (no downloads), shared by the unit tests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. 0123456789 numbers and words.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "Héllo wörld — ünïcode, 日本語のテキスト, emojis 🙂🚀 and    runs   of spaces\n\n\nnewlines.",
+    "Large language models run on phones, laptops and small boards at the edge.",
+] * 20
+
+
+def build_tokenizer(folder: Path) -> None:
+    """A byte-level BPE with SmolLM2's pre-tokenizer (digits split, byte level), trained on a toy corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "chat_template": CHATML, "model_max_length": 256,
+    }))
+
+
+def build_model(folder: Path, architecture: str = "LlamaForCausalLM", seed: int = 0, **overrides) -> Path:
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(folder)
+    vocab = json.loads((folder / "tokenizer.json").read_text())
+    n_vocab = max(vocab["model"]["vocab"].values()) + 1
+    config_cls = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    settings = dict(
+        vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=2, initializer_range=0.2,
+    )
+    config = config_cls(**{**settings, **overrides})
+    if architecture == "Qwen3ForCausalLM":
+        config.head_dim = 16
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 2}))
+    return folder
+
+
+def build_lora(folder: Path, base: Path, rank: int = 2, alpha: int = 4, seed: int = 1, modules_to_save=None, extra_rows: int = 0) -> Path:
+    """A PEFT-format LoRA adapter written by hand (same files PEFT writes), with nonzero B."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    config = json.loads((base / "config.json").read_text())
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = hidden // n_head
+    shapes = {"q_proj": (hidden, hidden), "v_proj": (n_kv * head_dim, hidden), "down_proj": (hidden, inter)}
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module, (rows, cols) in shapes.items():
+            kind = "mlp" if module == "down_proj" else "self_attn"
+            prefix = f"base_model.model.model.layers.{layer}.{kind}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, cols) * 0.3
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(rows, rank) * 0.3
+    for name in modules_to_save or []:
+        rows = config["vocab_size"] + extra_rows
+        tensors[f"base_model.model.{name}.weight"] = torch.randn(rows, hidden) * 0.2
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(shapes),
+        "modules_to_save": modules_to_save, "base_model_name_or_path": str(base), "task_type": "CAUSAL_LM",
+        "fan_in_fan_out": False, "bias": "none", "use_rslora": False,
+    }))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tmp_path_factory, tiny_llama) -> Path:
+    return build_lora(tmp_path_factory.mktemp("lora") / "tiny-lora", tiny_llama)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path_factory.getbasetemp() / "edgeq-cache"))

@@ -10,6 +10,7 @@ import edgeq
 from edgeq.bundle import MANIFEST
 from edgeq.converters.gguf import GGUFConverter
 from edgeq.converters.gguf_quantize import read_tensor_types
+from edgeq.evaluate import QualityAccumulator
 from edgeq.intake import open_model
 from edgeq.runtimes.llamacpp import LlamaCppEngine
 from edgeq.runtimes.torch import TorchEngine
@@ -17,6 +18,14 @@ from edgeq.runtimes.torch import TorchEngine
 from conftest import build_model
 
 TEXT = [0, 5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300]
+
+
+def _assert_same_distribution(got, ref):
+    """llama.cpp keeps its KV cache in F16, so F32 weights agree to ~1e-2 in logits, not to float32 precision."""
+    acc = QualityAccumulator()
+    acc.add(ref, got, TEXT)
+    quality = acc.result(ctx=len(TEXT))
+    assert quality.kl < 1e-4 and quality.top1 == 1.0
 
 
 def _export(model, tmp_path, precision, **kw):
@@ -31,7 +40,7 @@ def test_f32_gguf_logits_match_torch(tmp_path, architecture):
     with LlamaCppEngine(bundle / "model.gguf") as engine:
         got = engine.score(TEXT)
     assert got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, atol=2e-3, rtol=0)
+    _assert_same_distribution(got, ref)
 
 
 def test_greedy_tokens_equal_torch_reference(tmp_path, tiny_llama):
@@ -49,7 +58,7 @@ def test_lora_merge_reaches_gguf(tmp_path, tiny_llama, tiny_lora):
     with LlamaCppEngine(bundle / "model.gguf") as engine:
         got = engine.score(TEXT)
     assert np.abs(merged - base).max() > 0.05  # the adapter changes the model …
-    np.testing.assert_allclose(got, merged, atol=2e-3, rtol=0)  # … and the export carries the change
+    _assert_same_distribution(got, merged)  # … and the export carries the change
     assert json.loads((bundle / MANIFEST).read_text())["source"]["adapter"]["sha256"]
 
 

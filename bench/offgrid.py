@@ -1,0 +1,142 @@
+"""Write a function-preserving, off-grid copy of a Llama-family Hugging Face checkpoint.
+
+The default model's weights were dequantized from a Q4_1 GGUF, so every block of 32 weights
+sits exactly on a 4-bit grid and requantizing them looks unrealistically good. This script
+(1) folds each RMSNorm gain into the linears that read its output and sets the gains to 1,
+(2) unties lm_head from embed_tokens, and (3) rotates the residual stream by a seeded random
+orthogonal Q: embed_tokens <- E Q, readers (q/k/v/gate/up_proj, lm_head) <- W Q, writers
+(o_proj, down_proj) <- Q^T W. RMSNorm with unit gains commutes with Q, so the logits are
+unchanged up to float rounding while no weight is on the grid any more.
+Math in float64; float32 safetensors out.
+
+    python bench/offgrid.py SRC DST [--seed 0] [--overwrite]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+           "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+# Tensors that never touch the residual basis (per-head norms, reader biases): copied as they are.
+UNTOUCHED = re.compile(r"model\.layers\.\d+\.(self_attn\.(q_norm|k_norm)\.weight|"
+                       r"self_attn\.[qkv]_proj\.bias|mlp\.(gate|up)_proj\.bias|self_attn\.rotary_emb\.inv_freq)$")
+SAMPLE = "The capital of France is Paris. Edge devices run small language models: 1, 2, 3, go!"
+
+
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """Haar-random orthogonal n x n matrix (float64) from the QR of a seeded Gaussian."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))  # sign fix makes the distribution uniform
+
+
+def _load(src: Path) -> dict[str, torch.Tensor]:
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"no *.safetensors in {src}: pass a Hugging Face checkpoint folder")
+    sd = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            sd.update({k: h.get_tensor(k) for k in h.keys()})
+    return sd
+
+
+def make_offgrid_copy(src: Path, dst: Path, seed: int = 0, overwrite: bool = False) -> Path:
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not (overwrite and (dst / "config.json").is_file()):
+        raise SystemExit(f"{dst} exists: pass --overwrite (it must be a checkpoint folder) or another dst")
+    config = json.loads((src / "config.json").read_text())
+    if config.get("model_type") not in ("llama", "mistral", "qwen2", "qwen3"):
+        raise SystemExit(f"model_type {config.get('model_type')!r} is not a Llama-family model with plain RMSNorm")
+    sd = {k: v.to(torch.float64) for k, v in _load(src).items()}
+    n_layers, d = config["num_hidden_layers"], config["hidden_size"]
+    out: dict[str, torch.Tensor] = {}
+    take = sd.pop
+    # (1)+(2): fold gains, untie.
+    embed = take("model.embed_tokens.weight")
+    lm_head = take("lm_head.weight", None)
+    lm_head = (embed.clone() if lm_head is None else lm_head) * take("model.norm.weight")[None, :]
+    q = random_orthogonal(d, seed)
+    # (3): rotate the residual stream.
+    out["model.embed_tokens.weight"] = embed @ q
+    out["lm_head.weight"] = lm_head @ q
+    out["model.norm.weight"] = torch.ones(d, dtype=torch.float64)
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        for norm, readers in READERS.items():
+            gain = take(p + norm + ".weight")
+            out[p + norm + ".weight"] = torch.ones_like(gain)
+            for r in readers:
+                out[p + r + ".weight"] = (take(p + r + ".weight") * gain[None, :]) @ q
+        for w in WRITERS:
+            out[p + w + ".weight"] = q.T @ take(p + w + ".weight")
+            if p + w + ".bias" in sd:
+                out[p + w + ".bias"] = q.T @ take(p + w + ".bias")
+    for k in [k for k in sd if UNTOUCHED.match(k)]:
+        out[k] = take(k)
+    if sd:
+        raise SystemExit(f"unexpected tensors, not sure how they see the residual stream: {sorted(sd)[:5]}")
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        save_file({k: v.to(torch.float32).contiguous() for k, v in out.items()},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for f in src.iterdir():
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
+                    "config.json", "model.safetensors.index.json"):
+                shutil.copy2(f, tmp / f.name)
+        config["tie_word_embeddings"] = False
+        config.pop("torch_dtype", None)
+        config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp and save_file create owner-only modes
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def max_logit_diff(a: Path, b: Path, text: str = SAMPLE, dtype=torch.float32) -> tuple[float, float]:
+    """(max |logits_a - logits_b|, max |logits_a|) on `text`, tokenized with a's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ids = AutoTokenizer.from_pretrained(a)(text, return_tensors="pt").input_ids
+    logits = []
+    for path in (a, b):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    return (logits[0] - logits[1]).abs().max().item(), logits[0].abs().max().item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", type=Path, help="Llama-family HF checkpoint folder")
+    ap.add_argument("dst", type=Path, help="folder to create")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random rotation")
+    ap.add_argument("--overwrite", action="store_true", help="replace dst if it is a checkpoint folder")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    make_offgrid_copy(args.src, args.dst, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {args.dst} in {time.perf_counter() - t0:.1f} s")
+    diff, scale = max_logit_diff(args.src, args.dst)
+    print(f"max abs logit diff vs {args.src}: {diff:.3g} (largest logit {scale:.3g})")
+
+
+if __name__ == "__main__":
+    main()

@@ -26,10 +26,10 @@ class Quality:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+def _log_softmax(logits: np.ndarray):
+    import torch  # vectorized and threaded: numpy takes ~1 s per 256 × 49k window
+
+    return torch.log_softmax(torch.from_numpy(np.asarray(logits, dtype=np.float32)), dim=-1)
 
 
 class QualityAccumulator:
@@ -41,11 +41,11 @@ class QualityAccumulator:
 
     def add(self, ref_logits: np.ndarray, logits: np.ndarray, window: list[int]) -> None:
         ref, cand = _log_softmax(ref_logits), _log_softmax(logits)
-        self.kl += float((np.exp(ref) * (ref - cand)).sum())
+        self.kl += float((ref.exp() * (ref - cand)).sum(-1).double().sum())
         self.agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
         self.positions += len(window)
-        targets = np.asarray(window[1:])
-        rows = np.arange(len(targets))
+        targets = window[1:]
+        rows = list(range(len(targets)))
         self.nll -= float(cand[rows, targets].sum())
         self.nll_ref -= float(ref[rows, targets].sum())
         self.predicted += len(targets)

@@ -13,7 +13,9 @@ from edgeq.intake import SourceModel, open_model
 def load_hf_model(source: SourceModel, dtype=torch.float32):
     """The HF model with the adapter merged by edgeq's own merge (the same tensors every export sees)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # edgeq shows its own progress; a bar per load is noise
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, use_safetensors=not source.trust_pickle)
     if source.adapter:
         if source.config["vocab_size"] != model.config.vocab_size:

@@ -44,8 +44,12 @@ def check_writable(out: Path, overwrite: bool = False) -> None:
     parent = out.parent if out.parent != Path("") else Path(".")
     if not parent.exists():
         raise EdgeqError(f"output folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise EdgeqError(f"output folder {parent} is not writable; choose another -o")
+    if not parent.is_dir():
+        raise EdgeqError(f"output folder {parent} is not a folder; choose another -o")
+    try:  # os.access says yes to root on read-only mounts; only a real write tells
+        Path(tempfile.mkdtemp(prefix=".edgeq-probe-", dir=parent)).rmdir()
+    except OSError as exc:
+        raise EdgeqError(f"output folder {parent} is not writable ({exc.strerror}); choose another -o") from exc
 
 
 @contextmanager

@@ -180,11 +180,11 @@ class Decoder(nn.Module):
         shape = (spec.layers, spec.kv_heads, spec.context, spec.head_dim)
         self.register_buffer("key_cache", torch.zeros(shape, dtype=cache_dtype, device="cpu"))
         self.register_buffer("value_cache", torch.zeros(shape, dtype=cache_dtype, device="cpu"))
-        angles = torch.outer(torch.arange(spec.context, dtype=torch.float64), torch.tensor(spec.inv_freq, dtype=torch.float64))
+        angles = torch.outer(torch.arange(spec.context, dtype=torch.float64, device="cpu"), torch.tensor(spec.inv_freq, dtype=torch.float64, device="cpu"))
         angles = torch.cat([angles, angles], dim=-1)
         self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
         self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
-        self.register_buffer("slots", torch.arange(spec.context, dtype=torch.int32), persistent=False)
+        self.register_buffer("slots", torch.arange(spec.context, dtype=torch.int32, device="cpu"), persistent=False)
 
     def forward(self, input_ids, position):
         t = input_ids.shape[1]
@@ -224,11 +224,14 @@ def build_decoder(source, context: int, dtype=torch.float32, cache_dtype=None, w
     from .progress import bar
 
     spec = DecoderSpec.from_source(source, context)
-    with torch.device("meta"):
+    with torch.device("meta"):  # parameters start empty; buffers are built on the CPU (explicit device)
         decoder = Decoder(spec, cache_dtype or dtype)
-    decoder.key_cache = torch.zeros(decoder.key_cache.shape, dtype=decoder.key_cache.dtype)
-    decoder.value_cache = torch.zeros(decoder.value_cache.shape, dtype=decoder.value_cache.dtype)
-    for name in ("rope_cos", "rope_sin", "slots"):
-        setattr(decoder, name, Decoder.__dict__  # placeholder replaced below
-                if False else None)
-    return decoder
+    load = weights or source.tensor
+    names = decoder.weight_names()
+    with bar(len(names), "load weights", "tensor", progress) as pbar, torch.no_grad():
+        for name in names:
+            module_name, _, leaf = name.rpartition(".")
+            tensor = load(name).to(dtype)
+            setattr(decoder.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
+            pbar.update(1)
+    return decoder.eval()

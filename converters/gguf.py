@@ -169,25 +169,35 @@ class GGUFConverter:
     name = "gguf"
     runtime = "llamacpp"
     default_precision = "Q4_K_M"
+    planned_precision = "Q4_0"  # file type of a planned export; the plan overrides every tensor
     precisions = tuple(FLOAT_TYPES) + tuple(QUANT_TYPES)
 
     def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
                 importance: dict[str, np.ndarray] | None = None, progress: bool | None = None) -> dict:
+        """`overrides` and `importance` are keyed by HF weight name, as every converter's are."""
         precision = precision.upper()
         if precision not in self.precisions:
             raise EdgeqError(f"GGUF precision {precision!r} is not supported; choose one of {', '.join(self.precisions)}")
+        to_gguf = {hf: name for hf, name, _ in tensor_plan(source)}
+        gguf_overrides = {to_gguf[hf]: t.upper() for hf, t in (overrides or {}).items() if hf in to_gguf}
+        if overrides and len(gguf_overrides) != len(overrides):
+            unknown = sorted(set(overrides) - set(to_gguf))
+            raise EdgeqError(f"precision overrides name tensors the model does not have: {', '.join(unknown[:3])}")
+        gguf_importance = {to_gguf[hf]: v for hf, v in (importance or {}).items() if hf in to_gguf}
+        if importance and not gguf_importance:
+            raise EdgeqError("the importance matrix matches no tensor of this model; recompute it from this model")
         out = stage / MODEL_FILE
-        if precision in FLOAT_TYPES and not overrides:
+        if precision in FLOAT_TYPES and not gguf_overrides:
             write_float_gguf(source, out, precision, progress)
         else:
             source_is_bf16 = any(info.dtype == "BF16" for info in source.index.values())
             intermediate = stage / "intermediate.gguf"
             write_float_gguf(source, intermediate, "BF16" if source_is_bf16 else "F16", progress)
             try:
-                quantize(intermediate, out, precision, overrides=overrides, importance=importance, progress=progress)
+                quantize(intermediate, out, precision, overrides=gguf_overrides, importance=gguf_importance, progress=progress)
             finally:
                 intermediate.unlink(missing_ok=True)
-        report = read_tensor_types(out, precision, overrides)
+        report = read_tensor_types(out, precision, gguf_overrides)
         for problem in report["mismatches"]:
             log.warning("%s: asked %s, llama.cpp wrote %s (%s)", problem["tensor"], problem["asked"], problem["got"], problem["why"])
         return {"model_file": MODEL_FILE, "precision": precision, **report}

@@ -4,6 +4,8 @@ __version__ = "0.1.0"
 from .errors import EdgeqError  # noqa: E402
 from .export import evaluate, export  # noqa: E402
 from .loading import load  # noqa: E402
+from .planning import plan  # noqa: E402
 from .bundle import read_manifest as inspect  # noqa: E402
+from .profiling import profile  # noqa: E402
 
-__all__ = ["EdgeqError", "load", "export", "evaluate", "inspect", "__version__"]
+__all__ = ["EdgeqError", "load", "export", "evaluate", "inspect", "plan", "profile", "__version__"]

@@ -43,18 +43,25 @@ def main(ctx, debug, verbose):
 @click.option("--device", "-d", help="Device profile: a built-in name (see `edgeq devices`) or a .toml file.")
 @click.option("--adapter", type=click.Path(file_okay=False), help="PEFT LoRA adapter folder to merge into MODEL.")
 @click.option("--format", "format_", help="Output format (gguf, …); default: the best one the device runs.")
-@click.option("--precision", help="Uniform precision, e.g. Q4_K_M, Q8_0, F16; default: what the device runs best.")
+@click.option("--precision", help="Force one precision for every tensor, e.g. Q4_K_M, Q8_0, F16, int4; default: planned per tensor for the device.")
+@click.option("--size", help="Plan within this size instead of the device's, e.g. 95MB or 1.2GiB.")
+@click.option("--bits-per-weight", type=float, help="Plan within this many bits per weight on average.")
 @click.option("--calibration", type=click.Path(dir_okay=False), help="UTF-8 text file for the importance matrix.")
 @click.option("-o", "--output", type=click.Path(), help="Bundle folder to create (default: MODEL-DEVICE-PRECISION).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at the output path.")
 @click.option("--trust-pickle", is_flag=True, help="Allow pickle (.bin) weights, which can run code when loaded.")
 @click.option("--eval-tokens", default=1024, show_default=True, help="Tokens of the short quality check stored in the manifest (0 skips it).")
-def export(model, device, adapter, format_, precision, calibration, output, overwrite, trust_pickle, eval_tokens):
-    """Export MODEL (a Hugging Face folder; default: SmolLM2-135M-Instruct) into a bundle for a device."""
+def export(model, device, adapter, format_, precision, size, bits_per_weight, calibration, output, overwrite, trust_pickle, eval_tokens):
+    """Export MODEL (a Hugging Face folder; default: SmolLM2-135M-Instruct) into a bundle for a device.
+
+    With --device (or --size / --bits-per-weight) and no --precision, edgeq measures how much each
+    tensor's quantization costs on calibration text and picks a precision per tensor that fits.
+    """
     from .export import export as run_export
 
     out = run_export(model, device=device, adapter=adapter, format=format_, precision=precision, calibration=calibration,
-                     output=output, overwrite=overwrite, trust_pickle=trust_pickle, eval_tokens=eval_tokens, progress=True)
+                     output=output, overwrite=overwrite, trust_pickle=trust_pickle, eval_tokens=eval_tokens,
+                     size=size, bits_per_weight=bits_per_weight, progress=True)
     click.echo(out)
     _print_summary(out)
 
@@ -67,6 +74,8 @@ def _print_summary(bundle) -> None:
     click.echo(f"  format {m['format']}  precision {m['precision']}  {m.get('bits_per_weight', '?')} bits/weight  {size / 2**20:.1f} MiB")
     if q := m.get("quality"):
         click.echo(f"  vs reference: KL {q['kl']:.4f}  top-1 {q['top1']:.3f}  ppl {q['ppl']:.2f} (reference {q['ppl_ref']:.2f}) on {q['tokens']} tokens")
+    if check := m.get("plan_check"):
+        click.echo(f"  plan: predicted KL {check['predicted_kl']:.4f}, measured {check['measured_kl']:.4f}" + (f" — {check['note']}" if "note" in check else ""))
     for problem in m.get("mismatches", []):
         click.echo(f"  note: {problem['tensor']} asked {problem['asked']}, got {problem['got']} ({problem['why']})")
 
@@ -141,6 +150,36 @@ def inspect(bundle, as_json):
 
 
 @main.command()
+@click.argument("model", required=False, type=click.Path(file_okay=False))
+@click.option("--device", "-d", help="Device profile whose budget and format to plan for.")
+@click.option("--format", "format_", default="gguf", show_default=True, help="Format whose precisions to choose from (gguf, onnx, coreml).")
+@click.option("--size", help="Budget as a size, e.g. 95MB (instead of the device's).")
+@click.option("--bits-per-weight", type=float, help="Budget as average bits per weight.")
+@click.option("--adapter", type=click.Path(file_okay=False), help="PEFT LoRA adapter folder merged into MODEL first.")
+@click.option("--calibration", type=click.Path(dir_okay=False), help="UTF-8 text to measure sensitivity on (default: built-in text).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(model, device, format_, size, bits_per_weight, adapter, calibration, as_json):
+    """Show the precision edgeq would give each tensor of MODEL: tensor, precision, bytes, predicted ΔKL."""
+    from .planning import plan as run_plan
+
+    result = run_plan(model, device=device, format=format_, size=size, bits_per_weight=bits_per_weight,
+                      adapter=adapter, calibration=calibration, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"{'tensor':52} {'precision':>9} {'bytes':>11} {'pred. ΔKL':>10}")
+    for e in result.entries:
+        click.echo(f"{e.tensor:52} {e.precision:>9} {e.bytes:>11,} {e.dkl:>10.5f}")
+    counts: dict[str, int] = {}
+    for e in result.entries:
+        counts[e.precision] = counts.get(e.precision, 0) + 1
+    click.echo(f"total {result.total_bytes / 2**20:.2f} MiB of budget {result.budget_bytes / 2**20:.2f} MiB; "
+               f"predicted KL {result.predicted_kl:.4f}; " + ", ".join(f"{p} ×{n}" for p, n in sorted(counts.items())))
+    info = result.sensitivity
+    click.echo(f"sensitivity: {info['measured_tensors']} tensors measured, proxy rank correlation {info['proxy_rank_correlation']}")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
 def devices(as_json):
     """List the built-in device profiles."""
@@ -173,3 +212,33 @@ def evaluate(bundle, text, tokens, ctx, reference, backend, threads, as_json):
         click.echo(json.dumps(quality.to_dict()))
     else:
         click.echo(f"KL {quality.kl:.5f}  top-1 {quality.top1:.4f}  ppl {quality.ppl:.3f}  reference ppl {quality.ppl_ref:.3f}  ({quality.tokens} tokens, ctx {quality.ctx})")
+
+
+@main.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt-tokens", default="64,512", show_default=True, help="Prompt lengths to time, comma-separated.")
+@click.option("--gen", default=128, show_default=True, help="Tokens decoded greedily after each prompt.")
+@click.option("--repeat", default=5, show_default=True, help="Measured repeats after one warm-up (median and spread).")
+@click.option("--threads", type=int, help="CPU threads (default: the runtime's, all cores for llama.cpp).")
+@click.option("--device", "-d", help="Add an ESTIMATE for this device profile (a built-in name or a .toml file).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full result as JSON to this file.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG chart of size × KL × decode speed.")
+def profile(bundles, prompt_tokens, gen, repeat, threads, device, json_path, plot_path):
+    """Measure BUNDLES on this machine: load time, time to first token, prefill and decode tokens/s, peak memory, size."""
+    from .profile_report import check_output, require_matplotlib
+    from .profiling import profile as run_profile
+
+    try:
+        lengths = [int(n) for n in prompt_tokens.split(",")]
+    except ValueError:
+        raise EdgeqError(f"--prompt-tokens {prompt_tokens!r} is not a comma-separated list of token counts, e.g. 64,512") from None
+    for path in filter(None, (json_path, plot_path)):
+        check_output(path)
+    if plot_path:
+        require_matplotlib()
+    result = run_profile(bundles, prompt_tokens=lengths, gen=gen, repeat=repeat, threads=threads, device=device)
+    click.echo(result.table())
+    if json_path:
+        click.echo(f"wrote {result.save_json(json_path)}")
+    if plot_path:
+        click.echo(f"wrote {result.plot(plot_path)}")

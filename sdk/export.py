@@ -51,15 +51,28 @@ def _copy_tokenizer(source, stage: Path) -> None:
         (stage / CHAT_TEMPLATE_FILE).write_text(template)
 
 
+def _plan_check(plan, measured_kl: float) -> dict:
+    """The planner's prediction beside the measured KL; a gap of more than 2× either way is reported."""
+    ratio = measured_kl / plan.predicted_kl if plan.predicted_kl else float("inf")
+    check = {"predicted_kl": round(plan.predicted_kl, 6), "measured_kl": round(measured_kl, 6), "ratio": round(ratio, 3)}
+    if not 0.5 <= ratio <= 2.0:
+        check["note"] = "measured KL differs from the prediction by more than 2x: the sensitivity sample or text may not fit this model"
+        log.warning("plan check: %s (predicted %.4f, measured %.4f)", check["note"], plan.predicted_kl, measured_kl)
+    return check
+
+
 def export(model: str | Path | None = None, *, device: str | Path | None = None, adapter: str | Path | None = None,
            format: str | None = None, precision: str | None = None, calibration: str | Path | None = None,
            output: str | Path | None = None, overwrite: bool = False, trust_pickle: bool = False,
+           size: str | int | None = None, bits_per_weight: float | None = None,
            calibration_tokens: int = 8192, eval_tokens: int = 1024, eval_ctx: int = 256,
            progress: bool | None = None) -> Path:
     """Exports a Hugging Face model (and LoRA adapter) into a bundle for a device; returns the bundle path.
 
-    With no model, the built-in default (SmolLM2-135M-Instruct) is used. The format and precision
-    default to what the device profile runs best. A calibration text turns on an importance matrix.
+    With no model, the built-in default (SmolLM2-135M-Instruct) is used. The format defaults to
+    what the device runs best. Without `precision`, a device (or `size` / `bits_per_weight`) makes
+    edgeq plan a precision per tensor from measured sensitivity; `precision` forces one type.
+    A calibration text feeds the importance matrix and the sensitivity measurement.
     """
     from edgeq.devices import load_device
     from .intake import open_model
@@ -71,24 +84,31 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
     profile = load_device(device) if device else None
     fmt = choose_format(format, profile)
     converter = registry.converters.get(fmt)()
-    precision = choose_precision(precision, profile, fmt, converter)
+    planned = precision is None and (profile is not None or size is not None or bits_per_weight is not None)
+    precision = converter.planned_precision if planned else choose_precision(precision, profile, fmt, converter)
     source = open_model(model, adapter=adapter, trust_pickle=trust_pickle)
-    out = Path(output) if output else Path(f"{Path(model).name}-{profile.id if profile else 'generic'}-{precision.lower()}")
+    out = Path(output) if output else Path(f"{Path(model).name}-{profile.id if profile else 'generic'}-{'planned' if planned else precision.lower()}")
     check_writable(out, overwrite)
     tokenizer = source.chat_tokenizer()
 
+    plan = importance = None
+    if planned:
+        from .planning import plan_for
+
+        plan, importance = plan_for(source, fmt, profile=profile, size=size, bits_per_weight=bits_per_weight,
+                                    calibration=calibration, progress=progress)
     reference = None
-    importance = None
     if calibration or eval_tokens:
         from edgeq.runtimes.torch import TorchEngine
 
         reference = TorchEngine(source)
-    if calibration:
+    if calibration and not planned:
         windows = calibration_windows(tokenizer, Path(calibration), calibration_tokens, 512)
         importance = compute_importance(reference.model, windows, progress)
 
     with staged_bundle(out, overwrite) as stage:
-        fields = converter.convert(source, stage, precision=precision, importance=importance, progress=progress)
+        fields = converter.convert(source, stage, precision=precision, importance=importance, progress=progress,
+                                   overrides=plan.overrides() if plan else None)
         _copy_tokenizer(source, stage)
         trained = source.config.get("max_position_embeddings", DEFAULT_CONTEXT)
         manifest = {
@@ -100,6 +120,7 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
             "device": profile.to_dict() if profile else None,
             "importance": {"text": str(calibration), "tokens": calibration_tokens} if calibration else None,
             "tokenizer": tokenizer.spec.to_dict(),
+            "plan": plan.to_dict() if plan else None,
         }
         if eval_tokens:
             candidate = open_engine(stage, manifest)
@@ -108,6 +129,8 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
                 manifest["quality"] = compare(reference, candidate, windows, progress, text="built-in sample").to_dict()
             finally:
                 candidate.close()
+            if plan:
+                manifest["plan_check"] = _plan_check(plan, manifest["quality"]["kl"])
         write_manifest(stage, manifest)
     log.info("bundle written to %s", out)
     return out

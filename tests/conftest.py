@@ -100,6 +100,18 @@ def tiny_lora(tmp_path_factory, tiny_llama) -> Path:
     return build_lora(tmp_path_factory.mktemp("lora") / "tiny-lora", tiny_llama)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path_factory.getbasetemp() / "edgeq-cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Sensitivity caches of the tests go to a temporary folder (session-wide, before any other fixture).
+
+    The default model stays in the user's cache: rebuilding it from its GGUF for every run would
+    only repeat the same dequantization."""
+    from edgeq.default_model import cache_dir
+
+    models = cache_dir() / "models"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGEQ_CACHE", str(tmp_path_factory.getbasetemp() / "edgeq-cache"))
+        (tmp_path_factory.getbasetemp() / "edgeq-cache").mkdir(exist_ok=True)
+        if models.is_dir():
+            (tmp_path_factory.getbasetemp() / "edgeq-cache" / "models").symlink_to(models)
+        yield

@@ -76,7 +76,7 @@ def test_per_tensor_overrides_apply_and_are_verified(tmp_path, tiny_llama):
     source = open_model(tiny_llama)
     stage = tmp_path / "stage"
     stage.mkdir()
-    overrides = {"blk.0.attn_v.weight": "Q8_0", "blk.1.ffn_down.weight": "F16"}
+    overrides = {"model.layers.0.self_attn.v_proj.weight": "Q8_0", "model.layers.1.mlp.down_proj.weight": "F16"}
     fields = GGUFConverter().convert(source, stage, precision="Q4_0", overrides=overrides)
     assert fields["tensors"]["blk.0.attn_v.weight"]["type"] == "Q8_0"
     assert fields["tensors"]["blk.1.ffn_down.weight"]["type"] == "F16"

@@ -1,0 +1,246 @@
+"""Per-tensor sensitivity: what quantizing one tensor costs the model's output, at each precision.
+
+Measuring KL for every tensor at every precision is too slow on a small machine, so:
+  proxy(t, p)  = Σ_columns importance · Σ_rows (W − Q_p(W))²   (activation-weighted error; rows sampled)
+  measured(t)  = KL(reference ‖ model with only t quantized to its smallest precision)   (a sample of tensors)
+  ΔKL(t, p)    ≈ c_t · proxy(t, p), with c_t = measured / proxy for measured tensors and the median
+               of the same kind of tensor (q_proj, down_proj, …) for the others.
+How well the proxy ranks tensors is checked on the measured sample (leave-one-out) and reported.
+Results are cached per model + text + format, so planning for another device is instant.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .importance import calibration_windows, compute_importance
+from .precision_spaces import precision_space
+from .progress import bar
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+SAMPLE_ROWS = 128
+
+
+@dataclass
+class Sensitivity:
+    format: str
+    tensors: dict          # hf name → {"shape", "kind", "options": {precision: {"bytes", "proxy", "dkl"}}, "measured"}
+    fixed_bytes: int       # tensors that are never quantized (norms, biases)
+    correlation: float | None
+    measured: int
+    key: str
+    importance: dict = field(default_factory=dict, repr=False)  # hf name → mean squared input; stored beside, as .npz
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "importance"}
+
+
+def tensor_kind(name: str) -> str:
+    """"model.layers.7.mlp.down_proj.weight" → "mlp.down_proj"."""
+    return re.sub(r"^model\.layers\.\d+\.", "", name).removesuffix(".weight")
+
+
+def _cache_file(source, fmt: str, text: Path, settings: list) -> tuple[Path, str]:
+    from .default_model import cache_dir
+
+    digest = hashlib.sha256(json.dumps([CACHE_VERSION, source.fingerprint(), fmt, settings]).encode())
+    digest.update(text.read_bytes())
+    key = digest.hexdigest()[:24]
+    return cache_dir() / "sensitivity" / f"{key}.json", key
+
+
+def _proxy(weight: np.ndarray, quantized: np.ndarray, column_weight: np.ndarray | None, scale: float) -> float:
+    err = (weight - quantized) ** 2
+    return float((err * column_weight).sum() * scale) if column_weight is not None else float(err.sum() * scale)
+
+
+def _options(space, name, weight, importance, token_freq, tied_output_importance, rng) -> dict:
+    """bytes and proxy error of each candidate precision of one tensor."""
+    shape = tuple(weight.shape)
+    options = {}
+    is_embedding = name.endswith("embed_tokens.weight")
+    if is_embedding:
+        used = np.flatnonzero(token_freq)
+        rows, row_weight = used, token_freq[used][:, None]
+    else:
+        rows = rng.choice(shape[0], size=min(SAMPLE_ROWS, shape[0]), replace=False)
+        row_weight = None
+    sample = weight[rows]
+    out_rows = rng.choice(shape[0], size=min(SAMPLE_ROWS, shape[0]), replace=False) if tied_output_importance is not None else None
+    for p in space.candidates(shape):
+        imatrix = None if is_embedding else importance
+        q = space.round_trip(sample, p, imatrix)
+        err = (sample - q) ** 2
+        if is_embedding:
+            proxy = float((err * row_weight).sum())
+            if out_rows is not None:  # tied: the same matrix is also the output projection
+                qo = space.round_trip(weight[out_rows], p, None)
+                proxy += _proxy(weight[out_rows], qo, tied_output_importance, shape[0] / len(out_rows))
+        else:
+            proxy = _proxy(sample, q, importance, shape[0] / len(rows))
+        options[p] = {"bytes": space.nbytes(p, shape), "proxy": proxy}
+    return options
+
+
+def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = 4096, measure_tokens: int = 256,
+                        sample: int = 64, progress: bool | None = None) -> Sensitivity:
+    """Sensitivity of every quantizable tensor of `source` for format `fmt`, from calibration `text`."""
+    import torch
+
+    from edgeq.runtimes.torch import load_hf_model
+
+    text = Path(text)
+    cache_path, key = _cache_file(source, fmt, text, [tokens, measure_tokens, sample])
+    arrays_path = cache_path.with_suffix(".npz")
+    if cache_path.is_file() and arrays_path.is_file():
+        with np.load(arrays_path) as arrays:
+            return Sensitivity(**json.loads(cache_path.read_text()), importance=dict(arrays))
+    space = precision_space(fmt)
+    tokenizer = source.chat_tokenizer()
+    model = load_hf_model(source)
+    windows = calibration_windows(tokenizer, text, tokens, 512)
+    importance = compute_importance(model, windows, progress)
+    token_freq = np.bincount(np.concatenate(windows), minlength=source.vocab_size).astype(np.float64)
+    token_freq /= token_freq.sum()
+    tied = bool(source.config.get("tie_word_embeddings"))
+    rng = np.random.default_rng(0)
+
+    tensors, fixed = {}, 0
+    names = list(source.shapes())
+    with bar(len(names), "sensitivity: proxies", "tensor", progress) as pbar:
+        for name in names:
+            param = model.get_parameter(name)
+            if param.ndim != 2:
+                fixed += param.numel() * 4
+            else:
+                weight = param.detach().float().numpy()
+                tied_imp = importance.get("lm_head.weight") if tied and name.endswith("embed_tokens.weight") else None
+                options = _options(space, name, weight, importance.get(name), token_freq, tied_imp, rng)
+                tensors[name] = {"shape": list(param.shape), "kind": tensor_kind(name), "options": options, "measured": None}
+            pbar.update(1)
+
+    measured = _measure_sample(model, tensors, space, importance, windows[0][:measure_tokens], sample, progress)
+    correlation = _calibrate(tensors)
+    result = Sensitivity(fmt, tensors, fixed, correlation, measured, key, importance)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_path.with_name(cache_path.stem + ".tmp.npz")
+    np.savez(tmp, **importance)
+    tmp.replace(arrays_path)
+    tmp = cache_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result.to_dict()))
+    tmp.replace(cache_path)
+    return result
+
+
+def _measurement_order(tensors: dict) -> list[str]:
+    """Embeddings first, then kinds round-robin, each kind spread over depth, so a partial sample covers all."""
+    by_kind: dict[str, list[str]] = {}
+    for name, info in tensors.items():
+        by_kind.setdefault(info["kind"], []).append(name)
+    lists = sorted((_spread(names) for names in by_kind.values()), key=lambda names: (len(names) > 1, names[0]))
+    order = []
+    for i in range(max(map(len, lists))):
+        order += [names[i] for names in lists if i < len(names)]
+    return order
+
+
+def _spread(names: list[str]) -> list[str]:
+    """Layers in the order 0, n/2, n/4, 3n/4, … (van der Corput), so any prefix samples every depth."""
+    picked: list[int] = []
+    k = 0
+    while len(picked) < len(names):
+        x, fraction, step = k, 0.0, 0.5
+        while x:
+            fraction += step * (x & 1)
+            x >>= 1
+            step /= 2
+        i = int(fraction * len(names))
+        if i not in picked:
+            picked.append(i)
+        k += 1
+    return [names[i] for i in picked]
+
+
+def _measure_sample(model, tensors, space, importance, window, sample, progress) -> int:
+    import torch
+
+    ids = torch.tensor([window])
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+    done = 0
+    order = _measurement_order(tensors)[:sample]
+    with bar(len(order), "sensitivity: measured KL", "tensor", progress) as pbar, torch.inference_mode():
+        for name in order:
+            info = tensors[name]
+            smallest = next(iter(info["options"]))
+            param = model.get_parameter(name)
+            saved = param.data
+            weight = saved.float().numpy()
+            param.data = torch.from_numpy(space.round_trip(weight, smallest, None if "embed" in name else importance.get(name)))
+            try:
+                out = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+            finally:
+                param.data = saved
+            info["measured"] = max(float((ref.exp() * (ref - out)).sum(-1).mean()), 1e-9)
+            done += 1
+            pbar.update(1)
+    return done
+
+
+def _layer(name: str) -> int:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(m[1]) if m else -1
+
+
+def _factor(known: list[tuple[int, float]], layer: int, fallback: float) -> float:
+    """c at `layer` from measured (layer, c) of the same kind: log-linear between the nearest two."""
+    if not known:
+        return fallback
+    below = [k for k in known if k[0] <= layer]
+    above = [k for k in known if k[0] >= layer]
+    if not below or not above:
+        return (below or above)[-1 if below else 0][1]
+    (l0, c0), (l1, c1) = below[-1], above[0]
+    if l0 == l1:
+        return c0
+    t = (layer - l0) / (l1 - l0)
+    return float(np.exp((1 - t) * np.log(c0) + t * np.log(c1)))
+
+
+def _calibrate(tensors: dict) -> float | None:
+    """Sets ΔKL for every option; returns the leave-one-out rank correlation of the prediction on measured tensors."""
+    def base(info):
+        return max(next(iter(info["options"].values()))["proxy"], 1e-30)
+
+    known: dict[str, list[tuple[int, float]]] = {}
+    for name, info in tensors.items():
+        if info["measured"] is not None:
+            known.setdefault(info["kind"], []).append((_layer(name), info["measured"] / base(info)))
+    for points in known.values():
+        points.sort()
+    overall = float(np.median([c for points in known.values() for _, c in points])) if known else 1.0
+    predicted, actual = [], []
+    for name, info in tensors.items():
+        points = known.get(info["kind"], [])
+        layer = _layer(name)
+        if info["measured"] is not None:
+            c = info["measured"] / base(info)
+            others = [p for p in points if p[0] != layer]
+            predicted.append(_factor(others, layer, overall) * base(info))
+            actual.append(info["measured"])
+        else:
+            c = _factor(points, layer, overall)
+        for option in info["options"].values():
+            option["dkl"] = c * option["proxy"]
+    if len(actual) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(predicted, actual).statistic)

@@ -1,0 +1,79 @@
+"""The planner: a pure function of sensitivity and budget; sensitivity measured and cached; plans applied."""
+from __future__ import annotations
+
+import pytest
+
+import edgeq
+from edgeq.errors import EdgeqError
+from edgeq.planner import _hull, plan_precisions
+from edgeq.sensitivity import Sensitivity
+
+
+def _sensitivity(**tensors) -> Sensitivity:
+    """tensors: name → {precision: (bytes, dkl)}"""
+    table = {name: {"shape": [1, 1], "kind": name, "measured": None,
+                    "options": {p: {"bytes": b, "proxy": d, "dkl": d} for p, (b, d) in options.items()}}
+             for name, options in tensors.items()}
+    return Sensitivity("gguf", table, fixed_bytes=10, correlation=None, measured=0, key="test")
+
+
+SENS = _sensitivity(
+    sensitive={"q4": (100, 1.0), "q8": (200, 0.1), "f16": (400, 0.0)},
+    robust={"q4": (100, 0.05), "q8": (200, 0.01), "f16": (400, 0.0)},
+)
+
+
+def test_budget_goes_to_the_sensitive_tensor():
+    plan = plan_precisions(SENS, 10 + 300)
+    assert plan.overrides() == {"sensitive": "q8", "robust": "q4"}
+    assert plan.total_bytes <= 310 and plan.predicted_kl == pytest.approx(0.15)
+
+
+def test_plan_never_exceeds_budget_and_uses_it():
+    for budget in (210, 260, 310, 500, 610, 810, 5000):
+        plan = plan_precisions(SENS, budget)
+        assert plan.total_bytes <= budget
+    assert plan_precisions(SENS, 810).overrides() == {"sensitive": "f16", "robust": "f16"}
+
+
+def test_budget_too_small_is_an_error():
+    with pytest.raises(EdgeqError, match="budget"):
+        plan_precisions(SENS, 150)
+
+
+def test_hull_drops_options_that_buy_nothing():
+    hull = _hull({"a": {"bytes": 100, "dkl": 1.0}, "b": {"bytes": 150, "dkl": 0.9}, "c": {"bytes": 200, "dkl": 0.2}, "d": {"bytes": 300, "dkl": 0.5}})
+    assert [p for p, _, _ in hull] == ["a", "c"]
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tiny_llama):
+    return edgeq.plan(tiny_llama, format="gguf", bits_per_weight=6.0, progress=False)
+
+
+def test_plan_on_tiny_model_is_measured_and_cached(tiny_llama, tiny_plan, monkeypatch):
+    import edgeq.runtimes.torch as torch_runtime
+
+    assert tiny_plan.sensitivity["measured_tensors"] > 0
+    assert tiny_plan.total_bytes <= tiny_plan.budget_bytes
+    assert len({e.precision for e in tiny_plan.entries}) > 1  # a real mix, not one type
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("re-planning must not load the model again")
+
+    monkeypatch.setattr(torch_runtime, "load_hf_model", no_model)
+    again = edgeq.plan(tiny_llama, format="gguf", bits_per_weight=5.0, progress=False)
+    assert again.sensitivity["key"] == tiny_plan.sensitivity["key"] and again.total_bytes < tiny_plan.total_bytes
+
+
+def test_planned_export_applies_every_tensor(tiny_llama, tmp_path):
+    bundle = edgeq.export(tiny_llama, format="gguf", bits_per_weight=6.0, output=tmp_path / "planned", eval_tokens=128, eval_ctx=64)
+    manifest = edgeq.inspect(bundle)
+    plan = manifest["plan"]
+    written = manifest["tensors"]
+    to_gguf = {"model.layers.0.mlp.down_proj.weight": "blk.0.ffn_down.weight", "model.embed_tokens.weight": "token_embd.weight"}
+    for entry in plan["entries"]:
+        if entry["tensor"] in to_gguf:
+            assert written[to_gguf[entry["tensor"]]]["type"] == entry["precision"]
+    assert manifest["mismatches"] == []
+    assert {"predicted_kl", "measured_kl", "ratio"} <= set(manifest["plan_check"])

@@ -198,6 +198,8 @@ class GGUFConverter:
             finally:
                 intermediate.unlink(missing_ok=True)
         report = read_tensor_types(out, precision, gguf_overrides)
-        for problem in report["mismatches"]:
-            log.warning("%s: asked %s, llama.cpp wrote %s (%s)", problem["tensor"], problem["asked"], problem["got"], problem["why"])
+        if problems := report["mismatches"]:
+            first = problems[0]
+            log.warning("%d tensors are not the type asked (e.g. %s: asked %s, got %s, %s); see `edgeq inspect`",
+                        len(problems), first["tensor"], first["asked"], first["got"], first["why"])
         return {"model_file": MODEL_FILE, "precision": precision, **report}

@@ -7,15 +7,14 @@ in place, which is what Core ML (and other exporters) turn into model *state*. M
 follow the HF checkpoint (`model.layers.3.mlp.down_proj`), so weights load by their HF names and
 exported op names map back to them.
 
-One call of `forward(input_ids, position)` processes `T` tokens at positions `position ..
-position+T-1`: it writes their keys/values into the cache and attends over the whole cache with
-an explicit causal mask (slots beyond the current position are masked, and get overwritten
-before they are ever read).
+One call of `forward(input_ids, position_ids)` processes `T` tokens at consecutive positions: it
+writes their keys/values into the cache and attends over the whole cache with an explicit causal
+mask (slots beyond the current position are masked, and get overwritten before they are read).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +55,13 @@ class DecoderSpec:
             qk_norm="model.layers.0.self_attn.q_norm.weight" in shapes,
         )
 
+    def to_dict(self) -> dict:
+        return {**asdict(self), "inv_freq": list(self.inv_freq)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DecoderSpec":
+        return cls(**{**data, "inv_freq": tuple(data["inv_freq"])})
+
 
 def rope_inv_freq(config: dict, head_dim: int) -> list[float]:
     """RoPE inverse frequencies, including Llama 3.x long-context scaling (computed as transformers does)."""
@@ -85,19 +91,17 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.dim, self.eps = dim, eps
 
     def forward(self, x):
-        dim = x.shape[-1]
-        both = F.layer_norm(torch.cat([x, -x], dim=-1), (2 * dim,), eps=self.eps)
-        return both[..., :dim] * self.weight
+        both = F.layer_norm(torch.cat([x, -x], dim=-1), (2 * self.dim,), eps=self.eps)
+        return both[..., :self.dim] * self.weight
 
 
 def rotate(x, cos, sin):
     """HF's rotate-half RoPE: the two halves of each head are the (real, imaginary) pairs."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -114,10 +118,11 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(spec.head_dim, spec.eps)
 
     def forward(self, x, cos, sin, mask, position, caches):
+        # Shapes use -1 for the token axis: traced sizes turn into ops coremltools cannot fold.
         s, t = self.spec, x.shape[1]
-        q = self.q_proj(x).view(1, t, s.heads, s.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(1, t, s.kv_heads, s.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(1, t, s.kv_heads, s.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(1, -1, s.heads, s.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(1, -1, s.kv_heads, s.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(1, -1, s.kv_heads, s.head_dim).transpose(1, 2)
         if s.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
@@ -129,10 +134,10 @@ class Attention(nn.Module):
         values = value_cache[self.index].to(q.dtype)
         # Grouped-query attention without repeating the cache: fold each KV head's query group into rows.
         group = s.heads // s.kv_heads
-        q = q.reshape(s.kv_heads, group * t, s.head_dim) * (1.0 / math.sqrt(s.head_dim))
-        scores = torch.matmul(q, keys.transpose(1, 2)).view(s.kv_heads, group, t, s.context)
-        probs = torch.softmax(scores + mask, dim=-1).view(s.kv_heads, group * t, s.context)
-        out = torch.matmul(probs, values).view(s.heads, t, s.head_dim).transpose(0, 1).reshape(1, t, s.heads * s.head_dim)
+        q = q.reshape(s.kv_heads, -1, s.head_dim) * (1.0 / math.sqrt(s.head_dim))
+        scores = torch.matmul(q, keys.transpose(1, 2)).view(s.kv_heads, group, -1, s.context)
+        probs = torch.softmax(scores + mask, dim=-1).view(s.kv_heads, -1, s.context)
+        out = torch.matmul(probs, values).view(s.heads, -1, s.head_dim).transpose(0, 1).reshape(1, -1, s.heads * s.head_dim)
         return self.o_proj(out)
 
 
@@ -169,7 +174,7 @@ class Body(nn.Module):
 
 
 class Decoder(nn.Module):
-    """`forward(input_ids (1, T) int, position (1,) int) -> logits (1, T, vocab)`; the cache is state."""
+    """`forward(input_ids (1, T) int, position_ids (1, T) int) -> logits (1, T, vocab)`; the cache is state."""
 
     def __init__(self, spec: DecoderSpec, cache_dtype=torch.float16):
         super().__init__()
@@ -180,16 +185,18 @@ class Decoder(nn.Module):
         shape = (spec.layers, spec.kv_heads, spec.context, spec.head_dim)
         self.register_buffer("key_cache", torch.zeros(shape, dtype=cache_dtype, device="cpu"))
         self.register_buffer("value_cache", torch.zeros(shape, dtype=cache_dtype, device="cpu"))
-        angles = torch.outer(torch.arange(spec.context, dtype=torch.float64, device="cpu"), torch.tensor(spec.inv_freq, dtype=torch.float64, device="cpu"))
+        cpu64 = dict(dtype=torch.float64, device="cpu")
+        angles = torch.outer(torch.arange(spec.context, **cpu64), torch.tensor(spec.inv_freq, **cpu64))
         angles = torch.cat([angles, angles], dim=-1)
         self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
         self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
         self.register_buffer("slots", torch.arange(spec.context, dtype=torch.int32, device="cpu"), persistent=False)
 
-    def forward(self, input_ids, position):
-        t = input_ids.shape[1]
-        start = position[0]
-        positions = start + torch.arange(t, dtype=torch.int32)
+    def forward(self, input_ids, position_ids):
+        """`position_ids` are consecutive (p .. p+T-1): the caller passes them, so every index stays an
+        integer input (arithmetic on traced sizes would be folded to float16 by Core ML's converter)."""
+        positions = position_ids[0]
+        start = positions[0]
         cos, sin = self.rope_cos[positions].to(self.dtype), self.rope_sin[positions].to(self.dtype)
         # Explicit causal mask over the whole fixed-size cache: slot j is visible to the token at p iff j <= p.
         visible = self.slots.view(1, -1) <= positions.view(-1, 1)
@@ -215,23 +222,21 @@ class Decoder(nn.Module):
         return [name for name, _ in self.named_parameters()]
 
 
-def build_decoder(source, context: int, dtype=torch.float32, cache_dtype=None, weights=None, progress=None) -> Decoder:
-    """A decoder with the source's (merged) weights, loaded one tensor at a time.
+def build_decoder(spec: DecoderSpec, load, dtype=torch.float32, cache_dtype=None, progress=None) -> Decoder:
+    """A decoder whose weights come from `load(hf_name) -> tensor`, one tensor at a time.
 
-    `weights(name) -> tensor` replaces `source.tensor` (e.g. weights dequantized from an exported
-    package); `dtype` is the parameter dtype (float16 halves a converter's peak memory).
+    `load` is `SourceModel.tensor` for the merged checkpoint, or a reader of weights dequantized
+    from an exported package; `dtype` is the parameter dtype (float16 halves a converter's memory).
     """
     from .progress import bar
 
-    spec = DecoderSpec.from_source(source, context)
     with torch.device("meta"):  # parameters start empty; buffers are built on the CPU (explicit device)
         decoder = Decoder(spec, cache_dtype or dtype)
-    load = weights or source.tensor
     names = decoder.weight_names()
     with bar(len(names), "load weights", "tensor", progress) as pbar, torch.no_grad():
         for name in names:
             module_name, _, leaf = name.rpartition(".")
-            tensor = load(name).to(dtype)
+            tensor = torch.as_tensor(load(name)).to(dtype)
             setattr(decoder.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
             pbar.update(1)
     return decoder.eval()

@@ -1,0 +1,190 @@
+"""HF checkpoint → Core ML `.mlpackage` with a stateful KV cache (iOS 18 / macOS 15).
+
+edgeq's own torch decoder (`edgeq.decoder`) is traced twice, for a prefill chunk of
+`PREFILL_TOKENS` and for one decode token, and converted with the KV cache as Core ML state and
+float16 compute. Each function is compressed with coremltools.optimize (int8 per channel, int4 in
+blocks of 32, 4/6-bit k-means palettes; per-weight exceptions from the precision plan by op name),
+then both are merged into one multifunction package: identical weights are stored once and the
+two functions share the state, so an app prefills with `prefill` and generates with `decode`.
+
+Memory: parameters are loaded as float16, each function is converted and saved before the next
+step, and compression works on one saved function at a time, so a 1.5B model fits in 16 GiB.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import coremltools as ct
+import numpy as np
+import torch
+
+from edgeq.decoder import DecoderSpec, build_decoder
+from edgeq.errors import EdgeqError
+from edgeq.intake import SourceModel
+from edgeq.progress import bar
+
+from .coreml_package import describe, weight_ops
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.mlpackage"
+PREFILL_TOKENS = 64     # one prefill call processes this many prompt tokens (the last chunk is padded)
+MAX_CONTEXT = 4096      # KV cache slots in the package (capped by the model's trained context)
+FUNCTIONS = (("decode", 1), ("prefill", PREFILL_TOKENS))
+PRECISIONS = ("fp16", "int8", "int4", "palettize4", "palettize6")
+
+
+def compressor(precision: str):
+    """The coremltools op config of a precision name (None: stays float16)."""
+    import coremltools.optimize.coreml as cto
+
+    if precision == "int8":
+        return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0)
+    if precision == "int4":
+        return cto.OpLinearQuantizerConfig(mode="linear", dtype="int4", granularity="per_block", block_size=32, weight_threshold=0)
+    if precision.startswith("palettize"):
+        return cto.OpPalettizerConfig(mode="kmeans", nbits=int(precision[-1]), granularity="per_grouped_channel",
+                                      group_size=16, weight_threshold=0)
+    return None
+
+
+def precision_plan(spec: DecoderSpec, shapes: dict, precision: str, overrides: dict[str, str] | None) -> dict[str, str]:
+    """HF weight name → precision for every matrix the decoder uses; checks the overrides."""
+    matrices = [n for n, s in shapes.items() if len(s) == 2 and not (spec.tied and n == "lm_head.weight")]
+    plan = dict.fromkeys(matrices, precision)
+    for name, asked in (overrides or {}).items():
+        if name not in plan:
+            hint = "it is not a weight matrix of this model" if name in shapes else "no such tensor"
+            raise EdgeqError(f"precision override for {name!r}: {hint}; use HF weight names such as {matrices[0]!r}")
+        if asked.lower() not in PRECISIONS:
+            raise EdgeqError(f"precision override {asked!r} for {name} is not a Core ML precision; choose one of {', '.join(PRECISIONS)}")
+        plan[name] = asked.lower()
+    return plan
+
+
+def convert_function(decoder, tokens: int):
+    """Traces the decoder for `tokens` inputs per call and converts it with the cache as state."""
+    ids = torch.zeros(1, tokens, dtype=torch.int32)
+    positions = torch.arange(tokens, dtype=torch.int32).view(1, -1)
+    with torch.no_grad():
+        traced = torch.jit.trace(decoder, (ids, positions), check_trace=False)
+    decoder.reset()  # tracing ran the model once and wrote into the cache
+    shape = tuple(decoder.key_cache.shape)
+    states = [ct.StateType(ct.TensorType(shape=shape, dtype=np.float16), name=name) for name in ("key_cache", "value_cache")]
+    return ct.convert(
+        traced,
+        inputs=[ct.TensorType("input_ids", (1, tokens), dtype=np.int32), ct.TensorType("position_ids", (1, tokens), dtype=np.int32)],
+        outputs=[ct.TensorType("logits", dtype=np.float16)],
+        states=states,
+        minimum_deployment_target=ct.target.iOS18,
+        convert_to="mlprogram",
+        compute_precision=ct.precision.FLOAT16,
+        skip_model_load=True,
+    )
+
+
+def compress(model_path: Path, out: Path, plan: dict[str, str], op_names: dict[str, str]) -> None:
+    """Applies the plan by op name: palettes first, then linear quantization (one pass each)."""
+    import coremltools.optimize.coreml as cto
+
+    model = ct.models.MLModel(str(model_path), skip_model_load=True)
+    for kind, apply in (("palettize", cto.palettize_weights), ("int", cto.linear_quantize_weights)):
+        configs = {op_names[name]: compressor(p) for name, p in plan.items() if p.startswith(kind) and name in op_names}
+        if configs:
+            model = apply(model, cto.OptimizationConfig(op_name_configs=configs))
+    model.save(str(out))
+
+
+def merge(work: Path, out: Path) -> None:
+    desc = ct.utils.MultiFunctionDescriptor()
+    for function, _ in FUNCTIONS:
+        desc.add_function(str(work / f"{function}.mlpackage"), src_function_name="main", target_function_name=function)
+    desc.default_function_name = "decode"
+    ct.utils.save_multifunction(desc, str(out))
+
+
+def convert_functions(spec: DecoderSpec, source: SourceModel, work: Path, progress) -> dict[str, dict[str, str]]:
+    """Converts both functions from one float16 decoder, saving each before the next; returns, per
+    function, HF weight name → the op name coremltools gave that weight (what compression targets)."""
+    decoder = build_decoder(spec, source.tensor, dtype=torch.float16, progress=progress)
+    names = decoder.weight_names()
+    op_names = {}
+    with bar(len(FUNCTIONS), "Core ML convert", "function", progress) as pbar:
+        for function, tokens in FUNCTIONS:
+            model = _step(f"convert the {function} function", convert_function, decoder, tokens)
+            ops = weight_ops(model._mil_program.functions["main"], names)
+            op_names[function] = {name: op.name for name, op in ops.items()}
+            model.save(str(work / f"{function}-fp16.mlpackage"))
+            del model, ops
+            gc.collect()
+            pbar.update(1)
+    return op_names
+
+
+def _step(what: str, fn, *args):
+    """Runs one coremltools step, turning its failures into one actionable line."""
+    try:
+        return fn(*args)
+    except (EdgeqError, MemoryError):
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EdgeqError(f"coremltools failed to {what} ({first}); rerun with --debug and report it") from exc
+
+
+class CoreMLConverter:
+    """`edgeq export --format coreml`: a multifunction `.mlpackage` (prefill + decode, shared state)."""
+
+    name = "coreml"
+    runtime = "coreml"
+    default_precision = "int4"
+    precisions = PRECISIONS
+
+    @property
+    def eval_runtime(self) -> str:
+        """Core ML predicts on Apple platforms only; elsewhere quality is measured on the package's weights."""
+        return "coreml" if sys.platform == "darwin" else "coreml-torch"
+
+    def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
+                importance: dict[str, np.ndarray] | None = None, progress: bool | None = None) -> dict:
+        precision = precision.lower()
+        if precision not in PRECISIONS:
+            raise EdgeqError(f"Core ML precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
+        context = min(source.config.get("max_position_embeddings", MAX_CONTEXT), MAX_CONTEXT)
+        spec = DecoderSpec.from_source(source, context)
+        shapes = {n: tuple(s) for n, s in source.shapes().items()}
+        plan = precision_plan(spec, shapes, precision, overrides)
+        if importance:
+            log.info("Core ML compression does not use the importance matrix; it is ignored")
+        work = stage / ".coreml-work"
+        work.mkdir()
+        op_names = convert_functions(spec, source, work, progress)
+        compressed = any(p != "fp16" for p in plan.values())
+        with bar(len(FUNCTIONS) + 2, "Core ML compress + merge", "step", progress) as pbar:
+            for function, _ in FUNCTIONS:
+                fp16, target = work / f"{function}-fp16.mlpackage", work / f"{function}.mlpackage"
+                if compressed:
+                    _step(f"compress the {function} function", compress, fp16, target, plan, op_names[function])
+                    shutil.rmtree(fp16)
+                    gc.collect()
+                else:
+                    fp16.rename(target)
+                pbar.update(1)
+            _step("merge prefill and decode into one package", merge, work, stage / MODEL_FILE)
+            shutil.rmtree(work)
+            pbar.update(1)
+            report = describe(stage / MODEL_FILE, {n: shapes[n] for n in build_names(spec, shapes)}, plan)
+            pbar.update(1)
+        for problem in report["mismatches"]:
+            log.warning("%s: asked %s, the package has %s (%s)", problem["tensor"], problem["asked"], problem["got"], problem["why"])
+        report["coreml"].update({"context": context, "prefill_tokens": PREFILL_TOKENS, "deployment_target": "iOS18 / macOS15",
+                                 "decoder": spec.to_dict()})
+        return {"model_file": MODEL_FILE, "precision": precision, **report}
+
+
+def build_names(spec: DecoderSpec, shapes: dict) -> list[str]:
+    """HF names of the tensors the decoder (and so the package) uses."""
+    return [n for n in shapes if not n.endswith("rotary_emb.inv_freq") and not (spec.tied and n == "lm_head.weight")]

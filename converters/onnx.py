@@ -1,0 +1,312 @@
+"""HF checkpoint → ONNX decoder with KV cache, built node by node on onnxruntime's contrib ops.
+
+Why our own graph rather than onnxruntime-genai's model builder: both emit the same operators
+(GroupQueryAttention with in-kernel RoPE, MatMulNBits, SkipSimplifiedLayerNormalization), so the
+kernels are the same; what differs is around them. Building here lets every weight come from
+`source.tensor()` (LoRA merged, streamed one tensor at a time into the external-data file), lets the
+precision plan choose int4/int8/fp16/fp32 per HF tensor, and adds a `logits_to_keep` input so a
+prompt computes the lm_head for its last position only (the builder's graph computes it for every
+prompt position). Measured on SmolLM2-135M (bench/onnx_speed.py, bench/onnx_quality.py): see the
+numbers in the module's report in the README of bench/ and in the commit that landed this file.
+
+Graph interface (plain onnxruntime can run it): `input_ids` [batch, seq] int64, `attention_mask`
+[batch, total] int64, `past_key_values.{i}.key|value` [batch, kv_heads, past, head_dim] float32,
+`logits_to_keep` (int64 scalar: 0 = every position, 1 = the last) → `logits`, `present.{i}.key|value`.
+A present buffer may be the same memory as its past buffer (sized for the whole context): then the
+cache grows in place, which is how `edgeq.runtimes.ort` runs it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edgeq.errors import EdgeqError
+from edgeq.intake import SourceModel
+from edgeq.progress import bar
+
+from .onnx_weights import TYPES, ExternalData, quantize_blocks, read_back
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+ORT_FILE = "model.ort"
+OPS_CONFIG = "required_operators.config"
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+OPSET = 23  # RMSNormalization is standard from 23
+ORT_FORMAT_LIMIT = 2 << 30  # an .ort file is one flatbuffer, which cannot pass 2 GiB
+
+
+def plan_precisions(source: SourceModel, precision: str, overrides: dict[str, str] | None) -> dict[str, str]:
+    """HF weight name → encoding for every matrix. INT4 keeps lm_head and embeddings at INT8 (as llama.cpp keeps its output at 6+ bits)."""
+    shapes = source.shapes()
+    names = [n for n, s in shapes.items() if len(s) == 2]
+    if "lm_head.weight" not in shapes:
+        names.append("lm_head.weight")  # tied: written from the embedding, but planned on its own
+    plan = {}
+    for name in names:
+        plan[name] = "int8" if precision == "int4" and name in ("lm_head.weight", "model.embed_tokens.weight") else precision
+    for name, asked in (overrides or {}).items():
+        if name not in plan:
+            raise EdgeqError(f"precision plan names {name!r}, which is not a weight matrix of {source.path.name}; use HF weight names like model.layers.0.mlp.down_proj.weight")
+        if asked.lower() not in TYPES:
+            raise EdgeqError(f"precision plan asks {asked!r} for {name}; ONNX export writes {', '.join(TYPES)}")
+        plan[name] = asked.lower()
+    return plan
+
+
+def check_blocks(plan: dict[str, str], shapes: dict[str, tuple], block_size: int) -> None:
+    if block_size not in BLOCK_SIZES:
+        raise EdgeqError(f"INT4 block size {block_size} is not supported; choose one of {', '.join(map(str, BLOCK_SIZES))}")
+    for name, kind in plan.items():
+        width = (shapes.get(name) or shapes["model.embed_tokens.weight"])[1]
+        if kind == "int4" and width % block_size:
+            fits = [b for b in BLOCK_SIZES if width % b == 0]
+            raise EdgeqError(f"INT4 block size {block_size} does not divide the width {width} of {name}; "
+                             f"use block size {' or '.join(map(str, fits)) or '(none fits)'}, or keep that layer at int8 in the plan")
+
+
+class DecoderGraph:
+    """Accumulates nodes and initializers; weights go straight to the external-data file."""
+
+    def __init__(self, source: SourceModel, stage: Path, plan: dict[str, str], block_size: int,
+                 accuracy_level: int, importance: dict[str, np.ndarray] | None):
+        self.source, self.plan, self.block_size = source, plan, block_size
+        self.accuracy_level, self.importance = accuracy_level, importance or {}
+        self.data = ExternalData(stage, DATA_FILE)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._consts: dict[tuple, str] = {}
+        c = source.config
+        self.hidden, self.layers = c["hidden_size"], c["num_hidden_layers"]
+        self.n_head = c["num_attention_heads"]
+        self.n_kv = c.get("num_key_value_heads") or self.n_head
+        self.head_dim = c.get("head_dim") or self.hidden // self.n_head
+        self.eps = float(c["rms_norm_eps"])
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> str | list[str]:
+        name = f"/{op}_{len(self.nodes)}"
+        outputs = [f"{name}/out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
+        return outputs[0] if n_out == 1 else outputs
+
+    def const(self, value, dtype=np.int64) -> str:
+        key = (np.asarray(value).tobytes(), np.dtype(dtype).str, np.shape(value))
+        if key not in self._consts:
+            name = f"const/{len(self._consts)}"
+            self.initializers.append(onnx.numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def _tensor(self, name: str):
+        if name == "lm_head.weight" and name not in self.source.shapes():
+            name = "model.embed_tokens.weight"
+        return self.source.tensor(name).float()
+
+    def add_weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(self.data.add(name, array))
+        return name
+
+    def linear(self, x: str, name: str, bias: str | None = None) -> str:
+        kind = self.plan[name]
+        weight = self._tensor(name)
+        rows, cols = weight.shape
+        if kind in ("int4", "int8"):
+            q = quantize_blocks(weight, int(kind[3:]), self.block_size if kind == "int4" else 32, self.importance.get(name))
+            self.add_weight(f"{name}.scales", q.scales)
+            out = self.node("MatMulNBits", [x, self.add_weight(name, q.data), f"{name}.scales"], domain="com.microsoft",
+                            K=cols, N=rows, bits=q.bits, block_size=q.block_size, accuracy_level=self.accuracy_level)
+        elif kind == "fp16":
+            out = self.node("MatMul", [x, self.node("Cast", [self.add_weight(name, weight.T.half().numpy())], to=TensorProto.FLOAT)])
+        else:
+            out = self.node("MatMul", [x, self.add_weight(name, weight.T.contiguous().numpy())])
+        if bias and bias in self.source.shapes():
+            out = self.node("Add", [out, self.add_weight(bias, self._tensor(bias).numpy())])
+        return out
+
+    def embedding(self, ids: str) -> str:
+        name = "model.embed_tokens.weight"
+        kind, weight = self.plan[name], self._tensor(name)
+        if kind in ("int4", "int8"):
+            bits = int(kind[3:])
+            q = quantize_blocks(weight, bits, self.block_size if bits == 4 else 32)
+            data = self.add_weight(name, q.data.reshape(q.data.shape[0], -1))
+            return self.node("GatherBlockQuantized", [data, ids, self.add_weight(f"{name}.scales", q.scales)], domain="com.microsoft",
+                             bits=bits, block_size=q.block_size, gather_axis=0, quantize_axis=1)
+        if kind == "fp16":
+            return self.node("Cast", [self.node("Gather", [self.add_weight(name, weight.half().numpy()), ids])], to=TensorProto.FLOAT)
+        return self.node("Gather", [self.add_weight(name, weight.numpy()), ids])
+
+    def _norm_weight(self, name: str) -> str:
+        return self.add_weight(name, self._tensor(name).numpy())
+
+    def norm(self, x: str, name: str) -> str:
+        return self.node("RMSNormalization", [x, self._norm_weight(name)], axis=-1, epsilon=self.eps)
+
+    def skip_norm(self, residual: str, x: str, name: str) -> tuple[str, str]:
+        """RMSNorm(residual + x) and the sum itself (the next residual), in one kernel."""
+        out = self.node("SkipSimplifiedLayerNormalization", [residual, x, self._norm_weight(name)], n_out=4,
+                        domain="com.microsoft", epsilon=self.eps)
+        return out[0], out[3]
+
+    def head_norm(self, x: str, name: str) -> str:
+        """Qwen3's per-head RMSNorm of q and k, before RoPE."""
+        heads = self.node("Reshape", [x, self.const([0, 0, -1, self.head_dim])])
+        return self.node("Reshape", [self.norm(heads, name), self.const([0, 0, -1])])
+
+    def attention(self, i: int, h: str, seqlens: str, total: str) -> str:
+        p = f"model.layers.{i}.self_attn"
+        q, k, v = (self.linear(h, f"{p}.{n}_proj.weight", f"{p}.{n}_proj.bias") for n in "qkv")
+        if f"{p}.q_norm.weight" in self.source.shapes():
+            q, k = self.head_norm(q, f"{p}.q_norm.weight"), self.head_norm(k, f"{p}.k_norm.weight")
+        self.nodes.append(helper.make_node(
+            "GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, "rope.cos", "rope.sin"],
+            [f"/attn{i}/out", f"present.{i}.key", f"present.{i}.value"], name=f"/attn{i}", domain="com.microsoft",
+            num_heads=self.n_head, kv_num_heads=self.n_kv, scale=float(self.head_dim ** -0.5), do_rotary=1, rotary_interleaved=0))
+        return self.linear(f"/attn{i}/out", f"{p}.o_proj.weight")
+
+    def mlp(self, i: int, h: str) -> str:
+        p = f"model.layers.{i}.mlp"
+        gate = self.linear(h, f"{p}.gate_proj.weight")
+        act = self.node("Mul", [gate, self.node("Sigmoid", [gate])])
+        return self.linear(self.node("Mul", [act, self.linear(h, f"{p}.up_proj.weight")]), f"{p}.down_proj.weight")
+
+    def rope_tables(self) -> None:
+        cos, sin = rope_cache(self.source.config, self.head_dim)
+        self.add_weight("rope.cos", cos)
+        self.add_weight("rope.sin", sin)
+
+    def build(self, progress: bool | None) -> onnx.ModelProto:
+        mask_sum = self.node("ReduceSum", ["attention_mask", self.const([1])], keepdims=0)
+        seqlens = self.node("Cast", [self.node("Sub", [mask_sum, self.const(1)])], to=TensorProto.INT32)
+        total = self.node("Cast", [self.node("Gather", [self.node("Shape", ["attention_mask"]), self.const(1)], axis=0)], to=TensorProto.INT32)
+        self.rope_tables()
+        x = self.embedding("input_ids")
+        h = self.norm(x, "model.layers.0.input_layernorm.weight")
+        with bar(self.layers + 1, "write ONNX", "layer", progress) as pbar:
+            for i in range(self.layers):
+                h, x = self.skip_norm(x, self.attention(i, h, seqlens, total), f"model.layers.{i}.post_attention_layernorm.weight")
+                after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < self.layers else "model.norm.weight"
+                h, x = self.skip_norm(x, self.mlp(i, h), after)
+                pbar.update(1)
+            start = self.node("Neg", [self.node("Reshape", ["logits_to_keep", self.const([1])])])
+            h = self.node("Slice", [h, start, self.const([np.iinfo(np.int64).max]), self.const([1])])
+            logits = self.linear(h, "lm_head.weight")
+            self.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits"))
+            pbar.update(1)
+        self.data.close()
+        return self._model()
+
+    def _model(self) -> onnx.ModelProto:
+        f32, n_vocab = TensorProto.FLOAT, self.source.vocab_size
+        kv = ["batch", self.n_kv, "past_sequence_length", self.head_dim]
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence_length"])]
+        outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "kept_positions", n_vocab])]
+        for i in range(self.layers):
+            for part in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{part}", f32, kv))
+                outputs.append(helper.make_tensor_value_info(f"present.{i}.{part}", f32, [*kv[:2], "total_sequence_length", kv[3]]))
+        inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, []))
+        graph = helper.make_graph(self.nodes, "edgeq_decoder", inputs, outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+                                  producer_name="edgeq")
+        model.ir_version = 10
+        helper.set_model_props(model, {"edgeq.family": self.source.family, "edgeq.num_layers": str(self.layers),
+                                       "edgeq.kv_heads": str(self.n_kv), "edgeq.head_dim": str(self.head_dim),
+                                       "edgeq.max_positions": str(self.source.config.get("max_position_embeddings", 4096))})
+        return model
+
+
+def rope_cache(config: dict, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables [max_positions, head_dim/2] exactly as transformers computes them (float32)."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = AutoConfig.for_model(**config)
+    params = getattr(hf, "rope_parameters", None) or {}
+    kind = params.get("rope_type", "default")
+    if kind in ("dynamic", "longrope"):
+        raise EdgeqError(f"RoPE scaling {kind!r} depends on the sequence length and is not supported by the ONNX export; supported: default, linear, llama3, yarn")
+    if kind == "default":
+        theta = params.get("rope_theta") or config.get("rope_theta", 10000.0)
+        inv_freq, scaling = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
+    positions = torch.arange(config.get("max_position_embeddings", 4096), dtype=torch.float)
+    freqs = positions[:, None] * inv_freq.float()[None]
+    return (freqs.cos() * scaling).numpy(), (freqs.sin() * scaling).numpy()
+
+
+def check_operators(model: onnx.ModelProto) -> None:
+    """Fails with the op's name when this onnxruntime has no CPU kernel for a node (before anyone loads the model)."""
+    from onnxruntime.capi import _pybind_state as ort_state
+
+    kernels = {(k.domain or "ai.onnx", k.op_name) for k in ort_state.get_all_opkernel_def() if k.provider == "CPUExecutionProvider"}
+    for node in model.graph.node:
+        if (node.domain or "ai.onnx", node.op_type) not in kernels:
+            raise EdgeqError(f"onnxruntime {ort_version()} has no CPU kernel for {node.op_type} ({node.domain or 'ai.onnx'}); "
+                             "upgrade onnxruntime (pip install -U onnxruntime) or export another precision")
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def write_ort_format(stage: Path) -> list[str]:
+    """`--mobile`: the ORT-format model ONNX Runtime Mobile loads, and the operator list a reduced build needs."""
+    import onnxruntime as ort
+    from onnxruntime.tools.ort_format_model import create_config_from_models
+
+    if (stage / DATA_FILE).stat().st_size > ORT_FORMAT_LIMIT:
+        raise EdgeqError("the model is over 2 GiB, which the ORT format (one flatbuffer) cannot hold; export int4 or a smaller model for --mobile")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(stage / ORT_FILE)
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    # NCHWc layouts are x86-only; leaving them out keeps the .ort file portable to ARM phones.
+    ort.InferenceSession(str(stage / MODEL_FILE), options, providers=["CPUExecutionProvider"], disabled_optimizers=["NchwcTransformer"])
+    create_config_from_models([str(stage / ORT_FILE)], str(stage / OPS_CONFIG), enable_type_reduction=False)
+    return [ORT_FILE, OPS_CONFIG]
+
+
+class ONNXConverter:
+    """`edgeq export --format onnx`: fp32/fp16 baselines, int8 and int4 (MatMulNBits) weights, optional ORT format."""
+
+    name = "onnx"
+    runtime = "ort"
+    default_precision = "int4"
+    precisions = ("int4", "int8", "fp16", "fp32")
+
+    def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
+                importance: dict[str, np.ndarray] | None = None, progress: bool | None = None,
+                block_size: int = 32, accuracy_level: int = 4, mobile: bool = False) -> dict:
+        """`block_size` is the INT4 block (32/64/128); `accuracy_level` 4 lets MatMulNBits multiply in int8, 1 in fp32."""
+        precision = precision.lower()
+        if precision not in self.precisions:
+            raise EdgeqError(f"ONNX precision {precision!r} is not supported; choose one of {', '.join(self.precisions)}")
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise EdgeqError(f"accuracy level {accuracy_level} is not one of 0-4 (MatMulNBits' compute type; 4 = int8, 1 = fp32)")
+        if source.config.get("use_sliding_window"):
+            raise EdgeqError(f"{source.path.name} uses sliding-window attention, which the ONNX export does not support yet; export GGUF")
+        plan = plan_precisions(source, precision, overrides)
+        check_blocks(plan, source.shapes(), block_size)
+        model = DecoderGraph(source, stage, plan, block_size, accuracy_level, importance).build(progress)
+        check_operators(model)
+        onnx.save_model(model, str(stage / MODEL_FILE))
+        try:
+            onnx.checker.check_model(str(stage / MODEL_FILE))
+        except onnx.checker.ValidationError as exc:
+            raise EdgeqError(f"internal: the ONNX graph edgeq wrote does not validate ({str(exc).splitlines()[0]}); please report it") from exc
+        extra = write_ort_format(stage) if mobile else []
+        report = read_back(stage / MODEL_FILE, plan)
+        for problem in report["mismatches"]:
+            log.warning("%s: asked %s, wrote %s (%s)", problem["tensor"], problem["asked"], problem["got"], problem["why"])
+        return {"model_file": MODEL_FILE, "precision": precision, "block_size": block_size if "int4" in plan.values() else None,
+                "accuracy_level": accuracy_level, "mobile_files": extra, **report}

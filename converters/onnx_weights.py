@@ -1,0 +1,160 @@
+"""Weight encodings of the ONNX export, the streaming external-data writer, and the read-back report.
+
+Every weight is named after its Hugging Face tensor, so a precision plan (keyed by HF names) can be
+checked against the written file: `read_back` rebuilds each tensor's type from the node that consumes
+it (MatMulNBits bits/block_size, GatherBlockQuantized bits, float dtype), not from what was asked.
+
+Quantization is symmetric, as onnxruntime's kernels expect when no zero points are given (zero point
+2^(bits-1)). Block scales are chosen per block by a small search over candidate scales with a
+least-squares refit (weighted by the calibration importance when there is one), which is what keeps
+INT4 at or below llama.cpp's Q4_0 error: plain absmax rounding wastes part of the 16 levels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+INT_TYPES = ("int4", "int8")
+FLOAT_TYPES = ("fp32", "fp16")
+TYPES = FLOAT_TYPES + INT_TYPES
+QUANT_OPS = {"MatMulNBits", "GatherBlockQuantized"}
+_ALIGN = 64 * 1024  # large tensors start on a 64 KiB boundary so onnxruntime can memory-map them
+
+
+@dataclass(frozen=True)
+class Quantized:
+    data: np.ndarray    # uint8 codes: (rows, blocks, block*bits/8) for MatMulNBits, (rows, cols*bits/8) for GatherBlockQuantized
+    scales: np.ndarray  # float32 (rows, blocks)
+    bits: int
+    block_size: int
+
+
+def _candidates(bits: int) -> torch.Tensor:
+    """Divisors of the signed absmax: -2^(b-1) maps the largest value onto the one-sided extra level."""
+    top = 2 ** (bits - 1)
+    return torch.tensor([-top, -(top - 0.5), -(top - 1), top - 1, -(top + 0.5), -(top - 1.5)], dtype=torch.float32)
+
+
+def quantize_blocks(weight: torch.Tensor, bits: int, block_size: int, importance: np.ndarray | None = None) -> Quantized:
+    """Symmetric block-wise quantization of a (rows, cols) weight along its columns (the input dimension)."""
+    rows, cols = weight.shape
+    n_blocks = math.ceil(cols / block_size)
+    w = torch.zeros(rows, n_blocks * block_size, dtype=torch.float32)
+    w[:, :cols] = weight.float()
+    w = w.view(rows, n_blocks, block_size)
+    imp = torch.ones(n_blocks * block_size)
+    if importance is not None:
+        imp[:cols] = torch.as_tensor(importance, dtype=torch.float32).clamp_min(1e-12)
+        imp[:cols] /= imp[:cols].mean()
+    imp[cols:] = 0
+    imp = imp.view(1, n_blocks, block_size)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True))  # signed value of largest magnitude
+    best_err = torch.full((rows, n_blocks, 1), float("inf"))
+    best_q = torch.zeros_like(w)
+    best_s = torch.zeros(rows, n_blocks, 1)
+    for divisor in _candidates(bits):
+        scale = extreme / divisor
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = (w / safe).round().clamp(lo, hi)
+        qq = imp * q * q
+        refit = (imp * q * w).sum(-1, keepdim=True) / qq.sum(-1, keepdim=True).clamp_min(1e-30)
+        refit = torch.where(qq.sum(-1, keepdim=True) > 0, refit, torch.zeros_like(refit))
+        err = (imp * (w - refit * q) ** 2).sum(-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, refit, best_s)
+        best_q = torch.where(better, q, best_q)
+    codes = (best_q - lo).to(torch.uint8).numpy()
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return Quantized(np.ascontiguousarray(codes), best_s.squeeze(-1).numpy().astype(np.float32), bits, block_size)
+
+
+def dequantize(q: Quantized, cols: int) -> np.ndarray:
+    """The float weight a Quantized stands for (used by tests to check the packing)."""
+    codes = q.data
+    if q.bits == 4:
+        codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(*codes.shape[:-1], -1)
+    rows = codes.shape[0]
+    codes = codes.reshape(rows, q.scales.shape[1], q.block_size).astype(np.float32) - 2 ** (q.bits - 1)
+    return (codes * q.scales[..., None]).reshape(rows, -1)[:, :cols]
+
+
+class ExternalData:
+    """Appends tensors to one external-data file as they are made, so peak memory follows the largest tensor."""
+
+    def __init__(self, folder: Path, filename: str):
+        self.filename = filename
+        self._file = open(folder / filename, "wb")
+        self._offset = 0
+
+    def add(self, name: str, array: np.ndarray) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        if array.nbytes >= _ALIGN:
+            pad = -self._offset % _ALIGN
+            self._file.write(b"\0" * pad)
+            self._offset += pad
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.filename), ("offset", str(self._offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self._file.write(array.tobytes())
+        self._offset += array.nbytes
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _nbytes(tensor: TensorProto) -> int:
+    for entry in tensor.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    return len(tensor.raw_data) or int(np.prod(tensor.dims)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _describe(name: str, tensor: TensorProto, consumer: onnx.NodeProto | None) -> dict:
+    attrs = {a.name: helper.get_attribute_value(a) for a in consumer.attribute} if consumer is not None else {}
+    if consumer is not None and consumer.op_type == "MatMulNBits":
+        return {"type": f"int{attrs['bits']}", "block_size": attrs["block_size"], "shape": [attrs["N"], attrs["K"]]}
+    if consumer is not None and consumer.op_type == "GatherBlockQuantized":
+        rows, packed = tensor.dims
+        return {"type": f"int{attrs['bits']}", "block_size": attrs["block_size"], "shape": [rows, packed * 8 // attrs["bits"]]}
+    dtype = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16"}.get(tensor.data_type, helper.tensor_dtype_to_string(tensor.data_type))
+    shape = list(tensor.dims)
+    if consumer is not None and consumer.op_type in ("MatMul", "Cast") and len(shape) == 2:
+        shape = shape[::-1]  # linear weights are stored (in, out) for MatMul; report them as HF's (out, in)
+    return {"type": dtype, "shape": shape}
+
+
+def read_back(model_file: Path, planned: dict[str, str]) -> dict:
+    """Types, shapes and bytes of every weight as written, real bits per weight, and where the file differs from `planned`."""
+    model = onnx.load(str(model_file), load_external_data=False)
+    consumers: dict[str, onnx.NodeProto] = {}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if index < 2 or node.op_type != "MatMulNBits":  # MatMulNBits' scales belong to their weight
+                consumers.setdefault(name, node)
+    companions = {t.name: _nbytes(t) for t in model.graph.initializer if t.name.endswith(".scales")}
+    tensors, mismatches = {}, []
+    total_bits = total_weights = 0
+    for t in model.graph.initializer:
+        if not t.name.endswith((".weight", ".bias")):
+            continue
+        info = _describe(t.name, t, consumers.get(t.name))
+        info["bytes"] = _nbytes(t) + companions.get(f"{t.name}.scales", 0)
+        tensors[t.name] = info
+        total_bits += info["bytes"] * 8
+        total_weights += math.prod(info["shape"])
+        asked = planned.get(t.name)
+        if asked and asked != info["type"]:
+            mismatches.append({"tensor": t.name, "asked": asked, "got": info["type"], "why": "the writer did not apply the plan"})
+    return {"tensors": tensors, "bits_per_weight": round(total_bits / max(total_weights, 1), 3), "mismatches": mismatches}

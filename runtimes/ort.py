@@ -1,0 +1,131 @@
+"""onnxruntime engine for edgeq's ONNX decoder: one InferenceSession, KV cache grown in place.
+
+Each layer's past and present are bound (IO binding) to the same preallocated buffer sized for the
+whole context, so GroupQueryAttention appends the new keys/values where they belong and nothing
+crosses into Python between steps but the new token ids and the last logits, which land in a
+bound numpy array. Long prompts are fed in chunks of `n_batch` tokens to bound attention memory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from edgeq.errors import EdgeqError
+
+log = logging.getLogger(__name__)
+_ORT_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, n) for n in (
+    "Fail", "InvalidArgument", "NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph", "NotImplemented", "RuntimeException"))
+
+
+def default_threads(manifest: dict | None = None) -> int:
+    """The device profile's thread count when the bundle names one, never more than this machine's cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    wanted = ((manifest or {}).get("device") or {}).get("threads")
+    return min(wanted or cores, cores)
+
+
+def open_session(path: Path, threads: int, **config: str) -> ort.InferenceSession:
+    """An onnxruntime session on CPU; its load failures become one EdgeqError line."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except _ORT_ERRORS as exc:
+        first = str(exc).splitlines()[0][:300]
+        if "NOT_IMPLEMENTED" in first or "Could not find an implementation" in first:
+            raise EdgeqError(f"onnxruntime {ort.__version__} cannot run {path.name}: {first}; upgrade onnxruntime or re-export") from exc
+        raise EdgeqError(f"onnxruntime could not load {path} ({first}); the file is corrupt or not an edgeq ONNX model: re-export the bundle") from exc
+
+
+class OrtEngine:
+    n_batch = 512
+
+    def __init__(self, path: Path, *, threads: int | None = None, n_ctx: int | None = None, manifest: dict | None = None):
+        self.threads = threads or default_threads(manifest)
+        self.session = open_session(Path(path), self.threads)
+        props = self.session.get_modelmeta().custom_metadata_map
+        if "edgeq.num_layers" not in props:
+            raise EdgeqError(f"{Path(path).name} is not an edgeq ONNX decoder (no edgeq metadata); export it with edgeq export --format onnx")
+        self.n_layers = int(props["edgeq.num_layers"])
+        trained = int(props["edgeq.max_positions"])
+        self.n_ctx = min(n_ctx or trained, trained)
+        self.n_vocab = int(self.session.get_outputs()[0].shape[-1])
+        kv_shape = (1, int(props["edgeq.kv_heads"]), self.n_ctx, int(props["edgeq.head_dim"]))
+        self._last = np.zeros((1, 1, self.n_vocab), dtype=np.float32)
+        self._last_value = ort.OrtValue.ortvalue_from_numpy(self._last)
+        self._binding = self.session.io_binding()
+        self._binding.bind_ortvalue_output("logits", self._last_value)  # bound first: output 0 is always the logits
+        self._cache = []  # keeps the numpy buffers alive as long as their OrtValues are bound
+        for i in range(self.n_layers):
+            for part in ("key", "value"):
+                buffer = np.zeros(kv_shape, dtype=np.float32)
+                value = ort.OrtValue.ortvalue_from_numpy(buffer)
+                self._binding.bind_ortvalue_input(f"past_key_values.{i}.{part}", value)
+                self._binding.bind_ortvalue_output(f"present.{i}.{part}", value)
+                self._cache.append((buffer, value))
+        self._ones = np.ones((1, self.n_ctx), dtype=np.int64)
+        self._keep_last = np.array(1, dtype=np.int64)
+        self._keep_all = np.array(0, dtype=np.int64)
+        self._n_past = 0
+
+    @classmethod
+    def open(cls, model_path: Path, manifest: dict, *, threads: int | None = None, n_ctx: int | None = None) -> "OrtEngine":
+        return cls(model_path, threads=threads, n_ctx=n_ctx, manifest=manifest)
+
+    def reset(self) -> None:
+        self._n_past = 0  # the buffers are overwritten in place; positions past n_past are never read
+
+    def _run(self, tokens: Sequence[int], keep_all: bool) -> None:
+        n = len(tokens)
+        if self._n_past + n > self.n_ctx:
+            raise EdgeqError(f"sequence longer than the context ({self.n_ctx} tokens); load with a larger n_ctx")
+        ids = np.asarray(tokens, dtype=np.int64).reshape(1, n)
+        binding = self._binding
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", self._ones[:, : self._n_past + n])
+        binding.bind_cpu_input("logits_to_keep", self._keep_all if keep_all else self._keep_last)
+        if keep_all:
+            binding.bind_output("logits", "cpu")
+        else:
+            binding.bind_ortvalue_output("logits", self._last_value)
+        try:
+            self.session.run_with_iobinding(binding)
+        except _ORT_ERRORS as exc:
+            raise EdgeqError(f"onnxruntime failed on a batch of {n} tokens at position {self._n_past}: {str(exc).splitlines()[0][:200]}") from exc
+        self._n_past += n
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        """Appends `tokens` to the cache; the returned logits are a view, valid until the next call."""
+        tokens = list(tokens)
+        for start in range(0, len(tokens), self.n_batch):
+            self._run(tokens[start:start + self.n_batch], keep_all=False)
+        return self._last[0, 0]
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        tokens = list(tokens)
+        self.reset()
+        chunks = []
+        for start in range(0, len(tokens), self.n_batch):
+            self._run(tokens[start:start + self.n_batch], keep_all=True)
+            chunks.append(self._binding.get_outputs()[0].numpy()[0])
+        self.reset()
+        return np.concatenate(chunks)
+
+    def close(self) -> None:
+        self._cache = []
+        self.session = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,290 @@
+"""`edgeq.profile()`: what a bundle costs on this machine (measured) and on a device profile (estimated).
+
+Each bundle is measured in a fresh process (multiprocessing spawn), so its peak resident memory is
+its own high-water mark (VmHWM, what the OS accounts for that process) and the numbers of several
+bundles never mix. Timings are taken at the engine level, on synthetic prompt ids of exact length
+and greedy argmax decoding, so they are the backend's and not the tokenizer's or the sampler's.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import EdgeqError
+from .profile_report import BundleProfile, DeviceEstimate, ProfileResult, PromptEstimate, PromptProfile, Spread
+
+log = logging.getLogger(__name__)
+WARMUP_DECODE_STEPS = 8
+KV_ELEMENT_BYTES = {"llamacpp": 2}  # llama.cpp keeps an f16 cache; other runtimes are assumed float32
+PROBE_ARRAY_BYTES = 256 << 20       # far larger than any CPU cache, so the copy runs at DRAM speed
+PROBE_MATMUL = 1024
+BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+
+
+def profile(bundles: str | Path | Sequence[str | Path], prompt_tokens: Sequence[int] = (64, 512), gen: int = 128,
+            repeat: int = 5, threads: int | None = None, device: str | Path | None = None,
+            progress: bool | None = None) -> ProfileResult:
+    """Measures load time, time to first token, prefill and decode tokens/s, peak memory and size of
+    each bundle (an HF folder profiles the torch reference); with `device`, adds a labelled estimate.
+
+    Prompt lengths that do not fit the model's context (with `gen` tokens after them) are skipped
+    with a note. Every bundle is checked (checksums, device) before anything is measured.
+    """
+    from edgeq.devices import load_device
+
+    paths = [Path(bundles)] if isinstance(bundles, (str, Path)) else [Path(b) for b in bundles]
+    prompt_tokens = [prompt_tokens] if isinstance(prompt_tokens, int) else prompt_tokens
+    prompts = _check_args(paths, prompt_tokens, gen, repeat, threads)
+    target = load_device(device) if device else None
+    infos = [_describe(p) for p in paths]
+    names = [p.name for p in paths]
+    names = names if len(set(names)) == len(names) else [str(p) for p in paths]
+    results = []
+    for path, name, info in zip(paths, names, infos):
+        log.info("profiling %s in a fresh process", path)
+        raw = _in_fresh_process(_measure, str(path), prompts, gen, repeat, threads, progress)
+        results.append(_assemble(name, path, info, raw, prompts, gen))
+    if target:
+        local: dict[int, dict] = {}
+        for b in results:
+            if b.threads not in local:
+                local[b.threads] = measure_machine(b.threads)
+            b.estimate = estimate(b, target, local[b.threads])
+    return ProfileResult(results, prompts, gen, repeat, _machine(), target.id if target else None)
+
+
+def _check_args(paths, prompt_tokens, gen, repeat, threads) -> list[int]:
+    if not paths:
+        raise EdgeqError("no bundle given; pass one or more bundle folders made by `edgeq export`")
+    prompts = sorted({int(p) for p in prompt_tokens})
+    if not prompts or prompts[0] < 1:
+        raise EdgeqError(f"prompt lengths must be positive token counts, got {list(prompt_tokens)}; e.g. 64,512")
+    for label, value in (("gen", gen), ("repeat", repeat), ("threads", threads)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise EdgeqError(f"{label} must be a positive integer, got {value!r}")
+    return prompts
+
+
+def _describe(path: Path) -> dict:
+    """Size, parameters and KV cache cost of a bundle (checksums verified) or of an HF folder."""
+    from .bundle import MANIFEST, read_manifest
+    from .export import COPIED_FILES
+    from .loading import CHAT_TEMPLATE_FILE
+
+    if not (path / MANIFEST).is_file() and (path / "config.json").is_file():
+        return _describe_hf(path)
+    m = read_manifest(path)
+    side_files = {*COPIED_FILES, CHAT_TEMPLATE_FILE}
+    size = sum(f["bytes"] for name, f in m["files"].items() if name not in side_files)
+    tensors = m.get("tensors") or {}
+    weight_bytes = sum(t.get("bytes", 0) for t in tensors.values()) or size
+    params = sum(int(np.prod(t["shape"])) for t in tensors.values()) or int(weight_bytes * 8 / m.get("bits_per_weight", 16))
+    config_path = Path((m.get("source") or {}).get("path", "")) / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    element = KV_ELEMENT_BYTES.get(m["runtime"], 4)
+    return {"format": m["format"], "runtime": m["runtime"], "precision": m.get("precision", "?"), "size_bytes": size,
+            "weight_bytes": weight_bytes, "params": params, "kl": (m.get("quality") or {}).get("kl"),
+            "kv_bytes_per_token": _kv_per_token(tensors, config, element), "notes": []}
+
+
+def _describe_hf(path: Path) -> dict:
+    from .intake import open_model
+
+    source = open_model(path)
+    params = sum(int(np.prod(shape)) for shape in source.shapes().values())
+    size = sum(f.stat().st_size for f in {info.file for info in source.index.values()})
+    return {"format": "hf", "runtime": "torch", "precision": "float32", "size_bytes": size, "weight_bytes": params * 4,
+            "params": params, "kl": 0.0, "kv_bytes_per_token": _kv_per_token({}, source.config, 4),
+            "notes": ["torch reference (KL 0 by definition)"]}
+
+
+def _kv_per_token(tensors: dict, config: dict, element: int) -> int | None:
+    """K and V bytes one token adds to the cache, from the key projections' shapes or the model config."""
+    rows = [t["shape"][0] for name, t in tensors.items() if re.search(r"(^|\.)(attn_k|k_proj)\.weight$", name)]
+    if rows:
+        return 2 * sum(rows) * element
+    if "num_hidden_layers" in config:
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        return 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * element
+    return None
+
+
+def _in_fresh_process(fn, *args):
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool as exc:
+            raise EdgeqError(f"the process profiling {args[0]} died (out of memory or a backend crash); "
+                             "try fewer or shorter prompts, or profile it alone") from exc
+
+
+def _measure(path: str, prompts: list[int], gen: int, repeat: int, threads: int | None, progress: bool | None) -> dict:
+    """Runs in the fresh process: a cold load (the runtime imported on the way, as an app starts), `repeat`
+    timed warm loads, then a warm-up pass and `repeat` measured passes over the prompt lengths."""
+    from .loading import load
+    from .progress import bar
+
+    logging.basicConfig(level=logging.WARNING)
+    baseline = _rss("VmRSS")
+    model, loads = None, []
+    for _ in range(repeat + 1):
+        if model is not None:
+            model.engine.close()
+            model = None
+            gc.collect()
+        start = time.perf_counter()
+        model = load(path, threads=threads, n_ctx=prompts[-1] + gen, verify=False)  # checksums verified by the parent
+        loads.append(time.perf_counter() - start)
+    engine = model.engine
+    fits = [p for p in prompts if p + gen <= engine.n_ctx]
+    ids = np.random.default_rng(0).integers(0, engine.n_vocab, prompts[-1]).tolist()
+    runs: dict[int, list] = {p: [] for p in fits}
+    with bar(len(fits) * (repeat + 1), f"profile {Path(path).name}", "run", progress) as progress_bar:
+        for rep in range(repeat + 1):  # pass 0 warms caches and allocations and is not counted
+            for p in fits:
+                timing = _run_once(engine, ids[:p], gen if rep else min(gen, WARMUP_DECODE_STEPS))
+                if rep:
+                    runs[p].append(timing)
+                progress_bar.update()
+    used_threads = getattr(engine, "threads", None) or threads or _cpu_count()
+    n_ctx = engine.n_ctx
+    engine.close()
+    return {"threads": used_threads, "n_ctx": n_ctx, "first_load_s": loads[0], "load_s": loads[1:], "runs": runs,
+            "peak_rss": _rss("VmHWM"), "baseline_rss": baseline}
+
+
+def _run_once(engine, prompt: list[int], steps: int) -> tuple[float, float]:
+    """(time to first token, time of `steps` greedy decode steps after it)."""
+    engine.reset()
+    start = time.perf_counter()
+    token = int(np.argmax(engine.forward(prompt)))
+    first = time.perf_counter()
+    for _ in range(steps):
+        token = int(np.argmax(engine.forward([token])))
+    return first - start, time.perf_counter() - first
+
+
+def _assemble(name: str, path: Path, info: dict, raw: dict, prompts: list[int], gen: int) -> BundleProfile:
+    rows = []
+    for p in prompts:
+        timings = raw["runs"].get(p)
+        if timings is None:
+            rows.append(PromptProfile(p, skipped=f"needs {p} + {gen} tokens of context; the model runs {raw['n_ctx']}"))
+            continue
+        ttft = [t for t, _ in timings]
+        rows.append(PromptProfile(p, Spread.of(ttft), Spread.of([p / t for t in ttft]), Spread.of([gen / d for _, d in timings])))
+    fields = {k: v for k, v in info.items() if k != "notes"}
+    return BundleProfile(name=name, path=str(path), **fields, threads=raw["threads"], n_ctx=raw["n_ctx"], gen=gen,
+                         first_load_s=raw["first_load_s"], load_s=Spread.of(raw["load_s"]), peak_rss_bytes=raw["peak_rss"],
+                         baseline_rss_bytes=raw["baseline_rss"], prompts=rows, notes=list(info["notes"]))
+
+
+def _rss(key: str) -> int:
+    """VmHWM (peak) or VmRSS (now) of this process in bytes; where /proc is missing, the peak from getrusage."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": _cpu_count(), "python": platform.python_version()}
+
+
+def measure_machine(threads: int) -> dict:
+    """This machine's memory bandwidth (large array copy) and float32 matmul GFLOPS with `threads`
+    threads, in a fresh process whose BLAS is limited to that many threads (and whose arrays do not
+    count towards any bundle's peak memory)."""
+    env = {**os.environ, **{var: str(threads) for var in BLAS_THREAD_VARS}}
+    code = "import json, sys; from edgeq.profiling import _probe; print(json.dumps(_probe(int(sys.argv[1]))))"
+    done = subprocess.run([sys.executable, "-c", code, str(threads)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise EdgeqError(f"measuring this machine's bandwidth failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _probe(threads: int, reps: int = 10) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = PROBE_ARRAY_BYTES // 8
+    src, dst = np.ones(n), np.ones(n)
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+
+    def copy(i):  # numpy releases the GIL while copying, so the threads run in parallel
+        np.copyto(dst[bounds[i]:bounds[i + 1]], src[bounds[i]:bounds[i + 1]])
+
+    with ThreadPoolExecutor(threads) as pool:
+        copy_s = _best(lambda: list(pool.map(copy, range(threads))), reps)
+    a = np.random.default_rng(0).standard_normal((PROBE_MATMUL, PROBE_MATMUL), dtype=np.float32)
+    matmul_s = _best(lambda: a @ a, reps)
+    return {"threads": threads, "bandwidth_gbps": 2 * PROBE_ARRAY_BYTES / copy_s / 1e9,  # read + write
+            "gflops": 2 * PROBE_MATMUL ** 3 / matmul_s / 1e9}
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def estimate(bundle: BundleProfile, device, local: dict) -> DeviceEstimate:
+    """Decode is bandwidth-bound (bytes read per token ÷ bandwidth), prefill compute-bound
+    (2·params·tokens ÷ GFLOPS). Each prompt length is calibrated by the efficiency this backend
+    reached here against this machine's own measured bandwidth and GFLOPS, assumed to carry over."""
+    rows = []
+    for row in bundle.prompts:
+        p = row.prompt_tokens
+        if row.skipped or p + bundle.gen > device.context_length:
+            why = row.skipped or f"needs {p} + {bundle.gen} tokens of context; {device.id} runs {device.context_length}"
+            rows.append(PromptEstimate(p, skipped=why))
+            continue
+        bytes_per_token = bundle.weight_bytes + (bundle.kv_bytes_per_token or 0) * (p + bundle.gen / 2)
+        flops = 2.0 * bundle.params * p
+        bw_eff = bytes_per_token * row.decode_tokens_per_s.median / (local["bandwidth_gbps"] * 1e9)
+        compute_eff = flops * row.prefill_tokens_per_s.median / p / (local["gflops"] * 1e9)
+        ttft = flops / (compute_eff * device.cpu_gflops * 1e9)
+        rows.append(PromptEstimate(p, ttft, p / ttft, bw_eff * device.bandwidth_gbps * 1e9 / bytes_per_token,
+                                   int(bytes_per_token), flops, bw_eff, compute_eff))
+    notes = ["estimate, not measured: this machine's numbers scaled by the device profile's bandwidth and GFLOPS",
+             "the device's numbers are nominal peaks while this machine's are measured, so the estimate leans optimistic"]
+    if bundle.format not in device.formats and bundle.format != "hf":
+        notes.append(f"{device.id} does not list format {bundle.format}; estimated as if it ran it")
+    if bundle.kv_bytes_per_token is None:
+        notes.append("KV cache size unknown (no key projection shapes or config); counted as 0 bytes")
+    return DeviceEstimate(device.id, device.bandwidth_gbps, device.cpu_gflops, local["bandwidth_gbps"], local["gflops"],
+                          rows, device.budget_bytes, bundle.peak_rss_bytes <= device.budget_bytes, notes)

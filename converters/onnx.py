@@ -242,13 +242,23 @@ def rope_cache(config: dict, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     return (freqs.cos() * scaling).numpy(), (freqs.sin() * scaling).numpy()
 
 
+def _is_function(node: onnx.NodeProto, opsets: dict[str, int]) -> bool:
+    """ONNX functions (Swish, CastLike, …) have a body onnxruntime inlines, so they need no kernel of their own."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opsets.get(node.domain, 1), node.domain)
+    except onnx.defs.SchemaError:
+        return False
+    return schema.has_function or schema.has_context_dependent_function
+
+
 def check_operators(model: onnx.ModelProto) -> None:
     """Fails with the op's name when this onnxruntime has no CPU kernel for a node (before anyone loads the model)."""
     from onnxruntime.capi import _pybind_state as ort_state
 
     kernels = {(k.domain or "ai.onnx", k.op_name) for k in ort_state.get_all_opkernel_def() if k.provider == "CPUExecutionProvider"}
+    opsets = {o.domain: o.version for o in model.opset_import}
     for node in model.graph.node:
-        if (node.domain or "ai.onnx", node.op_type) not in kernels:
+        if (node.domain or "ai.onnx", node.op_type) not in kernels and not _is_function(node, opsets):
             raise EdgeqError(f"onnxruntime {ort_version()} has no CPU kernel for {node.op_type} ({node.domain or 'ai.onnx'}); "
                              "upgrade onnxruntime (pip install -U onnxruntime) or export another precision")
 
@@ -272,7 +282,10 @@ def write_ort_format(stage: Path) -> list[str]:
     options.add_session_config_entry("session.save_model_format", "ORT")
     # NCHWc layouts are x86-only; leaving them out keeps the .ort file portable to ARM phones.
     ort.InferenceSession(str(stage / MODEL_FILE), options, providers=["CPUExecutionProvider"], disabled_optimizers=["NchwcTransformer"])
-    create_config_from_models([str(stage / ORT_FILE)], str(stage / OPS_CONFIG), enable_type_reduction=False)
+    config = stage / OPS_CONFIG
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # it logs each file it writes at INFO
+    create_config_from_models([stage / ORT_FILE], config, enable_type_reduction=False)
+    config.write_text(config.read_text().replace(f"{stage}/", ""))  # the header names the model; not the staging folder
     return [ORT_FILE, OPS_CONFIG]
 
 
@@ -282,7 +295,9 @@ class ONNXConverter:
     name = "onnx"
     runtime = "ort"
     default_precision = "int4"
+    planned_precision = "int4"  # the base of a planned export; the plan names every matrix
     precisions = ("int4", "int8", "fp16", "fp32")
+    options = ("mobile", "block_size")
 
     def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
                 importance: dict[str, np.ndarray] | None = None, progress: bool | None = None,

@@ -51,7 +51,10 @@ def main(ctx, debug, verbose):
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at the output path.")
 @click.option("--trust-pickle", is_flag=True, help="Allow pickle (.bin) weights, which can run code when loaded.")
 @click.option("--eval-tokens", default=1024, show_default=True, help="Tokens of the short quality check stored in the manifest (0 skips it).")
-def export(model, device, adapter, format_, precision, size, bits_per_weight, calibration, output, overwrite, trust_pickle, eval_tokens):
+@click.option("--mobile", is_flag=True, help="onnx: also write the ORT format (.ort) and the operator config ONNX Runtime Mobile builds need.")
+@click.option("--block-size", type=int, help="onnx int4: columns per quantization block (16, 32, 64, 128 or 256; default 32).")
+def export(model, device, adapter, format_, precision, size, bits_per_weight, calibration, output, overwrite, trust_pickle, eval_tokens,
+           mobile, block_size):
     """Export MODEL (a Hugging Face folder; default: SmolLM2-135M-Instruct) into a bundle for a device.
 
     With --device (or --size / --bits-per-weight) and no --precision, edgeq measures how much each
@@ -61,7 +64,7 @@ def export(model, device, adapter, format_, precision, size, bits_per_weight, ca
 
     out = run_export(model, device=device, adapter=adapter, format=format_, precision=precision, calibration=calibration,
                      output=output, overwrite=overwrite, trust_pickle=trust_pickle, eval_tokens=eval_tokens,
-                     size=size, bits_per_weight=bits_per_weight, progress=True)
+                     size=size, bits_per_weight=bits_per_weight, mobile=mobile, block_size=block_size, progress=True)
     click.echo(out)
     _print_summary(out)
 

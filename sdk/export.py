@@ -40,6 +40,15 @@ def choose_precision(precision: str | None, profile, fmt: str, converter) -> str
     return converter.default_precision
 
 
+def converter_options(converter, fmt: str, **asked) -> dict:
+    """The format options that were set; a format without such an option refuses it before any work."""
+    given = {name: value for name, value in asked.items() if value not in (None, False)}
+    for name in given:
+        if name not in getattr(converter, "options", ()):
+            raise EdgeqError(f"--{name.replace('_', '-')} does not apply to the {fmt} format; drop it or choose --format onnx")
+    return given
+
+
 def _copy_tokenizer(source, stage: Path) -> None:
     for name in COPIED_FILES:
         for folder in (source.tokenizer_folder, source.path):
@@ -66,13 +75,14 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
            output: str | Path | None = None, overwrite: bool = False, trust_pickle: bool = False,
            size: str | int | None = None, bits_per_weight: float | None = None,
            calibration_tokens: int = 8192, eval_tokens: int = 1024, eval_ctx: int = 256,
-           progress: bool | None = None) -> Path:
+           mobile: bool = False, block_size: int | None = None, progress: bool | None = None) -> Path:
     """Exports a Hugging Face model (and LoRA adapter) into a bundle for a device; returns the bundle path.
 
     With no model, the built-in default (SmolLM2-135M-Instruct) is used. The format defaults to
     what the device runs best. Without `precision`, a device (or `size` / `bits_per_weight`) makes
     edgeq plan a precision per tensor from measured sensitivity; `precision` forces one type.
     A calibration text feeds the importance matrix and the sensitivity measurement.
+    Format options: `mobile` (onnx: also the ORT format for ONNX Runtime Mobile), `block_size` (onnx int4).
     """
     from edgeq.devices import load_device
     from .intake import open_model
@@ -84,6 +94,7 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
     profile = load_device(device) if device else None
     fmt = choose_format(format, profile)
     converter = registry.converters.get(fmt)()
+    options = converter_options(converter, fmt, mobile=mobile, block_size=block_size)
     planned = precision is None and (profile is not None or size is not None or bits_per_weight is not None)
     precision = converter.planned_precision if planned else choose_precision(precision, profile, fmt, converter)
     source = open_model(model, adapter=adapter, trust_pickle=trust_pickle)
@@ -109,7 +120,7 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
 
     with staged_bundle(out, overwrite) as stage:
         fields = converter.convert(source, stage, precision=precision, importance=importance, progress=progress,
-                                   overrides=plan.overrides() if plan else None)
+                                   overrides=plan.overrides() if plan else None, **options)
         _copy_tokenizer(source, stage)
         trained = source.config.get("max_position_embeddings", DEFAULT_CONTEXT)
         manifest = {

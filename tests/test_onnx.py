@@ -1,0 +1,219 @@
+"""ONNX export of tiny models: logits and greedy tokens against torch, weight types read back, plain onnxruntime, bad inputs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import edgeq
+from edgeq.cli import main as cli
+from edgeq.converters.onnx import DecoderGraph, ONNXConverter
+from edgeq.evaluate import QualityAccumulator
+from edgeq.intake import open_model
+from edgeq.runtimes.ort import OrtEngine
+from edgeq.runtimes.torch import TorchEngine
+
+from conftest import build_model
+
+TEXT = np.random.default_rng(0).integers(3, 390, 48).tolist()
+ARCHITECTURES = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+
+
+def _quality(ref, got, tokens=TEXT):
+    acc = QualityAccumulator()
+    acc.add(ref, got, tokens)
+    return acc.result(ctx=len(tokens))
+
+
+def _export(model, tmp_path, precision, **kw):
+    return edgeq.export(model, format="onnx", precision=precision, output=tmp_path / f"b-{precision}", eval_tokens=0, **kw)
+
+
+def _one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message and len(message) < 400
+    return message
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_fp32_logits_match_torch_and_the_cache_grows_in_place(tmp_path, architecture):
+    model = build_model(tmp_path / architecture, architecture)
+    bundle = _export(model, tmp_path, "fp32")
+    ref = TorchEngine(open_model(model)).score(TEXT)
+    with edgeq.load(bundle) as lm:
+        engine = lm.engine
+        got = engine.score(TEXT)
+        quality = _quality(ref, got)
+        assert got.shape == ref.shape
+        assert quality.kl < 1e-4 and quality.top1 >= 0.999
+        # prefill, then one token at a time through the preallocated cache: the same rows as one full pass
+        engine.reset()
+        steps = [engine.forward(TEXT[:20]).copy()] + [engine.forward([t]).copy() for t in TEXT[20:]]
+        np.testing.assert_allclose(np.stack(steps), got[19:], atol=1e-4)
+
+
+def test_greedy_tokens_and_stream_equal_torch(tmp_path, tiny_llama):
+    bundle = _export(tiny_llama, tmp_path, "fp32")
+    reference = edgeq.load(tiny_llama)
+    prompt = reference.tokenizer.encode_chat([{"role": "user", "content": "Hello fox"}])
+    expected = reference.generate_ids(prompt, 24)
+    expected_text = reference.generate("Hello fox", max_new_tokens=24)
+    with edgeq.load(bundle) as model:
+        assert model.engine.__class__ is OrtEngine
+        assert model.generate_ids(prompt, 24) == expected
+        assert "".join(model.generate("Hello fox", max_new_tokens=24, stream=True)) == expected_text
+
+
+def _int_bytes(shape, bits, block=32):
+    rows, cols = shape
+    return rows * cols * bits // 8 + rows * (cols // block) * 4  # codes + one float32 scale per block
+
+
+def test_int8_types_and_sizes_read_back(tmp_path, tiny_llama):
+    bundle = _export(tiny_llama, tmp_path, "int8")
+    manifest = edgeq.inspect(bundle)
+    matrices = {n: t for n, t in manifest["tensors"].items() if len(t["shape"]) == 2}
+    assert len(matrices) == 2 + 2 * 7  # embeddings, lm_head, 7 per layer
+    for info in matrices.values():
+        assert info["type"] == "int8" and info["block_size"] == 32 and info["bytes"] == _int_bytes(info["shape"], 8)
+    assert manifest["tensors"]["model.norm.weight"]["type"] == "fp32"
+    assert 8.0 < manifest["bits_per_weight"] < 9.5 and not manifest["mismatches"]
+    ref = TorchEngine(open_model(tiny_llama)).score(TEXT)
+    with edgeq.load(bundle) as lm:
+        assert _quality(ref, lm.engine.score(TEXT)).kl < 5e-3
+
+
+def test_int4_plan_overrides_are_applied_in_the_file(tmp_path, tiny_llama):
+    import onnx
+
+    source = open_model(tiny_llama)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    overrides = {"model.layers.0.self_attn.v_proj.weight": "int8", "model.layers.1.mlp.down_proj.weight": "fp16",
+                 "lm_head.weight": "fp32"}
+    fields = ONNXConverter().convert(source, stage, precision="int4", overrides=overrides)
+    types = {n: t["type"] for n, t in fields["tensors"].items()}
+    assert types["model.layers.0.self_attn.v_proj.weight"] == "int8"
+    assert types["model.layers.1.mlp.down_proj.weight"] == "fp16"
+    assert types["lm_head.weight"] == "fp32"
+    assert types["model.embed_tokens.weight"] == "int8"  # INT4 keeps embeddings at 8 bits unless the plan says otherwise
+    q_proj = fields["tensors"]["model.layers.1.self_attn.q_proj.weight"]
+    assert q_proj["type"] == "int4" and q_proj["bytes"] == _int_bytes(q_proj["shape"], 4)
+    # the file itself, not the report: the node that multiplies by v_proj runs 8 bits, down_proj is a float MatMul
+    graph = onnx.load(str(stage / "model.onnx"), load_external_data=False).graph
+    consumer = {i: n for n in graph.node for i in n.input}
+    v_node = consumer["model.layers.0.self_attn.v_proj.weight"]
+    assert v_node.op_type == "MatMulNBits" and next(a.i for a in v_node.attribute if a.name == "bits") == 8
+    assert consumer["model.layers.1.mlp.down_proj.weight"].op_type == "Cast"
+    with pytest.raises(edgeq.EdgeqError, match="not a weight matrix"):
+        ONNXConverter().convert(source, tmp_path, precision="int4", overrides={"model.layers.9.mlp.up_proj.weight": "int8"})
+
+
+PLAIN_ORT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import onnxruntime as ort
+
+    folder, tokens = sys.argv[1], [int(t) for t in sys.argv[2].split(",")]
+    for name in ("model.onnx", "model.ort"):
+        session = ort.InferenceSession(f"{folder}/{name}", providers=["CPUExecutionProvider"])
+        ids = np.array([tokens], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "logits_to_keep": np.array(0, dtype=np.int64)}
+        for i in session.get_inputs():
+            if i.name.startswith("past_key_values"):
+                feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+        np.save(f"{folder}/{name}.logits.npy", session.run(["logits"], feeds)[0][0])
+    assert not any(m.startswith("edgeq") for m in sys.modules), "edgeq was imported"
+""")
+
+
+def test_plain_onnxruntime_and_ort_format_run_the_export(tmp_path, tiny_llama):
+    bundle = edgeq.export(tiny_llama, format="onnx", precision="int4", mobile=True, output=tmp_path / "mobile", eval_tokens=0)
+    manifest = edgeq.inspect(bundle)
+    assert manifest["mobile_files"] == ["model.ort", "required_operators.config"]
+    assert set(manifest["mobile_files"]) <= set(manifest["files"])
+    config = (bundle / "required_operators.config").read_text()
+    assert "com.microsoft;1;" in config and "MatMulNBits" in config and "GroupQueryAttention" in config and "partial" not in config
+    with edgeq.load(bundle) as lm:
+        expected = lm.engine.score(TEXT)
+    # -I: isolated mode, so neither the test's path nor PYTHONPATH can bring edgeq in
+    subprocess.run([sys.executable, "-I", "-c", PLAIN_ORT, str(bundle), ",".join(map(str, TEXT))], check=True, cwd=tmp_path, timeout=120)
+    for name in ("model.onnx", "model.ort"):
+        np.testing.assert_allclose(np.load(bundle / f"{name}.logits.npy"), expected, atol=2e-3, err_msg=name)
+
+
+def test_int4_on_a_width_the_block_does_not_divide_is_refused(tmp_path):
+    model = build_model(tmp_path / "odd", intermediate_size=80)  # down_proj is 80 wide: 80 % 32 = 16
+    with pytest.raises(edgeq.EdgeqError) as excinfo:
+        _export(model, tmp_path, "int4")
+    message = _one_line_error(excinfo)
+    assert "block size 32" in message and "80" in message and "down_proj" in message and "16" in message
+    assert [p.name for p in tmp_path.iterdir()] == ["odd"]
+    bundle = _export(model, tmp_path, "int4", block_size=16)  # the block the message names works
+    assert edgeq.inspect(bundle)["tensors"]["model.layers.0.mlp.down_proj.weight"]["block_size"] == 16
+
+
+def test_corrupt_onnx_in_a_bundle_is_caught(tmp_path, tiny_llama):
+    bundle = _export(tiny_llama, tmp_path, "int8")
+    with open(bundle / "model.onnx", "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff" * 64)
+    with pytest.raises(edgeq.EdgeqError) as excinfo:
+        edgeq.load(bundle)
+    assert "model.onnx does not match its checksum" in _one_line_error(excinfo)
+    with pytest.raises(edgeq.EdgeqError) as excinfo:
+        edgeq.load(bundle, verify=False)
+    assert "onnxruntime could not load" in _one_line_error(excinfo)
+
+
+def test_an_op_onnxruntime_lacks_stops_the_export(tmp_path, tiny_llama, monkeypatch):
+    def fused_mlp(self, i, h):  # a fused MLP kernel that onnxruntime only has on GPUs
+        return self.node("MatMulNBitsMlp", [h], domain="com.microsoft")
+
+    monkeypatch.setattr(DecoderGraph, "mlp", fused_mlp)
+    with pytest.raises(edgeq.EdgeqError) as excinfo:
+        _export(tiny_llama, tmp_path, "int4")
+    assert "no CPU kernel for MatMulNBitsMlp" in _one_line_error(excinfo)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mobile_is_refused_for_gguf_before_any_work(tmp_path, tiny_llama):
+    with pytest.raises(edgeq.EdgeqError, match="--mobile does not apply to the gguf format"):
+        edgeq.export(tiny_llama, format="gguf", precision="Q8_0", mobile=True, output=tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_inspect_eval_on_onnx(tmp_path, tiny_llama):
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    result = runner.invoke(cli, ["export", str(tiny_llama), "--format", "onnx", "--precision", "int8", "-o", str(out),
+                                 "--eval-tokens", "256"])
+    assert result.exit_code == 0, result.output
+    assert "format onnx  precision int8" in result.output and "vs reference: KL" in result.output
+    inspected = runner.invoke(cli, ["inspect", str(out)])
+    assert inspected.exit_code == 0 and "int8 ×16" in inspected.output and "fp32 ×5" in inspected.output
+    evaluated = runner.invoke(cli, ["eval", str(out), "--tokens", "256", "--ctx", "64", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    quality = json.loads(evaluated.output)
+    assert quality["kl"] < 5e-3 and quality["top1"] > 0.9 and quality["tokens"] == 256
+
+
+@pytest.mark.integration
+def test_smollm2_fp32_matches_torch(tmp_path):
+    from edgeq.default_model import default_model_path
+    from edgeq.evaluate import DEFAULT_TEXT
+    from edgeq.importance import calibration_windows
+
+    model = default_model_path(progress=False)
+    bundle = _export(model, tmp_path, "fp32")
+    reference = TorchEngine(open_model(model))
+    window = calibration_windows(reference.source.chat_tokenizer(), DEFAULT_TEXT, 256, 256)[0]
+    ref = reference.score(window)
+    with edgeq.load(bundle, n_ctx=512) as lm:
+        quality = _quality(ref, lm.engine.score(window), window)
+    assert quality.kl < 1e-4 and quality.top1 >= 0.999

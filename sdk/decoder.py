@@ -22,6 +22,8 @@ from torch import nn
 
 from .errors import EdgeqError
 
+MASKED = 65504.0  # the largest float16: added to a masked score, its softmax weight is exactly zero
+
 
 @dataclass(frozen=True)
 class DecoderSpec:
@@ -199,8 +201,9 @@ class Decoder(nn.Module):
         start = positions[0]
         cos, sin = self.rope_cos[positions].to(self.dtype), self.rope_sin[positions].to(self.dtype)
         # Explicit causal mask over the whole fixed-size cache: slot j is visible to the token at p iff j <= p.
-        visible = self.slots.view(1, -1) <= positions.view(-1, 1)
-        mask = torch.where(visible, 0.0, float("-inf")).to(self.dtype)
+        # Arithmetic, not `where(visible, 0, -inf)`: Core ML would store both branches broadcast to (T, context).
+        visible = (self.slots.view(1, -1) <= positions.view(-1, 1)).to(self.dtype)
+        mask = (visible - 1.0) * MASKED
         x = self.model.embed_tokens(input_ids)
         caches = (self.key_cache, self.value_cache)
         for layer in self.model.layers:

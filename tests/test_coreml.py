@@ -1,0 +1,229 @@
+"""Core ML export of tiny models: the torch decoder vs HF, the package read back (functions, state,
+weight types), the coreml-torch quality engine, the macOS-only runtime, and failures leaving nothing."""
+from __future__ import annotations
+
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import edgeq
+from edgeq.bundle import staged_bundle, write_manifest
+from edgeq.cli import main
+from edgeq.converters import coreml as coreml_converter
+from edgeq.converters.coreml import CoreMLConverter, precision_plan
+from edgeq.converters.coreml_package import describe, read_weights
+from edgeq.decoder import DecoderSpec, build_decoder
+from edgeq.evaluate import QualityAccumulator
+from edgeq.intake import open_model
+from edgeq.runtimes.coreml import CoreMLTorchEngine
+from edgeq.runtimes.torch import TorchEngine
+
+from conftest import build_model
+
+TEXT = [0, 5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 8, 19, 77, 160]
+OVERRIDES = {"model.layers.0.mlp.down_proj.weight": "int4", "model.layers.1.self_attn.q_proj.weight": "fp16"}
+
+
+def _tiny(folder, architecture="LlamaForCausalLM"):
+    """A tiny model whose norm gains and biases are random too (HF initialises them to 1 and 0)."""
+    build_model(folder, architecture)
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    generator = torch.Generator().manual_seed(3)
+    for name, tensor in tensors.items():
+        if tensor.ndim == 1:
+            tensors[name] = tensor + 0.3 * torch.randn(tensor.shape, generator=generator)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return folder
+
+
+def _quality(ref, got):
+    acc = QualityAccumulator()
+    acc.add(ref, got, TEXT)
+    return acc.result(ctx=len(TEXT))
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_decoder_matches_hf_logits(tmp_path, architecture):
+    source = open_model(_tiny(tmp_path / architecture, architecture))
+    ref = TorchEngine(source).score(TEXT)
+    decoder = build_decoder(DecoderSpec.from_source(source, 32), source.tensor)
+    positions = torch.arange(len(TEXT)).view(1, -1)
+    with torch.no_grad():
+        whole = decoder(torch.tensor([TEXT]), positions)[0].numpy()
+        decoder.reset()  # a prompt chunk, then one token at a time through the in-place cache
+        head = decoder(torch.tensor([TEXT[:5]]), positions[:, :5])[0]
+        steps = [decoder(torch.tensor([[t]]), torch.tensor([[5 + i]]))[0] for i, t in enumerate(TEXT[5:])]
+        stepwise = torch.cat([head, *steps]).numpy()
+    for got in (whole, stepwise):
+        assert np.abs(got - ref).max() < 1e-3
+        quality = _quality(ref, got)
+        assert quality.kl < 1e-6 and quality.top1 == 1.0
+
+
+def test_plan_refuses_bad_requests(tmp_path, tiny_llama):
+    source = open_model(tiny_llama)
+    spec, shapes = DecoderSpec.from_source(source, 32), source.shapes()
+    plan = precision_plan(spec, shapes, "int4", OVERRIDES)
+    assert plan["model.layers.1.self_attn.q_proj.weight"] == "fp16" and plan["lm_head.weight"] == "int4"
+    with pytest.raises(edgeq.EdgeqError, match="no such tensor"):
+        precision_plan(spec, shapes, "int4", {"blk.0.attn_v.weight": "int8"})
+    with pytest.raises(edgeq.EdgeqError, match="not a weight matrix"):
+        precision_plan(spec, shapes, "int4", {"model.norm.weight": "int8"})
+    with pytest.raises(edgeq.EdgeqError, match="choose one of"):
+        CoreMLConverter().convert(source, tmp_path, precision="Q4_0")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """One int8 conversion with two per-weight exceptions, assembled into a bundle."""
+    base = tmp_path_factory.mktemp("coreml")
+    source = open_model(_tiny(base / "tiny"))
+    out = base / "bundle"
+    with staged_bundle(out) as stage:
+        fields = CoreMLConverter().convert(source, stage, precision="int8", overrides=OVERRIDES, progress=False)
+        shutil.copyfile(source.path / "tokenizer.json", stage / "tokenizer.json")
+        write_manifest(stage, {"format": "coreml", "runtime": "coreml", **fields, "context_length": 256,
+                               "source": source.fingerprint(), "tokenizer": source.tokenizer_spec().to_dict()})
+    return source, out
+
+
+def test_package_has_both_functions_sharing_state_and_weights(bundle):
+    import coremltools as ct
+
+    source, out = bundle
+    spec = ct.models.MLModel(str(out / "model.mlpackage"), skip_model_load=True).get_spec()
+    functions = {f.name: f for f in spec.description.functions}
+    assert set(functions) == {"prefill", "decode"} and spec.description.defaultFunctionName == "decode"
+    for name, width in (("prefill", coreml_converter.PREFILL_TOKENS), ("decode", 1)):
+        function = functions[name]
+        assert [tuple(i.type.multiArrayType.shape) for i in function.input] == [(1, width), (1, width)]
+        assert tuple(function.output[0].type.multiArrayType.shape) == (1, width, source.vocab_size)
+        states = {s.name: tuple(s.type.stateType.arrayType.shape) for s in function.state}
+        assert states == {"key_cache": (2, 2, 256, 16), "value_cache": (2, 2, 256, 16)}
+    offsets = _blob_offsets(spec)
+    assert len(offsets["prefill"]) > 10 and offsets["prefill"] == offsets["decode"]  # both read the same bytes
+    manifest = edgeq.inspect(out)
+    weight_bytes = sum(t["bytes"] for t in manifest["tensors"].values())
+    assert manifest["coreml"]["weight_file_bytes"] < 1.2 * weight_bytes  # stored once, no mask constants
+
+
+def _blob_offsets(spec) -> dict[str, set[int]]:
+    """Per function, the offsets in weight.bin its constants read from."""
+    out = {}
+    for name, function in spec.mlProgram.functions.items():
+        block = function.block_specializations[function.opset]
+        values = (op.attributes["val"] for op in block.operations if op.type == "const")
+        out[name] = {v.blobFileValue.offset for v in values if v.WhichOneof("value") == "blobFileValue"}
+    return out
+
+
+def test_weight_types_follow_precision_and_overrides(bundle):
+    source, out = bundle
+    manifest = edgeq.inspect(out)
+    types = {name: t["type"] for name, t in manifest["tensors"].items()}
+    assert types["model.layers.0.mlp.down_proj.weight"] == "int4"
+    assert types["model.layers.1.self_attn.q_proj.weight"] == "fp16"
+    assert types["model.layers.1.mlp.up_proj.weight"] == types["lm_head.weight"] == types["model.embed_tokens.weight"] == "int8"
+    vocab = source.vocab_size
+    assert manifest["tensors"]["lm_head.weight"]["bytes"] == vocab * 64 + vocab * 2  # int8 rows + one fp16 scale per row
+    assert manifest["mismatches"] == [] and 8.0 < manifest["bits_per_weight"] < 9.0
+    # asking for a type the package does not hold is reported, not hidden
+    shapes = {n: tuple(s) for n, s in source.shapes().items()}
+    report = describe(out / "model.mlpackage", shapes, {"model.layers.0.mlp.down_proj.weight": "palettize4"})
+    assert report["mismatches"][0]["got"] == "int4"
+
+
+def test_coreml_torch_engine_measures_compression(bundle):
+    source, out = bundle
+    ref = TorchEngine(source).score(TEXT)
+    manifest = edgeq.inspect(out)
+    engine = CoreMLTorchEngine.open(out / "model.mlpackage", manifest)
+    got = engine.score(TEXT)
+    quality, expected = _quality(ref, got), _quality(ref, _fake_quantized(source).score(TEXT))
+    # the cost is the plan's (mostly the int4 down_proj on this touchy random model), no more
+    assert quality.kl > 1e-4 and abs(quality.kl / expected.kl - 1) < 0.15 and quality.top1 == expected.top1
+    stepwise = np.stack([engine.forward(TEXT[:6])] + [engine.forward([t]) for t in TEXT[6:]])
+    assert np.abs(stepwise - got[5:]).max() < 1e-3
+    result = edgeq.evaluate(out, backend="coreml-torch", tokens=128, ctx=32)
+    assert 1e-4 < result.kl < 0.1 and result.tokens >= 32
+
+
+def test_weights_read_back_within_half_a_step(bundle):
+    source, out = bundle
+    stored = read_weights(out / "model.mlpackage", list(source.shapes()))
+    for name, precision in _plan(source).items():
+        ref = source.tensor(name).float()
+        error = (torch.from_numpy(stored[name]) - ref).abs()
+        step = {"int8": _int8_step, "int4": _int4_step, "fp16": torch.zeros_like}[precision](ref)
+        # half a step, plus float16 rounding (weight, scale, coremltools' division); a wrong axis or zero point is steps off
+        assert (error <= 0.55 * step + ref.abs() / 1024 + 1e-7).all(), name
+
+
+def _plan(source):
+    return precision_plan(DecoderSpec.from_source(source, 32), source.shapes(), "int8", OVERRIDES)
+
+
+def _int8_step(weight):
+    return (weight.abs().amax(1, keepdim=True) / 127).expand_as(weight)
+
+
+def _blocks(weight):
+    return weight.view(weight.shape[0], -1, 32)
+
+
+def _int4_step(weight):
+    blocks = _blocks(weight)
+    return ((blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)) / 15).expand_as(blocks).reshape(weight.shape)
+
+
+def _fake_quantized(source):
+    """The HF model with the bundle's plan applied by hand: int8 symmetric rows, int4 affine blocks of 32."""
+    plan, engine = _plan(source), TorchEngine(source)
+    with torch.no_grad():
+        for name, weight in engine.model.named_parameters():
+            if plan.get(name) == "int8":
+                step = _int8_step(weight)
+                weight.copy_(torch.round(weight / step) * step)
+            elif plan.get(name) == "int4":
+                step = _blocks(_int4_step(weight))
+                zero = torch.round(-_blocks(weight).amin(-1, keepdim=True) / step)
+                levels = torch.clamp(torch.round(_blocks(weight) / step) + zero, 0, 15)
+                weight.copy_(((levels - zero) * step).view_as(weight))
+    return engine
+
+
+def test_real_runtime_is_macos_only(bundle):
+    source, out = bundle
+    if sys.platform == "darwin":
+        with edgeq.load(out) as model:
+            quality = _quality(TorchEngine(source).score(TEXT), model.engine.score(TEXT))
+        assert quality.kl < 0.01
+        return
+    with pytest.raises(edgeq.EdgeqError, match="macOS/iOS"):
+        edgeq.load(out)
+    result = CliRunner().invoke(main, ["run", str(out), "hi"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and "coreml-torch" in lines[0], result.output
+
+
+def test_failed_conversion_leaves_nothing(tmp_path, tiny_llama, monkeypatch):
+    real = coreml_converter.convert_function
+
+    def fail_on_prefill(decoder, tokens):
+        if tokens > 1:  # decode has been converted and saved by now
+            raise RuntimeError("simulated coremltools failure")
+        return real(decoder, tokens)
+
+    monkeypatch.setattr(coreml_converter, "convert_function", fail_on_prefill)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(edgeq.EdgeqError, match="simulated coremltools failure"):
+        edgeq.export(tiny_llama, format="coreml", precision="fp16", output=out / "b", eval_tokens=0)
+    assert list(out.iterdir()) == []

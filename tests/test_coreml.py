@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from edgeq.runtimes.torch import TorchEngine
 from conftest import build_model
 
 TEXT = [0, 5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 8, 19, 77, 160]
+WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
 OVERRIDES = {"model.layers.0.mlp.down_proj.weight": "int4", "model.layers.1.self_attn.q_proj.weight": "fp16"}
 
 
@@ -227,3 +229,27 @@ def test_failed_conversion_leaves_nothing(tmp_path, tiny_llama, monkeypatch):
     with pytest.raises(edgeq.EdgeqError, match="simulated coremltools failure"):
         edgeq.export(tiny_llama, format="coreml", precision="fp16", output=out / "b", eval_tokens=0)
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_traced_decoder_matches_hf_on_smollm2():
+    """The module coremltools converts (our decoder, traced at fp32) against HF SmolLM2-135M on wikitext."""
+    from edgeq.default_model import default_model_path
+    from edgeq.evaluate import compare
+    from edgeq.importance import calibration_windows
+
+    source = open_model(default_model_path(progress=False))
+    ctx, count = 128, 4
+    windows = calibration_windows(source.chat_tokenizer(), WIKITEXT, count * ctx, ctx)
+    decoder = build_decoder(DecoderSpec.from_source(source, ctx), source.tensor)
+    positions = torch.arange(ctx).view(1, -1)
+    with torch.no_grad(), torch.jit.optimized_execution(False):  # the profiling executor only adds time here
+        traced = torch.jit.trace(decoder, (torch.zeros(1, ctx, dtype=torch.long), positions), check_trace=False)
+
+    class Traced:
+        def score(self, window):
+            with torch.no_grad(), torch.jit.optimized_execution(False):
+                return traced(torch.tensor([window]), positions)[0].numpy()
+
+    quality = compare(TorchEngine(source), Traced(), windows, progress=False)
+    assert quality.tokens == count * ctx and quality.kl < 1e-4 and quality.top1 >= 0.999

@@ -49,9 +49,11 @@ class CoreMLEngine:
     @classmethod
     def open(cls, model_path: Path, manifest: dict, *, threads: int | None = None, n_ctx: int | None = None) -> "CoreMLEngine":
         if sys.platform != "darwin":
+            bundle = Path(model_path).parent
             raise EdgeqError(
-                f"Core ML runs on macOS/iOS only, not {sys.platform}; copy the bundle to a Mac (or the .mlpackage into an "
-                f"Xcode project), or check its quality here with: edgeq eval BUNDLE --backend coreml-torch"
+                f"Core ML predicts only on macOS/iOS, not {sys.platform}: run {bundle} on a Mac (or drop the .mlpackage into "
+                f"an Xcode project); here, `edgeq eval {bundle}` measures its quality and `edgeq run {bundle} --backend "
+                f"coreml-torch` generates with its weights in torch"
             )
         return cls(model_path, manifest, n_ctx)
 

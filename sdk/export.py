@@ -155,7 +155,9 @@ def evaluate(bundle: str | Path, *, text: str | Path | None = None, tokens: int 
              progress: bool | None = None):
     """Measures a bundle against the torch reference on the same tokens: KL, top-1, perplexity.
 
-    The reference is the source model the manifest names (with its adapter), or `reference=`.
+    The reference is the source model the manifest names (with its adapter), or `reference=`. Without
+    `backend`, the format's converter may name the runtime that measures it here (Core ML off macOS:
+    `coreml-torch`, the package's weights in torch); else the manifest's runtime.
     """
     from edgeq.runtimes.torch import TorchEngine
 
@@ -171,6 +173,7 @@ def evaluate(bundle: str | Path, *, text: str | Path | None = None, tokens: int 
         raise EdgeqError(f"the reference model {ref_path} is not there; pass --reference with the source model folder")
     adapter = None if reference else (src.get("adapter") or {}).get("path")
     reference_engine = TorchEngine(open_model(ref_path, adapter=adapter), threads=threads)
+    backend = backend or getattr(registry.converters.get(manifest["format"])(), "eval_runtime", None)
     candidate = open_engine(bundle, manifest, backend, threads, n_ctx=max(ctx, manifest.get("context_length") or 0))
     try:
         windows = calibration_windows(bundle_tokenizer(bundle, manifest), Path(text) if text else DEFAULT_TEXT, tokens, ctx)

@@ -2,6 +2,7 @@
 weight types), the coreml-torch quality engine, the macOS-only runtime, and failures leaving nothing."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -209,10 +210,27 @@ def test_real_runtime_is_macos_only(bundle):
         assert quality.kl < 0.01
         return
     with pytest.raises(edgeq.EdgeqError, match="macOS/iOS"):
-        edgeq.load(out)
+        edgeq.load(out).generate("hi")
     result = CliRunner().invoke(main, ["run", str(out), "hi"])
     lines = result.output.strip().splitlines()
-    assert result.exit_code == 1 and len(lines) == 1 and "coreml-torch" in lines[0], result.output
+    assert result.exit_code == 1 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert "macOS/iOS" in lines[0] and f"edgeq eval {out}" in lines[0] and "--backend coreml-torch" in lines[0]
+
+
+def test_cli_runs_evaluates_and_inspects_off_macos(bundle):
+    """What the one-line error points to works: generating through torch, eval (coreml-torch by default here), inspect."""
+    source, out = bundle
+    runner = CliRunner()
+    result = runner.invoke(main, ["run", str(out), "The quick", "--raw", "--backend", "coreml-torch", "--max-new-tokens", "4"])
+    assert result.exit_code == 0 and result.output.strip(), result.output
+    result = runner.invoke(main, ["eval", str(out), "--tokens", "64", "--ctx", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.output)
+    assert 1e-4 < measured["kl"] < 0.1 and measured["tokens"] >= 32
+    result = runner.invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 0 and "format coreml  precision int8" in result.output
+    # 5 norm gains + the fp16 override, the int4 override, and the other 12 matrices + embedding + head at int8
+    assert "tensor types: fp16 ×6, int4 ×1, int8 ×14" in result.output
 
 
 def test_failed_conversion_leaves_nothing(tmp_path, tiny_llama, monkeypatch):

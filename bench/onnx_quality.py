@@ -1,13 +1,16 @@
-"""Quality of edgeq's ONNX export against the torch reference and its anchors, on the same tokens.
+"""Quality of edgeq's ONNX export against the torch reference and llama.cpp's own quantizer, on the same tokens.
 
-Prints mean KL, top-1 agreement and perplexity for ONNX fp32/fp16/int8/int4 and for the anchors:
-llama.cpp Q8_0 and Q4_0 (edgeq's GGUF export) and onnxruntime-genai's model builder int4 (its graph
-run in plain onnxruntime). Then the bars as ratios: fp32 KL < 1e-4 and top-1 >= 0.999,
-int8 KL <= 1.5x Q8_0's, int4 (block 32) KL <= Q4_0's. With --calibration both sides get the same
-importance text (llama.cpp's imatrix, edgeq's importance-weighted scale search).
+Rows: edgeq ONNX fp32, int8, int4 and int4 with an importance matrix (`calibration=`); llama.cpp's
+own pipeline (convert_hf_to_gguf.py f16, llama-quantize Q8_0 / Q4_0, and Q4_0 with llama-imatrix
+from the same calibration text); optionally onnxruntime-genai's builder int4 graph (--genai). All are
+scored by edgeq's evaluator against the torch reference logits, computed once. Bars (issue 3):
+fp32 KL < 1e-4 and top-1 >= 0.999; int8 KL <= 1.5x Q8_0's; int4 block 32 KL <= Q4_0's (both with
+the imatrix from the same text: the last 200k characters of the eval file, disjoint from its windows).
 
-    python bench/onnx_quality.py --model ~/.cache/edgeq/models/smollm2-135m-instruct-offgrid \
-        --text /work/shared/data/wikitext-2/valid.txt --tokens 4096 --ctx 512
+    LLAMA_CPP_BIN=... LLAMA_CPP_SRC=... python bench/onnx_quality.py [--genai]
+
+Measured (2026-11-23, off-grid SmolLM2-135M-Instruct, 8 x 512 tokens of wikitext-2 valid, 2 threads):
+see bench/README.md.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from gguf_quality import calibration_text, llamacpp_files
 
 import edgeq
 from edgeq.bundle import read_manifest
@@ -26,6 +30,7 @@ from edgeq.evaluate import QualityAccumulator
 from edgeq.importance import calibration_windows
 from edgeq.intake import open_model
 from edgeq.loading import open_engine
+from edgeq.runtimes.llamacpp import LlamaCppEngine
 from edgeq.runtimes.torch import TorchEngine
 
 OFFGRID = Path.home() / ".cache/edgeq/models/smollm2-135m-instruct-offgrid"
@@ -68,15 +73,33 @@ def measure(reference_logits, engine, windows) -> dict:
     return acc.result(ctx=len(windows[0])).to_dict()
 
 
+def engines(args, work: Path, calibration: Path):
+    """(label, opener) of every row: edgeq ONNX bundles, llama.cpp's own GGUF files, optionally the genai graph."""
+    for precision, calib in (("fp32", None), ("int8", None), ("int4", None), ("int4", calibration)):
+        label = f"onnx-{precision}" + ("+imatrix" if calib else "")
+        yield label, lambda p=precision, c=calib, l=label: open_bundle(args, work / l, p, c)
+    files = llamacpp_files(args.model, work, ["Q8_0", "Q4_0"], calibration, args.calibration_tokens, args.threads)
+    for name in ("Q8_0", "Q4_0", "Q4_0+imatrix"):
+        yield f"llama.cpp-{name}", lambda f=files[name]: LlamaCppEngine(f, threads=args.threads, n_ctx=args.ctx)
+    if args.genai:
+        yield "genai-int4", lambda: GenaiGraph(build_genai(args.model, work / "genai-int4", "int4"), args.threads)
+
+
+def open_bundle(args, out: Path, precision: str, calibration: Path | None):
+    bundle = edgeq.export(args.model, format="onnx", precision=precision, output=out, eval_tokens=0, progress=False,
+                          calibration=calibration, calibration_tokens=args.calibration_tokens)
+    return open_engine(bundle, read_manifest(bundle), threads=args.threads, n_ctx=args.ctx)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=OFFGRID)
     parser.add_argument("--text", type=Path, default=WIKITEXT)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--ctx", type=int, default=512)
-    parser.add_argument("--calibration", type=Path, help="importance text for both edgeq int4/int8 and llama.cpp")
+    parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", nargs="*", help="subset of rows, e.g. onnx-int4 gguf-Q4_0")
+    parser.add_argument("--genai", action="store_true", help="also score onnxruntime-genai's builder int4 graph")
     args = parser.parse_args()
 
     source = open_model(args.model)
@@ -84,36 +107,26 @@ def main() -> None:
     reference = TorchEngine(source, threads=args.threads)
     reference_logits = [reference.score(w) for w in windows]
     reference.close()
-    rows = {f"onnx-{p}": ("onnx", p) for p in ("fp32", "fp16", "int8", "int4")}
-    rows.update({f"gguf-{p}": ("gguf", p) for p in ("Q8_0", "Q4_0")})
-    rows["genai-int4"] = ("genai", "int4")
     results = {}
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
-        for label, (fmt, precision) in rows.items():
-            if args.only and label not in args.only:
-                continue
-            if fmt == "genai":
-                engine = GenaiGraph(build_genai(args.model, Path(tmp) / label, precision), args.threads)
-            else:
-                bundle = edgeq.export(args.model, format=fmt, precision=precision, output=Path(tmp) / label, eval_tokens=0,
-                                      calibration=args.calibration if precision not in ("fp32", "fp16") else None)
-                engine = open_engine(bundle, read_manifest(bundle), threads=args.threads, n_ctx=max(args.ctx, 512))
-            results[label] = measure(reference_logits, engine, windows)
+        work = Path(tmp)
+        calibration = calibration_text(args.text, work, 200_000)
+        for label, opener in engines(args, work, calibration):
+            engine = opener()
+            q = results[label] = measure(reference_logits, engine, windows)
             engine.close()
-            q = results[label]
-            print(f"{label:12s} KL {q['kl']:.6f}  top-1 {q['top1']:.4f}  ppl {q['ppl']:.3f} (ref {q['ppl_ref']:.3f})", flush=True)
+            print(f"{label:22s} KL {q['kl']:.6f}  top-1 {q['top1']:.4f}  ppl {q['ppl']:.3f} (ref {q['ppl_ref']:.3f})", flush=True)
 
-    def ratio(a, b):
-        if a in results and b in results:
-            print(f"{a} KL / {b} KL = {results[a]['kl'] / results[b]['kl']:.3f}")
-
-    if "onnx-fp32" in results:
-        q = results["onnx-fp32"]
-        print(f"fp32 bars: KL {q['kl']:.2e} (< 1e-4: {q['kl'] < 1e-4}), top-1 {q['top1']:.4f} (>= 0.999: {q['top1'] >= 0.999})")
-    ratio("onnx-int8", "gguf-Q8_0")   # bar: <= 1.5
-    ratio("onnx-int4", "gguf-Q4_0")   # bar: <= 1.0
-    ratio("onnx-int4", "genai-int4")
-    print(f"({len(windows)} windows x {args.ctx} tokens of {args.text.name}, calibration: {args.calibration or 'none'})")
+    fp32 = results["onnx-fp32"]
+    print(f"[{'PASS' if fp32['kl'] < 1e-4 and fp32['top1'] >= 0.999 else 'FAIL'}] fp32 KL {fp32['kl']:.2e} < 1e-4, top-1 {fp32['top1']:.4f} >= 0.999")
+    for ours, theirs, bar in (("onnx-int8", "llama.cpp-Q8_0", 1.5), ("onnx-int4+imatrix", "llama.cpp-Q4_0+imatrix", 1.0),
+                              ("onnx-int4", "llama.cpp-Q4_0", None), ("onnx-int4", "genai-int4", None)):
+        if ours in results and theirs in results:
+            ratio = results[ours]["kl"] / results[theirs]["kl"]
+            verdict = f"[{'PASS' if ratio <= bar else 'FAIL'}] " if bar else "[info] "
+            print(f"{verdict}{ours} KL / {theirs} KL = {ratio:.3f}" + (f" (bar <= {bar})" if bar else ""))
+    print(f"({len(windows)} windows x {args.ctx} tokens of {args.text.name}; calibration: the last 200k characters of it, "
+          f"{args.calibration_tokens} tokens, disjoint from the windows)")
 
 
 if __name__ == "__main__":

@@ -35,41 +35,51 @@ class Quantized:
     block_size: int
 
 
-def _candidates(bits: int) -> torch.Tensor:
-    """Divisors of the signed absmax: -2^(b-1) maps the largest value onto the one-sided extra level."""
-    top = 2 ** (bits - 1)
-    return torch.tensor([-top, -(top - 0.5), -(top - 1), top - 1, -(top + 0.5), -(top - 1.5)], dtype=torch.float32)
+# Divisors of each block's signed absmax to start the scale search from. -2^(b-1) puts the largest value
+# on the one-sided extra level; INT4 has so few levels that a finer grid around it pays (about 3% less
+# importance-weighted error than six candidates on SmolLM2), INT8 gains nothing from more.
+DIVISORS = {
+    4: torch.cat([-torch.arange(6.0, 9.01, 0.25), torch.arange(6.0, 7.51, 0.25)]),
+    8: torch.tensor([-128.0, -127.5, -127.0, 127.0, -128.5, -126.5]),
+}
+REFITS = 2  # rounds of re-rounding at the refit scale: another ~1% (up to 10% on single tensors) for INT4
 
 
-def quantize_blocks(weight: torch.Tensor, bits: int, block_size: int, importance: np.ndarray | None = None) -> Quantized:
-    """Symmetric block-wise quantization of a (rows, cols) weight along its columns (the input dimension)."""
+def _padded_blocks(weight: torch.Tensor, importance: np.ndarray | None, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, blocks, block) weight and (1, blocks, block) column importance (mean 1), zero in the padding."""
     rows, cols = weight.shape
     n_blocks = math.ceil(cols / block_size)
     w = torch.zeros(rows, n_blocks * block_size, dtype=torch.float32)
     w[:, :cols] = weight.float()
-    w = w.view(rows, n_blocks, block_size)
     imp = torch.ones(n_blocks * block_size)
     if importance is not None:
         imp[:cols] = torch.as_tensor(importance, dtype=torch.float32).clamp_min(1e-12)
         imp[:cols] /= imp[:cols].mean()
     imp[cols:] = 0
-    imp = imp.view(1, n_blocks, block_size)
+    return w.view(rows, n_blocks, block_size), imp.view(1, n_blocks, block_size)
+
+
+def _fit(w: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes at `scale`, then the least-squares scale for those codes, REFITS times; returns (codes, scale, error)."""
+    for _ in range(REFITS + 1):
+        q = (w / torch.where(scale == 0, torch.ones_like(scale), scale)).round().clamp(lo, hi)
+        qq = (imp * q * q).sum(-1, keepdim=True)
+        scale = torch.where(qq > 0, (imp * q * w).sum(-1, keepdim=True) / qq.clamp_min(1e-30), torch.zeros_like(qq))
+    return q, scale, (imp * (w - scale * q) ** 2).sum(-1, keepdim=True)
+
+
+def quantize_blocks(weight: torch.Tensor, bits: int, block_size: int, importance: np.ndarray | None = None) -> Quantized:
+    """Symmetric block-wise quantization of a (rows, cols) weight along its columns (the input dimension)."""
+    w, imp = _padded_blocks(weight, importance, block_size)
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True))  # signed value of largest magnitude
-    best_err = torch.full((rows, n_blocks, 1), float("inf"))
-    best_q = torch.zeros_like(w)
-    best_s = torch.zeros(rows, n_blocks, 1)
-    for divisor in _candidates(bits):
-        scale = extreme / divisor
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        q = (w / safe).round().clamp(lo, hi)
-        qq = imp * q * q
-        refit = (imp * q * w).sum(-1, keepdim=True) / qq.sum(-1, keepdim=True).clamp_min(1e-30)
-        refit = torch.where(qq.sum(-1, keepdim=True) > 0, refit, torch.zeros_like(refit))
-        err = (imp * (w - refit * q) ** 2).sum(-1, keepdim=True)
+    best_err = torch.full(extreme.shape, float("inf"))
+    best_q, best_s = torch.zeros_like(w), torch.zeros_like(extreme)
+    for divisor in DIVISORS[bits]:
+        q, scale, err = _fit(w, imp, extreme / divisor, lo, hi)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, refit, best_s)
+        best_s = torch.where(better, scale, best_s)
         best_q = torch.where(better, q, best_q)
     codes = (best_q - lo).to(torch.uint8).numpy()
     if bits == 4:
@@ -124,7 +134,7 @@ def _nbytes(tensor: TensorProto) -> int:
 def _describe(name: str, tensor: TensorProto, consumer: onnx.NodeProto | None) -> dict:
     attrs = {a.name: helper.get_attribute_value(a) for a in consumer.attribute} if consumer is not None else {}
     if consumer is not None and consumer.op_type == "MatMulNBits":
-        return {"type": f"int{attrs['bits']}", "block_size": attrs["block_size"], "shape": [attrs["N"], attrs["K"]]}
+        return {"type": f"int{attrs['bits']}", "block_size": attrs["block_size"], "shape": [tensor.dims[0], attrs["K"]]}
     if consumer is not None and consumer.op_type == "GatherBlockQuantized":
         rows, packed = tensor.dims
         return {"type": f"int{attrs['bits']}", "block_size": attrs["block_size"], "shape": [rows, packed * 8 // attrs["bits"]]}
@@ -143,6 +153,10 @@ def read_back(model_file: Path, planned: dict[str, str]) -> dict:
         for index, name in enumerate(node.input):
             if index < 2 or node.op_type != "MatMulNBits":  # MatMulNBits' scales belong to their weight
                 consumers.setdefault(name, node)
+    for node in model.graph.node:  # weights packed for one kernel (q/k/v, gate/up) belong to the Concat's consumer
+        if node.op_type == "Concat" and node.output[0] in consumers:
+            for name in node.input:
+                consumers[name] = consumers[node.output[0]]
     companions = {t.name: _nbytes(t) for t in model.graph.initializer if t.name.endswith(".scales")}
     tensors, mismatches = {}, []
     total_bits = total_weights = 0

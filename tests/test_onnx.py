@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -83,14 +84,15 @@ def test_int8_types_and_sizes_read_back(tmp_path, tiny_llama):
         assert info["type"] == "int8" and info["block_size"] == 32 and info["bytes"] == _int_bytes(info["shape"], 8)
     assert manifest["tensors"]["model.norm.weight"]["type"] == "fp32"
     assert 8.0 < manifest["bits_per_weight"] < 9.5 and not manifest["mismatches"]
+    # q/k/v and gate/up each run as one kernel: 4 per layer and the lm_head
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 4 * 2 + 1
     ref = TorchEngine(open_model(tiny_llama)).score(TEXT)
     with edgeq.load(bundle) as lm:
         assert _quality(ref, lm.engine.score(TEXT)).kl < 5e-3
 
 
 def test_int4_plan_overrides_are_applied_in_the_file(tmp_path, tiny_llama):
-    import onnx
-
     source = open_model(tiny_llama)
     stage = tmp_path / "stage"
     stage.mkdir()

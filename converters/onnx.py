@@ -1,13 +1,21 @@
 """HF checkpoint → ONNX decoder with KV cache, built node by node on onnxruntime's contrib ops.
 
-Why our own graph rather than onnxruntime-genai's model builder: both emit the same operators
-(GroupQueryAttention with in-kernel RoPE, MatMulNBits, SkipSimplifiedLayerNormalization), so the
-kernels are the same; what differs is around them. Building here lets every weight come from
-`source.tensor()` (LoRA merged, streamed one tensor at a time into the external-data file), lets the
-precision plan choose int4/int8/fp16/fp32 per HF tensor, and adds a `logits_to_keep` input so a
-prompt computes the lm_head for its last position only (the builder's graph computes it for every
-prompt position). Measured on SmolLM2-135M (bench/onnx_speed.py, bench/onnx_quality.py): see the
-numbers in the module's report in the README of bench/ and in the commit that landed this file.
+Why our own graph rather than onnxruntime-genai's model builder (both measured, 2026-11-23, SmolLM2-135M,
+2 threads on a 2-core machine shared with other jobs, so speeds carry ±10% noise):
+- The kernels are the same: both graphs are GroupQueryAttention (RoPE in the kernel, KV cache grown in
+  place), MatMulNBits (q/k/v packed; we also pack gate/up), SkipSimplifiedLayerNormalization, so speed
+  differs only around them. Prompt (512 tokens): edgeq's TTFT is 0.85-1.0x the builder model's under its own C++
+  Generator, because our `logits_to_keep` input computes the 49k-wide lm_head for the last position only.
+  Decode: 0.88-0.96x, mostly the lm_head: we keep it at 8 bits under INT4 (MatMulNBits 8-bit runs
+  ~1.6-3x slower per weight than 4-bit on this CPU), the builder quantizes it to 4 bits.
+- Quality is ours to choose: INT4 block 32 with the importance-weighted scale search of `onnx_weights`
+  and 8-bit lm_head/embeddings gives KL 0.3395 vs llama.cpp Q4_0+imatrix's 0.3394 (1.00x) on the off-grid
+  SmolLM2 (wikitext-2, 8 x 512 tokens); without an imatrix 0.435 vs Q4_0's 0.481 (0.90x). INT8 (block 32,
+  the layout of Q8_0; per-channel DynamicQuantizeMatMul ran the lm_head slower, 11.5 vs 7.8 ms) is 1.06x Q8_0's KL.
+- The builder loads the whole checkpoint through transformers and knows nothing of edgeq's inputs; here
+  every weight comes from `source.tensor()` (LoRA merged, streamed into the external-data file one tensor at
+  a time), a precision plan chooses int4/int8/fp16/fp32 per HF tensor, and the written types are read
+  back from the file by HF name. edgeq feeds its own token ids either way.
 
 Graph interface (plain onnxruntime can run it): `input_ids` [batch, seq] int64, `attention_mask`
 [batch, total] int64, `past_key_values.{i}.key|value` [batch, kv_heads, past, head_dim] float32,

@@ -8,6 +8,8 @@ Why our own graph rather than onnxruntime-genai's model builder (both measured, 
   Generator, because our `logits_to_keep` input computes the 49k-wide lm_head for the last position only.
   Decode: 0.88-0.96x, mostly the lm_head: we keep it at 8 bits under INT4 (MatMulNBits 8-bit runs
   ~1.6-3x slower per weight than 4-bit on this CPU), the builder quantizes it to 4 bits.
+  With a plan override `lm_head.weight: int4` (the builder's choice) edgeq decodes at 1.04x and prefills
+  at 0.80x the builder's TTFT: the default keeps 8 bits for the INT4 quality bar; a plan may trade it.
 - Quality is ours to choose: INT4 block 32 with the importance-weighted scale search of `onnx_weights`
   and 8-bit lm_head/embeddings gives KL 0.3395 vs llama.cpp Q4_0+imatrix's 0.3394 (1.00x) on the off-grid
   SmolLM2 (wikitext-2, 8 x 512 tokens); without an imatrix 0.435 vs Q4_0's 0.481 (0.90x). INT8 (block 32,

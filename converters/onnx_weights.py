@@ -88,7 +88,7 @@ def quantize_blocks(weight: torch.Tensor, bits: int, block_size: int, importance
 
 
 def dequantize(q: Quantized, cols: int) -> np.ndarray:
-    """The float weight a Quantized stands for (used by tests to check the packing)."""
+    """The float weight a Quantized stands for (tests check onnxruntime reads our packing as this)."""
     codes = q.data
     if q.bits == 4:
         codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(*codes.shape[:-1], -1)

@@ -116,6 +116,31 @@ def test_int4_plan_overrides_are_applied_in_the_file(tmp_path, tiny_llama):
         ONNXConverter().convert(source, tmp_path, precision="int4", overrides={"model.layers.9.mlp.up_proj.weight": "int8"})
 
 
+@pytest.mark.parametrize("bits,block,cols", [(4, 32, 64), (4, 16, 80), (8, 32, 80)])
+def test_block_packing_is_what_matmulnbits_reads(bits, block, cols):
+    """onnxruntime's kernel (fp32 compute) on our codes and scales equals x times our own dequantization."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeq.converters.onnx_weights import dequantize, quantize_blocks
+
+    weight = torch.randn(24, cols, generator=torch.Generator().manual_seed(0))
+    q = quantize_blocks(weight, bits, block)
+    dequantized = dequantize(q, cols)
+    assert 0 < np.abs(dequantized - weight.numpy()).max() < (0.3 if bits == 4 else 0.02)
+    node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=cols, N=24, bits=bits,
+                            block_size=block, accuracy_level=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, cols])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(q.data, "w"), numpy_helper.from_array(q.scales, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    x = np.random.default_rng(0).standard_normal((3, cols)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ dequantized.T, rtol=1e-4, atol=1e-4)
+
+
 PLAIN_ORT = textwrap.dedent("""
     import sys
     import numpy as np

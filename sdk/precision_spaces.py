@@ -86,5 +86,30 @@ class IntegerSpace:
         return weight.astype(np.float16).astype(np.float32)
 
 
+class ONNXSpace(IntegerSpace):
+    """What the ONNX converter writes: symmetric blocks of 32 with float32 scales for int4 (MatMulNBits)
+    and for int8 alike, rounded by the converter's own importance-weighted scale search."""
+
+    def __init__(self):
+        super().__init__("onnx", block=32)
+
+    def nbytes(self, precision, shape):
+        n = int(np.prod(shape))
+        if precision in ("int4", "int8"):
+            bits = int(precision[3:])
+            return n * bits // 8 + -(-shape[-1] // self.block) * shape[0] * 4
+        return super().nbytes(precision, shape)
+
+    def round_trip(self, weight, precision, importance):
+        if precision not in ("int4", "int8"):
+            return super().round_trip(weight, precision, importance)
+        import torch
+
+        from edgeq.converters.onnx_weights import dequantize, quantize_blocks
+
+        q = quantize_blocks(torch.from_numpy(np.ascontiguousarray(weight)), int(precision[3:]), self.block, importance)
+        return dequantize(q, weight.shape[1])
+
+
 def precision_space(format: str) -> PrecisionSpace:
-    return GGUFSpace() if format == "gguf" else IntegerSpace(format)
+    return {"gguf": GGUFSpace, "onnx": ONNXSpace}.get(format, lambda: IntegerSpace(format))()

@@ -222,19 +222,23 @@ def _machine() -> dict:
     return {"platform": platform.platform(), "cpu": cpu, "cpus": _cpu_count(), "python": platform.python_version()}
 
 
-def measure_machine(threads: int) -> dict:
+def measure_machine(threads: int, probes: int = 3) -> dict:
     """This machine's memory bandwidth (large array copy) and float32 matmul GFLOPS with `threads`
-    threads, in a fresh process whose BLAS is limited to that many threads (and whose arrays do not
-    count towards any bundle's peak memory)."""
+    threads: the median of `probes` fresh processes whose BLAS is limited to that many threads (their
+    arrays count towards no bundle's peak memory). One process alone varies by ±10% on a shared
+    machine, as memory placement changes from process to process."""
     env = {**os.environ, **{var: str(threads) for var in BLAS_THREAD_VARS}}
     code = "import json, sys; from edgeq.profiling import _probe; print(json.dumps(_probe(int(sys.argv[1]))))"
-    done = subprocess.run([sys.executable, "-c", code, str(threads)], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise EdgeqError(f"measuring this machine's bandwidth failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(probes):
+        done = subprocess.run([sys.executable, "-c", code, str(threads)], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise EdgeqError(f"measuring this machine's bandwidth failed: {done.stderr.strip().splitlines()[-1:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {"threads": threads, **{key: float(np.median([run[key] for run in runs])) for key in ("bandwidth_gbps", "gflops")}}
 
 
-def _probe(threads: int, reps: int = 10) -> dict:
+def _probe(threads: int, reps: int = 20) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     n = PROBE_ARRAY_BYTES // 8
@@ -245,21 +249,23 @@ def _probe(threads: int, reps: int = 10) -> dict:
         np.copyto(dst[bounds[i]:bounds[i + 1]], src[bounds[i]:bounds[i + 1]])
 
     with ThreadPoolExecutor(threads) as pool:
-        copy_s = _best(lambda: list(pool.map(copy, range(threads))), reps)
+        copy_s = _typical(lambda: list(pool.map(copy, range(threads))), reps)
     a = np.random.default_rng(0).standard_normal((PROBE_MATMUL, PROBE_MATMUL), dtype=np.float32)
-    matmul_s = _best(lambda: a @ a, reps)
+    matmul_s = _typical(lambda: a @ a, reps)
     return {"threads": threads, "bandwidth_gbps": 2 * PROBE_ARRAY_BYTES / copy_s / 1e9,  # read + write
             "gflops": 2 * PROBE_MATMUL ** 3 / matmul_s / 1e9}
 
 
-def _best(fn, reps: int) -> float:
+def _typical(fn, reps: int) -> float:
+    """Median time of `reps` calls after one warm-up: a shared machine's bandwidth drifts between
+    runs, and the median is what a bundle's own timed runs (also medians) met."""
     fn()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return float(np.median(times))
 
 
 def estimate(bundle: BundleProfile, device, local: dict) -> DeviceEstimate:

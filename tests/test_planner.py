@@ -77,3 +77,14 @@ def test_planned_export_applies_every_tensor(tiny_llama, tmp_path):
             assert written[to_gguf[entry["tensor"]]]["type"] == entry["precision"]
     assert manifest["mismatches"] == []
     assert {"predicted_kl", "measured_kl", "ratio"} <= set(manifest["plan_check"])
+
+
+def test_planned_onnx_export_writes_the_planned_type_of_every_matrix(tiny_llama, tmp_path):
+    bundle = edgeq.export(tiny_llama, format="onnx", bits_per_weight=6.0, output=tmp_path / "planned-onnx", eval_tokens=64, eval_ctx=64)
+    manifest = edgeq.inspect(bundle)
+    planned = {e["tensor"]: e["precision"] for e in manifest["plan"]["entries"]}
+    written = {name: t["type"] for name, t in manifest["tensors"].items()}
+    assert len(set(planned.values())) > 1
+    assert {name: written[name] for name in planned if name in written} == {n: p for n, p in planned.items() if n in written}
+    assert len(set(planned) & set(written)) >= len(planned) - 1  # a tied lm_head is written from the embedding
+    assert manifest["plan"]["total_bytes"] <= manifest["plan"]["budget_bytes"]

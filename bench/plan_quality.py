@@ -1,10 +1,11 @@
-"""Planned GGUF vs uniform llama.cpp types at the same size (issue 5 bars).
+"""Planned vs uniform precision at the same size (issue 5 bars), for GGUF, ONNX or Core ML.
 
-For each uniform type (Q4_K_M, Q4_0) made with an importance matrix from the calibration text,
-edgeq plans a file whose tensors take no more bytes, then both are measured against the torch
-reference on held-out text. Prints KL, top-1, sizes and the ratio planned / uniform.
+For each uniform precision (GGUF: Q4_K_M and Q4_0; ONNX and Core ML: int4 block 32) made with an
+importance matrix from the calibration text, edgeq plans a model whose weights take no more bytes,
+then both are measured against the torch reference on held-out text. Prints KL, top-1, weight
+bytes and the ratio planned / uniform.
 
-    python bench/plan_quality.py [MODEL] [--text wikitext/valid.txt]
+    python bench/plan_quality.py [MODEL] [--format gguf|onnx|coreml] [--text wikitext/valid.txt]
 
 The uniform files come from llama.cpp's own quantizer (llama_model_quantize, the code behind
 llama-quantize) through edgeq's converter, which bench/gguf_quality.py checks against the
@@ -21,7 +22,7 @@ import edgeq
 
 DEFAULT_MODEL = Path.home() / ".cache/edgeq/models/smollm2-135m-instruct-offgrid"
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
-BARS = {"Q4_K_M": 0.7, "Q4_0": 0.5}
+BARS = {"gguf": {"Q4_K_M": 0.7, "Q4_0": 0.5}, "onnx": {"int4": 0.7}, "coreml": {"int4": 0.7}}
 
 
 def split_text(text: Path, folder: Path) -> tuple[Path, Path]:
@@ -37,6 +38,7 @@ def split_text(text: Path, folder: Path) -> tuple[Path, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--format", default="gguf", choices=sorted(BARS))
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--ctx", type=int, default=512)
@@ -45,26 +47,31 @@ def main() -> None:
     calibration, held_out = split_text(args.text, work)
 
     start = time.perf_counter()
-    edgeq.plan(args.model, format="gguf", bits_per_weight=5.0, calibration=calibration)
+    edgeq.plan(args.model, format=args.format, bits_per_weight=5.0, calibration=calibration)
     print(f"sensitivity (cold cache): {time.perf_counter() - start:.0f} s")
     start = time.perf_counter()
-    edgeq.plan(args.model, format="gguf", bits_per_weight=4.5, calibration=calibration)
+    edgeq.plan(args.model, format=args.format, bits_per_weight=4.5, calibration=calibration)
     print(f"re-plan (warm cache): {time.perf_counter() - start:.1f} s")
 
     print(f"{'anchor':8} {'bytes':>12} {'KL':>8} {'top-1':>7} | {'planned bytes':>13} {'KL':>8} {'top-1':>7} | KL ratio (bar)")
-    for precision, bar in BARS.items():
-        uniform = edgeq.export(args.model, format="gguf", precision=precision, calibration=calibration, output=work / precision, eval_tokens=0)
-        budget = sum(t["bytes"] for t in edgeq.inspect(uniform)["tensors"].values())
-        planned = edgeq.export(args.model, format="gguf", size=budget, calibration=calibration, output=work / f"planned-{precision}", eval_tokens=0)
+    for precision, bar in BARS[args.format].items():
+        uniform = edgeq.export(args.model, format=args.format, precision=precision, calibration=calibration,
+                               output=work / precision, eval_tokens=0)
+        size_u = weight_bytes(uniform)
+        planned = edgeq.export(args.model, format=args.format, size=size_u, calibration=calibration,
+                               output=work / f"planned-{precision}", eval_tokens=0)
+        size_p = weight_bytes(planned)
         q_uniform = edgeq.evaluate(uniform, text=held_out, tokens=args.tokens, ctx=args.ctx)
         q_planned = edgeq.evaluate(planned, text=held_out, tokens=args.tokens, ctx=args.ctx)
-        size_u = (uniform / "model.gguf").stat().st_size
-        size_p = (planned / "model.gguf").stat().st_size
         ratio = q_planned.kl / q_uniform.kl
         verdict = "ok" if ratio <= bar and size_p <= size_u else "MISSED"
         print(f"{precision:8} {size_u:>12,} {q_uniform.kl:8.4f} {q_uniform.top1:7.3f} | {size_p:>13,} {q_planned.kl:8.4f} {q_planned.top1:7.3f} | "
               f"{ratio:.2f} (≤ {bar}) {verdict}")
 
+
+def weight_bytes(bundle: Path) -> int:
+    """Bytes of the weights as written (read back from the file), the quantity the plan budgets."""
+    return sum(t["bytes"] for t in edgeq.inspect(bundle)["tensors"].values())
 
 if __name__ == "__main__":
     main()

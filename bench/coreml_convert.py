@@ -41,7 +41,7 @@ def _export_cost(model: Path, work: Path, fmt: str, precision: str) -> tuple[anc
 def cost(model: Path, work: Path, runs: int) -> None:
     if not (model / "config.json").is_file():
         print(f"making the 1.5B-shaped model at {model} (once)")
-        subprocess.run([sys.executable, str(Path(__file__).with_name("gguf_export_cost.py")), "--make-model", "--model", str(model)], check=True)
+        subprocess.run([sys.executable, str(Path(__file__).with_name("gguf_export_cost.py")), "--make-model", "--arch", "qwen2", "--model", str(model)], check=True)
     work.mkdir(parents=True, exist_ok=True)
     warm(model)
     best = {}

@@ -1,10 +1,13 @@
 """Cost of exporting a 1.5B-shaped model to Q4_K_M: edgeq vs llama.cpp's convert script + llama-quantize.
 
-The model has Qwen2.5-1.5B's exact tensor shapes (Qwen2 architecture with q/k/v biases, hidden
-1536, 28 layers, 12 heads / 2 KV heads, intermediate 8960, vocab 151936, tied embeddings,
-bf16 safetensors) and random weights: no 1.5B checkpoint or Qwen tokenizer is available offline,
-so it borrows SmolLM2's byte-level BPE tokenizer (49152 tokens), which both tools pad to 151936
-rows. Cost does not depend on the weights' values. It is made once and reused.
+The model has Qwen2.5-1.5B's exact tensor shapes (hidden 1536, 28 layers, 12 heads / 2 KV heads,
+intermediate 8960, vocab 151936, tied embeddings, bf16 safetensors) and random weights: no 1.5B
+checkpoint or Qwen tokenizer is available offline, so it borrows SmolLM2's byte-level BPE tokenizer
+(49152 tokens), which both tools pad to 151936 rows. Cost does not depend on the weights' values.
+It is made once and reused. `--arch qwen2` (with q/k/v biases) is what the other 1.5B benches use;
+llama.cpp's convert script refuses it here, because under a qwen2 config transformers loads the
+borrowed tokenizer as Qwen2Tokenizer, whose pre-tokenizer hash the script does not know; the
+default `--arch llama` has the same shapes without the biases and converts on both sides.
 
 Each step runs as its own process under /usr/bin/time -v (exact peak RSS from wait4); the
 source files are read once beforehand so both tools start with a warm page cache. llama.cpp's
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import anchors
 
-DEFAULT_MODEL = Path("~/.cache/edgeq/models/bench-qwen2-1.5b-shape").expanduser()
+MODELS = Path("~/.cache/edgeq/models").expanduser()
 SHAPE = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
              intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
              rope_theta=1000000.0, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
@@ -32,15 +35,16 @@ EDGEQ_EXPORT = ("import sys, edgeq; edgeq.export(sys.argv[1], format='gguf', pre
                 "eval_tokens=0, progress=False)")
 
 
-def make_model(folder: Path) -> None:
+def make_model(folder: Path, arch: str = "qwen2") -> None:
     """Random Qwen2.5-1.5B-shaped checkpoint in bf16 (run in its own process to keep the parent small)."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     from edgeq.default_model import default_model_path
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Qwen2Config(**SHAPE), dtype=torch.bfloat16)
+    config = Qwen2Config(**SHAPE) if arch == "qwen2" else LlamaConfig(**SHAPE, head_dim=SHAPE["hidden_size"] // SHAPE["num_attention_heads"])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
@@ -81,16 +85,18 @@ def edgeq_cost(model: Path, work: Path) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="made on first use if missing")
+    ap.add_argument("--arch", choices=("llama", "qwen2"), default="llama", help="architecture of the 1.5B-shaped model")
+    ap.add_argument("--model", type=Path, help="made on first use if missing (default: bench-ARCH-1.5b-shape in ~/.cache/edgeq/models)")
     ap.add_argument("--runs", type=int, default=1, help="alternating runs of each; the best wall time and peak count")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeq-bench-export"))
     ap.add_argument("--make-model", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.model = args.model or MODELS / f"bench-{args.arch}-1.5b-shape"
     if args.make_model:
-        return make_model(args.model)
+        return make_model(args.model, args.arch)
     if not (args.model / "config.json").is_file():
         print(f"making the 1.5B-shaped model at {args.model} (once)")
-        subprocess.run([sys.executable, __file__, "--make-model", "--model", str(args.model)], check=True)
+        subprocess.run([sys.executable, __file__, "--make-model", "--arch", args.arch, "--model", str(args.model)], check=True)
     args.work.mkdir(parents=True, exist_ok=True)
     warm(args.model)
 

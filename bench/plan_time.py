@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--devices", default="x86-64-laptop,raspberry-pi-5", help="first plans cold, second warm")
     args = ap.parse_args()
     if not (args.model / "config.json").is_file():
-        subprocess.run([sys.executable, str(HERE / "gguf_export_cost.py"), "--make-model", "--model", str(args.model)], check=True)
+        subprocess.run([sys.executable, str(HERE / "gguf_export_cost.py"), "--make-model", "--arch", "qwen2", "--model", str(args.model)], check=True)
     os.environ["EDGEQ_CACHE"] = tempfile.mkdtemp(prefix="edgeq-plan-time-")  # cold: nothing cached
     import edgeq
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +166,43 @@ def write_float_gguf(source: SourceModel, path: Path, float_type: str, progress:
     writer.close()
 
 
+def write_float_gguf_apart(source: SourceModel, path: Path, float_type: str, progress: bool | None) -> None:
+    """`write_float_gguf` in a fresh interpreter when this one has not loaded torch yet.
+
+    Reading the checkpoint needs torch, whose libraries alone take over 200 MB of resident memory
+    that nothing gives back; the quantizer that runs next holds the largest tensor in float32. Apart,
+    the two peaks never add up, as with llama.cpp's own convert script followed by llama-quantize.
+    (A plain subprocess, not multiprocessing: spawn would re-run a caller's script without a main guard.)
+    """
+    if "torch" in sys.modules:
+        return write_float_gguf(source, path, float_type, progress)
+    job = path.with_suffix(".job")  # in the stage: the job, then the child's error message if it fails
+    job.write_bytes(pickle.dumps((source, path, float_type, progress)))
+    try:
+        status = subprocess.run([sys.executable, "-c", _WRITE_JOB, str(job)]).returncode  # its progress bar shows
+        if status == 3:
+            raise EdgeqError(job.read_text())
+        if status != 0:
+            raise EdgeqError(f"the process writing the float GGUF failed (exit {status}; out of memory?); free memory and export again")
+    finally:
+        job.unlink(missing_ok=True)
+
+
+_WRITE_JOB = """
+import pickle, sys
+from edgeq.errors import EdgeqError
+from edgeq.converters.gguf import write_float_gguf
+with open(sys.argv[1], "rb") as f:
+    job = pickle.load(f)
+try:
+    write_float_gguf(*job)
+except EdgeqError as exc:
+    with open(sys.argv[1], "w") as f:
+        f.write(str(exc))
+    sys.exit(3)
+"""
+
+
 class GGUFConverter:
     """`edgeq export --format gguf`: F32/F16/BF16 directly, quantized types through llama.cpp."""
 
@@ -192,7 +232,7 @@ class GGUFConverter:
         else:
             source_is_bf16 = any(info.dtype == "BF16" for info in source.index.values())
             intermediate = stage / "intermediate.gguf"
-            write_float_gguf(source, intermediate, "BF16" if source_is_bf16 else "F16", progress)
+            write_float_gguf_apart(source, intermediate, "BF16" if source_is_bf16 else "F16", progress)
             try:
                 quantize(intermediate, out, precision, overrides=gguf_overrides, importance=gguf_importance, progress=progress)
             finally:

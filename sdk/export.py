@@ -108,12 +108,12 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
 
         plan, importance = plan_for(source, fmt, profile=profile, size=size, bits_per_weight=bits_per_weight,
                                     calibration=calibration, progress=progress)
-    from edgeq.runtimes.torch import TorchEngine
-
     # The float reference is as large as the model in fp32: it is loaded only where needed, so the
-    # conversion itself streams with peak memory near the largest tensor.
+    # conversion itself streams with peak memory near the largest tensor (and torch is not even imported).
     reference = None
     if calibration and not planned:
+        from edgeq.runtimes.torch import TorchEngine
+
         reference = TorchEngine(source)
         windows = calibration_windows(tokenizer, Path(calibration), calibration_tokens, 512)
         importance = compute_importance(reference.model, windows, progress)
@@ -135,6 +135,8 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
             "plan": plan.to_dict() if plan else None,
         }
         if eval_tokens:
+            from edgeq.runtimes.torch import TorchEngine
+
             reference = reference or TorchEngine(source)
             # a converter may name the engine that can measure its format here (Core ML on Linux: coreml-torch)
             candidate = open_engine(stage, manifest, getattr(converter, "eval_runtime", None))

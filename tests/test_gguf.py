@@ -117,3 +117,17 @@ def test_export_records_quality(tmp_path, tiny_llama):
     bundle = edgeq.export(tiny_llama, format="gguf", precision="F16", output=tmp_path / "b", eval_tokens=256, eval_ctx=64)
     quality = edgeq.inspect(bundle)["quality"]
     assert quality["kl"] < 1e-3 and quality["top1"] > 0.98 and quality["tokens"] >= 64
+
+
+def test_quantized_export_reads_the_checkpoint_in_a_child_when_torch_is_not_loaded(tmp_path, tiny_llama):
+    """The float GGUF is written by a child process, so torch's memory never sits beside the quantizer's."""
+    import subprocess
+    import sys
+
+    code = ("import sys, edgeq; edgeq.export(sys.argv[1], format='gguf', precision='Q8_0', output=sys.argv[2], "
+            "eval_tokens=0, progress=False); assert 'torch' not in sys.modules, 'torch was loaded in the exporting process'")
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_llama), str(tmp_path / "b")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = edgeq.inspect(tmp_path / "b")
+    assert manifest["precision"] == "Q8_0" and not manifest["mismatches"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.suffix in (".job", ".gguf")) == ["model.gguf"]

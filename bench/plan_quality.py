@@ -47,10 +47,10 @@ def main() -> None:
     calibration, held_out = split_text(args.text, work)
 
     start = time.perf_counter()
-    edgeq.plan(args.model, format=args.format, bits_per_weight=5.0, calibration=calibration)
+    edgeq.plan(args.model, format=args.format, bits_per_weight=6.0, calibration=calibration)
     print(f"sensitivity (cold cache): {time.perf_counter() - start:.0f} s")
     start = time.perf_counter()
-    edgeq.plan(args.model, format=args.format, bits_per_weight=4.5, calibration=calibration)
+    edgeq.plan(args.model, format=args.format, bits_per_weight=5.5, calibration=calibration)
     print(f"re-plan (warm cache): {time.perf_counter() - start:.1f} s")
 
     print(f"{'anchor':8} {'bytes':>12} {'KL':>8} {'top-1':>7} | {'planned bytes':>13} {'KL':>8} {'top-1':>7} | KL ratio (bar)")

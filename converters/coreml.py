@@ -141,6 +141,7 @@ class CoreMLConverter:
     name = "coreml"
     runtime = "coreml"
     default_precision = "int4"
+    planned_precision = "int4"  # the base of a planned export; the plan names every weight
     precisions = PRECISIONS
 
     @property

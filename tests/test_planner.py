@@ -88,3 +88,13 @@ def test_planned_onnx_export_writes_the_planned_type_of_every_matrix(tiny_llama,
     assert {name: written[name] for name in planned if name in written} == {n: p for n, p in planned.items() if n in written}
     assert len(set(planned) & set(written)) >= len(planned) - 1  # a tied lm_head is written from the embedding
     assert manifest["plan"]["total_bytes"] <= manifest["plan"]["budget_bytes"]
+
+
+def test_planned_coreml_export_writes_the_planned_type_of_every_weight(tiny_llama, tmp_path):
+    bundle = edgeq.export(tiny_llama, format="coreml", bits_per_weight=7.0, output=tmp_path / "planned-coreml", eval_tokens=0)
+    manifest = edgeq.inspect(bundle)
+    planned = {e["tensor"]: e["precision"] for e in manifest["plan"]["entries"]}
+    written = {name: t["type"] for name, t in manifest["tensors"].items()}
+    assert len(set(planned.values())) > 1 and manifest["mismatches"] == []
+    assert len(set(planned) & set(written)) >= len(planned) - 1  # a tied lm_head is the embedding
+    assert {n: written[n] for n in planned if n in written} == {n: p for n, p in planned.items() if n in written}

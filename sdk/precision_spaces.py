@@ -112,4 +112,6 @@ class ONNXSpace(IntegerSpace):
 
 
 def precision_space(format: str) -> PrecisionSpace:
-    return {"gguf": GGUFSpace, "onnx": ONNXSpace}.get(format, lambda: IntegerSpace(format))()
+    if format == "gguf":
+        return GGUFSpace()
+    return ONNXSpace() if format == "onnx" else IntegerSpace(format)

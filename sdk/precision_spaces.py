@@ -2,13 +2,15 @@
 
 A precision space is the planner's view of a format. GGUF uses ggml's own quantizers (so the
 predicted error is the error llama.cpp will make); ONNX and Core ML use the block-wise and
-per-channel integer schemes their converters write.
+per-channel integer schemes their converters write, computed as those converters compute them.
 """
 from __future__ import annotations
 
 from typing import Protocol
 
 import numpy as np
+
+from .errors import EdgeqError
 
 
 class PrecisionSpace(Protocol):
@@ -46,27 +48,12 @@ class GGUFSpace:
         return round_trip(weight, precision, importance)
 
 
-def _int_blockwise(weight: np.ndarray, bits: int, block: int) -> np.ndarray:
-    """Asymmetric min/max integer quantization per block of `block` columns (MatMulNBits, Core ML per-block)."""
-    rows, cols = weight.shape
-    w = weight.reshape(rows, cols // block, block)
-    lo, hi = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
-    scale = np.maximum(hi - lo, 1e-12) / (2**bits - 1)
-    q = np.clip(np.round((w - lo) / scale), 0, 2**bits - 1)
-    return (q * scale + lo).reshape(rows, cols).astype(np.float32)
+class ONNXSpace:
+    """What the ONNX converter writes: symmetric blocks of 32 with float32 scales for int4 (MatMulNBits)
+    and for int8 alike, rounded by the converter's own importance-weighted scale search; or fp16."""
 
-
-def _int8_per_channel(weight: np.ndarray) -> np.ndarray:
-    scale = np.maximum(np.abs(weight).max(-1, keepdims=True), 1e-12) / 127.0
-    return (np.clip(np.round(weight / scale), -127, 127) * scale).astype(np.float32)
-
-
-class IntegerSpace:
-    """int4 block-wise (with fp16 scale and zero point per block), int8 per channel, fp16."""
-
-    def __init__(self, format: str, block: int = 32):
-        self.format = format
-        self.block = block
+    format = "onnx"
+    block = 32
 
     def candidates(self, shape):
         usable = ["int4"] if shape[-1] % self.block == 0 else []
@@ -74,35 +61,13 @@ class IntegerSpace:
 
     def nbytes(self, precision, shape):
         n = int(np.prod(shape))
-        if precision == "int4":
-            return n // 2 + (n // self.block) * 4
-        return {"int8": n + shape[0] * 4, "fp16": 2 * n, "fp32": 4 * n}[precision]
+        if precision == "fp16":
+            return 2 * n
+        return n * int(precision[3:]) // 8 + -(-shape[-1] // self.block) * shape[0] * 4
 
     def round_trip(self, weight, precision, importance):
-        if precision == "int4":
-            return _int_blockwise(weight, 4, self.block)
-        if precision == "int8":
-            return _int8_per_channel(weight)
-        return weight.astype(np.float16).astype(np.float32)
-
-
-class ONNXSpace(IntegerSpace):
-    """What the ONNX converter writes: symmetric blocks of 32 with float32 scales for int4 (MatMulNBits)
-    and for int8 alike, rounded by the converter's own importance-weighted scale search."""
-
-    def __init__(self):
-        super().__init__("onnx", block=32)
-
-    def nbytes(self, precision, shape):
-        n = int(np.prod(shape))
-        if precision in ("int4", "int8"):
-            bits = int(precision[3:])
-            return n * bits // 8 + -(-shape[-1] // self.block) * shape[0] * 4
-        return super().nbytes(precision, shape)
-
-    def round_trip(self, weight, precision, importance):
-        if precision not in ("int4", "int8"):
-            return super().round_trip(weight, precision, importance)
+        if precision == "fp16":
+            return _fp16(weight)
         import torch
 
         from edgeq.converters.onnx_weights import dequantize, quantize_blocks
@@ -111,7 +76,59 @@ class ONNXSpace(IntegerSpace):
         return dequantize(q, weight.shape[1])
 
 
+class CoreMLSpace:
+    """What coremltools.optimize writes for the Core ML converter, on the float16 weights the converted
+    program holds: int4 asymmetric in blocks of 32 inputs (int4 data, an fp16 scale and an int4 zero
+    point per block; the range always contains 0), int8 symmetric per output channel (fp16 scale per
+    row, -127..127), fp16. coremltools' linear quantizer takes no importance matrix, so neither does
+    this round trip."""
+
+    format = "coreml"
+    block = 32
+
+    def candidates(self, shape):
+        usable = ["int4"] if shape[-1] % self.block == 0 else []
+        return usable + ["int8", "fp16"]
+
+    def nbytes(self, precision, shape):
+        n = int(np.prod(shape))
+        if precision == "int4":
+            blocks = n // self.block
+            return n // 2 + 2 * blocks + -(-blocks // 2)
+        return {"int8": n + 2 * shape[0], "fp16": 2 * n}[precision]
+
+    def round_trip(self, weight, precision, importance):
+        # In float16 arithmetic, as coremltools does it on the program's float16 constants: a rounding
+        # tie decided in float32 instead would land a whole step away.
+        w = weight.astype(np.float16)
+        if precision == "int4":
+            rows, cols = w.shape
+            blocks = w.reshape(rows, cols // self.block, self.block)
+            lo = np.minimum(blocks.min(-1, keepdims=True), 0)
+            hi = np.maximum(blocks.max(-1, keepdims=True), 0)
+            with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block: scale 0, stays 0
+                scale = (hi - lo) / 15
+                zero = np.nan_to_num(np.clip(np.round((-8 * hi - 7 * lo) / (hi - lo)), -8, 7))
+                q = np.clip(np.nan_to_num(np.round(blocks / scale)) + zero, -8, 7)
+            dense = (q.astype(np.float32) - zero.astype(np.float32)) * scale.astype(np.float32)
+            return _fp16(dense.reshape(rows, cols))
+        if precision == "int8":
+            scale = np.abs(w).max(-1, keepdims=True) / 127
+            with np.errstate(divide="ignore", invalid="ignore"):
+                q = np.clip(np.nan_to_num(np.round(w / scale)), -127, 127)
+            return _fp16(q.astype(np.float32) * scale.astype(np.float32))
+        return w.astype(np.float32)
+
+
+def _fp16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).astype(np.float32)
+
+
 def precision_space(format: str) -> PrecisionSpace:
     if format == "gguf":
         return GGUFSpace()
-    return ONNXSpace() if format == "onnx" else IntegerSpace(format)
+    if format == "onnx":
+        return ONNXSpace()
+    if format == "coreml":
+        return CoreMLSpace()
+    raise EdgeqError(f"edgeq has no precision plan for format {format!r}; plan for gguf, onnx or coreml")

@@ -98,3 +98,17 @@ def test_planned_coreml_export_writes_the_planned_type_of_every_weight(tiny_llam
     assert len(set(planned.values())) > 1 and manifest["mismatches"] == []
     assert len(set(planned) & set(written)) >= len(planned) - 1  # a tied lm_head is the embedding
     assert {n: written[n] for n in planned if n in written} == {n: p for n, p in planned.items() if n in written}
+    # the planner's Core ML space prices and rounds each weight exactly as the package stores it
+    from edgeq.converters.coreml_package import read_weights
+    from edgeq.intake import open_model
+    from edgeq.precision_spaces import precision_space
+
+    space, source = precision_space("coreml"), open_model(tiny_llama)
+    stored = read_weights(bundle / "model.mlpackage", list(written))
+    for name, precision in planned.items():
+        if name not in written:
+            continue
+        weight = source.tensor(name).float().numpy()
+        assert manifest["tensors"][name]["bytes"] == space.nbytes(precision, weight.shape), name
+        expected = space.round_trip(weight, precision, None)
+        assert (stored[name] == expected).all(), (name, precision)

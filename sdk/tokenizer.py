@@ -83,6 +83,9 @@ class ChatTokenizer:
         from tokenizers import Tokenizer
 
         self._tok = Tokenizer.from_file(str(tokenizer_json))
+        # SentencePiece-style byte fallback: "<0xE2><0x82><0xAC>" decode together, as one run, to "€"
+        byte_fallback = getattr(self._tok.model, "byte_fallback", False)
+        self.byte_ids = ({self._tok.token_to_id(f"<0x{b:02X}>") for b in range(256)} - {None}) if byte_fallback else set()
         self.spec = spec
         self.chat_template = chat_template
         self._template = _render_environment().from_string(chat_template) if chat_template else None
@@ -127,7 +130,9 @@ class IncrementalDecoder:
     """Turns a growing list of ids into text pieces, never splitting a multi-byte character.
 
     A character spread over byte-level tokens decodes to U+FFFD until its last byte arrives, so
-    text is only released once the tail of the decoded window no longer ends in U+FFFD.
+    text is only released once the tail of the decoded window no longer ends in U+FFFD. Byte-fallback
+    tokens decode as a whole run (a run that is not valid UTF-8 becomes U+FFFD throughout, "F" too),
+    so text is not released either while the window ends in one: the pieces join to the full decode.
     """
 
     def __init__(self, tokenizer: ChatTokenizer):
@@ -141,7 +146,8 @@ class IncrementalDecoder:
         decode = self._tokenizer.decode
         prefix_text = decode(self._ids[self._prefix:self._read])
         full_text = decode(self._ids[self._prefix:])
-        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+        in_byte_run = token_id in self._tokenizer.byte_ids
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd") and not in_byte_run:
             self._prefix, self._read = self._read, len(self._ids)
             return full_text[len(prefix_text):]
         return ""

@@ -35,14 +35,42 @@ def build_tokenizer(folder: Path) -> None:
     }))
 
 
-def build_model(folder: Path, architecture: str = "LlamaForCausalLM", seed: int = 0, **overrides) -> Path:
+def build_sentencepiece_tokenizer(folder: Path) -> None:
+    """A SentencePiece BPE with byte fallback (as Llama 2, TinyLlama, Mistral) plus ChatML tokens added by a fine-tune.
+
+    Trained in a blink on edgeq's calibration text and saved by transformers (a Metaspace pre-tokenizer),
+    tokenizer.model beside tokenizer.json."""
+    import io
+    from importlib.resources import files
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    lines = [line for line in files("edgeq").joinpath("calibration_text.txt").read_text().splitlines() + CORPUS if line.strip()]
+    proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=proto, model_type="bpe", vocab_size=500, byte_fallback=True,
+        split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(proto.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+    }))
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
+    tok.chat_template = "{{ bos_token }}" + CHATML
+    tok.save_pretrained(folder)
+
+
+def build_model(folder: Path, architecture: str = "LlamaForCausalLM", seed: int = 0, tokenizer=build_tokenizer, **overrides) -> Path:
     import torch
     import transformers
 
     folder.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(folder)
+    tokenizer(folder)
     vocab = json.loads((folder / "tokenizer.json").read_text())
-    n_vocab = max(vocab["model"]["vocab"].values()) + 1
+    n_vocab = max([*vocab["model"]["vocab"].values(), *(t["id"] for t in vocab["added_tokens"])]) + 1
     config_cls = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
     settings = dict(
         vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -55,7 +83,7 @@ def build_model(folder: Path, architecture: str = "LlamaForCausalLM", seed: int 
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).eval()
     model.save_pretrained(folder, safe_serialization=True)
-    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 2}))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}))
     return folder
 
 
@@ -93,6 +121,12 @@ def build_lora(folder: Path, base: Path, rank: int = 2, alpha: int = 4, seed: in
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return build_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_sentencepiece_llama(tmp_path_factory) -> Path:
+    """A Llama 2-style checkpoint: SentencePiece tokenizer, <s> = 1, </s> = 2."""
+    return build_model(tmp_path_factory.mktemp("tiny") / "tiny-spm-llama", tokenizer=build_sentencepiece_tokenizer, bos_token_id=1)
 
 
 @pytest.fixture(scope="session")

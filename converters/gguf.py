@@ -134,7 +134,7 @@ def write_float_gguf(source: SourceModel, path: Path, float_type: str, progress:
     writer.add_name(source.path.name)
     write_hparams(writer, config, n_vocab, FLOAT_TYPES[float_type])
     tokenizer = source.chat_tokenizer()
-    write_vocab(writer, source.tokenizer_folder / "tokenizer.json", tokenizer.spec, tokenizer.chat_template, n_vocab)
+    write_vocab(writer, source.tokenizer_folder, tokenizer.spec, tokenizer.chat_template, n_vocab)
 
     plan = tensor_plan(source)
     rope_factors = llama3_rope_factors(config)

@@ -1,18 +1,25 @@
-"""Tokenizer metadata for GGUF: tokens, types, merges, special ids, chat template, pre-tokenizer.
+"""Tokenizer metadata for GGUF: tokens, types, merges or scores, special ids, chat template.
 
-llama.cpp picks its pre-tokenizer (the regex that splits text before BPE) by name. A wrong name
-tokenizes differently from HF and silently undoes a fine-tune, so the name is derived from the
-tokenizer's own pre-tokenizer definition and an unknown one is refused.
+Two vocab kinds, named as llama.cpp names them:
+- "gpt2", byte-level BPE (Llama 3, SmolLM2, Qwen): llama.cpp picks its pre-tokenizer (the regex that
+  splits text before BPE) by name. A wrong name tokenizes differently from HF and silently undoes a
+  fine-tune, so the name is derived from the tokenizer's own pre-tokenizer definition and an unknown
+  one is refused.
+- "llama", SentencePiece BPE with byte fallback (Llama 2, TinyLlama, Mistral): llama.cpp joins the
+  adjacent pair whose joined piece scores highest, so the scores must order joins as HF's merges do.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import gguf
 
 from edgeq.errors import EdgeqError
 from edgeq.tokenizer import TokenizerSpec
+
+log = logging.getLogger(__name__)
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -33,21 +40,41 @@ PRE_TOKENIZERS = {
     (("ByteLevel", True),): "gpt-2",                            # plain GPT-2 byte level
 }
 
+# Normalizer + pre-tokenizer steps of a SentencePiece-style tokenizer → llama.cpp's add_space_prefix.
+# llama.cpp, like SentencePiece itself, prefixes "▁" to the text and to the text after each special token.
+SPACE_PREFIX = {
+    (("Prepend", "▁"), ("Replace", " ", "▁")): True,  # Llama 2, TinyLlama, Mistral as published (HF's legacy form)
+    (("Replace", " ", "▁"),): False,
+    (("Metaspace", "never"),): False,
+    # as transformers saves them: no second "▁" before text that starts with a space and, with "first",
+    # none after a special token, where llama.cpp adds one; edgeq's own runtime tokenizes as the original
+    (("Metaspace", "always"),): True,
+    (("Metaspace", "first"),): True,
+}
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 
-def _steps(pre: dict | None) -> tuple:
-    if pre is None:
+
+def _steps(step: dict | None) -> tuple:
+    """A normalizer or pre-tokenizer as comparable (kind, setting) steps."""
+    if step is None:
         return ()
-    kind = pre["type"]
+    kind = step["type"]
     if kind == "Sequence":
-        return tuple(s for p in pre["pretokenizers"] for s in _steps(p))
+        return tuple(s for p in step.get("pretokenizers", step.get("normalizers")) for s in _steps(p))
     if kind == "Split":
-        pattern = pre["pattern"]
+        pattern = step["pattern"]
         return (("Split", pattern.get("Regex", pattern.get("String"))),)
     if kind == "Digits":
-        return (("Digits", pre.get("individual_digits", False)),)
+        return (("Digits", step.get("individual_digits", False)),)
     if kind == "ByteLevel":
-        return (("ByteLevel", pre.get("use_regex", True)),)
-    return ((kind, json.dumps(pre, sort_keys=True)),)
+        return (("ByteLevel", step.get("use_regex", True)),)
+    if kind == "Metaspace" and step.get("replacement") == "▁" and step.get("split") is False:
+        return (("Metaspace", step.get("prepend_scheme", "always")),)
+    if kind == "Prepend":
+        return (("Prepend", step["prepend"]),)
+    if kind == "Replace" and "String" in step["pattern"]:
+        return (("Replace", step["pattern"]["String"], step["content"]),)
+    return ((kind, json.dumps(step, sort_keys=True)),)
 
 
 def pre_tokenizer_name(tokenizer: dict) -> str:
@@ -61,16 +88,40 @@ def pre_tokenizer_name(tokenizer: dict) -> str:
     return name
 
 
-def write_vocab(writer: gguf.GGUFWriter, tokenizer_json: Path, spec: TokenizerSpec, chat_template: str | None, n_vocab: int) -> None:
-    """Adds the byte-level BPE vocab ("gpt2" in llama.cpp terms) and every special id."""
-    tokenizer = json.loads(tokenizer_json.read_text())
-    model = tokenizer["model"]
-    if model["type"] != "BPE" or model.get("byte_fallback"):
+def add_space_prefix(tokenizer: dict) -> bool:
+    steps = _steps(tokenizer.get("normalizer")) + _steps(tokenizer.get("pre_tokenizer"))
+    if steps not in SPACE_PREFIX:
         raise EdgeqError(
-            f"{tokenizer_json} is a {'SentencePiece-style' if model.get('byte_fallback') else model['type']} tokenizer; "
-            "edgeq's GGUF writer handles byte-level BPE (Llama 3, SmolLM2, Qwen) — export to ONNX for this model"
+            f"this SentencePiece tokenizer's normalizer and pre-tokenizer {[s[0] for s in steps]} have no known llama.cpp "
+            "equivalent, so GGUF tokenization would differ from the original; export to ONNX instead or report the model to edgeq"
         )
-    vocab: dict[str, int] = dict(model["vocab"])
+    if steps[0][0] == "Metaspace" and SPACE_PREFIX[steps]:
+        log.warning("llama.cpp's own tokenizer will add a space before text that starts with one%s, where this tokenizer "
+                    "does not; edgeq's runtime tokenizes as the original", "" if steps[0][1] == "always" else " or follows a special token")
+    return SPACE_PREFIX[steps]
+
+
+def write_vocab(writer: gguf.GGUFWriter, folder: Path, spec: TokenizerSpec, chat_template: str | None, n_vocab: int) -> None:
+    """Adds the vocab of `folder`'s tokenizer.json as llama.cpp reads it, every special id and the chat template."""
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    kind = tokenizer["model"]["type"]
+    if kind != "BPE":
+        raise EdgeqError(
+            f"{folder / 'tokenizer.json'} is a {kind} tokenizer, which llama.cpp does not tokenize the same way; "
+            "edgeq's GGUF writer handles byte-level and SentencePiece BPE — export this model to ONNX instead"
+        )
+    if tokenizer["model"].get("byte_fallback"):
+        vocab = _write_sentencepiece(writer, tokenizer, folder / "tokenizer.model", spec, n_vocab)
+    else:
+        vocab = _write_byte_level_bpe(writer, tokenizer, n_vocab)
+    _write_special_ids(writer, vocab, spec)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
+def _token_table(tokenizer: dict, n_vocab: int) -> tuple[dict[str, int], list[str], list[gguf.TokenType]]:
+    """Every token (padded to the embedding's rows) with its type: added tokens are CONTROL or USER_DEFINED."""
+    vocab: dict[str, int] = dict(tokenizer["model"]["vocab"])
     added = {t["content"]: t for t in tokenizer.get("added_tokens", [])}
     vocab.update({text: t["id"] for text, t in added.items()})
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
@@ -84,16 +135,76 @@ def write_vocab(writer: gguf.GGUFWriter, tokenizer_json: Path, spec: TokenizerSp
             types[idx] = gguf.TokenType.NORMAL
         else:
             types[idx] = gguf.TokenType.CONTROL if entry.get("special") else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return vocab, tokens, types
 
+
+def _write_byte_level_bpe(writer: gguf.GGUFWriter, tokenizer: dict, n_vocab: int) -> dict[str, int]:
+    vocab, tokens, types = _token_table(tokenizer, n_vocab)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    _write_special_ids(writer, vocab, spec)
-    if chat_template:
-        writer.add_chat_template(chat_template)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"].get("merges", [])])
+    return vocab
+
+
+def _write_sentencepiece(writer: gguf.GGUFWriter, tokenizer: dict, sp_model: Path, spec: TokenizerSpec, n_vocab: int) -> dict[str, int]:
+    vocab, tokens, types = _token_table(tokenizer, n_vocab)
+    missing = [b for b in BYTE_TOKENS if b not in vocab]
+    if missing:
+        raise EdgeqError(f"the tokenizer falls back to bytes but has no byte token {missing[0]}; re-save it from the model's tokenizer.model")
+    for byte in BYTE_TOKENS:
+        types[vocab[byte]] = gguf.TokenType.BYTE
+    if spec.unk_token in vocab:
+        types[vocab[spec.unk_token]] = gguf.TokenType.UNKNOWN
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(_sentencepiece_scores(tokenizer, vocab, tokens, types, sp_model))
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(add_space_prefix(tokenizer))
+    return vocab
+
+
+def _sentencepiece_scores(tokenizer: dict, vocab: dict[str, int], tokens: list[str], types: list, sp_model: Path) -> list[float]:
+    """The scores of tokenizer.model when it holds the same pieces, else scores derived from the merges."""
+    if sp_model.is_file():
+        from sentencepiece import SentencePieceProcessor
+
+        try:
+            sp = SentencePieceProcessor(model_file=str(sp_model))
+        except (OSError, RuntimeError) as exc:
+            raise EdgeqError(f"{sp_model} is not a SentencePiece model ({exc}); replace it, or delete it to use tokenizer.json alone") from exc
+        n = sp.get_piece_size()
+        if n <= len(tokens) and all(sp.id_to_piece(i) == tokens[i] for i in range(n)):
+            return [sp.get_score(i) for i in range(n)] + [0.0] * (len(tokens) - n)
+        log.info("%s holds other pieces than tokenizer.json; scores come from tokenizer.json's merges", sp_model)
+    return _scores_from_merges(tokenizer["model"]["merges"], vocab, tokens, types)
+
+
+def _scores_from_merges(merge_list: list, vocab: dict[str, int], tokens: list[str], types: list) -> list[float]:
+    """Scores that make llama.cpp join pieces in the order of HF's merges: minus the first rank making each piece.
+
+    llama.cpp joins any adjacent pair that forms a piece, best score first; HF joins only listed pairs,
+    lowest rank first. The two agree when the merges hold every pair that forms a piece, grouped by
+    piece — as HF writes them when it converts a SentencePiece model. Other merge lists are refused.
+    """
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in merge_list]
+    first: dict[str, int] = {}
+    for rank, (left, right) in enumerate(merges):
+        first.setdefault(left + right, rank)
+    grouped = all(first[a + b] <= first[c + d] for (a, b), (c, d) in zip(merges, merges[1:]))
+    pairs = set(merges)
+    complete = all(
+        (piece[:i], piece[i:]) in pairs
+        for piece, idx in vocab.items() if types[idx] == gguf.TokenType.NORMAL
+        for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab
+    )
+    if not (grouped and complete):
+        raise EdgeqError(
+            "this SentencePiece-style tokenizer.json's merges are not a converted SentencePiece model's, so llama.cpp "
+            "would tokenize differently; put the model's tokenizer.model beside tokenizer.json, or export to ONNX"
+        )
+    return [-float(first[t]) if t in first else 0.0 for t in tokens]
 
 
 def _write_special_ids(writer: gguf.GGUFWriter, vocab: dict[str, int], spec: TokenizerSpec) -> None:

@@ -125,6 +125,17 @@ class LlamaCppEngine:
             raise EdgeqError("llama.cpp tokenization overflowed")
         return list(buf[:n])
 
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """llama.cpp's own detokenizer: the text llama.cpp's tools show for these ids."""
+        ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+        size = 16 * len(tokens)
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_detokenize(self._vocab, ids, len(tokens), buf, size, False, True)
+            if n >= 0:
+                return buf.raw[:n].decode(errors="replace")
+            size = -n
+
     def close(self) -> None:
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)

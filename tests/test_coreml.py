@@ -83,6 +83,24 @@ def test_plan_refuses_bad_requests(tmp_path, tiny_llama):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("value, overflows", [
+    ([1.0, -3.5], False), ([65504.0], False), ([-65505.0], True), ([np.inf, 2.0], False), ([np.nan], False),
+    ([3e38, -2e38], False), (np.r_[np.zeros(1 << 20), 7e4], True),  # past the first slice
+])
+def test_lean_fp16_cast_keeps_an_op_in_float32_when_coremltools_would(value, overflows):
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.defs.quantization import add_fp16_cast
+
+    value = np.asarray(value, dtype=np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=value.shape)])
+    def program(x):
+        return mb.add(x=x, y=value)
+
+    add = next(op for op in program.functions["main"].operations if op.op_type == "add")
+    assert coreml_converter.lean_fp16_cast.fp16_overflow(add) == add_fp16_cast.fp16_overflow(add) == overflows
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """One int8 conversion with two per-weight exceptions, assembled into a bundle."""

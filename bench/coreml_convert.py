@@ -20,11 +20,12 @@ import sys
 from pathlib import Path
 
 import anchors
-from gguf_export_cost import DEFAULT_MODEL, warm
+from gguf_export_cost import MODELS, warm
 
 EXPORT = ("import sys, edgeq; edgeq.export(sys.argv[1], format=sys.argv[3], precision=sys.argv[4], output=sys.argv[2], "
           "eval_tokens=0, progress=False)")
 RSS_BAR_MIB = 16 * 1024
+DEFAULT_MODEL = MODELS / "bench-qwen2-1.5b-shape"
 
 
 def _size(path: Path) -> int:

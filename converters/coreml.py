@@ -11,8 +11,8 @@ Memory: the decoder is traced with float32 parameters. coremltools' torch fronte
 float32 until its float16 pass, so float16 parameters each got a float32 copy beside them; float32
 ones it uses in place, and the pass adds one float16 copy. That pass is `lean_fp16_cast`, whose
 overflow check does not index whole weights. Each function is converted and saved before the
-next, and compression works on one saved function at a time: a 1.5B model peaks at about 6 bytes
-per parameter (float32 + float16 weights), in the conversion of the first function.
+next, and compression works on one saved function at a time: the peak is a function's conversion,
+about 6 bytes per parameter (float32 + float16 weights) plus 1 GiB; 10.2 GiB for a 1.5B model.
 """
 from __future__ import annotations
 
@@ -74,8 +74,8 @@ def precision_plan(spec: DecoderSpec, shapes: dict, precision: str, overrides: d
 @register_pass(namespace="edgeq", override=True)
 class lean_fp16_cast(add_fp16_cast):
     """coremltools' float16 compute pass with an overflow check that scans each float32 weight in
-    slices: theirs builds np.where indices of the whole weight, 24 bytes per element (7 GB for the
-    embedding of a 1.5B model), which was the peak of the whole export."""
+    slices: theirs builds np.where indices of the whole weight, 33 bytes per element with its
+    absolute values (7.7 GB for the embedding of a 1.5B model), which was the peak of the export."""
 
     @staticmethod
     def fp16_overflow(op) -> bool:

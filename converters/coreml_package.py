@@ -16,8 +16,8 @@ import numpy as np
 from edgeq.errors import EdgeqError
 
 WEIGHT_NAME = re.compile(r"^(.*?_(?:weight|bias))(?:_|$)")
-# What each precision looks like once written: the type `stored_type` reads back.
-EXPECTED_TYPE = {"fp16": "fp16", "int8": "int8", "int4": "int4", "palettize4": "palettize4", "palettize6": "palettize6"}
+# int4 precisions by block size along the input dimension; `stored_type` reads each back by this name.
+INT4_BLOCKS = {"int4": 32, "int4-block16": 16, "int4-block64": 64, "int4-block128": 128}
 
 
 def load_program(path: Path):
@@ -67,8 +67,8 @@ def _bytes(var) -> int:
 
 
 def stored_type(op) -> str:
-    """`fp16`, `int8` (per channel), `int4` (blocks of 32 inputs), `palettize4`/`palettize6`, or a
-    spelled-out variant (`int4-block64`) when the layout is not one edgeq asks for."""
+    """`fp16`, `int8` (per channel), `int4` (blocks of 32 inputs) or `int4-block16|64|128`,
+    `palettize4`/`palettize6`, or a spelled-out variant (`int8-block32`) of a layout edgeq never asks for."""
     from coremltools.converters.mil.mil import types
 
     kind = op.op_type
@@ -126,9 +126,9 @@ def describe(path: Path, shapes: dict[str, tuple], plan: dict[str, str]) -> dict
         total_weights += int(np.prod(shapes[name]))
     for name, asked in plan.items():
         got = tensors.get(name, {}).get("type", "missing")
-        if got != EXPECTED_TYPE[asked]:
-            width = shapes[name][-1]
-            why = (f"input width {width} is not a multiple of 32" if asked == "int4" and width % 32
+        if got != asked:
+            width, block = shapes[name][-1], INT4_BLOCKS.get(asked)
+            why = (f"input width {width} is not a multiple of {block}" if block and width % block
                    else "coremltools left it as it was")
             mismatches.append({"tensor": name, "asked": asked, "got": got, "why": why})
     weights_file = Path(path) / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"

@@ -10,11 +10,14 @@ from typing import Protocol
 
 import numpy as np
 
+from edgeq.converters.coreml_package import INT4_BLOCKS
+
 from .errors import EdgeqError
 
 
 class PrecisionSpace(Protocol):
     format: str
+    float_bytes: int  # per element of the tensors that are never quantized (norms, biases)
 
     def candidates(self, shape: tuple[int, ...]) -> list[str]:
         """Precisions this tensor can take, smallest first."""
@@ -29,6 +32,7 @@ class GGUFSpace:
     """Types every llama.cpp CPU backend runs well. K-quants only where rows are a multiple of 256."""
 
     format = "gguf"
+    float_bytes = 4
     types = ("Q4_0", "IQ4_NL", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0", "F16")
 
     def candidates(self, shape):
@@ -53,6 +57,7 @@ class ONNXSpace:
     and for int8 alike, rounded by the converter's own importance-weighted scale search; or fp16."""
 
     format = "onnx"
+    float_bytes = 4
     block = 32
 
     def candidates(self, shape):
@@ -78,22 +83,23 @@ class ONNXSpace:
 
 class CoreMLSpace:
     """What coremltools.optimize writes for the Core ML converter, on the float16 weights the converted
-    program holds: int4 asymmetric in blocks of 32 inputs (int4 data, an fp16 scale and an int4 zero
-    point per block; the range always contains 0), int8 symmetric per output channel (fp16 scale per
-    row, -127..127), fp16. coremltools' linear quantizer takes no importance matrix, so neither does
-    this round trip."""
+    program holds: int4 asymmetric in blocks of 16/32/64/128 inputs (int4 data, an fp16 scale and an
+    int4 zero point per block; the range always contains 0), int8 symmetric per output channel (fp16
+    scale per row, -127..127), fp16. coremltools' linear quantizer takes no importance matrix, so
+    neither does this round trip. Tensors never quantized (norms) stay float16."""
 
     format = "coreml"
-    block = 32
+    float_bytes = 2
+    int4_blocks = INT4_BLOCKS
 
     def candidates(self, shape):
-        usable = ["int4"] if shape[-1] % self.block == 0 else []
-        return usable + ["int8", "fp16"]
+        usable = [p for p, block in self.int4_blocks.items() if shape[-1] % block == 0] + ["int8", "fp16"]
+        return sorted(usable, key=lambda p: self.nbytes(p, shape))
 
     def nbytes(self, precision, shape):
         n = int(np.prod(shape))
-        if precision == "int4":
-            blocks = n // self.block
+        if precision in self.int4_blocks:
+            blocks = n // self.int4_blocks[precision]
             return n // 2 + 2 * blocks + -(-blocks // 2)
         return {"int8": n + 2 * shape[0], "fp16": 2 * n}[precision]
 
@@ -101,9 +107,9 @@ class CoreMLSpace:
         # In float16 arithmetic, as coremltools does it on the program's float16 constants: a rounding
         # tie decided in float32 instead would land a whole step away.
         w = weight.astype(np.float16)
-        if precision == "int4":
+        if precision in self.int4_blocks:
             rows, cols = w.shape
-            blocks = w.reshape(rows, cols // self.block, self.block)
+            blocks = w.reshape(rows, -1, self.int4_blocks[precision])
             lo = np.minimum(blocks.min(-1, keepdims=True), 0)
             hi = np.maximum(blocks.max(-1, keepdims=True), 0)
             with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block: scale 0, stays 0

@@ -126,7 +126,7 @@ def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = 4096, mea
         for name in names:
             param = model.get_parameter(name)
             if param.ndim != 2:
-                fixed += param.numel() * 4
+                fixed += param.numel() * space.float_bytes
             else:
                 weight = param.detach().float().numpy()
                 tied_imp = importance.get("lm_head.weight") if tied and name.endswith("embed_tokens.weight") else None

@@ -7,8 +7,12 @@ blocks of 32 (or 16/64/128), 4/6-bit k-means palettes; per-weight exceptions fro
 then both are merged into one multifunction package: identical weights are stored once and the
 two functions share the state, so an app prefills with `prefill` and generates with `decode`.
 
-Memory: parameters are loaded as float16, each function is converted and saved before the next
-step, and compression works on one saved function at a time, so a 1.5B model fits in 16 GiB.
+Memory: the decoder is traced with float32 parameters. coremltools' torch frontend computes in
+float32 until its float16 pass, so float16 parameters each got a float32 copy beside them; float32
+ones it uses in place, and the pass adds one float16 copy. That pass is `lean_fp16_cast`, whose
+overflow check does not index whole weights. Each function is converted and saved before the
+next, and compression works on one saved function at a time: the peak is a function's conversion,
+about 6 bytes per parameter (float32 + float16 weights) plus 1 GiB; 10.2 GiB for a 1.5B model.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from pathlib import Path
 import coremltools as ct
 import numpy as np
 import torch
+from coremltools.converters.mil.mil.passes.defs.quantization import add_fp16_cast
+from coremltools.converters.mil.mil.passes.pass_registry import register_pass
 
 from edgeq.decoder import DecoderSpec, build_decoder
 from edgeq.errors import EdgeqError
@@ -66,6 +72,32 @@ def precision_plan(spec: DecoderSpec, shapes: dict, precision: str, overrides: d
     return plan
 
 
+@register_pass(namespace="edgeq", override=True)
+class lean_fp16_cast(add_fp16_cast):
+    """coremltools' float16 compute pass with an overflow check that scans each float32 weight in
+    slices: theirs builds np.where indices of the whole weight, 33 bytes per element with its
+    absolute values (7.7 GB for the embedding of a 1.5B model), which was the peak of the export."""
+
+    @staticmethod
+    def fp16_overflow(op) -> bool:
+        for inputs in op.inputs.values():
+            for var in inputs if isinstance(inputs, (list, tuple)) else (inputs,):
+                if var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32"):
+                    flat = np.asarray(var.op.val.val).reshape(-1)
+                    for start in range(0, flat.size, 1 << 20):
+                        size = np.abs(flat[start:start + (1 << 20)])
+                        if ((size > 65504) & (size < 1e38)).any():  # infinities may overflow, as in theirs
+                            return True
+        return False
+
+
+def fp16_pipeline():
+    """coremltools' default passes with `lean_fp16_cast` in place of `add_fp16_cast`."""
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.passes = ["edgeq::lean_fp16_cast" if p == "common::add_fp16_cast" else p for p in pipeline.passes]
+    return pipeline
+
+
 def convert_function(decoder, tokens: int):
     """Traces the decoder for `tokens` inputs per call and converts it with the cache as state."""
     ids = torch.zeros(1, tokens, dtype=torch.int32)
@@ -83,6 +115,7 @@ def convert_function(decoder, tokens: int):
         minimum_deployment_target=ct.target.iOS18,
         convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT16,
+        pass_pipeline=fp16_pipeline(),
         skip_model_load=True,
     )
 
@@ -108,9 +141,10 @@ def merge(work: Path, out: Path) -> None:
 
 
 def convert_functions(spec: DecoderSpec, source: SourceModel, work: Path, progress) -> dict[str, dict[str, str]]:
-    """Converts both functions from one float16 decoder, saving each before the next; returns, per
-    function, HF weight name → the op name coremltools gave that weight (what compression targets)."""
-    decoder = build_decoder(spec, source.tensor, dtype=torch.float16, progress=progress)
+    """Converts both functions from one float32 decoder (float16 cache), saving each before the next;
+    returns, per function, HF weight name → the op name coremltools gave that weight (what
+    compression targets)."""
+    decoder = build_decoder(spec, source.tensor, dtype=torch.float32, cache_dtype=torch.float16, progress=progress)
     names = decoder.weight_names()
     op_names = {}
     with bar(len(FUNCTIONS), "Core ML convert", "function", progress) as pbar:

@@ -147,20 +147,33 @@ class DecoderGraph:
             out = self.node("MatMul", [x, self.add_weight(name, weight.T.contiguous().numpy())])
         return self._bias(out, bias)
 
-    def linears(self, x: str, names: list[str], biases: list[str | None]) -> list[str]:
-        """`x` times several weights. When the plan quantizes them alike they run as one MatMulNBits over their
-        Concat (onnxruntime folds it into one weight at load) and a Split: q/k/v are 192-576 rows each on small
-        models, and one larger kernel decodes faster than three small ones. The file keeps one tensor per HF name."""
+    def packed(self, x: str, names: list[str], biases: list[str | None]) -> str | None:
+        """`x` times several weights as one MatMulNBits over their Concat (onnxruntime folds it into one weight
+        at load), outputs side by side; None unless the plan quantizes them alike. q/k/v are 192-576 rows each
+        on small models, and one larger kernel decodes faster than three small ones. The file keeps one tensor
+        per HF name."""
         kinds = {self.plan[n] for n in names}
         if len(kinds) > 1 or not kinds <= {"int4", "int8"}:
-            return [self.linear(x, n, b) for n, b in zip(names, biases)]
+            return None
         parts = [self._quantized(n) for n in names]
         weight = self.node("Concat", [p[0] for p in parts], axis=0)
         scales = self.node("Concat", [p[1] for p in parts], axis=0)
-        rows = [p[2] for p in parts]
-        out = self._matmul_nbits(x, weight, scales, sum(rows), parts[0][3], parts[0][4])
-        outs = self.node("Split", [out, self.const(rows)], n_out=len(names), axis=-1)
-        return [self._bias(o, b) for o, b in zip(outs, biases)]
+        out = self._matmul_nbits(x, weight, scales, sum(p[2] for p in parts), parts[0][3], parts[0][4])
+        present = [b for b in biases if b and b in self.source.shapes()]
+        if not present:
+            return out
+        if len(present) < len(names):
+            return None
+        bias = self.node("Concat", [self.add_weight(b, self._tensor(b).numpy()) for b in present], axis=0)
+        return self.node("Add", [out, bias])
+
+    def linears(self, x: str, names: list[str], biases: list[str | None]) -> list[str]:
+        """`x` times several weights: packed and split when the plan allows, else one by one."""
+        out = self.packed(x, names, biases)
+        if out is None:
+            return [self.linear(x, n, b) for n, b in zip(names, biases)]
+        rows = [self.source.shapes()[n][0] for n in names]
+        return self.node("Split", [out, self.const(rows)], n_out=len(names), axis=-1)
 
     def embedding(self, ids: str) -> str:
         name = "model.embed_tokens.weight"
@@ -194,9 +207,14 @@ class DecoderGraph:
 
     def attention(self, i: int, h: str, seqlens: str, total: str) -> str:
         p = f"model.layers.{i}.self_attn"
-        q, k, v = self.linears(h, [f"{p}.{n}_proj.weight" for n in "qkv"], [f"{p}.{n}_proj.bias" for n in "qkv"])
-        if f"{p}.q_norm.weight" in self.source.shapes():
-            q, k = self.head_norm(q, f"{p}.q_norm.weight"), self.head_norm(k, f"{p}.k_norm.weight")
+        names, biases = [f"{p}.{n}_proj.weight" for n in "qkv"], [f"{p}.{n}_proj.bias" for n in "qkv"]
+        qkv = None if f"{p}.q_norm.weight" in self.source.shapes() else self.packed(h, names, biases)
+        if qkv is not None:
+            q, k, v = qkv, "", ""  # GroupQueryAttention splits packed q/k/v itself
+        else:
+            q, k, v = self.linears(h, names, biases)
+            if f"{p}.q_norm.weight" in self.source.shapes():
+                q, k = self.head_norm(q, f"{p}.q_norm.weight"), self.head_norm(k, f"{p}.k_norm.weight")
         self.nodes.append(helper.make_node(
             "GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, "rope.cos", "rope.sin"],
             [f"/attn{i}/out", f"present.{i}.key", f"present.{i}.value"], name=f"/attn{i}", domain="com.microsoft",

@@ -53,8 +53,10 @@ def main(ctx, debug, verbose):
 @click.option("--eval-tokens", default=1024, show_default=True, help="Tokens of the short quality check stored in the manifest (0 skips it).")
 @click.option("--mobile", is_flag=True, help="onnx: also write the ORT format (.ort) and the operator config ONNX Runtime Mobile builds need.")
 @click.option("--block-size", type=int, help="onnx int4: columns per quantization block (16, 32, 64, 128 or 256; default 32).")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="NAME=TYPE",
+              help="With --precision: give one tensor (HF name) another type, e.g. lm_head.weight=int4 (repeatable).")
 def export(model, device, adapter, format_, precision, size, bits_per_weight, calibration, output, overwrite, trust_pickle, eval_tokens,
-           mobile, block_size):
+           mobile, block_size, tensor_types):
     """Export MODEL (a Hugging Face folder; default: SmolLM2-135M-Instruct) into a bundle for a device.
 
     With --device (or --size / --bits-per-weight) and no --precision, edgeq measures how much each
@@ -64,9 +66,20 @@ def export(model, device, adapter, format_, precision, size, bits_per_weight, ca
 
     out = run_export(model, device=device, adapter=adapter, format=format_, precision=precision, calibration=calibration,
                      output=output, overwrite=overwrite, trust_pickle=trust_pickle, eval_tokens=eval_tokens,
-                     size=size, bits_per_weight=bits_per_weight, mobile=mobile, block_size=block_size, progress=True)
+                     size=size, bits_per_weight=bits_per_weight, mobile=mobile, block_size=block_size,
+                     tensor_types=_name_types(tensor_types), progress=True)
     click.echo(out)
     _print_summary(out)
+
+
+def _name_types(pairs: tuple[str, ...]) -> dict[str, str] | None:
+    types = {}
+    for pair in pairs:
+        name, sep, kind = pair.partition("=")
+        if not sep or not name or not kind:
+            raise click.BadParameter(f"{pair!r} is not NAME=TYPE, e.g. lm_head.weight=int4", param_hint="--tensor-type")
+        types[name.strip()] = kind.strip()
+    return types or None
 
 
 def _print_summary(bundle) -> None:

@@ -75,13 +75,15 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
            output: str | Path | None = None, overwrite: bool = False, trust_pickle: bool = False,
            size: str | int | None = None, bits_per_weight: float | None = None,
            calibration_tokens: int = 8192, eval_tokens: int = 1024, eval_ctx: int = 256,
-           mobile: bool = False, block_size: int | None = None, progress: bool | None = None) -> Path:
+           mobile: bool = False, block_size: int | None = None, tensor_types: dict[str, str] | None = None,
+           progress: bool | None = None) -> Path:
     """Exports a Hugging Face model (and LoRA adapter) into a bundle for a device; returns the bundle path.
 
     With no model, the built-in default (SmolLM2-135M-Instruct) is used. The format defaults to
     what the device runs best. Without `precision`, a device (or `size` / `bits_per_weight`) makes
     edgeq plan a precision per tensor from measured sensitivity; `precision` forces one type.
-    A calibration text feeds the importance matrix and the sensitivity measurement.
+    A calibration text feeds the importance matrix and the sensitivity measurement. `tensor_types`
+    (HF tensor name → precision) makes exceptions to a forced precision, e.g. `{"lm_head.weight": "int4"}`.
     Format options: `mobile` (onnx: also the ORT format for ONNX Runtime Mobile), `block_size` (onnx int4).
     """
     from edgeq.devices import load_device
@@ -96,6 +98,8 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
     converter = registry.converters.get(fmt)()
     options = converter_options(converter, fmt, mobile=mobile, block_size=block_size)
     planned = precision is None and (profile is not None or size is not None or bits_per_weight is not None)
+    if planned and tensor_types:
+        raise EdgeqError("per-tensor types apply to a forced --precision; without one, the plan chooses every tensor's type")
     precision = converter.planned_precision if planned else choose_precision(precision, profile, fmt, converter)
     source = open_model(model, adapter=adapter, trust_pickle=trust_pickle)
     out = Path(output) if output else Path(f"{Path(model).name}-{profile.id if profile else 'generic'}-{'planned' if planned else precision.lower()}")
@@ -120,7 +124,7 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
 
     with staged_bundle(out, overwrite) as stage:
         fields = converter.convert(source, stage, precision=precision, importance=importance, progress=progress,
-                                   overrides=plan.overrides() if plan else None, **options)
+                                   overrides=plan.overrides() if plan else tensor_types, **options)
         _copy_tokenizer(source, stage)
         trained = source.config.get("max_position_embeddings", DEFAULT_CONTEXT)
         manifest = {

@@ -50,7 +50,8 @@ def test_run_inspect_eval(bundle):
     assert {"kl", "top1", "ppl", "ppl_ref", "tokens"} <= set(quality) and quality["kl"] < 0.05
 
 
-@pytest.mark.parametrize("case", ["missing-config", "unknown-device", "malformed-device", "unwritable", "truncated", "pickle", "foreign-adapter"])
+@pytest.mark.parametrize("case", ["missing-config", "unknown-device", "malformed-device", "unwritable", "truncated", "pickle", "foreign-adapter",
+                                  "unknown-tensor", "tensor-type-in-a-plan"])
 def test_bad_input_one_line_nothing_written(case, tiny_llama, tiny_lora, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_llama, model)
@@ -59,6 +60,7 @@ def test_bad_input_one_line_nothing_written(case, tiny_llama, tiny_lora, tmp_pat
     expected = {
         "missing-config": "config.json", "unknown-device": "pixle-8", "malformed-device": "memory",
         "unwritable": "not writable", "truncated": "truncated", "pickle": "--trust-pickle", "foreign-adapter": "trained on",
+        "unknown-tensor": "model.layers.9.mlp.up_proj.weight", "tensor-type-in-a-plan": "--precision",
     }[case]
     if case == "missing-config":
         (model / "config.json").unlink()
@@ -81,6 +83,10 @@ def test_bad_input_one_line_nothing_written(case, tiny_llama, tiny_lora, tmp_pat
         shutil.rmtree(model)
         build_model(model, intermediate_size=96)
         args += ["--adapter", tiny_lora]
+    elif case == "unknown-tensor":
+        args += ["--tensor-type", "model.layers.9.mlp.up_proj.weight=Q8_0"]
+    elif case == "tensor-type-in-a-plan":
+        args = [a for a in args if a not in ("--precision", "Q8_0")] + ["--size", "1MB", "--tensor-type", "lm_head.weight=Q8_0"]
     before = sorted(p.name for p in tmp_path.iterdir())
     _assert_one_line_error(_run(*args), expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no bundle, no stray files

@@ -116,6 +116,13 @@ def test_int4_plan_overrides_are_applied_in_the_file(tmp_path, tiny_llama):
         ONNXConverter().convert(source, tmp_path, precision="int4", overrides={"model.layers.9.mlp.up_proj.weight": "int8"})
 
 
+def test_tensor_types_make_exceptions_to_a_forced_precision(tmp_path, tiny_llama):
+    bundle = edgeq.export(tiny_llama, format="onnx", precision="int4", tensor_types={"lm_head.weight": "int4"},
+                          output=tmp_path / "head4", eval_tokens=0)
+    types = {name: t["type"] for name, t in edgeq.inspect(bundle)["tensors"].items()}
+    assert types["lm_head.weight"] == "int4" and types["model.embed_tokens.weight"] == "int8"  # int4 keeps embeddings at 8 bits
+
+
 @pytest.mark.parametrize("bits,block,cols", [(4, 32, 64), (4, 16, 80), (8, 32, 80)])
 def test_block_packing_is_what_matmulnbits_reads(bits, block, cols):
     """onnxruntime's kernel (fp32 compute) on our codes and scales equals x times our own dequantization."""

@@ -196,9 +196,12 @@ class DecoderGraph:
 
     def skip_norm(self, residual: str, x: str, name: str) -> tuple[str, str]:
         """RMSNorm(residual + x) and the sum itself (the next residual), in one kernel."""
-        out = self.node("SkipSimplifiedLayerNormalization", [residual, x, self._norm_weight(name)], n_out=4,
-                        domain="com.microsoft", epsilon=self.eps)
-        return out[0], out[3]
+        # Outputs 1 and 2 (mean, inverse std) are left unnamed, so onnxruntime neither allocates nor writes them.
+        node = f"/SkipSimplifiedLayerNormalization_{len(self.nodes)}"
+        out, total = f"{node}/out0", f"{node}/out3"
+        self.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [residual, x, self._norm_weight(name)], [out, "", "", total],
+                                           name=node, domain="com.microsoft", epsilon=self.eps))
+        return out, total
 
     def head_norm(self, x: str, name: str) -> str:
         """Qwen3's per-head RMSNorm of q and k, before RoPE."""

@@ -3,13 +3,13 @@
 Why our own graph rather than onnxruntime-genai's model builder (both measured, 2026-11-23, SmolLM2-135M,
 2 threads on a 2-core machine shared with other jobs, so speeds carry ±10% noise):
 - The kernels are the same: both graphs are GroupQueryAttention (RoPE in the kernel, KV cache grown in
-  place), MatMulNBits (q/k/v packed; we also pack gate/up), SkipSimplifiedLayerNormalization, so speed
+  place; packed q/k/v go straight in), MatMulNBits (we also pack gate/up), SkipSimplifiedLayerNormalization, so speed
   differs only around them. Prompt (512 tokens): edgeq's TTFT is 0.85-1.0x the builder model's under its own C++
   Generator, because our `logits_to_keep` input computes the 49k-wide lm_head for the last position only.
-  Decode: 0.88-0.96x, mostly the lm_head: we keep it at 8 bits under INT4 (MatMulNBits 8-bit runs
-  ~1.6-3x slower per weight than 4-bit on this CPU), the builder quantizes it to 4 bits.
-  With a plan override `lm_head.weight: int4` (the builder's choice) edgeq decodes at 1.04x and prefills
-  at 0.80x the builder's TTFT: the default keeps 8 bits for the INT4 quality bar; a plan may trade it.
+  Decode: 0.87-0.90x, the lm_head's bytes: we keep it at 8 bits under INT4 (31.9 MB read per token on
+  SmolLM2 against the builder's 4-bit 17.7 MB; decode is memory bound). In one plain onnxruntime loop the
+  two graphs decode alike once the lm_head is int4 too (`--tensor-type lm_head.weight=int4`: 0.90-1.04x under
+  the builder's own Generator, run to run); the default keeps 8 bits for the INT4 quality bar.
 - Quality is ours to choose: INT4 block 32 with the importance-weighted scale search of `onnx_weights`
   and 8-bit lm_head/embeddings gives KL 0.3395 vs llama.cpp Q4_0+imatrix's 0.3394 (1.00x) on the off-grid
   SmolLM2 (wikitext-2, 8 x 512 tokens); without an imatrix 0.435 vs Q4_0's 0.481 (0.90x). INT8 (block 32,

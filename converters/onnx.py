@@ -153,19 +153,16 @@ class DecoderGraph:
         on small models, and one larger kernel decodes faster than three small ones. The file keeps one tensor
         per HF name."""
         kinds = {self.plan[n] for n in names}
-        if len(kinds) > 1 or not kinds <= {"int4", "int8"}:
+        present = [b for b in biases if b and b in self.source.shapes()]
+        if len(kinds) > 1 or not kinds <= {"int4", "int8"} or 0 < len(present) < len(names):
             return None
         parts = [self._quantized(n) for n in names]
         weight = self.node("Concat", [p[0] for p in parts], axis=0)
         scales = self.node("Concat", [p[1] for p in parts], axis=0)
         out = self._matmul_nbits(x, weight, scales, sum(p[2] for p in parts), parts[0][3], parts[0][4])
-        present = [b for b in biases if b and b in self.source.shapes()]
         if not present:
             return out
-        if len(present) < len(names):
-            return None
-        bias = self.node("Concat", [self.add_weight(b, self._tensor(b).numpy()) for b in present], axis=0)
-        return self.node("Add", [out, bias])
+        return self.node("Add", [out, self.node("Concat", [self.add_weight(b, self._tensor(b).numpy()) for b in present], axis=0)])
 
     def linears(self, x: str, names: list[str], biases: list[str | None]) -> list[str]:
         """`x` times several weights: packed and split when the plan allows, else one by one."""
@@ -211,12 +208,13 @@ class DecoderGraph:
     def attention(self, i: int, h: str, seqlens: str, total: str) -> str:
         p = f"model.layers.{i}.self_attn"
         names, biases = [f"{p}.{n}_proj.weight" for n in "qkv"], [f"{p}.{n}_proj.bias" for n in "qkv"]
-        qkv = None if f"{p}.q_norm.weight" in self.source.shapes() else self.packed(h, names, biases)
+        has_head_norm = f"{p}.q_norm.weight" in self.source.shapes()
+        qkv = None if has_head_norm else self.packed(h, names, biases)
         if qkv is not None:
             q, k, v = qkv, "", ""  # GroupQueryAttention splits packed q/k/v itself
         else:
             q, k, v = self.linears(h, names, biases)
-            if f"{p}.q_norm.weight" in self.source.shapes():
+            if has_head_norm:
                 q, k = self.head_norm(q, f"{p}.q_norm.weight"), self.head_norm(k, f"{p}.k_norm.weight")
         self.nodes.append(helper.make_node(
             "GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, "rope.cos", "rope.sin"],

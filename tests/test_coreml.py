@@ -289,3 +289,19 @@ def test_traced_decoder_matches_hf_on_smollm2():
 
     quality = compare(TorchEngine(source), Traced(), windows, progress=False)
     assert quality.tokens == count * ctx and quality.kl < 1e-4 and quality.top1 >= 0.999
+
+
+def test_palettized_weights_hold_their_palette(tmp_path, tiny_llama):
+    """4- and 6-bit k-means palettes per group of 16 rows: the package says so and its weights take at
+    most 2^bits values per group (rows that escaped palettization would show many more)."""
+    source = open_model(tiny_llama)
+    overrides = {"model.layers.0.mlp.down_proj.weight": "palettize4", "model.layers.1.mlp.up_proj.weight": "palettize6"}
+    fields = CoreMLConverter().convert(source, tmp_path, precision="fp16", overrides=overrides, progress=False)
+    assert fields["mismatches"] == []
+    stored = read_weights(tmp_path / "model.mlpackage", list(overrides))
+    for name, precision in overrides.items():
+        assert fields["tensors"][name]["type"] == precision
+        bits = int(precision[-1])
+        groups = stored[name].reshape(-1, 16, stored[name].shape[1])
+        assert max(len(np.unique(g)) for g in groups) <= 2 ** bits
+        assert np.abs(stored[name] - source.tensor(name).float().numpy()).max() < 0.5 * np.abs(stored[name]).max()

@@ -90,16 +90,15 @@ class CoreMLSpace:
 
     format = "coreml"
     float_bytes = 2
-    int4_blocks = INT4_BLOCKS
 
     def candidates(self, shape):
-        usable = [p for p, block in self.int4_blocks.items() if shape[-1] % block == 0] + ["int8", "fp16"]
+        usable = [p for p, block in INT4_BLOCKS.items() if shape[-1] % block == 0] + ["int8", "fp16"]
         return sorted(usable, key=lambda p: self.nbytes(p, shape))
 
     def nbytes(self, precision, shape):
         n = int(np.prod(shape))
-        if precision in self.int4_blocks:
-            blocks = n // self.int4_blocks[precision]
+        if precision in INT4_BLOCKS:
+            blocks = n // INT4_BLOCKS[precision]
             return n // 2 + 2 * blocks + -(-blocks // 2)
         return {"int8": n + 2 * shape[0], "fp16": 2 * n}[precision]
 
@@ -107,9 +106,9 @@ class CoreMLSpace:
         # In float16 arithmetic, as coremltools does it on the program's float16 constants: a rounding
         # tie decided in float32 instead would land a whole step away.
         w = weight.astype(np.float16)
-        if precision in self.int4_blocks:
+        if precision in INT4_BLOCKS:
             rows, cols = w.shape
-            blocks = w.reshape(rows, -1, self.int4_blocks[precision])
+            blocks = w.reshape(rows, -1, INT4_BLOCKS[precision])
             lo = np.minimum(blocks.min(-1, keepdims=True), 0)
             hi = np.maximum(blocks.max(-1, keepdims=True), 0)
             with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block: scale 0, stays 0

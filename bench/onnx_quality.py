@@ -1,11 +1,11 @@
 """Quality of edgeq's ONNX export against the torch reference and llama.cpp's own quantizer, on the same tokens.
 
-Rows: edgeq ONNX fp32, int8, int4 and int4 with an importance matrix (`calibration=`); llama.cpp's
-own pipeline (convert_hf_to_gguf.py f16, llama-quantize Q8_0 / Q4_0, and Q4_0 with llama-imatrix
-from the same calibration text); optionally onnxruntime-genai's builder int4 graph (--genai). All are
+Rows: edgeq ONNX fp32, int8, int4 and int4 rounded by GPTQ on calibration text (`calibration=`, which
+also makes its lm_head 4-bit, as the builder's); llama.cpp's own pipeline (convert_hf_to_gguf.py f16,
+llama-quantize Q8_0 / Q4_0, and Q4_0 with llama-imatrix from the same calibration text); optionally onnxruntime-genai's builder int4 graph (--genai). All are
 scored by edgeq's evaluator against the torch reference logits, computed once. Bars (issue 3):
-fp32 KL < 1e-4 and top-1 >= 0.999; int8 KL <= 1.5x Q8_0's; int4 block 32 KL <= Q4_0's (both with
-the imatrix from the same text: the last 200k characters of the eval file, disjoint from its windows).
+fp32 KL < 1e-4 and top-1 >= 0.999; int8 KL <= 1.5x Q8_0's; int4 block 32 KL <= Q4_0's (both from the
+same calibration text: the last 200k characters of the eval file, disjoint from its windows).
 
     LLAMA_CPP_BIN=... LLAMA_CPP_SRC=... python bench/onnx_quality.py [--genai]
 
@@ -76,7 +76,7 @@ def measure(reference_logits, engine, windows) -> dict:
 def engines(args, work: Path, calibration: Path):
     """(label, opener) of every row: edgeq ONNX bundles, llama.cpp's own GGUF files, optionally the genai graph."""
     for precision, calib in (("fp32", None), ("int8", None), ("int4", None), ("int4", calibration)):
-        label = f"onnx-{precision}" + ("+imatrix" if calib else "")
+        label = f"onnx-{precision}" + ("+gptq" if calib else "")
         yield label, lambda p=precision, c=calib, l=label: open_bundle(args, work / l, p, c)
     files = llamacpp_files(args.model, work, ["Q8_0", "Q4_0"], calibration, args.calibration_tokens, args.threads)
     for name in ("Q8_0", "Q4_0", "Q4_0+imatrix"):
@@ -119,7 +119,7 @@ def main() -> None:
 
     fp32 = results["onnx-fp32"]
     print(f"[{'PASS' if fp32['kl'] < 1e-4 and fp32['top1'] >= 0.999 else 'FAIL'}] fp32 KL {fp32['kl']:.2e} < 1e-4, top-1 {fp32['top1']:.4f} >= 0.999")
-    for ours, theirs, bar in (("onnx-int8", "llama.cpp-Q8_0", 1.5), ("onnx-int4+imatrix", "llama.cpp-Q4_0+imatrix", 1.0),
+    for ours, theirs, bar in (("onnx-int8", "llama.cpp-Q8_0", 1.5), ("onnx-int4+gptq", "llama.cpp-Q4_0+imatrix", 1.0),
                               ("onnx-int4", "llama.cpp-Q4_0", None), ("onnx-int4", "genai-int4", None)):
         if ours in results and theirs in results:
             ratio = results[ours]["kl"] / results[theirs]["kl"]

@@ -1,6 +1,7 @@
 """Decode tokens/s and time to first token: edgeq's INT4 ONNX bundle vs onnxruntime-genai's builder model.
 
-Both come from the same checkpoint (edgeq.export --format onnx --precision int4; `python -m
+Both come from the same checkpoint (`edgeq export --format onnx --precision int4`: GPTQ on edgeq's
+built-in calibration text, so the lm_head is 4-bit as the builder's; `python -m
 onnxruntime_genai.models.builder -p int4 -e cpu`), get the same prompt ids (a 512-token slice of
 the text, tokenized by edgeq), the same thread count and a KV cache sized for prompt + generated
 tokens. edgeq is timed through its engine (prefill, argmax, then one token per step, as generate()
@@ -39,7 +40,8 @@ def prompt_ids(model: Path, text: Path, n: int) -> list[int]:
 
 
 def edgeq_bundle(model: Path, work: Path) -> Path:
-    bundle = work / "edgeq-int4"
+    """edgeq's default INT4: GPTQ on the built-in calibration text, hence a 4-bit lm_head like the builder's."""
+    bundle = work / "edgeq-int4-gptq"
     if not (bundle / "edgeq.json").is_file():
         edgeq.export(model, format="onnx", precision="int4", output=bundle, eval_tokens=0, progress=False)
     return bundle

@@ -38,7 +38,7 @@ from edgeq.errors import EdgeqError
 from edgeq.intake import SourceModel
 from edgeq.progress import bar
 
-from .onnx_weights import TYPES, ExternalData, quantize_blocks, read_back
+from .onnx_weights import INT_TYPES, TYPES, BlockGrid, ExternalData, Quantized, quantize_blocks, read_back
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
@@ -50,15 +50,18 @@ OPSET = 23  # RMSNormalization is standard from 23
 ORT_FORMAT_LIMIT = 2 << 30  # an .ort file is one flatbuffer, which cannot pass 2 GiB
 
 
-def plan_precisions(source: SourceModel, precision: str, overrides: dict[str, str] | None) -> dict[str, str]:
-    """HF weight name → encoding for every matrix. INT4 keeps lm_head and embeddings at INT8 (as llama.cpp keeps its output at 6+ bits)."""
+def plan_precisions(source: SourceModel, precision: str, overrides: dict[str, str] | None, gptq: bool = False) -> dict[str, str]:
+    """HF weight name → encoding for every matrix. INT4 keeps embeddings at INT8, and the lm_head too unless
+    GPTQ rounds it: rounded alone, a 4-bit lm_head costs SmolLM2 +0.055 KL (llama.cpp keeps its output at 6 bits);
+    with GPTQ +0.014, and its bytes are what a decode step reads most (4 bits decode as fast as the builder's)."""
     shapes = source.shapes()
     names = [n for n, s in shapes.items() if len(s) == 2]
     if "lm_head.weight" not in shapes:
         names.append("lm_head.weight")  # tied: written from the embedding, but planned on its own
+    kept = ("model.embed_tokens.weight",) if gptq else ("lm_head.weight", "model.embed_tokens.weight")
     plan = {}
     for name in names:
-        plan[name] = "int8" if precision == "int4" and name in ("lm_head.weight", "model.embed_tokens.weight") else precision
+        plan[name] = "int8" if precision == "int4" and name in kept else precision
     for name, asked in (overrides or {}).items():
         if name not in plan:
             raise EdgeqError(f"precision plan names {name!r}, which is not a weight matrix of {source.path.name}; use HF weight names like model.layers.0.mlp.down_proj.weight")
@@ -72,20 +75,35 @@ def check_blocks(plan: dict[str, str], shapes: dict[str, tuple], block_size: int
     if block_size not in BLOCK_SIZES:
         raise EdgeqError(f"INT4 block size {block_size} is not supported; choose one of {', '.join(map(str, BLOCK_SIZES))}")
     for name, kind in plan.items():
-        width = (shapes.get(name) or shapes["model.embed_tokens.weight"])[1]
+        width = matrix_shape(shapes, name)[1]
         if kind == "int4" and width % block_size:
             fits = [b for b in BLOCK_SIZES if width % b == 0]
             raise EdgeqError(f"INT4 block size {block_size} does not divide the width {width} of {name}; "
                              f"use block size {' or '.join(map(str, fits)) or '(none fits)'}, or keep that layer at int8 in the plan")
 
 
+def matrix_shape(shapes: dict[str, tuple], name: str) -> tuple:
+    """(rows, cols) of a planned matrix; a tied lm_head has the embedding's."""
+    return tuple(shapes.get(name) or shapes["model.embed_tokens.weight"])
+
+
+def gptq_rounding(calibration, plan: dict[str, str], block_size: int, progress: bool | None) -> dict[str, Quantized]:
+    """Every MatMulNBits weight of the plan, rounded by GPTQ on the calibration text (the embedding is a lookup: no inputs to compensate)."""
+    from edgeq.gptq import quantize_model
+
+    grids = {name: BlockGrid(int(kind[3:]), block_size if kind == "int4" else 32) for name, kind in plan.items()
+             if kind in INT_TYPES and name != "model.embed_tokens.weight"}
+    return quantize_model(calibration.model, calibration.windows, grids, progress) if grids else {}
+
+
 class DecoderGraph:
     """Accumulates nodes and initializers; weights go straight to the external-data file."""
 
     def __init__(self, source: SourceModel, stage: Path, plan: dict[str, str], block_size: int,
-                 accuracy_level: int, importance: dict[str, np.ndarray] | None):
+                 accuracy_level: int, importance: dict[str, np.ndarray] | None, rounded: dict[str, Quantized] | None = None):
         self.source, self.plan, self.block_size = source, plan, block_size
         self.accuracy_level, self.importance = accuracy_level, importance or {}
+        self.rounded = dict(rounded or {})  # GPTQ's result, taken (and dropped) as each weight is written
         self.data = ExternalData(stage, DATA_FILE)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
@@ -122,10 +140,12 @@ class DecoderGraph:
 
     def _quantized(self, name: str) -> tuple[str, str, int, int, int]:
         """Writes `name` and its scales as the plan encodes them; returns (weight, scales, rows, cols, bits)."""
-        kind, weight = self.plan[name], self._tensor(name)
-        q = quantize_blocks(weight, int(kind[3:]), self.block_size if kind == "int4" else 32, self.importance.get(name))
+        kind = self.plan[name]
+        q = self.rounded.pop(name, None)
+        if q is None:
+            q = quantize_blocks(self._tensor(name), int(kind[3:]), self.block_size if kind == "int4" else 32, self.importance.get(name))
         self.add_weight(f"{name}.scales", q.scales)
-        return self.add_weight(name, q.data), f"{name}.scales", *weight.shape, q.bits
+        return self.add_weight(name, q.data), f"{name}.scales", *matrix_shape(self.source.shapes(), name), q.bits
 
     def _matmul_nbits(self, x: str, weight: str, scales: str, rows: int, cols: int, bits: int) -> str:
         return self.node("MatMulNBits", [x, weight, scales], domain="com.microsoft", K=cols, N=rows, bits=bits,
@@ -351,12 +371,16 @@ class ONNXConverter:
     default_precision = "int4"
     planned_precision = "int4"  # the base of a planned export; the plan names every matrix
     precisions = ("int4", "int8", "fp16", "fp32")
-    options = ("mobile", "block_size")
+    options = ("mobile", "block_size", "rounding")
+    roundings = ("gptq", "nearest")
+    takes_calibration = True  # export() hands it the calibration text (edgeq.importance.Calibration): GPTQ runs the model on it
 
     def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
-                importance: dict[str, np.ndarray] | None = None, progress: bool | None = None,
-                block_size: int = 32, accuracy_level: int = 4, mobile: bool = False) -> dict:
-        """`block_size` is the INT4 block (32/64/128); `accuracy_level` 4 lets MatMulNBits multiply in int8, 1 in fp32."""
+                importance: dict[str, np.ndarray] | None = None, progress: bool | None = None, calibration=None,
+                rounding: str = "gptq", block_size: int = 32, accuracy_level: int = 4, mobile: bool = False) -> dict:
+        """`block_size` is the INT4 block (32/64/128); `accuracy_level` 4 lets MatMulNBits multiply in int8, 1 in fp32.
+        `rounding` "gptq" (needs `calibration`) rounds every integer MatMulNBits weight by GPTQ; "nearest" rounds
+        each block to its nearest levels (weighted by `importance` when given)."""
         precision = precision.lower()
         if precision not in self.precisions:
             raise EdgeqError(f"ONNX precision {precision!r} is not supported; choose one of {', '.join(self.precisions)}")
@@ -364,9 +388,18 @@ class ONNXConverter:
             raise EdgeqError(f"accuracy level {accuracy_level} is not one of 0-4 (MatMulNBits' compute type; 4 = int8, 1 = fp32)")
         if source.config.get("use_sliding_window"):
             raise EdgeqError(f"{source.path.name} uses sliding-window attention, which the ONNX export does not support yet; export GGUF")
-        plan = plan_precisions(source, precision, overrides)
+        if rounding not in self.roundings:
+            raise EdgeqError(f"rounding {rounding!r} is not one of {', '.join(self.roundings)}")
+        use_gptq = rounding == "gptq" and calibration is not None
+        plan = plan_precisions(source, precision, overrides, gptq=use_gptq)
         check_blocks(plan, source.shapes(), block_size)
-        model = DecoderGraph(source, stage, plan, block_size, accuracy_level, importance).build(progress)
+        integer = any(kind in INT_TYPES for kind in plan.values())
+        rounded = gptq_rounding(calibration, plan, block_size, progress) if use_gptq and integer else None
+        if integer and not use_gptq and calibration is not None and not calibration.builtin:
+            from edgeq.importance import compute_importance
+
+            importance = compute_importance(calibration.model, calibration.windows, progress)
+        model = DecoderGraph(source, stage, plan, block_size, accuracy_level, importance, rounded).build(progress)
         check_operators(model)
         onnx.save_model(model, str(stage / MODEL_FILE))
         try:
@@ -378,4 +411,5 @@ class ONNXConverter:
         for problem in report["mismatches"]:
             log.warning("%s: asked %s, wrote %s (%s)", problem["tensor"], problem["asked"], problem["got"], problem["why"])
         return {"model_file": MODEL_FILE, "precision": precision, "block_size": block_size if "int4" in plan.values() else None,
+                "rounding": ("gptq" if rounded else "importance-weighted" if importance else "nearest") if integer else None,
                 "accuracy_level": accuracy_level, "mobile_files": extra, **report}

@@ -43,6 +43,9 @@ DIVISORS = {
     8: torch.tensor([-128.0, -127.5, -127.0, 127.0, -128.5, -126.5]),
 }
 REFITS = 2  # rounds of re-rounding at the refit scale: another ~1% (up to 10% on single tensors) for INT4
+# GPTQ compensates rounding error itself; five start points give it the same KL as twenty (SmolLM2 INT4:
+# 0.0974 vs 0.0971; -8 alone 0.104), at a quarter of the search time.
+GPTQ_DIVISORS = {4: torch.tensor([-8.0, -7.5, -7.0, 7.0, 7.5]), 8: DIVISORS[8]}
 
 
 def _padded_blocks(weight: torch.Tensor, importance: np.ndarray | None, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,23 +71,67 @@ def _fit(w: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, lo: int, hi: i
     return q, scale, (imp * (w - scale * q) ** 2).sum(-1, keepdim=True)
 
 
-def quantize_blocks(weight: torch.Tensor, bits: int, block_size: int, importance: np.ndarray | None = None) -> Quantized:
-    """Symmetric block-wise quantization of a (rows, cols) weight along its columns (the input dimension)."""
-    w, imp = _padded_blocks(weight, importance, block_size)
+def _search(w: torch.Tensor, imp: torch.Tensor, bits: int, divisors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (rows, blocks, block) and scales (rows, blocks, 1) of least importance-weighted error."""
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True))  # signed value of largest magnitude
     best_err = torch.full(extreme.shape, float("inf"))
     best_q, best_s = torch.zeros_like(w), torch.zeros_like(extreme)
-    for divisor in DIVISORS[bits]:
+    for divisor in DIVISORS[bits] if divisors is None else divisors:
         q, scale, err = _fit(w, imp, extreme / divisor, lo, hi)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, scale, best_s)
         best_q = torch.where(better, q, best_q)
-    codes = (best_q - lo).to(torch.uint8).numpy()
+    return best_q, best_s
+
+
+def _pack(q: torch.Tensor, scales: torch.Tensor, bits: int, block_size: int) -> Quantized:
+    codes = (q + 2 ** (bits - 1)).to(torch.uint8).numpy()
     if bits == 4:
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return Quantized(np.ascontiguousarray(codes), best_s.squeeze(-1).numpy().astype(np.float32), bits, block_size)
+    return Quantized(np.ascontiguousarray(codes), scales.reshape(q.shape[0], -1).numpy().astype(np.float32), bits, block_size)
+
+
+def quantize_blocks(weight: torch.Tensor, bits: int, block_size: int, importance: np.ndarray | None = None) -> Quantized:
+    """Symmetric block-wise quantization of a (rows, cols) weight along its columns (the input dimension)."""
+    w, imp = _padded_blocks(weight, importance, block_size)
+    q, scales = _search(w, imp, bits)
+    return _pack(q, scales, bits, block_size)
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """The same encoding as GPTQ's grid (`edgeq.gptq.Grid`): a block's scale comes from the search above,
+    run on the error-updated weights of that block; columns are then rounded one by one at it."""
+
+    bits: int
+    block: int
+
+    @property
+    def lo(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def hi(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def scales(self, weights: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+        imp = importance.clamp_min(1e-12)
+        _, scale = _search(weights.unsqueeze(1), (imp / imp.mean()).view(1, 1, -1), self.bits, GPTQ_DIVISORS[self.bits])
+        return scale.view(-1)
+
+    def round(self, column: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self._codes(column, scale) * scale
+
+    def _codes(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (w / torch.where(scale == 0, torch.ones_like(scale), scale)).round().clamp(self.lo, self.hi)
+
+    def encode(self, rounded: torch.Tensor, scales: torch.Tensor) -> Quantized:
+        rows, cols = rounded.shape
+        blocks = rounded.view(rows, cols // self.block, self.block)
+        scales = scales.view(rows, -1, 1)
+        return _pack(self._codes(blocks, scales), scales, self.bits, self.block)
 
 
 def dequantize(q: Quantized, cols: int) -> np.ndarray:

@@ -46,17 +46,23 @@ def main(ctx, debug, verbose):
 @click.option("--precision", help="Force one precision for every tensor, e.g. Q4_K_M, Q8_0, F16, int4; default: planned per tensor for the device.")
 @click.option("--size", help="Plan within this size instead of the device's, e.g. 95MB or 1.2GiB.")
 @click.option("--bits-per-weight", type=float, help="Plan within this many bits per weight on average.")
-@click.option("--calibration", type=click.Path(dir_okay=False), help="UTF-8 text file for the importance matrix.")
+@click.option("--calibration", type=click.Path(dir_okay=False),
+              help="UTF-8 text like the model's real input. gguf: importance matrix; onnx: the text GPTQ rounds on "
+                   "(default: a built-in text); with a plan: the sensitivity measurement.")
+@click.option("--calibration-tokens", default=8192, show_default=True, help="Tokens of --calibration to use (windows of 512).")
 @click.option("-o", "--output", type=click.Path(), help="Bundle folder to create (default: MODEL-DEVICE-PRECISION).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at the output path.")
 @click.option("--trust-pickle", is_flag=True, help="Allow pickle (.bin) weights, which can run code when loaded.")
 @click.option("--eval-tokens", default=1024, show_default=True, help="Tokens of the short quality check stored in the manifest (0 skips it).")
 @click.option("--mobile", is_flag=True, help="onnx: also write the ORT format (.ort) and the operator config ONNX Runtime Mobile builds need.")
 @click.option("--block-size", type=int, help="onnx int4: columns per quantization block (16, 32, 64, 128 or 256; default 32).")
+@click.option("--rounding", type=click.Choice(["gptq", "nearest"]),
+              help="onnx int4/int8: gptq (default) rounds with error feedback on calibration text, so a 4-bit lm_head "
+                   "keeps quality (minutes on 1B+ models); nearest rounds each block alone (seconds; lm_head stays 8-bit).")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="NAME=TYPE",
               help="With --precision: give one tensor (HF name) another type, e.g. lm_head.weight=int4 (repeatable).")
-def export(model, device, adapter, format_, precision, size, bits_per_weight, calibration, output, overwrite, trust_pickle, eval_tokens,
-           mobile, block_size, tensor_types):
+def export(model, device, adapter, format_, precision, size, bits_per_weight, calibration, calibration_tokens, output, overwrite,
+           trust_pickle, eval_tokens, mobile, block_size, rounding, tensor_types):
     """Export MODEL (a Hugging Face folder; default: SmolLM2-135M-Instruct) into a bundle for a device.
 
     With --device (or --size / --bits-per-weight) and no --precision, edgeq measures how much each
@@ -65,8 +71,8 @@ def export(model, device, adapter, format_, precision, size, bits_per_weight, ca
     from .export import export as run_export
 
     out = run_export(model, device=device, adapter=adapter, format=format_, precision=precision, calibration=calibration,
-                     output=output, overwrite=overwrite, trust_pickle=trust_pickle, eval_tokens=eval_tokens,
-                     size=size, bits_per_weight=bits_per_weight, mobile=mobile, block_size=block_size,
+                     calibration_tokens=calibration_tokens, output=output, overwrite=overwrite, trust_pickle=trust_pickle, eval_tokens=eval_tokens,
+                     size=size, bits_per_weight=bits_per_weight, mobile=mobile, block_size=block_size, rounding=rounding,
                      tensor_types=_name_types(tensor_types), progress=True)
     click.echo(out)
     _print_summary(out)

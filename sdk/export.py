@@ -9,7 +9,7 @@ from . import registry
 from .bundle import check_writable, staged_bundle, write_manifest
 from .errors import EdgeqError
 from .evaluate import DEFAULT_TEXT, compare
-from .importance import calibration_windows, compute_importance
+from .importance import Calibration, calibration_windows, compute_importance
 from .loading import CHAT_TEMPLATE_FILE, open_engine
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,13 @@ def _copy_tokenizer(source, stage: Path) -> None:
         (stage / CHAT_TEMPLATE_FILE).write_text(template)
 
 
+def _calibration_record(text, tokens: int, calib, fields: dict) -> dict | None:
+    """Which text shaped the weights, if any did (a converter may have had one and not used it)."""
+    if calib is not None:
+        return calib.describe() if fields.get("rounding") in ("gptq", "importance-weighted") else None
+    return {"text": str(text), "tokens": tokens} if text else None
+
+
 def _plan_check(plan, measured_kl: float) -> dict:
     """The planner's prediction beside the measured KL; a gap of more than 2× either way is reported."""
     ratio = measured_kl / plan.predicted_kl if plan.predicted_kl else float("inf")
@@ -75,7 +82,7 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
            output: str | Path | None = None, overwrite: bool = False, trust_pickle: bool = False,
            size: str | int | None = None, bits_per_weight: float | None = None,
            calibration_tokens: int = 8192, eval_tokens: int = 1024, eval_ctx: int = 256,
-           mobile: bool = False, block_size: int | None = None, tensor_types: dict[str, str] | None = None,
+           mobile: bool = False, block_size: int | None = None, rounding: str | None = None, tensor_types: dict[str, str] | None = None,
            progress: bool | None = None) -> Path:
     """Exports a Hugging Face model (and LoRA adapter) into a bundle for a device; returns the bundle path.
 
@@ -84,7 +91,9 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
     edgeq plan a precision per tensor from measured sensitivity; `precision` forces one type.
     A calibration text feeds the importance matrix and the sensitivity measurement. `tensor_types`
     (HF tensor name → precision) makes exceptions to a forced precision, e.g. `{"lm_head.weight": "int4"}`.
-    Format options: `mobile` (onnx: also the ORT format for ONNX Runtime Mobile), `block_size` (onnx int4).
+    Format options: `mobile` (onnx: also the ORT format for ONNX Runtime Mobile), `block_size` (onnx int4),
+    `rounding` (onnx int4/int8: "gptq", the default, rounds with error feedback on the calibration text or
+    edgeq's built-in one; "nearest" rounds each block alone, in seconds instead of minutes).
     """
     from edgeq.devices import load_device
     from .intake import open_model
@@ -96,7 +105,7 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
     profile = load_device(device) if device else None
     fmt = choose_format(format, profile)
     converter = registry.converters.get(fmt)()
-    options = converter_options(converter, fmt, mobile=mobile, block_size=block_size)
+    options = converter_options(converter, fmt, mobile=mobile, block_size=block_size, rounding=rounding)
     planned = precision is None and (profile is not None or size is not None or bits_per_weight is not None)
     if planned and tensor_types:
         raise EdgeqError("per-tensor types apply to a forced --precision; without one, the plan chooses every tensor's type")
@@ -114,8 +123,12 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
                                     calibration=calibration, progress=progress)
     # The float reference is as large as the model in fp32: it is loaded only where needed, so the
     # conversion itself streams with peak memory near the largest tensor (and torch is not even imported).
-    reference = None
-    if calibration and not planned:
+    # A converter that takes the calibration itself (ONNX: GPTQ) gets the text, with the built-in one as default,
+    # and loads the model only if it rounds that way; the others get an importance matrix when given a text.
+    reference = calib = None
+    if getattr(converter, "takes_calibration", False) and not planned:
+        calib = options["calibration"] = Calibration(source, calibration, calibration_tokens)
+    elif calibration and not planned:
         from edgeq.runtimes.torch import TorchEngine
 
         reference = TorchEngine(source)
@@ -134,14 +147,14 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
             "context_length": min(profile.context_length if profile else DEFAULT_CONTEXT, trained),
             "source": source.fingerprint(),
             "device": profile.to_dict() if profile else None,
-            "importance": {"text": str(calibration), "tokens": calibration_tokens} if calibration else None,
+            "calibration": _calibration_record(calibration, calibration_tokens, calib, fields),
             "tokenizer": tokenizer.spec.to_dict(),
             "plan": plan.to_dict() if plan else None,
         }
         if eval_tokens:
             from edgeq.runtimes.torch import TorchEngine
 
-            reference = reference or TorchEngine(source)
+            reference = reference or (calib and calib.engine) or TorchEngine(source)
             # a converter may name the engine that can measure its format here (Core ML on Linux: coreml-torch)
             candidate = open_engine(stage, manifest, getattr(converter, "eval_runtime", None))
             try:

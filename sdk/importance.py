@@ -5,12 +5,47 @@ calibration tokens. Names are the HF weight names; each converter maps them to i
 """
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from .errors import EdgeqError
 from .progress import bar
+
+
+CALIBRATION_TEXT = Path(__file__).with_name("calibration_text.txt")  # used when the caller gives none
+
+
+class Calibration:
+    """Calibration text for a converter that runs the float model on it itself (ONNX: GPTQ rounding).
+
+    Nothing loads until the converter asks: the float reference model on first `model`, the token
+    windows on first `windows`; export() then reuses the loaded reference for its quality check.
+    """
+
+    def __init__(self, source, text: Path | None, tokens: int):
+        self.source, self.tokens = source, tokens
+        self.text = Path(text) if text else CALIBRATION_TEXT
+        self.builtin = text is None
+        if not self.text.is_file():
+            raise EdgeqError(f"calibration text {self.text} does not exist; pass a UTF-8 text file")
+        self.engine = None
+
+    @property
+    def model(self):
+        if self.engine is None:
+            from edgeq.runtimes.torch import TorchEngine
+
+            self.engine = TorchEngine(self.source)
+        return self.engine.model
+
+    @cached_property
+    def windows(self) -> list[list[int]]:
+        return calibration_windows(self.source.chat_tokenizer(), self.text, self.tokens, 512)
+
+    def describe(self) -> dict:
+        return {"text": "built-in calibration text" if self.builtin else str(self.text), "tokens": self.tokens}
 
 
 def calibration_windows(tokenizer, text_path: Path, tokens: int, ctx: int) -> list[list[int]]:

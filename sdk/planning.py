@@ -7,11 +7,11 @@ import re
 from pathlib import Path
 
 from .errors import EdgeqError
+from .importance import CALIBRATION_TEXT
 from .planner import Plan, plan_precisions
 from .sensitivity import Sensitivity, measure_sensitivity
 
 log = logging.getLogger(__name__)
-CALIBRATION_TEXT = Path(__file__).with_name("calibration_text.txt")
 RUNTIME_OVERHEAD = 64 << 20  # compute buffers and the runtime itself, beside weights and KV cache
 # Nominal bits per weight of each uniform precision: the size a device's preferred precision implies.
 NOMINAL_BPW = {"Q4_0": 4.5, "IQ4_NL": 4.5, "Q4_K_M": 4.85, "Q5_K_M": 5.69, "Q6_K": 6.56, "Q8_0": 8.5, "F16": 16.0,

@@ -1,0 +1,206 @@
+"""GPTQ (Frantar et al., 2022): error-compensating rounding of linear weights from calibration text.
+
+Rounding each weight to its nearest level (even weighted by an importance matrix) keeps every weight
+near its own value. GPTQ rounds one input column at a time and moves that column's rounding error
+onto the columns not rounded yet, in the proportions the inverse Hessian of the layer's calibration
+inputs (X^T X) gives, so what the layer *outputs* on that text moves as little as possible.
+
+Layers go in order, each measured on the activations coming out of the layers already rounded, so
+later layers also absorb what earlier ones lost; the model's own weights are restored afterwards. On
+the off-grid SmolLM2-135M (wikitext-2, INT4 blocks of 32) this takes mean KL from 0.338 (importance-
+weighted rounding) to 0.081; llama.cpp's Q4_0 with an imatrix of the same text is at 0.339.
+
+The levels are the format's: a `Grid` picks each block's scale on the error-updated weights, rounds
+columns at it, and encodes the result, so what GPTQ optimized is exactly what the converter writes.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .progress import bar
+
+DAMPING = 0.01  # of the mean Hessian diagonal, added to it: keeps the inverse stable (the paper's value)
+LAZY_COLUMNS = 128  # columns updated together before the rest of the matrix sees their error
+
+
+class Grid(Protocol):
+    block: int  # input columns that share a scale
+
+    def scales(self, weights: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+        """The scale per row, (rows,), for one block of columns, (rows, block), given per-column importance."""
+
+    def round(self, column: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """A column of weights on the grid of its rows' scales (dequantized values)."""
+
+    def encode(self, rounded: torch.Tensor, scales: torch.Tensor) -> Any:
+        """The format's stored form of a rounded (rows, cols) weight and its (rows, blocks) scales."""
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 (damped), in float64: row j holds how column j's error spreads to the later columns."""
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0  # inputs never active in the calibration text: nothing to compensate through them
+    h[dead, dead] = 1.0
+    damp = DAMPING * torch.diag(h).mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for _ in range(5):
+        factor, info = torch.linalg.cholesky_ex(h + damp * eye)
+        if not info:
+            return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+        damp *= 10
+    raise ValueError("the calibration Hessian is not positive definite even after damping")
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rounds a (rows, cols) weight column by column; returns (rounded weight, scales (rows, cols / block))."""
+    rows, cols = weight.shape
+    if cols % grid.block:
+        raise ValueError(f"width {cols} is not a multiple of the block {grid.block}")
+    w = weight.detach().float().clone()
+    factor = _inverse_hessian_factor(hessian).float()
+    importance = torch.diag(hessian).float()
+    rounded = torch.empty_like(w)
+    scales = torch.empty(rows, cols // grid.block)
+    step = max(LAZY_COLUMNS, grid.block) // grid.block * grid.block
+    for start in range(0, cols, step):
+        end = min(start + step, cols)
+        part, errors, f = w[:, start:end].clone(), torch.empty(rows, end - start), factor[start:end, start:end]
+        for j in range(end - start):
+            column = start + j
+            if column % grid.block == 0:
+                scale = grid.scales(part[:, j:j + grid.block], importance[column:column + grid.block])
+                scales[:, column // grid.block] = scale
+            q = grid.round(part[:, j], scale)
+            rounded[:, column] = q
+            error = (part[:, j] - q) / f[j, j]
+            part[:, j:] -= error[:, None] * f[j, j:][None, :]
+            errors[:, j] = error
+        w[:, end:] -= errors @ factor[start:end, end:]
+    return rounded, scales
+
+
+class _HessianHooks:
+    """Sums X^T X of the hooked linears' inputs, once per distinct input: linears fed the same tensor
+    (q/k/v, gate/up) form a group under the first of them, and share its Hessian."""
+
+    def __init__(self, modules: dict[str, nn.Linear]):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.groups: dict[str, list[str]] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor, str] | None = None
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            if self._last is None or self._last[0] is not x:  # holding x keeps its identity from being reused
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                self._last = (x, flat.T @ flat, name)
+                self.sums[name] = self.sums.get(name, 0) + self._last[1]
+            group = self.groups.setdefault(self._last[2], [])
+            if name not in group:
+                group.append(name)
+        return hook
+
+    def close(self) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+        for handle in self._handles:
+            handle.remove()
+        self._last = None
+        return self.sums, self.groups
+
+
+class _Captured(Exception):
+    pass
+
+
+def _first_layer_inputs(model, windows: list[list[int]]) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) the model passes its first decoder layer for each window: hidden states, mask, RoPE tables."""
+    calls = []
+
+    def catch(module, args, kwargs):
+        calls.append((args, kwargs))
+        raise _Captured
+
+    handle = model.model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for window in windows:
+            try:
+                model(input_ids=torch.tensor([window]), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return calls
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_hidden(call: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, dict]:
+    args, kwargs = call
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _round_group(modules: list[tuple[str, nn.Linear]], hessian: torch.Tensor, grid: Grid, results: dict[str, Any]) -> None:
+    """GPTQ of linears that share an input and a grid, as one matrix (their rows stacked: the same result, one pass)."""
+    rounded, scales = gptq(torch.cat([m.weight for _, m in modules]), hessian, grid)
+    row = 0
+    for name, module in modules:
+        rows = module.weight.shape[0]
+        results[f"{name}.weight"] = grid.encode(rounded[row:row + rows], scales[row:row + rows])
+        module.weight.data = rounded[row:row + rows].to(module.weight.dtype)
+        row += rows
+
+
+def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], progress: bool | None = None) -> dict[str, Any]:
+    """GPTQ of every linear weight `grids` names (HF names) of a transformers decoder, layer by layer on `windows`.
+
+    Returns {HF weight name: grid.encode(...)}; the model's weights are left as they were. Memory: the
+    calibration activations of one layer and the Hessians of its linears (not the whole model's).
+    """
+    layers = model.model.layers
+    results: dict[str, Any] = {}
+    with torch.no_grad(), bar(len(layers) + 1, "GPTQ", "layer", progress) as pbar:
+        calls = _first_layer_inputs(model, windows)
+        for i, layer in enumerate(layers):
+            modules = {f"model.layers.{i}.{n}": m for n, m in layer.named_modules()
+                       if isinstance(m, nn.Linear) and f"model.layers.{i}.{n}.weight" in grids}
+            hooks = _HessianHooks(modules)
+            try:
+                for args, kwargs in calls:
+                    layer(*args, **kwargs)
+            finally:
+                hessians, groups = hooks.close()
+            tokens = sum(_hidden_of(call).shape[1] for call in calls)
+            originals = {name: m.weight.data for name, m in modules.items()}
+            for leader, names in groups.items():
+                for grid in {grids[f"{n}.weight"] for n in names}:  # one GPTQ per grid among the group
+                    alike = [(n, modules[n]) for n in names if grids[f"{n}.weight"] == grid]
+                    _round_group(alike, hessians[leader] / tokens, grid, results)
+            calls = [_with_hidden(call, _hidden(layer(*call[0], **call[1]))) for call in calls]
+            for name, weight in originals.items():
+                modules[name].weight.data = weight
+            pbar.update(1)
+        if "lm_head.weight" in grids:
+            hooks = _HessianHooks({"lm_head": model.lm_head})
+            try:
+                for call in calls:
+                    model.lm_head(model.model.norm(_hidden_of(call)))
+            finally:
+                hessians, _ = hooks.close()
+            tokens = sum(_hidden_of(call).shape[1] for call in calls)
+            original = model.lm_head.weight.data
+            _round_group([("lm_head", model.lm_head)], hessians["lm_head"] / tokens, grids["lm_head.weight"], results)
+            model.lm_head.weight.data = original
+        pbar.update(1)
+    return results
+
+
+def _hidden_of(call: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]

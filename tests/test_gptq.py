@@ -1,0 +1,103 @@
+"""GPTQ: it lowers a layer's output error below importance-weighted rounding, stays on the format's grid,
+runs layer by layer over a real transformers model without changing it, and the ONNX export uses it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import edgeq
+from edgeq.converters.onnx_weights import BlockGrid, dequantize, quantize_blocks
+from edgeq.evaluate import DEFAULT_TEXT, QualityAccumulator
+from edgeq.gptq import gptq, quantize_model
+from edgeq.importance import calibration_windows
+from edgeq.intake import open_model
+from edgeq.runtimes.torch import TorchEngine, load_hf_model
+
+
+def _correlated_inputs(cols: int, n: int = 4096, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols ** 0.5
+    return torch.randn(n, cols, generator=g) @ mix + 0.1 * torch.randn(n, cols, generator=g)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_moves_outputs_less_than_rounding_and_stays_on_the_grid(bits):
+    x = _correlated_inputs(128)
+    weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(1)) * 0.05
+    hessian = x.T @ x / len(x)
+    grid = BlockGrid(bits, 32)
+    rounded, scales = gptq(weight, hessian, grid)
+    nearest = torch.from_numpy(dequantize(quantize_blocks(weight, bits, 32, torch.diag(hessian).numpy()), 128))
+
+    def output_error(w):
+        return float(((x @ (weight - w).T) ** 2).mean())
+
+    assert output_error(rounded) < 0.8 * output_error(nearest)
+    stored = grid.encode(rounded, scales)
+    assert stored.scales.shape == (48, 4)
+    np.testing.assert_array_equal(dequantize(stored, 128), rounded.numpy())  # what GPTQ chose is what gets written
+
+
+def test_gptq_survives_inputs_the_calibration_never_activates():
+    x = _correlated_inputs(64)
+    x[:, 5] = 0
+    weight = torch.randn(16, 64) * 0.05
+    rounded, _ = gptq(weight, x.T @ x / len(x), BlockGrid(4, 32))
+    assert torch.isfinite(rounded).all() and (rounded - weight).abs().max() < 0.05
+
+
+def test_quantize_model_covers_what_was_asked_and_leaves_the_model_as_it_was(tiny_llama):
+    source = open_model(tiny_llama)
+    model = load_hf_model(source)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    windows = calibration_windows(source.chat_tokenizer(), DEFAULT_TEXT, 512, 128)
+    grids = {f"model.layers.{i}.{n}.weight": BlockGrid(4, 32) for i in range(2)
+             for n in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj")}
+    grids["model.layers.1.self_attn.v_proj.weight"] = BlockGrid(8, 32)  # shares q/k's input, not their grid
+    grids["lm_head.weight"] = BlockGrid(4, 32)
+    results = quantize_model(model, windows, grids, progress=False)
+    assert set(results) == set(grids)
+    assert results["model.layers.1.self_attn.v_proj.weight"].bits == 8
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for name, stored in results.items():
+        assert stored.scales.shape[0] == model.get_parameter(name).shape[0]
+
+
+def test_onnx_int4_rounds_by_gptq_on_the_calibration_text_and_beats_nearest(tmp_path, tiny_llama):
+    source = open_model(tiny_llama)
+    held_out = calibration_windows(source.chat_tokenizer(), DEFAULT_TEXT, 1024, 128)[-2:]
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(DEFAULT_TEXT.read_text()[:6000])
+    gptq_bundle = edgeq.export(tiny_llama, format="onnx", precision="int4", calibration=calibration, calibration_tokens=2048,
+                               output=tmp_path / "gptq", eval_tokens=0, progress=False)
+    nearest_bundle = edgeq.export(tiny_llama, format="onnx", precision="int4", rounding="nearest", tensor_types={"lm_head.weight": "int4"},
+                                  output=tmp_path / "nearest", eval_tokens=0, progress=False)
+    report = edgeq.inspect(gptq_bundle)
+    assert report["rounding"] == "gptq" and report["calibration"] == {"text": str(calibration), "tokens": 2048}
+    assert edgeq.inspect(nearest_bundle)["rounding"] == "nearest" and edgeq.inspect(nearest_bundle)["calibration"] is None
+    assert report["tensors"]["lm_head.weight"]["type"] == "int4"  # GPTQ makes a 4-bit lm_head affordable
+    assert report["tensors"]["model.embed_tokens.weight"]["type"] == "int8"
+    reference = TorchEngine(source)
+    kl = {}
+    for name, bundle in (("gptq", gptq_bundle), ("nearest", nearest_bundle)):
+        acc = QualityAccumulator()
+        with edgeq.load(bundle) as lm:
+            for window in held_out:
+                acc.add(reference.score(window), lm.engine.score(window), window)
+        kl[name] = acc.result(ctx=128).kl
+    assert kl["gptq"] < 0.8 * kl["nearest"], kl
+
+
+def test_onnx_rounding_defaults_and_choices(tmp_path, tiny_llama):
+    default = edgeq.inspect(edgeq.export(tiny_llama, format="onnx", precision="int4", output=tmp_path / "d", eval_tokens=0))
+    assert default["rounding"] == "gptq" and default["calibration"]["text"] == "built-in calibration text"
+    nearest = edgeq.inspect(edgeq.export(tiny_llama, format="onnx", precision="int4", rounding="nearest", output=tmp_path / "n", eval_tokens=0))
+    assert nearest["tensors"]["lm_head.weight"]["type"] == "int8"  # rounded alone, a 4-bit lm_head costs too much
+    weighted = edgeq.inspect(edgeq.export(tiny_llama, format="onnx", precision="int8", rounding="nearest", calibration=DEFAULT_TEXT,
+                                          output=tmp_path / "w", eval_tokens=0))
+    assert weighted["rounding"] == "importance-weighted" and weighted["calibration"]["text"] == str(DEFAULT_TEXT)
+    assert edgeq.inspect(edgeq.export(tiny_llama, format="onnx", precision="fp16", output=tmp_path / "f", eval_tokens=0))["rounding"] is None
+    with pytest.raises(edgeq.EdgeqError, match="does not apply to the gguf format"):
+        edgeq.export(tiny_llama, format="gguf", precision="Q8_0", rounding="nearest", output=tmp_path / "g", eval_tokens=0)
+    assert not (tmp_path / "g").exists()

@@ -1,8 +1,10 @@
 """Quality of edgeq's ONNX export against the torch reference and llama.cpp's own quantizer, on the same tokens.
 
-Rows: edgeq ONNX fp32, int8, int4 and int4 rounded by GPTQ on calibration text (`calibration=`, which
-also makes its lm_head 4-bit, as the builder's); llama.cpp's own pipeline (convert_hf_to_gguf.py f16,
-llama-quantize Q8_0 / Q4_0, and Q4_0 with llama-imatrix from the same calibration text); optionally onnxruntime-genai's builder int4 graph (--genai). All are
+Rows: edgeq ONNX fp32; int8 and int4 as exported by default (GPTQ on edgeq's built-in calibration text,
+a 4-bit lm_head, INT4 blocks of 64); int4 blocks of 32 with `rounding="nearest"` (each block alone, 8-bit
+lm_head); int4 with GPTQ on the calibration text llama.cpp's imatrix also gets, in blocks of 64 and of 32
+(the bar's); llama.cpp's own pipeline (convert_hf_to_gguf.py
+f16, llama-quantize Q8_0 / Q4_0, and Q4_0 with llama-imatrix from the same calibration text); optionally onnxruntime-genai's builder int4 graph (--genai). All are
 scored by edgeq's evaluator against the torch reference logits, computed once. Bars (issue 3):
 fp32 KL < 1e-4 and top-1 >= 0.999; int8 KL <= 1.5x Q8_0's; int4 block 32 KL <= Q4_0's (both from the
 same calibration text: the last 200k characters of the eval file, disjoint from its windows).
@@ -75,9 +77,11 @@ def measure(reference_logits, engine, windows) -> dict:
 
 def engines(args, work: Path, calibration: Path):
     """(label, opener) of every row: edgeq ONNX bundles, llama.cpp's own GGUF files, optionally the genai graph."""
-    for precision, calib in (("fp32", None), ("int8", None), ("int4", None), ("int4", calibration)):
-        label = f"onnx-{precision}" + ("+gptq" if calib else "")
-        yield label, lambda p=precision, c=calib, l=label: open_bundle(args, work / l, p, c)
+    rows = (("fp32", None, None, None), ("int8", None, None, None), ("int4", "nearest", 32, None), ("int4", None, None, None),
+            ("int4", None, None, calibration), ("int4", None, 32, calibration))
+    for precision, rounding, block, calib in rows:
+        label = f"onnx-{precision}" + (f"-b{block}" if block else "") + (f"-{rounding}" if rounding else "") + ("+calibration" if calib else "")
+        yield label, lambda p=precision, r=rounding, b=block, c=calib, l=label: open_bundle(args, work / l, p, r, b, c)
     files = llamacpp_files(args.model, work, ["Q8_0", "Q4_0"], calibration, args.calibration_tokens, args.threads)
     for name in ("Q8_0", "Q4_0", "Q4_0+imatrix"):
         yield f"llama.cpp-{name}", lambda f=files[name]: LlamaCppEngine(f, threads=args.threads, n_ctx=args.ctx)
@@ -85,9 +89,9 @@ def engines(args, work: Path, calibration: Path):
         yield "genai-int4", lambda: GenaiGraph(build_genai(args.model, work / "genai-int4", "int4"), args.threads)
 
 
-def open_bundle(args, out: Path, precision: str, calibration: Path | None):
+def open_bundle(args, out: Path, precision: str, rounding: str | None, block: int | None, calibration: Path | None):
     bundle = edgeq.export(args.model, format="onnx", precision=precision, output=out, eval_tokens=0, progress=False,
-                          calibration=calibration, calibration_tokens=args.calibration_tokens)
+                          rounding=rounding, block_size=block, calibration=calibration, calibration_tokens=args.calibration_tokens)
     return open_engine(bundle, read_manifest(bundle), threads=args.threads, n_ctx=args.ctx)
 
 
@@ -119,8 +123,9 @@ def main() -> None:
 
     fp32 = results["onnx-fp32"]
     print(f"[{'PASS' if fp32['kl'] < 1e-4 and fp32['top1'] >= 0.999 else 'FAIL'}] fp32 KL {fp32['kl']:.2e} < 1e-4, top-1 {fp32['top1']:.4f} >= 0.999")
-    for ours, theirs, bar in (("onnx-int8", "llama.cpp-Q8_0", 1.5), ("onnx-int4+gptq", "llama.cpp-Q4_0+imatrix", 1.0),
-                              ("onnx-int4", "llama.cpp-Q4_0", None), ("onnx-int4", "genai-int4", None)):
+    for ours, theirs, bar in (("onnx-int8", "llama.cpp-Q8_0", 1.5), ("onnx-int4-b32+calibration", "llama.cpp-Q4_0+imatrix", 1.0),
+                              ("onnx-int4+calibration", "llama.cpp-Q4_0+imatrix", None), ("onnx-int4", "llama.cpp-Q4_0+imatrix", None),
+                              ("onnx-int4-b32-nearest", "llama.cpp-Q4_0", None), ("onnx-int4", "genai-int4", None)):
         if ours in results and theirs in results:
             ratio = results[ours]["kl"] / results[theirs]["kl"]
             verdict = f"[{'PASS' if ratio <= bar else 'FAIL'}] " if bar else "[info] "

@@ -38,7 +38,7 @@ from edgeq.errors import EdgeqError
 from edgeq.intake import SourceModel
 from edgeq.progress import bar
 
-from .onnx_weights import INT_TYPES, TYPES, BlockGrid, ExternalData, Quantized, quantize_blocks, read_back
+from .onnx_weights import INT_TYPES, TYPES, BlockGrid, ExternalData, Quantized, int4_block, quantize_blocks, read_back
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
@@ -71,15 +71,24 @@ def plan_precisions(source: SourceModel, precision: str, overrides: dict[str, st
     return plan
 
 
-def check_blocks(plan: dict[str, str], shapes: dict[str, tuple], block_size: int) -> None:
-    if block_size not in BLOCK_SIZES:
+def block_sizes(plan: dict[str, str], shapes: dict[str, tuple], block_size: int | None) -> dict[str, int]:
+    """The block of every integer matrix: INT8 blocks of 32 (Q8_0's layout); INT4 the block asked, which must divide
+    every INT4 width, or without one 64 where it divides and the next size that does elsewhere."""
+    if block_size is not None and block_size not in BLOCK_SIZES:
         raise EdgeqError(f"INT4 block size {block_size} is not supported; choose one of {', '.join(map(str, BLOCK_SIZES))}")
+    blocks = {}
     for name, kind in plan.items():
         width = matrix_shape(shapes, name)[1]
-        if kind == "int4" and width % block_size:
-            fits = [b for b in BLOCK_SIZES if width % b == 0]
-            raise EdgeqError(f"INT4 block size {block_size} does not divide the width {width} of {name}; "
-                             f"use block size {' or '.join(map(str, fits)) or '(none fits)'}, or keep that layer at int8 in the plan")
+        if kind == "int8":
+            blocks[name] = 32
+        elif kind == "int4":
+            blocks[name] = int4_block(width, block_size)
+            if blocks[name] is None:
+                fits = [b for b in BLOCK_SIZES if width % b == 0]
+                asked = f"INT4 block size {block_size} does not divide" if block_size else "no INT4 block size divides"
+                raise EdgeqError(f"{asked} the width {width} of {name}; "
+                                 f"use block size {' or '.join(map(str, fits)) or '(none fits)'}, or keep that layer at int8 in the plan")
+    return blocks
 
 
 def matrix_shape(shapes: dict[str, tuple], name: str) -> tuple:
@@ -87,11 +96,11 @@ def matrix_shape(shapes: dict[str, tuple], name: str) -> tuple:
     return tuple(shapes.get(name) or shapes["model.embed_tokens.weight"])
 
 
-def gptq_rounding(calibration, plan: dict[str, str], block_size: int, progress: bool | None) -> dict[str, Quantized]:
+def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], progress: bool | None) -> dict[str, Quantized]:
     """Every MatMulNBits weight of the plan, rounded by GPTQ on the calibration text (the embedding is a lookup: no inputs to compensate)."""
     from edgeq.gptq import quantize_model
 
-    grids = {name: BlockGrid(int(kind[3:]), block_size if kind == "int4" else 32) for name, kind in plan.items()
+    grids = {name: BlockGrid(int(kind[3:]), blocks[name]) for name, kind in plan.items()
              if kind in INT_TYPES and name != "model.embed_tokens.weight"}
     return quantize_model(calibration.model, calibration.windows, grids, progress) if grids else {}
 
@@ -99,9 +108,9 @@ def gptq_rounding(calibration, plan: dict[str, str], block_size: int, progress: 
 class DecoderGraph:
     """Accumulates nodes and initializers; weights go straight to the external-data file."""
 
-    def __init__(self, source: SourceModel, stage: Path, plan: dict[str, str], block_size: int,
+    def __init__(self, source: SourceModel, stage: Path, plan: dict[str, str], blocks: dict[str, int],
                  accuracy_level: int, importance: dict[str, np.ndarray] | None, rounded: dict[str, Quantized] | None = None):
-        self.source, self.plan, self.block_size = source, plan, block_size
+        self.source, self.plan, self.blocks = source, plan, blocks
         self.accuracy_level, self.importance = accuracy_level, importance or {}
         self.rounded = dict(rounded or {})  # GPTQ's result, taken (and dropped) as each weight is written
         self.data = ExternalData(stage, DATA_FILE)
@@ -138,18 +147,17 @@ class DecoderGraph:
         self.initializers.append(self.data.add(name, array))
         return name
 
-    def _quantized(self, name: str) -> tuple[str, str, int, int, int]:
-        """Writes `name` and its scales as the plan encodes them; returns (weight, scales, rows, cols, bits)."""
-        kind = self.plan[name]
+    def _quantized(self, name: str) -> tuple[str, str, int, int, int, int]:
+        """Writes `name` and its scales as the plan encodes them; returns (weight, scales, rows, cols, bits, block)."""
         q = self.rounded.pop(name, None)
         if q is None:
-            q = quantize_blocks(self._tensor(name), int(kind[3:]), self.block_size if kind == "int4" else 32, self.importance.get(name))
+            q = quantize_blocks(self._tensor(name), int(self.plan[name][3:]), self.blocks[name], self.importance.get(name))
         self.add_weight(f"{name}.scales", q.scales)
-        return self.add_weight(name, q.data), f"{name}.scales", *matrix_shape(self.source.shapes(), name), q.bits
+        return self.add_weight(name, q.data), f"{name}.scales", *matrix_shape(self.source.shapes(), name), q.bits, q.block_size
 
-    def _matmul_nbits(self, x: str, weight: str, scales: str, rows: int, cols: int, bits: int) -> str:
+    def _matmul_nbits(self, x: str, weight: str, scales: str, rows: int, cols: int, bits: int, block: int) -> str:
         return self.node("MatMulNBits", [x, weight, scales], domain="com.microsoft", K=cols, N=rows, bits=bits,
-                         block_size=self.block_size if bits == 4 else 32, accuracy_level=self.accuracy_level)
+                         block_size=block, accuracy_level=self.accuracy_level)
 
     def _bias(self, out: str, bias: str | None) -> str:
         if bias and bias in self.source.shapes():
@@ -172,14 +180,14 @@ class DecoderGraph:
         at load), outputs side by side; None unless the plan quantizes them alike. q/k/v are 192-576 rows each
         on small models, and one larger kernel decodes faster than three small ones. The file keeps one tensor
         per HF name."""
-        kinds = {self.plan[n] for n in names}
+        kinds = {(self.plan[n], self.blocks.get(n)) for n in names}
         present = [b for b in biases if b and b in self.source.shapes()]
-        if len(kinds) > 1 or not kinds <= {"int4", "int8"} or 0 < len(present) < len(names):
+        if len(kinds) > 1 or next(iter(kinds))[0] not in INT_TYPES or 0 < len(present) < len(names):
             return None
         parts = [self._quantized(n) for n in names]
         weight = self.node("Concat", [p[0] for p in parts], axis=0)
         scales = self.node("Concat", [p[1] for p in parts], axis=0)
-        out = self._matmul_nbits(x, weight, scales, sum(p[2] for p in parts), parts[0][3], parts[0][4])
+        out = self._matmul_nbits(x, weight, scales, sum(p[2] for p in parts), *parts[0][3:])
         if not present:
             return out
         return self.node("Add", [out, self.node("Concat", [self.add_weight(b, self._tensor(b).numpy()) for b in present], axis=0)])
@@ -197,7 +205,7 @@ class DecoderGraph:
         kind, weight = self.plan[name], self._tensor(name)
         if kind in ("int4", "int8"):
             bits = int(kind[3:])
-            q = quantize_blocks(weight, bits, self.block_size if bits == 4 else 32)
+            q = quantize_blocks(weight, bits, self.blocks[name])
             data = self.add_weight(name, q.data.reshape(q.data.shape[0], -1))
             return self.node("GatherBlockQuantized", [data, ids, self.add_weight(f"{name}.scales", q.scales)], domain="com.microsoft",
                              bits=bits, block_size=q.block_size, gather_axis=0, quantize_axis=1)
@@ -377,8 +385,9 @@ class ONNXConverter:
 
     def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
                 importance: dict[str, np.ndarray] | None = None, progress: bool | None = None, calibration=None,
-                rounding: str = "gptq", block_size: int = 32, accuracy_level: int = 4, mobile: bool = False) -> dict:
-        """`block_size` is the INT4 block (32/64/128); `accuracy_level` 4 lets MatMulNBits multiply in int8, 1 in fp32.
+                rounding: str = "gptq", block_size: int | None = None, accuracy_level: int = 4, mobile: bool = False) -> dict:
+        """`block_size` is the INT4 block (16-256; default 64 where it divides, see `block_sizes`); `accuracy_level`
+        4 lets MatMulNBits multiply in int8, 1 in fp32.
         `rounding` "gptq" (needs `calibration`) rounds every integer MatMulNBits weight by GPTQ; "nearest" rounds
         each block to its nearest levels (weighted by `importance` when given)."""
         precision = precision.lower()
@@ -392,14 +401,14 @@ class ONNXConverter:
             raise EdgeqError(f"rounding {rounding!r} is not one of {', '.join(self.roundings)}")
         use_gptq = rounding == "gptq" and calibration is not None
         plan = plan_precisions(source, precision, overrides, gptq=use_gptq)
-        check_blocks(plan, source.shapes(), block_size)
+        blocks = block_sizes(plan, source.shapes(), block_size)
         integer = any(kind in INT_TYPES for kind in plan.values())
-        rounded = gptq_rounding(calibration, plan, block_size, progress) if use_gptq and integer else None
-        if integer and not use_gptq and calibration is not None and not calibration.builtin:
+        rounded = gptq_rounding(calibration, plan, blocks, progress) if use_gptq and integer else None
+        if integer and not use_gptq and importance is None and calibration is not None and not calibration.builtin:
             from edgeq.importance import compute_importance
 
             importance = compute_importance(calibration.model, calibration.windows, progress)
-        model = DecoderGraph(source, stage, plan, block_size, accuracy_level, importance, rounded).build(progress)
+        model = DecoderGraph(source, stage, plan, blocks, accuracy_level, importance, rounded).build(progress)
         check_operators(model)
         onnx.save_model(model, str(stage / MODEL_FILE))
         try:
@@ -410,6 +419,7 @@ class ONNXConverter:
         report = read_back(stage / MODEL_FILE, plan)
         for problem in report["mismatches"]:
             log.warning("%s: asked %s, wrote %s (%s)", problem["tensor"], problem["asked"], problem["got"], problem["why"])
-        return {"model_file": MODEL_FILE, "precision": precision, "block_size": block_size if "int4" in plan.values() else None,
+        int4_blocks = sorted({blocks[n] for n, kind in plan.items() if kind == "int4"})
+        return {"model_file": MODEL_FILE, "precision": precision, "block_size": int4_blocks[0] if len(int4_blocks) == 1 else int4_blocks or None,
                 "rounding": ("gptq" if rounded else "importance-weighted" if importance else "nearest") if integer else None,
                 "accuracy_level": accuracy_level, "mobile_files": extra, **report}

@@ -27,6 +27,20 @@ QUANT_OPS = {"MatMulNBits", "GatherBlockQuantized"}
 _ALIGN = 64 * 1024  # large tensors start on a 64 KiB boundary so onnxruntime can memory-map them
 
 
+# INT4 block when none is asked: 64 where it divides the width, else the next that does. With GPTQ rounding,
+# blocks of 64 keep KL at 0.128 on off-grid SmolLM2 (32: 0.097; llama.cpp Q4_0+imatrix 0.339) and read 8%
+# fewer bytes per token, which decode is bound by: 4-5% faster than blocks of 32 (mlx-lm's default group is 64 too).
+DEFAULT_INT4_BLOCKS = (64, 32, 16)
+
+
+def int4_block(width: int, asked: int | None = None) -> int | None:
+    """The INT4 block for a matrix `width` inputs wide: the one asked if it divides, else the default rule; None if none fits."""
+    for block in (asked,) if asked else DEFAULT_INT4_BLOCKS:
+        if width % block == 0:
+            return block
+    return None
+
+
 @dataclass(frozen=True)
 class Quantized:
     data: np.ndarray    # uint8 codes: (rows, blocks, block*bits/8) for MatMulNBits, (rows, cols*bits/8) for GatherBlockQuantized

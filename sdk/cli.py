@@ -55,7 +55,8 @@ def main(ctx, debug, verbose):
 @click.option("--trust-pickle", is_flag=True, help="Allow pickle (.bin) weights, which can run code when loaded.")
 @click.option("--eval-tokens", default=1024, show_default=True, help="Tokens of the short quality check stored in the manifest (0 skips it).")
 @click.option("--mobile", is_flag=True, help="onnx: also write the ORT format (.ort) and the operator config ONNX Runtime Mobile builds need.")
-@click.option("--block-size", type=int, help="onnx int4: columns per quantization block (16, 32, 64, 128 or 256; default 32).")
+@click.option("--block-size", type=int, help="onnx int4: input columns per quantization block (16, 32, 64, 128 or 256; "
+                                              "default: 64 where it divides a tensor's width, else 32 or 16).")
 @click.option("--rounding", type=click.Choice(["gptq", "nearest"]),
               help="onnx int4/int8: gptq (default) rounds with error feedback on calibration text, so a 4-bit lm_head "
                    "keeps quality (minutes on 1B+ models); nearest rounds each block alone (seconds; lm_head stays 8-bit).")

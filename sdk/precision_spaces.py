@@ -53,22 +53,29 @@ class GGUFSpace:
 
 
 class ONNXSpace:
-    """What the ONNX converter writes: symmetric blocks of 32 with float32 scales for int4 (MatMulNBits)
-    and for int8 alike, rounded by the converter's own importance-weighted scale search; or fp16."""
+    """What the ONNX converter writes: symmetric blocks with float32 scales, int4 in the converter's default
+    block (64 where it divides the width, see `int4_block`) and int8 in blocks of 32 (MatMulNBits), rounded
+    by the converter's importance-weighted scale search; or fp16. (An export rounds by GPTQ on top, which
+    only lowers the error priced here.)"""
 
     format = "onnx"
     float_bytes = 4
-    block = 32
+
+    @staticmethod
+    def _block(precision: str, shape) -> int | None:
+        from edgeq.converters.onnx_weights import int4_block
+
+        return int4_block(shape[-1]) if precision == "int4" else 32
 
     def candidates(self, shape):
-        usable = ["int4"] if shape[-1] % self.block == 0 else []
+        usable = ["int4"] if self._block("int4", shape) else []
         return usable + ["int8", "fp16"]
 
     def nbytes(self, precision, shape):
         n = int(np.prod(shape))
         if precision == "fp16":
             return 2 * n
-        return n * int(precision[3:]) // 8 + -(-shape[-1] // self.block) * shape[0] * 4
+        return n * int(precision[3:]) // 8 + -(-shape[-1] // self._block(precision, shape)) * shape[0] * 4
 
     def round_trip(self, weight, precision, importance):
         if precision == "fp16":
@@ -77,7 +84,8 @@ class ONNXSpace:
 
         from edgeq.converters.onnx_weights import dequantize, quantize_blocks
 
-        q = quantize_blocks(torch.from_numpy(np.ascontiguousarray(weight)), int(precision[3:]), self.block, importance)
+        block = self._block(precision, weight.shape)
+        q = quantize_blocks(torch.from_numpy(np.ascontiguousarray(weight)), int(precision[3:]), block, importance)
         return dequantize(q, weight.shape[1])
 
 

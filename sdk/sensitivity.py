@@ -25,7 +25,7 @@ from .precision_spaces import precision_space
 from .progress import bar
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3  # bump when a precision space changes its bytes or round trip
+CACHE_VERSION = 4  # bump when a precision space changes its bytes or round trip
 SAMPLE_ROWS = 128
 
 

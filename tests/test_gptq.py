@@ -101,3 +101,26 @@ def test_onnx_rounding_defaults_and_choices(tmp_path, tiny_llama):
     with pytest.raises(edgeq.EdgeqError, match="does not apply to the gguf format"):
         edgeq.export(tiny_llama, format="gguf", precision="Q8_0", rounding="nearest", output=tmp_path / "g", eval_tokens=0)
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.integration
+def test_smollm2_int4_gptq_beats_nearest_rounding_with_half_the_lm_head_bits(tmp_path):
+    """On the real model: GPTQ's 4-bit lm_head bundle stays well below nearest rounding's KL, whose lm_head keeps 8 bits."""
+    from edgeq.default_model import default_model_path
+
+    model = default_model_path(progress=False)
+    source = open_model(model)
+    held_out = calibration_windows(source.chat_tokenizer(), DEFAULT_TEXT, 1024, 256)[:2]  # not the built-in calibration text
+    reference = TorchEngine(source)
+    kl = {}
+    for rounding in ("gptq", "nearest"):
+        bundle = edgeq.export(model, format="onnx", precision="int4", rounding=rounding, output=tmp_path / rounding,
+                              eval_tokens=0, progress=False)
+        acc = QualityAccumulator()
+        with edgeq.load(bundle, n_ctx=512) as lm:
+            for window in held_out:
+                acc.add(reference.score(window), lm.engine.score(window), window)
+        kl[rounding] = acc.result(ctx=256).kl
+        head = edgeq.inspect(bundle)["tensors"]["lm_head.weight"]["type"]
+        assert head == ("int4" if rounding == "gptq" else "int8")
+    assert kl["gptq"] < 0.7 * kl["nearest"], kl

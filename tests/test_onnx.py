@@ -105,7 +105,7 @@ def test_int4_plan_overrides_are_applied_in_the_file(tmp_path, tiny_llama):
     assert types["lm_head.weight"] == "fp32"
     assert types["model.embed_tokens.weight"] == "int8"  # INT4 keeps embeddings at 8 bits unless the plan says otherwise
     q_proj = fields["tensors"]["model.layers.1.self_attn.q_proj.weight"]
-    assert q_proj["type"] == "int4" and q_proj["bytes"] == _int_bytes(q_proj["shape"], 4)
+    assert q_proj["type"] == "int4" and q_proj["block_size"] == 64 and q_proj["bytes"] == _int_bytes(q_proj["shape"], 4, 64)
     # the file itself, not the report: the node that multiplies by v_proj runs 8 bits, down_proj is a float MatMul
     graph = onnx.load(str(stage / "model.onnx"), load_external_data=False).graph
     consumer = {i: n for n in graph.node for i in n.input}
@@ -184,12 +184,23 @@ def test_plain_onnxruntime_and_ort_format_run_the_export(tmp_path, tiny_llama):
 def test_int4_on_a_width_the_block_does_not_divide_is_refused(tmp_path):
     model = build_model(tmp_path / "odd", intermediate_size=80)  # down_proj is 80 wide: 80 % 32 = 16
     with pytest.raises(edgeq.EdgeqError) as excinfo:
-        _export(model, tmp_path, "int4")
+        _export(model, tmp_path, "int4", block_size=32)
     message = _one_line_error(excinfo)
     assert "block size 32" in message and "80" in message and "down_proj" in message and "16" in message
     assert [p.name for p in tmp_path.iterdir()] == ["odd"]
     bundle = _export(model, tmp_path, "int4", block_size=16)  # the block the message names works
     assert edgeq.inspect(bundle)["tensors"]["model.layers.0.mlp.down_proj.weight"]["block_size"] == 16
+
+
+def test_int4_default_block_is_64_where_it_divides_and_smaller_where_not(tmp_path):
+    model = build_model(tmp_path / "odd", intermediate_size=80, hidden_size=96)  # 96: 32 divides, 64 not; 80: only 16
+    report = edgeq.inspect(_export(model, tmp_path, "int4", rounding="nearest"))
+    blocks = {name: t.get("block_size") for name, t in report["tensors"].items() if t["type"] == "int4"}
+    assert blocks["model.layers.0.mlp.down_proj.weight"] == 16 and blocks["model.layers.0.self_attn.q_proj.weight"] == 32
+    assert sorted(report["block_size"]) == [16, 32]
+    (tmp_path / "e").mkdir()
+    wide = edgeq.inspect(_export(build_model(tmp_path / "even"), tmp_path / "e", "int4", rounding="nearest"))
+    assert wide["block_size"] == 64 and wide["tensors"]["model.layers.0.mlp.down_proj.weight"]["block_size"] == 64
 
 
 def test_corrupt_onnx_in_a_bundle_is_caught(tmp_path, tiny_llama):

@@ -1,19 +1,19 @@
 """HF checkpoint → ONNX decoder with KV cache, built node by node on onnxruntime's contrib ops.
 
 Why our own graph rather than onnxruntime-genai's model builder (both measured, 2026-11-23, SmolLM2-135M,
-2 threads on a 2-core machine shared with other jobs, so speeds carry ±10% noise):
+2 threads on a 2-core machine; speeds carry ±5-10% run-to-run noise, see bench/README.md):
 - The kernels are the same: both graphs are GroupQueryAttention (RoPE in the kernel, KV cache grown in
-  place; packed q/k/v go straight in), MatMulNBits (we also pack gate/up), SkipSimplifiedLayerNormalization, so speed
-  differs only around them. Prompt (512 tokens): edgeq's TTFT is 0.85-1.0x the builder model's under its own C++
-  Generator, because our `logits_to_keep` input computes the 49k-wide lm_head for the last position only.
-  Decode: 0.87-0.90x, the lm_head's bytes: we keep it at 8 bits under INT4 (31.9 MB read per token on
-  SmolLM2 against the builder's 4-bit 17.7 MB; decode is memory bound). In one plain onnxruntime loop the
-  two graphs decode alike once the lm_head is int4 too (`--tensor-type lm_head.weight=int4`: 0.90-1.04x under
-  the builder's own Generator, run to run); the default keeps 8 bits for the INT4 quality bar.
-- Quality is ours to choose: INT4 block 32 with the importance-weighted scale search of `onnx_weights`
-  and 8-bit lm_head/embeddings gives KL 0.3395 vs llama.cpp Q4_0+imatrix's 0.3394 (1.00x) on the off-grid
-  SmolLM2 (wikitext-2, 8 x 512 tokens); without an imatrix 0.435 vs Q4_0's 0.481 (0.90x). INT8 (block 32,
-  the layout of Q8_0; per-channel DynamicQuantizeMatMul ran the lm_head slower, 11.5 vs 7.8 ms) is 1.06x Q8_0's KL.
+  place; packed q/k/v go straight in), MatMulNBits, SkipSimplifiedLayerNormalization; per decode step the
+  two spend the same time in them (onnxruntime's profiler, same loop). Prompt (512 tokens): edgeq's TTFT
+  is 0.8x the builder model's under its own C++ Generator, because our `logits_to_keep` input computes the
+  49k-wide lm_head for the last position only. Decode is memory bound, so it follows the bytes read per
+  token: with INT4 blocks of 32 and a 4-bit lm_head, as the builder writes, edgeq decodes at 0.99-1.02x;
+  edgeq's default INT4 blocks of 64 (where they divide) read 8% less.
+- Quality is where we differ: integer weights are rounded by GPTQ (`edgeq.gptq`) on calibration text,
+  which pays for the 4-bit lm_head; rounding each tensor alone, a 4-bit lm_head alone costs SmolLM2 +0.055 KL
+  and edgeq kept 8 bits there. Off-grid SmolLM2, wikitext-2: INT4 blocks of 32 KL 0.097 vs llama.cpp
+  Q4_0+imatrix 0.339 from the same text; the builder's int4 0.551. INT8 (block 32, the layout of Q8_0;
+  per-channel DynamicQuantizeMatMul ran the lm_head slower, 11.5 vs 7.8 ms) is 0.64x Q8_0's KL.
 - The builder loads the whole checkpoint through transformers and knows nothing of edgeq's inputs; here
   every weight comes from `source.tensor()` (LoRA merged, streamed into the external-data file one tensor at
   a time), a precision plan chooses int4/int8/fp16/fp32 per HF tensor, and the written types are read

@@ -6,8 +6,9 @@ it (MatMulNBits bits/block_size, GatherBlockQuantized bits, float dtype), not fr
 
 Quantization is symmetric, as onnxruntime's kernels expect when no zero points are given (zero point
 2^(bits-1)). Block scales are chosen per block by a small search over candidate scales with a
-least-squares refit (weighted by the calibration importance when there is one), which is what keeps
-INT4 at or below llama.cpp's Q4_0 error: plain absmax rounding wastes part of the 16 levels.
+least-squares refit (weighted by the calibration importance when there is one): plain absmax rounding
+wastes part of the 16 levels. `BlockGrid` offers the same encoding to GPTQ (`edgeq.gptq`), which
+exports use by default; `quantize_blocks` alone is `rounding="nearest"`.
 """
 from __future__ import annotations
 

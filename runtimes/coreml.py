@@ -59,26 +59,31 @@ class CoreMLEngine:
 
     def reset(self) -> None:
         self._state = self._decode.make_state()
-        self._n_past = 0
+        self.tokens: list[int] = []
+
+    def truncate(self, n: int) -> None:
+        """Keeps the first `n` positions of the state: the package masks every slot past the current position
+        and overwrites it before it is read (as a padded prefill chunk's slots are), so cutting is forgetting."""
+        del self.tokens[n:]
 
     def _run(self, model, tokens: list[int]) -> np.ndarray:
         """One call on `len(tokens)` slots from the current position; returns their logits."""
         width = self.chunk if model is self._prefill else 1
         ids = np.zeros((1, width), dtype=np.int32)
         ids[0, :len(tokens)] = tokens
-        positions = np.arange(self._n_past, self._n_past + width, dtype=np.int32).reshape(1, -1)
+        positions = np.arange(len(self.tokens), len(self.tokens) + width, dtype=np.int32).reshape(1, -1)
         out = model.predict({"input_ids": ids, "position_ids": positions}, state=self._state)
-        self._n_past += len(tokens)
+        self.tokens.extend(int(t) for t in tokens)
         return np.asarray(out["logits"], dtype=np.float32)[0, :len(tokens)]
 
     def _feed(self, tokens: Sequence[int]) -> list[np.ndarray]:
         tokens = list(tokens)
-        if self._n_past + len(tokens) > self.n_ctx:
+        if len(self.tokens) + len(tokens) > self.n_ctx:
             raise EdgeqError(f"sequence longer than the context ({self.n_ctx} tokens); start a new conversation")
         out = []
         while tokens:
             # A padded chunk writes junk past the sequence end; those slots are masked and overwritten before use.
-            fits = self._n_past + self.chunk <= self.n_ctx and len(tokens) > 1
+            fits = len(self.tokens) + self.chunk <= self.n_ctx and len(tokens) > 1
             take = min(self.chunk, len(tokens)) if fits else 1
             out.append(self._run(self._prefill if fits else self._decode, tokens[:take]))
             tokens = tokens[take:]
@@ -131,7 +136,7 @@ class CoreMLTorchEngine:
             return self._source_model(manifest).tensor(name).to(torch.float16)
 
         self.decoder = build_decoder(spec, load, dtype=torch.float32)
-        self._n_past = 0
+        self.tokens: list[int] = []
 
     def _source_model(self, manifest: dict):
         if self._source is None:
@@ -150,19 +155,23 @@ class CoreMLTorchEngine:
 
     def reset(self) -> None:
         self.decoder.reset()
-        self._n_past = 0
+        self.tokens = []
+
+    def truncate(self, n: int) -> None:
+        """Keeps the first `n` cache slots: the decoder masks every slot past the current position and overwrites it first."""
+        del self.tokens[n:]
 
     def _run(self, tokens: Sequence[int]) -> np.ndarray:
         import torch
 
         tokens = list(tokens)
-        if self._n_past + len(tokens) > self.n_ctx:
+        if len(self.tokens) + len(tokens) > self.n_ctx:
             raise EdgeqError(f"sequence longer than the context ({self.n_ctx} tokens); load with a larger n_ctx")
         ids = torch.tensor([tokens])
-        positions = torch.arange(self._n_past, self._n_past + len(tokens)).view(1, -1)
+        positions = torch.arange(len(self.tokens), len(self.tokens) + len(tokens)).view(1, -1)
         with torch.inference_mode():
             logits = self.decoder(ids, positions)[0]
-        self._n_past += len(tokens)
+        self.tokens.extend(int(t) for t in tokens)
         return logits.float().numpy()
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:

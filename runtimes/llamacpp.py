@@ -74,7 +74,7 @@ class LlamaCppEngine:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.threads = threads
-        self._n_past = 0
+        self.tokens: list[int] = []
 
     @classmethod
     def open(cls, model_path: Path, manifest: dict, *, threads: int | None = None, n_ctx: int | None = None) -> "LlamaCppEngine":
@@ -82,7 +82,17 @@ class LlamaCppEngine:
 
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(self._memory, True)
-        self._n_past = 0
+        self.tokens = []
+
+    def truncate(self, n: int) -> None:
+        """Drops the cached positions from `n` on (llama_memory_seq_rm); a memory that cannot cut (a recurrent
+        model's) is cleared instead."""
+        if n >= len(self.tokens):
+            return
+        if llama_cpp.llama_memory_seq_rm(self._memory, 0, n, -1):
+            del self.tokens[n:]
+        else:
+            self.reset()
 
     def _decode(self, tokens: Sequence[int], all_logits: bool) -> None:
         batch = self._batch
@@ -91,17 +101,17 @@ class LlamaCppEngine:
             last = len(chunk) - 1
             for i, token in enumerate(chunk):
                 batch.token[i] = token
-                batch.pos[i] = self._n_past + i
+                batch.pos[i] = len(self.tokens) + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = all_logits or i == last
             batch.n_tokens = len(chunk)
-            if self._n_past + len(chunk) > self.n_ctx:
+            if len(self.tokens) + len(chunk) > self.n_ctx:
                 raise EdgeqError(f"sequence longer than the context ({self.n_ctx} tokens); load with a larger n_ctx")
             status = llama_cpp.llama_decode(self._ctx, batch)
             if status != 0:
                 raise EdgeqError(f"llama.cpp decode failed (status {status})")
-            self._n_past += len(chunk)
+            self.tokens.extend(int(t) for t in chunk)
             if all_logits:
                 yield np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(len(chunk), self.n_vocab))
 

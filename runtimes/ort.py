@@ -75,23 +75,27 @@ class OrtEngine:
         self._ones = np.ones((1, self.n_ctx), dtype=np.int64)
         self._keep_last = np.array(1, dtype=np.int64)
         self._keep_all = np.array(0, dtype=np.int64)
-        self._n_past = 0
+        self.tokens: list[int] = []
 
     @classmethod
     def open(cls, model_path: Path, manifest: dict, *, threads: int | None = None, n_ctx: int | None = None) -> "OrtEngine":
         return cls(model_path, threads=threads, n_ctx=n_ctx, manifest=manifest)
 
     def reset(self) -> None:
-        self._n_past = 0  # the buffers are overwritten in place; positions past n_past are never read
+        self.tokens = []  # the buffers are overwritten in place; positions past the cached tokens are never read
+
+    def truncate(self, n: int) -> None:
+        """Keeps the first `n` positions: the attention mask then stops there and the next tokens overwrite the rest."""
+        del self.tokens[n:]
 
     def _run(self, tokens: Sequence[int], keep_all: bool) -> None:
         n = len(tokens)
-        if self._n_past + n > self.n_ctx:
+        if len(self.tokens) + n > self.n_ctx:
             raise EdgeqError(f"sequence longer than the context ({self.n_ctx} tokens); load with a larger n_ctx")
         ids = np.asarray(tokens, dtype=np.int64).reshape(1, n)
         binding = self._binding
         binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", self._ones[:, : self._n_past + n])
+        binding.bind_cpu_input("attention_mask", self._ones[:, : len(self.tokens) + n])
         binding.bind_cpu_input("logits_to_keep", self._keep_all if keep_all else self._keep_last)
         if keep_all:
             binding.bind_output("logits", "cpu")
@@ -100,8 +104,8 @@ class OrtEngine:
         try:
             self.session.run_with_iobinding(binding)
         except _ORT_ERRORS as exc:
-            raise EdgeqError(f"onnxruntime failed on a batch of {n} tokens at position {self._n_past}: {str(exc).splitlines()[0][:200]}") from exc
-        self._n_past += n
+            raise EdgeqError(f"onnxruntime failed on a batch of {n} tokens at position {len(self.tokens)}: {str(exc).splitlines()[0][:200]}") from exc
+        self.tokens.extend(int(t) for t in tokens)
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         """Appends `tokens` to the cache; the returned logits are a view, valid until the next call."""

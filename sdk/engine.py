@@ -2,6 +2,10 @@
 
 edgeq itself owns tokenization, chat templates, sampling, stop handling and text decoding
 (see `generate.py`), so a backend stays a thin module and every backend sees the same ids.
+
+Every engine keeps one cached sequence and says which ids it holds (`tokens`), and can cut it
+back to a prefix (`truncate`): a chat's next turn starts with the previous turn's prompt and
+reply, so `generate()` prefills only what follows the longest cached prefix.
 """
 from __future__ import annotations
 
@@ -31,3 +35,9 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Frees the model."""
+    tokens: list[int]
+    """The ids whose keys and values the cache holds, in order (what `forward` has appended since `reset`)."""
+    def truncate(self, n: int) -> None:
+        """Keeps the first `n` cached tokens and forgets the rest; `tokens` then says what was kept
+        (an engine that cannot cut its cache may keep less, down to nothing)."""
+

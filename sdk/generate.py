@@ -1,35 +1,111 @@
-"""The one `generate()` every backend shares: prompt → ids → engine → sampler → text."""
+"""The one generation loop every backend shares: prompt → ids → engine → (grammar mask) → sampler → text.
+
+`LanguageModel`, what `edgeq.load()` returns, has three ways in:
+- `generate(prompt | messages=...)`: the reply as a str, or its text pieces with `stream=True`;
+- `chat(messages, tools=, tool_choice=, response_format=)`: a `ChatResult` (text, tool_calls,
+  finish_reason, usage), or `ChatChunk`s with `stream=True`; what apps and `edgeq serve` use;
+- `complete(prompt)`: a `ChatResult` for a plain prompt (the server's /v1/completions).
+`response_format` (a JSON schema, any JSON object, a regex, a Lark or GBNF grammar) works in all three:
+tokens that would break it are masked before sampling (`constrain.py`).
+
+Every call reuses the engine's cache: when the prompt starts with ids the cache already holds (the last
+turn's prompt and reply, in a chat), only the rest is prefilled, so a chat's time to first token follows
+the new message, not the length of the conversation.
+"""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from .constrain import Constraint, Vocabulary, response_format_grammar
 from .engine import Engine
 from .errors import EdgeqError
 from .sampling import Sampler, SamplingParams
 from .tokenizer import ChatTokenizer
+from .tools import ToolCall, ToolFormat, check_choice, check_tools, history_for_template, tool_format
+from .validate import check_generate_args, check_stops
+
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values the cache already held (not prefilled)
     generated_tokens: int = 0
     time_to_first_token_s: float = 0.0
     decode_s: float = 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.time_to_first_token_s if self.time_to_first_token_s else 0.0
+        new = self.prompt_tokens - self.cached_tokens
+        return new / self.time_to_first_token_s if self.time_to_first_token_s else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
         # The first generated token comes out of prefill; the rest each cost one decode step.
         steps = self.generated_tokens - 1
         return steps / self.decode_s if steps > 0 and self.decode_s else 0.0
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict:
+        """OpenAI's usage object."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+@dataclass
+class ChatResult:
+    """A whole reply: `finish_reason` is "stop" (stop token, stop string or complete grammar), "length"
+    (max_new_tokens or the context ran out) or "tool_calls"."""
+
+    text: str
+    tool_calls: list[ToolCall]
+    finish_reason: str
+    usage: Usage
+
+    def message(self) -> dict:
+        """The assistant message to append to the history for the next turn (OpenAI's shape)."""
+        message = {"role": "assistant", "content": self.text}
+        if self.tool_calls:
+            message["tool_calls"] = [call.to_dict() for call in self.tool_calls]
+        return message
+
+
+@dataclass
+class ChatChunk:
+    """A piece of a streamed reply; the last one has the tool calls, finish_reason and usage."""
+
+    text: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class _Request:
+    ids: list[int]
+    max_new_tokens: int
+    params: SamplingParams
+    stops: list[str] = field(default_factory=list)
+    constraint: Constraint | None = None
+    tool_format: ToolFormat | None = None
+    finish_reason: str = "length"
+    adapter: str | None = None  # the bundle's LoRA adapter to run with (None: the base)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -43,6 +119,42 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
+class _Text:
+    """The reply's text so far; releases what no stop string and no tool call can still claim."""
+
+    def __init__(self, stops: list[str], call_start=None):
+        self.stops, self.call_start = stops, call_start
+        self.raw, self.sent, self.stopped = "", 0, False
+
+    def push(self, piece: str) -> str:
+        self.raw += piece
+        hits = [i for i in (self.raw.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.raw, self.stopped = self.raw[: min(hits)], True
+        ready = len(self.raw) - (0 if self.stopped else _held_back(self.raw, self.stops))
+        if self.call_start is not None and (start := self.call_start(self.raw)) is not None:
+            ready = min(ready, start)
+        out = self.raw[self.sent:ready]
+        self.sent = max(self.sent, ready)
+        return out
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
+
+
+def _collect(chunks: Iterator[ChatChunk]) -> ChatResult:
+    text, last = [], ChatChunk()
+    for chunk in chunks:
+        text.append(chunk.text)
+        last = chunk
+    return ChatResult("".join(text), last.tool_calls, last.finish_reason or "stop", last.usage or Usage(0, 0))
+
+
 class LanguageModel:
     """A loaded model: what `edgeq.load()` returns."""
 
@@ -52,13 +164,19 @@ class LanguageModel:
         self.manifest = manifest or {}
         self.path = path
         self.stats = GenerationStats()
+        self._vocabulary: Vocabulary | None = None
+
+    @property
+    def name(self) -> str:
+        """The bundle's folder name (what `edgeq serve` calls the model)."""
+        return Path(self.path).name if self.path else "model"
 
     def generate(
         self,
         prompt: str | None = None,
         *,
         messages: list[dict] | None = None,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
@@ -66,69 +184,226 @@ class LanguageModel:
         stop: Sequence[str] | str = (),
         seed: int | None = None,
         stream: bool = False,
+        response_format: dict | None = None,
+        truncate: bool = False,
+        adapter: str | None = None,
     ) -> str | Iterator[str]:
-        """Generates a reply to a prompt or a chat; `stream=True` yields text pieces as they come."""
-        ids = self.tokenizer.prompt_ids(prompt, messages)
-        stops = [stop] if isinstance(stop, str) else list(stop)
+        """Generates a reply to a prompt or a chat; `stream=True` yields text pieces as they come.
+
+        `max_new_tokens` defaults to 256, fewer when the context has less room left (an explicit value the
+        context cannot hold is refused). `response_format` constrains the reply (see `chat`); `truncate=True`
+        drops the oldest part of a prompt that does not fit the context (a chat's oldest turns) instead of
+        refusing it. `adapter` names one of the bundle's LoRA adapters kept apart from the base (`--keep-adapters`)
+        to answer with; None answers with the base.
+        """
+        check_generate_args(prompt, messages, DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, stop)
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
-        pieces = self._pieces(ids, max_new_tokens, params, stops)
+        ids, budget = self._prompt_ids(prompt, messages, max_new_tokens, truncate)
+        request = _Request(ids, budget, params, check_stops(stop), self._constraint(response_format_grammar(response_format)),
+                           adapter=self._adapter(adapter))
+        pieces = (chunk.text for chunk in self._reply(request) if chunk.text)
         return pieces if stream else "".join(pieces)
 
-    def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams | None = None) -> list[int]:
-        """Token ids only (no detokenization, no stop strings): for comparing backends exactly."""
-        return list(self._tokens(list(prompt_ids), max_new_tokens, params or SamplingParams()))
+    def chat(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool = True,
+        response_format: dict | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] | str = (),
+        seed: int | None = None,
+        stream: bool = False,
+        truncate: bool = False,
+        adapter: str | None = None,
+    ) -> ChatResult | Iterator[ChatChunk]:
+        """Answers a chat as OpenAI's chat completions do: a `ChatResult`, or `ChatChunk`s with `stream=True`.
 
-    def _tokens(self, ids: list[int], max_new_tokens: int, params: SamplingParams) -> Iterator[int]:
+        - `tools`: OpenAI-style function specs, rendered by the model's chat template; calls come back
+          parsed in `tool_calls`, their arguments valid for the function's schema. Append
+          `result.message()` and `{"role": "tool", "tool_call_id": ..., "content": ...}` for the next turn.
+        - `tool_choice`: "auto" (default), "required" (at least one call), "none" (tools not offered) or
+          `{"type": "function", "function": {"name": ...}}` (exactly that call); `parallel_tool_calls=False`
+          allows at most one call per reply.
+        - `response_format`: `{"type": "json_schema", "json_schema": {"schema": {...}}}`, `{"type":
+          "json_object"}`, `{"type": "regex", "pattern": ...}` or `{"type": "grammar", "syntax": "lark"
+          | "gbnf", "grammar": ...}`: the reply is valid by construction (unless it runs out of tokens:
+          finish_reason "length").
+        - `adapter`: one of the bundle's LoRA adapters to answer with (None: the base), as in `generate`.
+        """
+        messages = history_for_template(messages) if isinstance(messages, list) else messages
+        check_generate_args(None, messages, DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, stop)
+        params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
+        grammar, form, offered = response_format_grammar(response_format), None, None
+        if tools is not None:
+            offered = check_tools(tools)
+            choice = check_choice(tool_choice, offered)
+            if choice == "none":
+                offered = None
+            elif grammar is not None:
+                raise EdgeqError("response_format and tools cannot be combined; pass tool_choice=\"none\" to get formatted text")
+            else:
+                form = tool_format(self.tokenizer.chat_template, self.name)
+                grammar = form.grammar(offered, choice, self._is_special, parallel_tool_calls)
+        elif tool_choice not in (None, "none", "auto"):
+            raise EdgeqError(f"tool_choice={tool_choice!r} needs tools=; pass the functions the model may call")
+        ids, budget = self._prompt_ids(None, messages, max_new_tokens, truncate, offered)
+        request = _Request(ids, budget, params, check_stops(stop), self._constraint(grammar), form, adapter=self._adapter(adapter))
+        chunks = self._reply(request)
+        return chunks if stream else _collect(chunks)
+
+    def complete(self, prompt: str, *, response_format: dict | None = None, max_new_tokens: int | None = None, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, stop: Sequence[str] | str = (),
+                 seed: int | None = None, stream: bool = False, truncate: bool = False,
+                 adapter: str | None = None) -> ChatResult | Iterator[ChatChunk]:
+        """Continues a plain prompt (no chat template): a `ChatResult`, or `ChatChunk`s with `stream=True`."""
+        check_generate_args(prompt, None, DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, stop)
+        params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
+        ids, budget = self._prompt_ids(prompt, None, max_new_tokens, truncate)
+        request = _Request(ids, budget, params, check_stops(stop), self._constraint(response_format_grammar(response_format)),
+                           adapter=self._adapter(adapter))
+        chunks = self._reply(request)
+        return chunks if stream else _collect(chunks)
+
+    def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams | None = None,
+                     adapter: str | None = None) -> list[int]:
+        """Token ids only (no detokenization, no stop strings), from an empty cache: for comparing backends exactly."""
+        request = _Request(list(prompt_ids), max_new_tokens, params or SamplingParams(), adapter=self._adapter(adapter))
+        self.engine.reset()
+        return list(self._tokens(request))
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The LoRA adapters this model can answer with besides its base (a bundle exported with `keep_adapters`)."""
+        return tuple(getattr(self.engine, "adapters", ()))
+
+    def _adapter(self, name: str | None) -> str | None:
+        """`name` checked against the bundle's adapters when the request is made (it is switched to when it runs)."""
+        if name is not None and name not in self.adapters:
+            raise EdgeqError(f"adapter {name!r} is not in this model; it has {', '.join(map(repr, self.adapters)) or 'none'} "
+                             "(export with --adapter NAME=DIR --keep-adapters)")
+        return name
+
+    def _use_adapter(self, name: str | None) -> None:
+        """Switches the engine to the request's adapter; the engine drops its cache when it changes."""
+        if getattr(self.engine, "adapter", None) != name:
+            self.engine.set_adapter(name)
+
+    # ---- internals ---------------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt, messages, max_new_tokens: int | None, truncate: bool,
+                    tools: list[dict] | None = None) -> tuple[list[int], int]:
+        """The prompt's ids (its oldest part dropped if `truncate` and it does not fit) and how many tokens to generate."""
+        n_ctx = self.engine.n_ctx
+        if max_new_tokens is not None and max_new_tokens >= n_ctx:
+            raise EdgeqError(f"max_new_tokens={max_new_tokens} is beyond the context of {n_ctx} tokens (the prompt needs room too); "
+                             "lower it or load with a larger n_ctx")
+        asked = min(max_new_tokens or DEFAULT_MAX_NEW_TOKENS, n_ctx - 1)
+        room = n_ctx - asked  # what truncation keeps, so the whole reply fits after it
+        if messages is None:
+            ids = self.tokenizer.encode(prompt)
+            if truncate and len(ids) > room:
+                ids = ids[-room:]
+        else:
+            messages = list(messages)
+            ids = self.tokenizer.encode_chat(messages, tools=tools)
+            while truncate and len(ids) > room and (shorter := _drop_oldest_turn(messages)) is not None:
+                messages = shorter
+                ids = self.tokenizer.encode_chat(messages, tools=tools)
+        if len(ids) >= n_ctx:
+            raise EdgeqError(f"the prompt has {len(ids)} tokens but the context holds {n_ctx}; shorten it, pass truncate=True "
+                             "to drop its oldest part, or load with a larger n_ctx")
+        return ids, asked
+
+    def _vocab(self) -> Vocabulary:
+        if self._vocabulary is None:
+            self._vocabulary = Vocabulary(self.tokenizer.to_json(), self.engine.n_vocab, self.tokenizer.spec.stop_token_ids)
+        return self._vocabulary
+
+    def _constraint(self, grammar: str | None) -> Constraint | None:
+        return None if grammar is None else self._vocab().compile(grammar)
+
+    def _is_special(self, text: str) -> bool:
+        return self._vocab().special_token(text, self.tokenizer.token_id(text))
+
+    def _prefill(self, ids: list[int]) -> np.ndarray:
+        """Logits after `ids`, feeding the engine only what follows the longest prefix its cache holds."""
         engine = self.engine
+        engine.truncate(min(_common_prefix(engine.tokens, ids), len(ids) - 1))  # the last id is fed again for its logits
+        kept = len(engine.tokens)
+        self.stats.cached_tokens = kept
+        try:
+            return engine.forward(ids[kept:])
+        except BaseException:
+            engine.reset()  # an interrupted prefill leaves the cache in no state worth reusing
+            raise
+
+    def _tokens(self, request: _Request) -> Iterator[int]:
+        engine, ids = self.engine, request.ids
         if len(ids) >= engine.n_ctx:
             raise EdgeqError(f"the prompt has {len(ids)} tokens but the context holds {engine.n_ctx}; shorten it or load with a larger n_ctx")
-        max_new_tokens = min(max_new_tokens, engine.n_ctx - len(ids))
-        sampler = Sampler(params)
+        budget = min(request.max_new_tokens, engine.n_ctx - len(ids))
+        sampler = Sampler(request.params)
         stop_ids = set(self.tokenizer.spec.stop_token_ids)
-        penalize = params.repetition_penalty != 1.0
+        penalize = request.params.repetition_penalty != 1.0
         seen = set(ids) if penalize else set()
+        matcher = request.constraint.matcher() if request.constraint else None
         self.stats = stats = GenerationStats(prompt_tokens=len(ids))
         start = time.perf_counter()
-        engine.reset()
-        logits = engine.forward(ids)
-        for step in range(max_new_tokens):
+        self._use_adapter(request.adapter)
+        logits = self._prefill(ids)
+        request.finish_reason = "length"
+        for step in range(budget):
+            if matcher is not None:
+                if matcher.finished:
+                    request.finish_reason = "stop"
+                    break
+                logits = matcher.mask(logits)
             token = sampler(logits, np.fromiter(seen, dtype=np.int64) if penalize else None)
             if step == 0:
                 stats.time_to_first_token_s = time.perf_counter() - start
                 decode_start = time.perf_counter()
             if token in stop_ids:
+                request.finish_reason = "stop"
                 break
+            if matcher is not None:
+                matcher.accept(token)
             stats.generated_tokens += 1
             yield token
-            if step + 1 == max_new_tokens:
+            if step + 1 == budget:
                 break
             if penalize:
                 seen.add(token)
             logits = engine.forward([token])
             stats.decode_s = time.perf_counter() - decode_start
 
-    def _pieces(self, ids: list[int], max_new_tokens: int, params: SamplingParams, stops: list[str]) -> Iterator[str]:
+    def _reply(self, request: _Request) -> Iterator[ChatChunk]:
+        form = request.tool_format
+        text = _Text(request.stops, form.call_start if form else None)
         detokenizer = self.tokenizer.detokenizer()
-        pending = ""
-        for token in self._tokens(ids, max_new_tokens, params):
-            pending += detokenizer.push(token)
-            if stops:
-                hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-                if hits:
-                    yield pending[: min(hits)]
-                    return
-                keep = _held_back(pending, stops)
-                ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
-            else:
-                ready, pending = pending, ""
-            if ready:
-                yield ready
-        pending += detokenizer.flush()
-        if stops:
-            hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-            pending = pending[: min(hits)] if hits else pending
-        if pending:
-            yield pending
+        tokens = self._tokens(request)
+        for token in tokens:
+            piece = text.push(detokenizer.push(token))
+            if piece:
+                yield ChatChunk(piece)
+            if text.stopped:
+                request.finish_reason = "stop"
+                tokens.close()
+                break
+        else:
+            piece = text.push(detokenizer.flush())
+            if piece:
+                yield ChatChunk(piece)
+        content, calls = form.parse(text.raw) if form else (text.raw, [])
+        finish = "tool_calls" if calls and request.finish_reason == "stop" else request.finish_reason
+        usage = Usage(self.stats.prompt_tokens, self.stats.generated_tokens, self.stats.cached_tokens)
+        yield ChatChunk(content[text.sent:], calls, finish, usage)
 
     def close(self) -> None:
         self.engine.close()
@@ -138,3 +413,13 @@ class LanguageModel:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _drop_oldest_turn(messages: list[dict]) -> list[dict] | None:
+    """The chat without its oldest turn (a user message and what answered it); system messages stay. None
+    when only the last turn is left."""
+    first = next((i for i, m in enumerate(messages) if m.get("role") != "system"), None)
+    if first is None:
+        return None
+    following = next((i for i in range(first + 1, len(messages)) if messages[i].get("role") == "user"), None)
+    return None if following is None else messages[:first] + messages[following:]

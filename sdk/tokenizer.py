@@ -103,7 +103,8 @@ class ChatTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """`tools` (OpenAI-style function specs) go into the template's context as transformers passes them."""
         if self._template is None:
             raise EdgeqError("this model has no chat template; pass a plain prompt instead of messages")
         s = self.spec
@@ -113,11 +114,16 @@ class ChatTokenizer:
             pad_token=s.pad_token or "", unk_token=s.unk_token or "",
         )
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
         # The template writes BOS itself where the model wants one; adding it again doubles it.
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)
+
+    def to_json(self) -> str:
+        """tokenizer.json as text: what a constraint library builds its own view of the vocabulary from."""
+        return self._tok.to_str()
 
     def prompt_ids(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+            **({"tools": tools} if tools else {}),
         if (prompt is None) == (messages is None):
             raise EdgeqError("pass exactly one of prompt= or messages=")
         return self.encode(prompt) if messages is None else self.encode_chat(messages)

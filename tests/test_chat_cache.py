@@ -1,0 +1,125 @@
+"""Multi-turn chat reuses the engine's KV cache: turn N prefills only its new tokens, and says the same."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import edgeq
+from edgeq.cli import main
+
+TURNS = ["Hello there, fox.", "Tell me about numbers.", "And words?", "Thanks, bye."]
+
+
+class CountingEngine:
+    """The real engine, with the number of tokens each forward call is given written down."""
+
+    def __init__(self, engine):
+        self._engine, self.fed = engine, []
+
+    def forward(self, tokens):
+        self.fed.append(len(tokens))
+        return self._engine.forward(tokens)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def _bundle(tmp_path_factory, tiny_llama, fmt):
+    precision = {"gguf": "F32", "onnx": "fp32"}[fmt]
+    return edgeq.export(tiny_llama, format=fmt, precision=precision, output=tmp_path_factory.mktemp("cache") / fmt, eval_tokens=0)
+
+
+@pytest.fixture(scope="module", params=["gguf", "onnx", "torch"])
+def model_path(request, tmp_path_factory, tiny_llama):
+    if request.param == "torch":
+        return tiny_llama
+    if request.param == "onnx":
+        pytest.importorskip("onnxruntime")
+    return _bundle(tmp_path_factory, tiny_llama, request.param)
+
+
+def _converse(model, turns=TURNS):
+    """Replies of a chat, the history growing with each; returns (replies, prefill token counts, usages)."""
+    history, replies, prefills, usages = [], [], [], []
+    for text in turns:
+        history.append({"role": "user", "content": text})
+        before = len(model.engine.fed) if isinstance(model.engine, CountingEngine) else 0
+        reply = model.chat(history, max_new_tokens=12, temperature=0.0)
+        if isinstance(model.engine, CountingEngine):
+            prefills.append(model.engine.fed[before])
+        history.append(reply.message())
+        replies.append(reply.text)
+        usages.append(reply.usage)
+    return replies, prefills, usages
+
+
+def test_each_turn_prefills_only_its_new_tokens_and_answers_as_a_fresh_run(model_path):
+    with edgeq.load(model_path, threads=1) as model:
+        model.engine = CountingEngine(model.engine)
+        replies, prefills, usages = _converse(model)
+        history = []
+        for turn, (text, reply, fed, usage) in enumerate(zip(TURNS, replies, prefills, usages)):
+            history.append({"role": "user", "content": text})
+            new = len(model.tokenizer.encode_chat(history)) - usage.cached_tokens
+            assert fed == new == usage.prompt_tokens - usage.cached_tokens
+            if turn:
+                # the cache held the last prompt and the reply up to where its ids, tokenized again inside the
+                # template, differ from the sampled ones (a random model's are rarely the canonical ones)
+                assert usage.cached_tokens >= usages[turn - 1].prompt_tokens
+            model.engine.reset()
+            fresh = model.chat(history, max_new_tokens=12, temperature=0.0)
+            assert fresh.usage.cached_tokens == 0
+            assert fresh.text == reply, f"turn {turn}"
+            history.append({"role": "assistant", "content": reply})
+
+
+def test_truncate_keeps_a_prefix_exactly(model_path):
+    """Cutting the cache back and feeding other tokens gives the logits of a fresh run over the same ids."""
+    a, b, c = [5, 17, 42, 99, 3], [250, 7, 64], [11, 300, 8, 120]
+    with edgeq.load(model_path, threads=1) as model:
+        engine = model.engine
+        engine.reset()
+        engine.forward(a + b)
+        engine.truncate(len(a))
+        assert engine.tokens == a
+        cut = engine.forward(c).copy()
+        assert engine.tokens == a + c
+        engine.reset()
+        fresh = engine.forward(a + c).copy()
+        np.testing.assert_allclose(cut, fresh, atol=2e-3, rtol=1e-3)
+        assert engine.tokens == a + c
+        engine.truncate(0)
+        assert engine.tokens == []
+
+
+def test_a_repeated_prompt_feeds_one_token(tiny_llama, tmp_path):
+    with edgeq.load(tiny_llama, threads=1) as model:
+        model.engine = CountingEngine(model.engine)
+        first = model.generate("Hello fox", max_new_tokens=8)
+        calls = len(model.engine.fed)
+        again = model.generate("Hello fox", max_new_tokens=8)
+        assert first == again and model.stats.cached_tokens == model.stats.prompt_tokens - 1
+        assert model.engine.fed[calls] == 1  # the prompt's last token, fed again for its logits
+        model.generate_ids(model.tokenizer.encode("Hello fox"), 4)  # from an empty cache, for exact comparisons
+        assert model.stats.cached_tokens == 0
+
+
+def test_a_long_chat_drops_its_oldest_turns_only_when_asked(tiny_llama):
+    with edgeq.load(tiny_llama, threads=1) as model:
+        history = [{"role": "system", "content": "Be brief."}]
+        for i in range(12):
+            history += [{"role": "user", "content": f"Question {i}: " + "numbers and words " * 4},
+                        {"role": "assistant", "content": "fox " * 10}]
+        history.append({"role": "user", "content": "last one"})
+        with pytest.raises(edgeq.EdgeqError, match="truncate=True"):
+            model.chat(history, max_new_tokens=8)
+        reply = model.chat(history, max_new_tokens=8, truncate=True)
+        assert reply.usage.prompt_tokens + 8 <= model.engine.n_ctx
+
+
+def test_run_without_a_prompt_chats_with_history(tmp_path_factory, tiny_llama):
+    bundle = _bundle(tmp_path_factory, tiny_llama, "gguf")
+    result = CliRunner().invoke(main, ["run", str(bundle), "--max-new-tokens", "6", "--threads", "1"], input="Hello fox\nAnd numbers?\n\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count(">") >= 3  # two turns answered, then the empty line ends the chat

@@ -32,21 +32,12 @@ class TorchEngine:
         from transformers import DynamicCache
 
         if threads:
-        self.tokens: list[int] = []
-
-    def truncate(self, n: int) -> None:
-        if n <= 0:
-            self.reset()
-        elif n < len(self.tokens):
-            self._cache.crop(n - len(self.tokens))  # a negative count removes that many (transformers 4 and 5 alike)
-            del self.tokens[n:]
             torch.set_num_threads(threads)
         self.source = source
         self.model = load_hf_model(source)
         trained = source.config.get("max_position_embeddings", 2048)
         self.n_ctx = min(n_ctx or trained, trained)
         self.n_vocab = source.config["vocab_size"]
-        self.tokens.extend(tokens)
         self._cache_type = DynamicCache
         self.reset()
 
@@ -57,12 +48,21 @@ class TorchEngine:
 
     def reset(self) -> None:
         self._cache = self._cache_type()
+        self.tokens: list[int] = []
+
+    def truncate(self, n: int) -> None:
+        if n <= 0:
+            self.reset()
+        elif n < len(self.tokens):
+            self._cache.crop(n - len(self.tokens))  # a negative count removes that many (transformers 4 and 5 alike)
+            del self.tokens[n:]
 
     @torch.inference_mode()
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         tokens = [int(t) for t in tokens]
         ids = torch.tensor([tokens], dtype=torch.long)
         out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        self.tokens.extend(tokens)
         return out.logits[0, -1].float().numpy()
 
     @torch.inference_mode()

@@ -19,6 +19,8 @@ import numpy as np
 class Engine(Protocol):
     n_ctx: int
     n_vocab: int
+    tokens: list[int]
+    """The ids whose keys and values the cache holds, in order (what `forward` has appended since `reset`)."""
 
     @classmethod
     def open(cls, model_path: Path, manifest: dict, *, threads: int | None = None, n_ctx: int | None = None) -> "Engine":
@@ -26,6 +28,10 @@ class Engine(Protocol):
 
     def reset(self) -> None:
         """Forgets the cached sequence."""
+
+    def truncate(self, n: int) -> None:
+        """Keeps the first `n` cached tokens and forgets the rest; `tokens` then says what was kept
+        (an engine that cannot cut its cache may keep less, down to nothing)."""
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         """Appends `tokens` to the cached sequence; returns float32 logits of the last one, shape (vocab,)."""
@@ -35,9 +41,3 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Frees the model."""
-    tokens: list[int]
-    """The ids whose keys and values the cache holds, in order (what `forward` has appended since `reset`)."""
-    def truncate(self, n: int) -> None:
-        """Keeps the first `n` cached tokens and forgets the rest; `tokens` then says what was kept
-        (an engine that cannot cut its cache may keep less, down to nothing)."""
-

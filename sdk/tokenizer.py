@@ -112,6 +112,7 @@ class ChatTokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=s.bos_token or "", eos_token=s.eos_token or "",
             pad_token=s.pad_token or "", unk_token=s.unk_token or "",
+            **({"tools": tools} if tools else {}),
         )
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
@@ -123,7 +124,6 @@ class ChatTokenizer:
         return self._tok.to_str()
 
     def prompt_ids(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
-            **({"tools": tools} if tools else {}),
         if (prompt is None) == (messages is None):
             raise EdgeqError("pass exactly one of prompt= or messages=")
         return self.encode(prompt) if messages is None else self.encode_chat(messages)

@@ -5,6 +5,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import validate
+
+# Each field's valid range, checked on construction: a value outside it used to change meaning silently
+# (a negative temperature was greedy, a NaN top_p kept no token, a negative seed crashed numpy).
+RANGES = {"temperature": validate.TEMPERATURE, "top_p": validate.TOP_P, "top_k": validate.TOP_K,
+          "repetition_penalty": validate.REPETITION_PENALTY, "seed": validate.SEED}
+
 
 @dataclass
 class SamplingParams:
@@ -13,6 +20,10 @@ class SamplingParams:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self):
+        for name, valid in RANGES.items():
+            setattr(self, name, valid.check(name, getattr(self, name)))
 
 
 class Sampler:

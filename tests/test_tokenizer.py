@@ -72,12 +72,11 @@ def test_byte_fallback_streams_whole_characters(tiny_sentencepiece_llama):
 
 
 def test_template_is_sandboxed(tmp_path, tiny_llama):
+    from edgeq import EdgeqError
     from edgeq.tokenizer import ChatTokenizer
-
-    from jinja2.exceptions import SecurityError
 
     spec = open_model(tiny_llama).tokenizer_spec()
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
     tok = ChatTokenizer(tiny_llama / "tokenizer.json", spec, evil)
-    with pytest.raises(SecurityError):
+    with pytest.raises(EdgeqError, match="SecurityError"):
         tok.render_chat(MESSAGES)

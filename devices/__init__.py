@@ -76,7 +76,11 @@ def load_device(name_or_path: str | Path) -> DeviceProfile:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise EdgeqError(f"device file '{path}' not found; pass an existing .toml file or a built-in id")
-        return _parse(path.read_text(encoding="utf-8"), path.stem, str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise EdgeqError(f"device file '{path}' is not UTF-8 text; pass a .toml device profile") from None
+        return _parse(text, path.stem, str(path))
     resource = files(__name__) / f"{text}.toml"
     if not resource.is_file():
         known = list_devices()
@@ -88,6 +92,8 @@ def load_device(name_or_path: str | Path) -> DeviceProfile:
 
 
 def _parse(text: str, device_id: str, source: str) -> DeviceProfile:
+    except (RecursionError, ValueError):  # nested past the parser's depth, or an integer of thousands of digits
+        raise EdgeqError(f"device file {source}: invalid TOML: nested too deeply or a number too long") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:  # the message carries "(at line N, column M)"
@@ -101,6 +107,8 @@ def _parse(text: str, device_id: str, source: str) -> DeviceProfile:
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
                 if default is not None:
+            if abs(node) > 2**64:  # float() of a 400-digit integer overflows
+                raise bad(key, "is far too large")
                     return default
                 raise bad(key, "is missing; see the built-in profiles for the schema")
             node = node[part]

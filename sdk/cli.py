@@ -4,38 +4,83 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 
 import click
 
+from . import cli_types as types
 from .errors import EdgeqError
 
 
+def _usage_error(exc: click.ClickException) -> None:
+    """click's usage errors as one line (click prints usage, a hint and a blank line around them)."""
+    command = getattr(getattr(exc, "ctx", None), "command_path", None)
+    hint = f" (see `{command} -h`)" if command and isinstance(exc, click.UsageError) else ""
+    click.echo(f"error: {exc.format_message()}{hint}", err=True)
+    sys.exit(exc.exit_code)
+
+
 class Group(click.Group):
-    """Turns EdgeqError into one line on stderr and exit code 1 (the traceback only with --debug)."""
+    """Every failure is one line on stderr: EdgeqError (exit 1), a usage error (2), an interrupt or SIGTERM
+    (130), and anything else as an internal error that names --debug, the one switch that shows tracebacks."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `edgeq`: the help is the answer
+                raise
+            _usage_error(exc)
 
     def invoke(self, ctx):
+        from .interrupts import stop_children, terminate_as_interrupt
+
+        started = time.time()
         try:
-            return super().invoke(ctx)
+            with terminate_as_interrupt():
+                return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except click.ClickException as exc:
+            _usage_error(exc)
         except EdgeqError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
+            stop_children(started)
             click.echo("interrupted: nothing was written", err=True)
             sys.exit(130)
+        except Exception as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+            click.echo(f"error: unexpected {type(exc).__name__}: {detail} — a bug in edgeq; rerun with --debug "
+                       "and report the traceback", err=True)
+            sys.exit(1)
+
+
+def _progress() -> bool | None:
+    """--progress / --no-progress of the whole command line; None shows bars only on a terminal."""
+    return click.get_current_context().find_root().obj.get("progress")
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks and backend logs.")
-@click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each step does (and what the libraries underneath warn).")
+@click.option("--progress/--no-progress", default=None, help="Show progress bars (default: only on a terminal).")
 @click.version_option(package_name="edgeq")
 @click.pass_context
-def main(ctx, debug, verbose):
+def main(ctx, debug, verbose, progress):
     """Export fine-tuned small language models for edge devices, then run, evaluate and profile them."""
-    ctx.obj = {"debug": debug}
+    from .progress import quiet_libraries
+
+    ctx.obj = {"debug": debug, "progress": progress}
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not (debug or verbose):
+        quiet_libraries()
 
 
 @main.command()
@@ -44,18 +89,18 @@ def main(ctx, debug, verbose):
 @click.option("--adapter", type=click.Path(file_okay=False), help="PEFT LoRA adapter folder to merge into MODEL.")
 @click.option("--format", "format_", help="Output format (gguf, …); default: the best one the device runs.")
 @click.option("--precision", help="Force one precision for every tensor, e.g. Q4_K_M, Q8_0, F16, int4; default: planned per tensor for the device.")
-@click.option("--size", help="Plan within this size instead of the device's, e.g. 95MB or 1.2GiB.")
-@click.option("--bits-per-weight", type=float, help="Plan within this many bits per weight on average.")
-@click.option("--calibration", type=click.Path(dir_okay=False),
+@click.option("--size", type=types.SIZE, help="Plan within this size instead of the device's, e.g. 95MB or 1.2GiB.")
+@click.option("--bits-per-weight", type=types.BITS_PER_WEIGHT, help="Plan within this many bits per weight on average (0-32].")
+@click.option("--calibration", type=types.TextFile("calibration text"),
               help="UTF-8 text like the model's real input. gguf: importance matrix; onnx: the text GPTQ rounds on "
                    "(default: a built-in text); with a plan: the sensitivity measurement.")
-@click.option("--calibration-tokens", default=8192, show_default=True, help="Tokens of --calibration to use (windows of 512).")
+@click.option("--calibration-tokens", default=8192, show_default=True, type=types.TOKENS, help="Tokens of --calibration to use (windows of 512).")
 @click.option("-o", "--output", type=click.Path(), help="Bundle folder to create (default: MODEL-DEVICE-PRECISION).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at the output path.")
 @click.option("--trust-pickle", is_flag=True, help="Allow pickle (.bin) weights, which can run code when loaded.")
-@click.option("--eval-tokens", default=1024, show_default=True, help="Tokens of the short quality check stored in the manifest (0 skips it).")
+@click.option("--eval-tokens", default=1024, show_default=True, type=types.TOKENS_OR_ZERO, help="Tokens of the short quality check stored in the manifest (0 skips it).")
 @click.option("--mobile", is_flag=True, help="onnx: also write the ORT format (.ort) and the operator config ONNX Runtime Mobile builds need.")
-@click.option("--block-size", type=int, help="onnx int4: input columns per quantization block (16, 32, 64, 128 or 256; "
+@click.option("--block-size", type=click.IntRange(min=1), help="onnx int4: input columns per quantization block (16, 32, 64, 128 or 256; "
                                               "default: 64 where it divides a tensor's width, else 32 or 16).")
 @click.option("--rounding", type=click.Choice(["gptq", "nearest"]),
               help="onnx int4/int8: gptq (default) rounds with error feedback on calibration text, so a 4-bit lm_head "
@@ -105,7 +150,7 @@ def _print_summary(bundle) -> None:
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.argument("prompt", required=False)
+@click.argument("prompt", required=False, type=types.NonEmpty())
 @click.option("--system", help="System message for chat models.")
 @click.option("--raw", is_flag=True, help="Send PROMPT as plain text, without the chat template.")
 @click.option("--max-new-tokens", default=256, show_default=True, help="Most tokens to generate.")
@@ -176,17 +221,17 @@ def inspect(bundle, as_json):
 @click.argument("model", required=False, type=click.Path(file_okay=False))
 @click.option("--device", "-d", help="Device profile whose budget and format to plan for.")
 @click.option("--format", "format_", default="gguf", show_default=True, help="Format whose precisions to choose from (gguf, onnx, coreml).")
-@click.option("--size", help="Budget as a size, e.g. 95MB (instead of the device's).")
-@click.option("--bits-per-weight", type=float, help="Budget as average bits per weight.")
+@click.option("--size", type=types.SIZE, help="Budget as a size, e.g. 95MB (instead of the device's).")
+@click.option("--bits-per-weight", type=types.BITS_PER_WEIGHT, help="Budget as average bits per weight (0-32].")
 @click.option("--adapter", type=click.Path(file_okay=False), help="PEFT LoRA adapter folder merged into MODEL first.")
-@click.option("--calibration", type=click.Path(dir_okay=False), help="UTF-8 text to measure sensitivity on (default: built-in text).")
+@click.option("--calibration", type=types.TextFile("calibration text"), help="UTF-8 text to measure sensitivity on (default: built-in text).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(model, device, format_, size, bits_per_weight, adapter, calibration, as_json):
     """Show the precision edgeq would give each tensor of MODEL: tensor, precision, bytes, predicted ΔKL."""
     from .planning import plan as run_plan
 
     result = run_plan(model, device=device, format=format_, size=size, bits_per_weight=bits_per_weight,
-                      adapter=adapter, calibration=calibration, progress=not as_json)
+                      adapter=adapter, calibration=calibration, progress=_progress())
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -219,9 +264,9 @@ def devices(as_json):
 
 @main.command("eval")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--text", type=click.Path(dir_okay=False), help="UTF-8 text to measure on (default: a built-in sample).")
-@click.option("--tokens", default=4096, show_default=True, help="Tokens to measure on.")
-@click.option("--ctx", default=512, show_default=True, help="Window length: the text is cut into non-overlapping windows of this many tokens.")
+@click.option("--text", type=types.TextFile("eval text"), help="UTF-8 text to measure on (default: a built-in sample).")
+@click.option("--tokens", default=4096, show_default=True, type=types.TOKENS, help="Tokens to measure on.")
+@click.option("--ctx", default=512, show_default=True, type=types.CONTEXT, help="Window length: the text is cut into non-overlapping windows of this many tokens.")
 @click.option("--reference", type=click.Path(file_okay=False), help="Reference HF folder (default: the source the manifest names).")
 @click.option("--backend", help="Runtime to use instead of the one the bundle names.")
 @click.option("--threads", type=int, help="CPU threads.")
@@ -239,10 +284,10 @@ def evaluate(bundle, text, tokens, ctx, reference, backend, threads, as_json):
 
 @main.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--prompt-tokens", default="64,512", show_default=True, help="Prompt lengths to time, comma-separated.")
-@click.option("--gen", default=128, show_default=True, help="Tokens decoded greedily after each prompt.")
-@click.option("--repeat", default=5, show_default=True, help="Measured repeats after one warm-up (median and spread).")
-@click.option("--threads", type=int, help="CPU threads (default: the runtime's, all cores for llama.cpp).")
+@click.option("--prompt-tokens", default="64,512", show_default=True, type=types.TokenCounts(), help="Prompt lengths to time, comma-separated.")
+@click.option("--gen", default=128, show_default=True, type=types.TOKENS, help="Tokens decoded greedily after each prompt.")
+@click.option("--repeat", default=5, show_default=True, type=types.TOKENS, help="Measured repeats after one warm-up (median and spread).")
+@click.option("--threads", type=types.THREADS, help="CPU threads (default: the runtime's, all cores for llama.cpp).")
 @click.option("--device", "-d", help="Add an ESTIMATE for this device profile (a built-in name or a .toml file).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full result as JSON to this file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG chart of size × KL × decode speed.")
@@ -251,15 +296,11 @@ def profile(bundles, prompt_tokens, gen, repeat, threads, device, json_path, plo
     from .profile_report import check_output, require_matplotlib
     from .profiling import profile as run_profile
 
-    try:
-        lengths = [int(n) for n in prompt_tokens.split(",")]
-    except ValueError:
-        raise EdgeqError(f"--prompt-tokens {prompt_tokens!r} is not a comma-separated list of token counts, e.g. 64,512") from None
     for path in filter(None, (json_path, plot_path)):
         check_output(path)
     if plot_path:
         require_matplotlib()
-    result = run_profile(bundles, prompt_tokens=lengths, gen=gen, repeat=repeat, threads=threads, device=device)
+    result = run_profile(bundles, prompt_tokens=prompt_tokens, gen=gen, repeat=repeat, threads=threads, device=device)
     click.echo(result.table())
     if json_path:
         click.echo(f"wrote {result.save_json(json_path)}")

@@ -9,6 +9,7 @@ from .errors import EdgeqError
 from .generate import LanguageModel
 from .tokenizer import ChatTokenizer, TokenizerSpec
 
+from .validate import check_engine_args
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
@@ -39,6 +40,7 @@ def load(path: str | Path, *, backend: str | None = None, threads: int | None = 
         return LanguageModel(open_engine(path, manifest, backend, threads, n_ctx), bundle_tokenizer(path, manifest), manifest, path)
     if (path / "config.json").is_file():
         from .intake import open_model
+    check_engine_args(threads, n_ctx)
 
         source = open_model(path, adapter=adapter)
         engine = registry.runtimes.get(backend or "torch")(source, threads=threads, n_ctx=n_ctx)

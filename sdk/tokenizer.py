@@ -1,17 +1,18 @@
 """Tokenization and chat templates, done once by edgeq so every backend gets the same token ids.
 
 Only the `tokenizers` library and a sandboxed Jinja environment are used: an app that embeds the
-runtime needs neither transformers nor the source model.
+runtime needs neither transformers nor the source model. The files come from a checkpoint or a bundle
+someone else wrote, so each is checked as it is read and a damaged one fails in one line naming it.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .chat_template import compile_template, render
 from .errors import EdgeqError
+from .validate import json_type, read_json_object
 
 # End-of-turn tokens used by the chat templates of the supported families. A fine-tune that
 # stops on one of these must stop on it after export too, so every one present in the vocab
@@ -19,10 +20,29 @@ from .errors import EdgeqError
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>")
 
 
-def _token_text(value) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+def _token_text(value, name: str, path: Path) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict with `content`."""
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and not isinstance(text, str):
+        raise EdgeqError(f"{path}: {name} must be a string or {{\"content\": string}}, got {json_type(value)}; fix the tokenizer files")
+    return text
+
+
+def _read_config(path: Path) -> dict:
+    return read_json_object(path, "fix or re-save the tokenizer (tokenizer.save_pretrained)") if path.is_file() else {}
+
+
+def load_tokenizer(path: Path):
+    """The `tokenizers` Tokenizer of a tokenizer.json; a damaged file is one line, not a Rust panic message."""
+    from tokenizers import Tokenizer
+
+    if not Path(path).is_file():
+        raise EdgeqError(f"{path} is missing; save the tokenizer with transformers (a fast tokenizer) first")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception for every parse failure
+        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise EdgeqError(f"{path} is not a tokenizer the tokenizers library can read ({detail}); re-save the tokenizer") from None
 
 
 @dataclass
@@ -48,47 +68,33 @@ def read_chat_template(folder: Path) -> str | None:
     """The chat template of an HF folder: `chat_template.jinja`, else tokenizer_config.json."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise EdgeqError(f"{jinja} is not UTF-8 text; re-save the chat template as UTF-8") from None
     config_path = folder / "tokenizer_config.json"
-    if not config_path.is_file():
-        return None
-    template = json.loads(config_path.read_text()).get("chat_template")
+    template = _read_config(config_path).get("chat_template")
     if isinstance(template, list):  # named templates: the "default" one is used for chat
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and "template" in t for t in template):
+            raise EdgeqError(f"{config_path}: chat_template as a list must hold {{\"name\", \"template\"}} objects; fix it")
         named = {t["name"]: t["template"] for t in template}
         template = named.get("default") or next(iter(named.values()), None)
+    if template is not None and not isinstance(template, str):
+        raise EdgeqError(f"{config_path}: chat_template must be a string, got {json_type(template)}; fix it")
     return template
-
-
-def _render_environment():
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise EdgeqError(f"the chat template refused the messages: {message}")
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
 
 
 class ChatTokenizer:
     """Encodes prompts and chats to ids, and decodes generated ids to text incrementally."""
 
     def __init__(self, tokenizer_json: Path, spec: TokenizerSpec, chat_template: str | None):
-        from tokenizers import Tokenizer
-
-        self._tok = Tokenizer.from_file(str(tokenizer_json))
+        self._tok = load_tokenizer(tokenizer_json)
         # SentencePiece-style byte fallback: "<0xE2><0x82><0xAC>" decode together, as one run, to "€"
         byte_fallback = getattr(self._tok.model, "byte_fallback", False)
         self.byte_ids = ({self._tok.token_to_id(f"<0x{b:02X}>") for b in range(256)} - {None}) if byte_fallback else set()
         self.spec = spec
         self.chat_template = chat_template
-        self._template = _render_environment().from_string(chat_template) if chat_template else None
+        self._template = compile_template(chat_template) if chat_template else None
 
     @property
     def vocab_size(self) -> int:
@@ -108,8 +114,8 @@ class ChatTokenizer:
         if self._template is None:
             raise EdgeqError("this model has no chat template; pass a plain prompt instead of messages")
         s = self.spec
-        return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+        return render(
+            self._template, messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=s.bos_token or "", eos_token=s.eos_token or "",
             pad_token=s.pad_token or "", unk_token=s.unk_token or "",
             **({"tools": tools} if tools else {}),
@@ -168,13 +174,11 @@ class IncrementalDecoder:
 
 def spec_from_hf_folder(folder: Path, vocab: dict[str, int], generation_config: dict) -> TokenizerSpec:
     """Collects BOS/EOS and every stop id a fine-tune may end a turn with."""
-    config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    special_map_path = folder / "special_tokens_map.json"
-    special_map = json.loads(special_map_path.read_text()) if special_map_path.is_file() else {}
+    config_path, special_map_path = folder / "tokenizer_config.json", folder / "special_tokens_map.json"
+    config, special_map = _read_config(config_path), _read_config(special_map_path)
 
     def special(name):
-        return _token_text(config.get(name)) or _token_text(special_map.get(name))
+        return _token_text(config.get(name), name, config_path) or _token_text(special_map.get(name), name, special_map_path)
 
     spec = TokenizerSpec(
         bos_token=special("bos_token"), eos_token=special("eos_token"),

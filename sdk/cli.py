@@ -306,3 +306,23 @@ def profile(bundles, prompt_tokens, gen, repeat, threads, device, json_path, plo
         click.echo(f"wrote {result.save_json(json_path)}")
     if plot_path:
         click.echo(f"wrote {result.plot(plot_path)}")
+
+
+@main.command()
+@click.argument("release_file", type=click.Path(dir_okay=False))
+@click.option("--ray", metavar="ADDRESS", help="Run the tasks on a Ray cluster: its address, or `auto` for the cluster this "
+                                               "machine joined (pip install 'edgeq[ray]'). Default: local worker processes.")
+def release(release_file, ray):
+    """Build every cell (model × device) of RELEASE_FILE and write report.json and report.html beside the bundles.
+
+    Cells whose inputs are unchanged since the last run are reused. A cell that fails or misses its
+    quality target leaves no bundle, is named in the report, and makes the command exit with 1.
+    """
+    from .release_run import release as run_release
+
+    result = run_release(release_file, ray=ray, progress=_progress())
+    click.echo(result.table())
+    click.echo(f"report: {result.html_path}")
+    if not result.ok:
+        bad = [f"{c['model']}/{c['device']}" for c in result.failures()]
+        raise EdgeqError(f"{len(bad)} of {len(result.cells)} cells did not pass ({', '.join(bad)}); see {result.html_path}")

@@ -1,0 +1,207 @@
+"""The release report: `report.json`, a static `report.html` (a table and a size × quality × estimated
+speed chart per device, inline SVG), and the text table the CLI prints.
+
+Speeds are a roofline estimate from the bundle's manifest and the device profile, not a measurement
+(the device is not here): decode reads every weight and the KV cache once per token, so it cannot beat
+bandwidth ÷ bytes per token; the first token needs 2 × weights × prompt FLOPs at the profile's peak
+GFLOPS. `edgeq profile --device` calibrates the same numbers by a measured run where one is wanted.
+"""
+from __future__ import annotations
+
+import html
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import EdgeqError
+from .profile_report import MB, PromptEstimate, _num, _rows, require_matplotlib
+
+PROMPT_TOKENS = 64   # the shortest prompt `edgeq profile` times by default
+GEN_TOKENS = 128     # and the tokens it decodes after it
+ESTIMATE_NOTE = (f"Estimated, not measured: a roofline from the manifest and the device profile. Decode tok/s = "
+                 f"bandwidth ÷ bytes read per token (all weights + the KV cache at {PROMPT_TOKENS} + {GEN_TOKENS // 2} tokens); "
+                 f"TTFT = 2 × weights × {PROMPT_TOKENS} prompt tokens ÷ the profile's peak GFLOPS. Real runtimes reach a "
+                 f"fraction of both: treat them as upper bounds, comparable across cells.")
+STATUS_TEXT = {"pass": "pass", "miss": "missed target", "error": "failed"}
+
+
+def roofline(bundle: Path, profile) -> dict:
+    """Decode and TTFT of `bundle` on `profile` at full bandwidth and compute (see the module docstring)."""
+    from .profiling import _describe
+
+    info = _describe(bundle)
+    kv = info["kv_bytes_per_token"] or 0
+    bytes_per_token = info["weight_bytes"] + kv * (PROMPT_TOKENS + GEN_TOKENS / 2)
+    flops = 2.0 * info["params"] * PROMPT_TOKENS
+    ttft = flops / (profile.cpu_gflops * 1e9)
+    estimate = PromptEstimate(PROMPT_TOKENS, ttft, PROMPT_TOKENS / ttft, profile.bandwidth_gbps * 1e9 / bytes_per_token,
+                              int(bytes_per_token), flops, bandwidth_efficiency=1.0, compute_efficiency=1.0)
+    resident = info["weight_bytes"] + kv * profile.context_length
+    return {"method": "roofline", "profile": profile.id, "bandwidth_gbps": profile.bandwidth_gbps, "cpu_gflops": profile.cpu_gflops,
+            **asdict(estimate), "resident_bytes": int(resident), "budget_bytes": profile.budget_bytes,
+            "fits_budget": resident <= profile.budget_bytes}
+
+
+@dataclass
+class ReleaseResult:
+    """What `edgeq.release()` returns: the report (as written to report.json) and where it is."""
+    report: dict
+    json_path: Path
+    html_path: Path
+
+    @property
+    def cells(self) -> list[dict]:
+        return self.report["cells"]
+
+    @property
+    def ok(self) -> bool:
+        return all(c["status"] == "pass" for c in self.cells)
+
+    def failures(self) -> list[dict]:
+        return [c for c in self.cells if c["status"] != "pass"]
+
+    def table(self) -> str:
+        return table(self.report)
+
+
+def build_report(graph, executor: dict, started: float) -> dict:
+    cells = []
+    for cell in graph.cells:
+        result = dict(cell.result or {"status": "error", "error": "not run (the release was interrupted)"})
+        result.pop("task", None)
+        cells.append({"model": cell.model, "device": cell.device, "key": cell.key, "reused": bool(result.pop("reused", False)),
+                      "changed": cell.changed, **result})
+    counts = {s: sum(c["status"] == s for c in cells) for s in STATUS_TEXT}
+    from . import __version__
+
+    return {"release": str(graph.release.source), "output": str(graph.output), "edgeq_version": __version__,
+            "executor": executor, "started": started, "seconds": round(time.time() - started, 3),
+            "summary": {"cells": len(cells), **counts, "reused": sum(c["reused"] for c in cells)},
+            "estimate_note": ESTIMATE_NOTE, "cells": cells, "tasks": graph.log}
+
+
+def write_report(report: dict, output: Path) -> ReleaseResult:
+    json_path, html_path = output / "report.json", output / "report.html"
+    _write(json_path, json.dumps(report, indent=2) + "\n")
+    _write(html_path, render_html(report))
+    return ReleaseResult(report, json_path, html_path)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _kl(cell: dict) -> str:
+    kl = (cell.get("quality") or {}).get("kl")
+    return "-" if kl is None else f"{kl:.4f}"
+
+
+def _target(cell: dict) -> str:
+    target = (cell.get("target") or {}).get("max_kl")
+    return "-" if target is None else f"≤ {target:g}"
+
+
+def _estimate(cell: dict, key: str, scale: float = 1.0) -> str:
+    value = (cell.get("estimate") or {}).get(key)
+    return "-" if value is None else _num(value * scale)
+
+
+def _size(cell: dict) -> str:
+    return "-" if cell.get("size_bytes") is None else _num(cell["size_bytes"] / MB)
+
+
+def table(report: dict) -> str:
+    rows = [[c["model"], c["device"], c.get("format") or "-", c.get("precision") or "-", _size(c), _kl(c), _target(c),
+             _estimate(c, "decode_tokens_per_s"), _estimate(c, "ttft_s", 1e3),
+             STATUS_TEXT[c["status"]] + (" (reused)" if c["reused"] else "")] for c in report["cells"]]
+    lines = _rows(["model", "device", "format", "precision", "size MB", "KL", "target", "est. tok/s", "est. TTFT ms", "status"], rows)
+    lines += [f"{c['model']}/{c['device']}: {c['error']}" for c in report["cells"] if c["status"] == "error"]
+    s = report["summary"]
+    lines.append(f"{s['pass']} of {s['cells']} cells passed, {s['miss']} missed their target, {s['error']} failed; "
+                 f"{s['reused']} reused from the previous run; {report['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def render_html(report: dict) -> str:
+    esc = html.escape
+    rows = []
+    for c in report["cells"]:
+        status = STATUS_TEXT[c["status"]] + (" (reused)" if c["reused"] else "")
+        bundle = f'<a href="{esc(c["bundle"])}/edgeq.json">{esc(c["bundle"])}</a>' if c.get("bundle") else "-"
+        cells = [esc(c["model"]), esc(c["device"]), bundle, esc(c.get("format") or "-"), esc(c.get("precision") or "-"),
+                 _size(c), _kl(c), esc(_target(c)), _estimate(c, "decode_tokens_per_s"), _estimate(c, "ttft_s", 1e3),
+                 esc(status) + (f'<div class="error">{esc(c["error"])}</div>' if c.get("error") else "")]
+        rows.append(f'<tr class="cell {c["status"]}" id="cell-{esc(c["model"])}--{esc(c["device"])}" data-model="{esc(c["model"])}" '
+                    f'data-device="{esc(c["device"])}" data-status="{c["status"]}">' + "".join(f"<td>{x}</td>" for x in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("model", "device", "bundle", "format", "precision", "size MB", "KL", "target",
+                                             "est. decode tok/s", "est. TTFT ms", "status"))
+    s = report["summary"]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>edgeq release: {esc(report["release"])}</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }}
+tr.pass td:last-child {{ background: #e3f5e1; }} tr.miss td:last-child {{ background: #fdf1d6; }} tr.error td:last-child {{ background: #fbe0e0; }}
+.error {{ font-family: monospace; font-size: 12px; white-space: pre-wrap; max-width: 40em; }} .note {{ color: #555; max-width: 60em; }}
+</style></head><body>
+<h1>edgeq release</h1>
+<p>{esc(report["release"])} → {esc(report["output"])}; edgeq {esc(str(report["edgeq_version"]))}; {esc(report["executor"]["kind"])} executor;
+{report["seconds"]:.1f} s. <strong>{s["pass"]} of {s["cells"]} cells passed</strong>, {s["miss"]} missed their target, {s["error"]} failed,
+{s["reused"]} reused from the previous run.</p>
+<table id="cells"><thead><tr>{head}</tr></thead><tbody>
+{chr(10).join(rows)}
+</tbody></table>
+<p class="note">KL: mean KL divergence of the bundle from the original model, measured at export. Bundles that missed
+their target are not kept. {esc(ESTIMATE_NOTE)}</p>
+<h2>Size × quality × estimated decode speed, per device</h2>
+{chart_svg(report)}
+</body></html>
+"""
+
+
+def chart_svg(report: dict) -> str:
+    """One panel per device: x = size, y = estimated decode tok/s, colour = KL; misses as crosses."""
+    try:
+        require_matplotlib()
+    except EdgeqError as exc:
+        return f'<p class="note">No chart: {html.escape(str(exc))}</p>'
+    from matplotlib import rc_context
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    devices = list(dict.fromkeys(c["device"] for c in report["cells"]))
+    measured = [c for c in report["cells"] if c.get("estimate") and c.get("quality")]
+    kls = [c["quality"]["kl"] for c in measured]
+    colors = ScalarMappable(Normalize(0.0, max(kls) if kls and max(kls) > 0 else 1.0), "viridis")
+    cols = min(3, len(devices))
+    rows = -(-len(devices) // cols)
+    with rc_context({"svg.fonttype": "none"}):
+        fig = Figure(figsize=(4.2 * cols + 1, 3.4 * rows))
+        for i, device in enumerate(devices):
+            ax = fig.add_subplot(rows, cols, i + 1)
+            here = [c for c in measured if c["device"] == device]
+            for c in here:
+                x, y = c["size_bytes"] / MB, c["estimate"]["decode_tokens_per_s"]
+                color = colors.to_rgba(c["quality"]["kl"])
+                if c["status"] == "pass":
+                    ax.scatter([x], [y], s=90, color=color, edgecolors="black", zorder=3)
+                else:
+                    ax.scatter([x], [y], s=90, color=color, marker="X", edgecolors="red", zorder=3)
+                ax.annotate(f"{c['model']}\n{c['precision']}", (x, y), xytext=(6, 4), textcoords="offset points", fontsize=7)
+            failed = sum(c["device"] == device and c["status"] == "error" for c in report["cells"])
+            ax.set_title(device + (f" ({failed} failed)" if failed else ""), fontsize=10)
+            ax.set_xlabel("size (MB)", fontsize=8)
+            ax.set_ylabel("est. decode tok/s", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.margins(0.3)
+            ax.grid(alpha=0.3)
+        fig.colorbar(colors, ax=fig.axes, label="KL vs original (o pass, X missed target)", shrink=0.8)
+        buffer = io.StringIO()
+        fig.savefig(buffer, format="svg")
+    svg = buffer.getvalue()
+    return svg[svg.index("<svg"):]

@@ -153,7 +153,7 @@ def _print_summary(bundle) -> None:
 @click.argument("prompt", required=False, type=types.NonEmpty())
 @click.option("--system", help="System message for chat models.")
 @click.option("--raw", is_flag=True, help="Send PROMPT as plain text, without the chat template.")
-@click.option("--max-new-tokens", default=256, show_default=True, help="Most tokens to generate.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Most tokens to generate (default: 256, fewer if the context has less room).")
 @click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass.")
 @click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely tokens (0: all).")
@@ -177,7 +177,9 @@ def run(bundle, prompt, system, raw, max_new_tokens, temperature, top_p, top_k, 
             pieces = model.generate(text, **options)
         else:
             history.append({"role": "user", "content": text})
-            pieces = model.generate(messages=history, **options)
+            # the engine's cache still holds the earlier turns, so only this message is prefilled;
+            # once the chat outgrows the context, its oldest turns are dropped
+            pieces = model.generate(messages=history, truncate=True, **options)
         answer = []
         for piece in pieces:
             answer.append(piece)
@@ -192,6 +194,29 @@ def run(bundle, prompt, system, raw, max_new_tokens, temperature, top_p, top_k, 
     click.echo("chat: type a message, empty line or Ctrl-D to quit", err=True)
     while (text := click.prompt(">", default="", show_default=False, prompt_suffix=" ")).strip():
         reply(text)
+
+
+@main.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 exposes it to the network).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0 picks a free one).")
+@click.option("--api-key", envvar="EDGEQ_API_KEY", help="Require this bearer token on /v1 requests (or set EDGEQ_API_KEY).")
+@click.option("--queue-size", default=8, show_default=True, type=click.IntRange(0, 10_000),
+              help="Requests that may wait per model while it generates; one more gets 429.")
+@click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Seconds one request may take, waiting included.")
+@click.option("--threads", type=types.THREADS, help="CPU threads per model (default: the device profile's, else all cores).")
+@click.option("--backend", help="Runtime to use instead of the one each bundle names.")
+def serve(bundles, host, port, api_key, queue_size, timeout, threads, backend):
+    """Serve BUNDLES over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health).
+
+    A request's "model" is a bundle's folder name. Each model generates one request at a time; tools,
+    response_format (JSON schema, regex, grammar) and streaming work as in OpenAI's API.
+    """
+    from .serving import serve as run_server
+
+    click.echo(f"serving {', '.join(bundles)} on http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
+    run_server(list(bundles), host=host, port=port, api_key=api_key, queue_size=queue_size, timeout=timeout,
+               threads=threads, backend=backend)
 
 
 @main.command()

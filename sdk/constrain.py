@@ -122,7 +122,8 @@ class Vocabulary:
 def _first_line(message: str) -> str:
     """llguidance's message on one line: a regex error's echo of the pattern is dropped, its verdict kept."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()] or ["unknown error"]
-    line = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1].removeprefix('error: ')}"
+    verdict = next((line.removeprefix("error: ") for line in lines[1:] if line.startswith("error:")), "")
+    line = f"{lines[0]} {verdict}".strip()
     return line if len(line) <= 240 else line[:237] + "..."
 
 
@@ -162,6 +163,10 @@ class Matcher:
         """A copy of `logits` with every token the grammar forbids at -inf."""
         allowed = self.allowed()[: logits.shape[-1]]
         return np.where(allowed, logits, np.float32(-np.inf))
+
+    def allows(self, token: int) -> bool:
+        """Whether the grammar takes `token` next: one lexer step, far cheaper than the whole mask."""
+        return self._matcher.validate_tokens([token]) == 1
 
     def accept(self, token: int) -> None:
         if not self._matcher.consume_token(token):

@@ -353,6 +353,7 @@ class LanguageModel:
         stop_ids = set(self.tokenizer.spec.stop_token_ids)
         penalize = request.params.repetition_penalty != 1.0
         seen = set(ids) if penalize else set()
+        greedy = request.params.temperature == 0 and not penalize
         matcher = request.constraint.matcher() if request.constraint else None
         self.stats = stats = GenerationStats(prompt_tokens=len(ids))
         start = time.perf_counter()
@@ -360,12 +361,10 @@ class LanguageModel:
         logits = self._prefill(ids)
         request.finish_reason = "length"
         for step in range(budget):
-            if matcher is not None:
-                if matcher.finished:
-                    request.finish_reason = "stop"
-                    break
-                logits = matcher.mask(logits)
-            token = sampler(logits, np.fromiter(seen, dtype=np.int64) if penalize else None)
+            if matcher is not None and matcher.finished:
+                request.finish_reason = "stop"
+                break
+            token = _choose(sampler, logits, matcher, greedy, np.fromiter(seen, dtype=np.int64) if penalize else None)
             if step == 0:
                 stats.time_to_first_token_s = time.perf_counter() - start
                 decode_start = time.perf_counter()
@@ -413,6 +412,19 @@ class LanguageModel:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _choose(sampler: Sampler, logits: np.ndarray, matcher, greedy: bool, seen: np.ndarray | None) -> int:
+    """The next token, within the grammar when there is one. Greedy decoding tries the plain argmax first:
+    when the grammar allows it, it is the argmax of the masked logits too, and the mask (a pass over the
+    whole vocabulary) is skipped, which is most steps of a JSON reply."""
+    if matcher is None:
+        return sampler(logits, seen)
+    if greedy:
+        token = int(np.argmax(logits))
+        if matcher.allows(token):
+            return token
+    return sampler(matcher.mask(logits), seen)
 
 
 def _drop_oldest_turn(messages: list[dict]) -> list[dict] | None:

@@ -134,3 +134,32 @@ def test_bad_generation_arguments_are_refused(gguf_bundle):
             model.chat(hi, stop=["ok", ""])
         with pytest.raises(edgeq.EdgeqError, match="temperature"):
             model.chat(hi, temperature=-0.5)
+
+
+# Schemas a small app would send, with free-form strings: the real model has to close them itself.
+APP_SCHEMAS = [
+    {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer", "minimum": 1800, "maximum": 2100},
+                                      "genres": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3}},
+     "required": ["title", "year", "genres"], "additionalProperties": False},
+    {"type": "object", "properties": {"sentiment": {"enum": ["positive", "negative", "neutral"]}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                                      "reason": {"type": "string", "maxLength": 200}}, "required": ["sentiment", "confidence", "reason"]},
+    {"type": "object", "properties": {"name": {"type": "string"}, "email": {"type": "string", "format": "email"},
+                                      "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                                                  "required": ["city", "zip"]}}, "required": ["name", "email", "address"]},
+]
+APP_PROMPTS = ["Describe a famous movie as JSON.", "Classify the sentiment of: 'The battery died after an hour.'",
+               "Make up a customer record as JSON."]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", ["gguf", "torch"])
+def test_the_default_model_fills_app_schemas(backend, tmp_path_factory):
+    from edgeq.default_model import default_model_path
+
+    source = default_model_path(progress=False)
+    path = source if backend == "torch" else edgeq.export(source, format="gguf", precision="Q8_0", output=tmp_path_factory.mktemp("s") / "q8", eval_tokens=0)
+    with edgeq.load(path) as model:
+        for schema, prompt in zip(APP_SCHEMAS, APP_PROMPTS):
+            reply = model.chat([{"role": "user", "content": prompt}], response_format=_format(schema), max_new_tokens=200)
+            assert reply.finish_reason == "stop", reply.text
+            jsonschema.validate(json.loads(reply.text), schema, format_checker=jsonschema.FormatChecker())

@@ -12,14 +12,13 @@ float32 until its float16 pass, so float16 parameters each got a float32 copy be
 ones it uses in place, and the pass adds one float16 copy. That pass is `lean_fp16_cast`, whose
 overflow check does not index whole weights. Each function is converted and saved before the
 next, and compression works on one saved function at a time: the peak is a function's conversion,
-about 6 bytes per parameter (float32 + float16 weights) plus 1 GiB; 10.2 GiB for a 1.5B model.
+about 6 bytes per parameter (float32 + float16 weights) plus 1 GiB (measured peaks: bench/README.md).
 """
 from __future__ import annotations
 
 import gc
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import coremltools as ct
@@ -33,14 +32,14 @@ from edgeq.errors import EdgeqError
 from edgeq.intake import SourceModel
 from edgeq.progress import bar
 
-from .coreml_package import INT4_BLOCKS, describe, weight_ops
+from .coreml_format import COREML, INT4_BLOCKS
+from .coreml_package import describe, weight_ops
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.mlpackage"
 PREFILL_TOKENS = 64     # one prefill call processes this many prompt tokens (the last chunk is padded)
 MAX_CONTEXT = 4096      # KV cache slots in the package (capped by the model's trained context)
 FUNCTIONS = (("decode", 1), ("prefill", PREFILL_TOKENS))
-PRECISIONS = ("fp16", "int8", *INT4_BLOCKS, "palettize4", "palettize6")
 
 
 def compressor(precision: str):
@@ -62,13 +61,7 @@ def precision_plan(spec: DecoderSpec, shapes: dict, precision: str, overrides: d
     """HF weight name → precision for every matrix the decoder uses; checks the overrides."""
     matrices = [n for n, s in shapes.items() if len(s) == 2 and not (spec.tied and n == "lm_head.weight")]
     plan = dict.fromkeys(matrices, precision)
-    for name, asked in (overrides or {}).items():
-        if name not in plan:
-            hint = "it is not a weight matrix of this model" if name in shapes else "no such tensor"
-            raise EdgeqError(f"precision override for {name!r}: {hint}; use HF weight names such as {matrices[0]!r}")
-        if asked.lower() not in PRECISIONS:
-            raise EdgeqError(f"precision override {asked!r} for {name} is not a Core ML precision; choose one of {', '.join(PRECISIONS)}")
-        plan[name] = asked.lower()
+    plan.update(COREML.check_overrides(overrides, matrices, shapes))
     return plan
 
 
@@ -173,28 +166,16 @@ def _step(what: str, fn, *args):
 class CoreMLConverter:
     """`edgeq export --format coreml`: a multifunction `.mlpackage` (prefill + decode, shared state)."""
 
-    name = "coreml"
-    runtime = "coreml"
-    default_precision = "int4"
-    planned_precision = "int4"  # the base of a planned export; the plan names every weight
-    precisions = PRECISIONS
-
-    @property
-    def eval_runtime(self) -> str:
-        """Core ML predicts on Apple platforms only; elsewhere quality is measured on the package's weights."""
-        return "coreml" if sys.platform == "darwin" else "coreml-torch"
+    spec = COREML
 
     def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
-                importance: dict[str, np.ndarray] | None = None, progress: bool | None = None) -> dict:
-        precision = precision.lower()
-        if precision not in PRECISIONS:
-            raise EdgeqError(f"Core ML precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
+                calibration=None, progress: bool | None = None) -> dict:
+        """coremltools' quantizers take no calibration data, so `calibration` is not used."""
+        precision = self.spec.normalize(precision)
         context = min(source.config.get("max_position_embeddings", MAX_CONTEXT), MAX_CONTEXT)
         spec = DecoderSpec.from_source(source, context)
         shapes = {n: tuple(s) for n, s in source.shapes().items()}
         plan = precision_plan(spec, shapes, precision, overrides)
-        if importance:
-            log.info("Core ML compression does not use the importance matrix; it is ignored")
         work = stage / ".coreml-work"
         work.mkdir()
         op_names = convert_functions(spec, source, work, progress)

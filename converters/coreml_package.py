@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import EdgeqError
+from edgeq.formats import readback
+
+from .coreml_format import INT4_BLOCKS
 
 WEIGHT_NAME = re.compile(r"^(.*?_(?:weight|bias))(?:_|$)")
-# int4 precisions by block size along the input dimension; `stored_type` reads each back by this name.
-INT4_BLOCKS = {"int4": 32, "int4-block16": 16, "int4-block64": 64, "int4-block128": 128}
 
 
 def load_program(path: Path):
@@ -118,12 +119,9 @@ def describe(path: Path, shapes: dict[str, tuple], plan: dict[str, str]) -> dict
     default = spec.description.defaultFunctionName or next(iter(program.functions))
     ops = weight_ops(program.functions[default], list(shapes))
     tensors, mismatches = {}, []
-    total_bits = total_weights = 0
     for name, op in ops.items():
         nbytes = sum(_bytes(var) for var in _inputs(op))
         tensors[name] = {"type": stored_type(op), "shape": list(shapes[name]), "bytes": nbytes, "op": op.name}
-        total_bits += nbytes * 8
-        total_weights += int(np.prod(shapes[name]))
     for name, asked in plan.items():
         got = tensors.get(name, {}).get("type", "missing")
         if got != asked:
@@ -133,9 +131,7 @@ def describe(path: Path, shapes: dict[str, tuple], plan: dict[str, str]) -> dict
             mismatches.append({"tensor": name, "asked": asked, "got": got, "why": why})
     weights_file = Path(path) / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
     return {
-        "tensors": tensors,
-        "bits_per_weight": round(total_bits / max(total_weights, 1), 3),
-        "mismatches": mismatches,
+        **readback(tensors, mismatches),
         "coreml": {**structure(spec), "weight_file_bytes": weights_file.stat().st_size if weights_file.is_file() else 0},
     }
 

@@ -17,11 +17,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from edgeq.architectures import ARCHITECTURES
 from edgeq.errors import EdgeqError
+from edgeq.model_shape import ModelShape
 from edgeq.intake import SourceModel
 from edgeq.progress import bar
 
-from .gguf_quantize import FLOAT_TYPES, QUANT_TYPES, quantize, read_tensor_types
+from .gguf_format import GGUF
+from .gguf_quantize import FLOAT_TYPES, quantize, read_tensor_types
 from .gguf_vocab import write_vocab
 
 log = logging.getLogger(__name__)
@@ -36,58 +39,61 @@ class Family:
     interleave_rope: bool
 
 
-FAMILIES = {
-    "llama": Family(gguf.MODEL_ARCH.LLAMA, True),
-    "qwen2": Family(gguf.MODEL_ARCH.QWEN2, False),
-    "qwen3": Family(gguf.MODEL_ARCH.QWEN3, False),
-}
-
-
-def _rope(config: dict) -> tuple[float, dict]:
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    theta = config.get("rope_theta") or params.get("rope_theta") or 10000.0
-    return float(theta), params
-
-
-def _head_dim(config: dict) -> int:
-    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+_ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+FAMILIES = {a.family: Family(_ARCH_BY_NAME[a.gguf_arch], a.gguf_interleave_rope) for a in ARCHITECTURES.values()}
 
 
 def write_hparams(writer: gguf.GGUFWriter, config: dict, n_vocab: int, file_type: gguf.LlamaFileType) -> None:
-    n_head = config["num_attention_heads"]
-    head_dim = _head_dim(config)
-    theta, _ = _rope(config)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
+    """Hyperparameters under llama.cpp's keys; what its graph for this architecture cannot compute was refused
+    before any work (`GGUFFormat.check_source`), so every option written here is one llama.cpp reads."""
+    shape = ModelShape.from_config(config)
+    writer.add_context_length(shape.max_positions)
+    writer.add_embedding_length(shape.hidden)
+    writer.add_block_count(shape.layers)
     writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(config.get("num_key_value_heads") or n_head)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(theta)
+    writer.add_head_count(shape.heads)
+    writer.add_head_count_kv(shape.kv_heads)
+    writer.add_key_length(shape.head_dim)
+    writer.add_value_length(shape.head_dim)
+    writer.add_rope_dimension_count(shape.rotary_dim)
+    writer.add_rope_freq_base(shape.rope.theta)
+    rope = shape.rope
+    if rope.kind in ("linear", "yarn"):  # llama.cpp computes these from the factor itself
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if rope.kind == "linear" else gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope.params["factor"])
+        if rope.kind == "yarn":
+            writer.add_rope_scaling_orig_ctx_len(int(rope.params.get("original_max_position_embeddings") or shape.max_positions // rope.params["factor"]))
+    if rope.kind == "longrope":  # the factors travel as tensors; llama.cpp picks the long ones past this context
+        writer.add_rope_scaling_orig_ctx_len(rope.original_context)
+        writer.add_rope_scaling_attn_factors(rope.attention_factor())
+    if shape.sliding:  # Gemma 3: the window, which layers have it, and their RoPE base
+        writer.add_sliding_window(next(w for w in shape.windows if w is not None))
+        writer.add_sliding_window_pattern([w is not None for w in shape.windows])
+        writer.add_rope_freq_base_swa(next(shape.rope_at(i).theta for i, w in enumerate(shape.windows) if w is not None))
+    if shape.final_softcap:
+        writer.add_final_logit_softcapping(shape.final_softcap)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(file_type)
 
 
-def llama3_rope_factors(config: dict) -> np.ndarray | None:
-    """Per-frequency divisors of Llama 3.x long-context RoPE, stored as `rope_freqs.weight`."""
-    theta, params = _rope(config)
-    kind = params.get("rope_type") or params.get("type") or "default"
-    if kind == "default":
+def rope_freq_factors(shape: ModelShape) -> np.ndarray | None:
+    """Llama 3.x long-context RoPE as llama.cpp stores it: per-frequency divisors in `rope_freqs.weight`."""
+    if shape.rope.kind != "llama3":
         return None
-    if kind != "llama3":
-        raise EdgeqError(f"RoPE scaling {kind!r} is not supported by edgeq's GGUF writer yet; supported: none, llama3")
-    dim = _head_dim(config)
-    freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-    wavelen = 2 * math.pi / freqs
-    factor, low, high = params["factor"], params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
-    old_ctx = params["original_max_position_embeddings"]
-    smooth = np.clip((old_ctx / wavelen - low) / (high - low), 0.0, 1.0)
-    divisors = 1.0 / ((1 - smooth) / factor + smooth)
-    return divisors.astype(np.float32)
+    base = np.array(shape.rope.base_inv_freq(shape.head_dim), dtype=np.float64)
+    return (base / np.array(shape.inv_freq(), dtype=np.float64)).astype(np.float32)
+
+
+def extra_tensors(shape: ModelShape) -> dict[str, np.ndarray]:
+    """Tensors llama.cpp reads beside the checkpoint's: Llama 3's RoPE divisors, LongRoPE's two factor sets."""
+    extra = {}
+    if (factors := rope_freq_factors(shape)) is not None:
+        extra["rope_freqs.weight"] = factors
+    if shape.longrope:
+        for kind, long in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, True), (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, False)):
+            extra[gguf.TENSOR_NAMES[kind] + ".weight"] = np.array(shape.rope.longrope_factors(shape.rotary_dim, long), dtype=np.float32)
+    return extra
 
 
 def _interleave_rope_rows(weight, n_heads: int):
@@ -137,15 +143,15 @@ def write_float_gguf(source: SourceModel, path: Path, float_type: str, progress:
     write_vocab(writer, source.tokenizer_folder, tokenizer.spec, tokenizer.chat_template, n_vocab)
 
     plan = tensor_plan(source)
-    rope_factors = llama3_rope_factors(config)
+    extra = extra_tensors(ModelShape.from_config(config))
     itemsize = {"F32": 4, "F16": 2, "BF16": 2}[float_type]
     for _, gguf_name, shape in plan:
         nbytes = math.prod(shape) * (4 if len(shape) <= 1 else itemsize)
         dtype = np.float32 if len(shape) <= 1 or float_type == "F32" else (np.uint16 if float_type == "BF16" else np.float16)
         raw = gguf.GGMLQuantizationType.BF16 if dtype == np.uint16 else None
         writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), nbytes, raw_dtype=raw)
-    if rope_factors is not None:
-        writer.add_tensor_info("rope_freqs.weight", rope_factors.shape, rope_factors.dtype, rope_factors.nbytes)
+    for gguf_name, array in extra.items():
+        writer.add_tensor_info(gguf_name, array.shape, array.dtype, array.nbytes)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -158,11 +164,13 @@ def write_float_gguf(source: SourceModel, path: Path, float_type: str, progress:
                 tensor = _interleave_rope_rows(tensor, n_head)
             elif family.interleave_rope and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                 tensor = _interleave_rope_rows(tensor, n_kv)
+            if source.arch.gguf_norm_shift and hf_name.endswith("norm.weight"):
+                tensor = tensor.float() + source.arch.norm_offset  # llama.cpp's Gemma graph multiplies by the gain itself
             array, _ = _as_array(tensor, float_type)
             writer.write_tensor_data(array)
             pbar.update(1)
-        if rope_factors is not None:
-            writer.write_tensor_data(rope_factors)
+        for array in extra.values():
+            writer.write_tensor_data(array)
     writer.close()
 
 
@@ -206,23 +214,19 @@ except EdgeqError as exc:
 class GGUFConverter:
     """`edgeq export --format gguf`: F32/F16/BF16 directly, quantized types through llama.cpp."""
 
-    name = "gguf"
-    runtime = "llamacpp"
-    default_precision = "Q4_K_M"
-    planned_precision = "Q4_0"  # file type of a planned export; the plan overrides every tensor
-    precisions = tuple(FLOAT_TYPES) + tuple(QUANT_TYPES)
+    spec = GGUF
 
     def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
-                importance: dict[str, np.ndarray] | None = None, progress: bool | None = None) -> dict:
-        """`overrides` and `importance` are keyed by HF weight name, as every converter's are."""
-        precision = precision.upper()
-        if precision not in self.precisions:
-            raise EdgeqError(f"GGUF precision {precision!r} is not supported; choose one of {', '.join(self.precisions)}")
-        to_gguf = {hf: name for hf, name, _ in tensor_plan(source)}
-        gguf_overrides = {to_gguf[hf]: t.upper() for hf, t in (overrides or {}).items() if hf in to_gguf}
-        if overrides and len(gguf_overrides) != len(overrides):
-            unknown = sorted(set(overrides) - set(to_gguf))
-            raise EdgeqError(f"precision overrides name tensors the model does not have: {', '.join(unknown[:3])}")
+                calibration=None, progress: bool | None = None, adapters=None) -> dict:
+        """`overrides` are keyed by HF weight name, as every converter's are; the calibration's importance
+        matrix (when the user gave text, or a plan measured one) weighs llama.cpp's rounding. `adapters`
+        (`edgeq.adapter_set.KeptAdapter`s) are each written as a GGUF LoRA file beside the base."""
+        precision = self.spec.normalize(precision)
+        written = tensor_plan(source)
+        to_gguf = {hf: name for hf, name, _ in written}
+        matrices = [hf for hf, _, shape in written if len(shape) == 2]
+        gguf_overrides = {to_gguf[hf]: t for hf, t in self.spec.check_overrides(overrides, matrices, source.shapes()).items()}
+        importance = calibration.importance(progress) if calibration is not None else None
         gguf_importance = {to_gguf[hf]: v for hf, v in (importance or {}).items() if hf in to_gguf}
         if importance and not gguf_importance:
             raise EdgeqError("the importance matrix matches no tensor of this model; recompute it from this model")
@@ -242,4 +246,9 @@ class GGUFConverter:
             first = problems[0]
             log.warning("%d tensors are not the type asked (e.g. %s: asked %s, got %s, %s); see `edgeq inspect`",
                         len(problems), first["tensor"], first["asked"], first["got"], first["why"])
-        return {"model_file": MODEL_FILE, "precision": precision, **report}
+        fields = {"model_file": MODEL_FILE, "precision": precision, **report}
+        if adapters:
+            from .gguf_adapters import write_adapter
+
+            fields["adapters"] = [{**adapter.record(), **write_adapter(source, adapter, stage)} for adapter in adapters]
+        return fields

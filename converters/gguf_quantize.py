@@ -15,13 +15,13 @@ import gguf
 import numpy as np
 
 from edgeq.errors import EdgeqError
+from edgeq.formats import readback
 from edgeq.progress import bar
 
-FLOAT_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16, "BF16": gguf.LlamaFileType.MOSTLY_BF16}
-QUANT_TYPES = {
-    name: gguf.LlamaFileType[f"MOSTLY_{name}"]
-    for name in ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q3_K_M", "Q3_K_L", "Q2_K", "IQ4_NL", "IQ4_XS")
-}
+from . import gguf_format
+
+FLOAT_TYPES = {name: gguf.LlamaFileType["ALL_F32" if name == "F32" else f"MOSTLY_{name}"] for name in gguf_format.FLOAT_TYPES}
+QUANT_TYPES = {name: gguf.LlamaFileType[f"MOSTLY_{name}"] for name in gguf_format.QUANT_TYPES}
 _K_TYPES = {t for t in gguf.GGMLQuantizationType if t.name.endswith("_K")}
 _QUANT_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 
@@ -60,7 +60,7 @@ def quantize(src: Path, dst: Path, precision: str, *, overrides: dict[str, str] 
     """Runs llama_model_quantize; `overrides` maps exact GGUF tensor names to ggml type names."""
     import llama_cpp
 
-    from edgeq.runtimes.llamacpp import llama_log_lines
+    from edgeq.llama_native import llama_log_lines
 
     base = FLOAT_TYPES.get(precision) or QUANT_TYPES[precision]
     params = llama_cpp.llama_model_quantize_default_params()
@@ -93,22 +93,15 @@ def read_tensor_types(path: Path, precision: str, overrides: dict[str, str] | No
     """Tensor types as written, real bits per weight, and every place the file differs from the request."""
     reader = gguf.GGUFReader(path)
     tensors, mismatches = {}, []
-    total_bits = total_weights = 0
     k_mix = precision.startswith("Q") and "_K" in precision
     for t in reader.tensors:
         got = gguf.GGMLQuantizationType(t.tensor_type)
         shape = [int(x) for x in reversed(t.shape.tolist())]
         tensors[t.name] = {"type": got.name, "shape": shape, "bytes": int(t.n_bytes)}
-        total_bits += int(t.n_bytes) * 8
-        total_weights += int(t.n_elements)
         asked = (overrides or {}).get(t.name)
         if asked and ggml_type(asked) != got:
             mismatches.append({"tensor": t.name, "asked": asked.upper(), "got": got.name, "why": f"row width {shape[-1]}"})
         elif not asked and k_mix and len(shape) == 2 and got not in _K_TYPES and got != gguf.GGMLQuantizationType.F32:
             mismatches.append({"tensor": t.name, "asked": precision, "got": got.name,
                                "why": f"row width {shape[-1]} is not a multiple of 256, so llama.cpp fell back"})
-    return {
-        "tensors": tensors,
-        "bits_per_weight": round(total_bits / max(total_weights, 1), 3),
-        "mismatches": mismatches,
-    }
+    return readback(tensors, mismatches)

@@ -17,7 +17,7 @@ from pathlib import Path
 import gguf
 
 from edgeq.errors import EdgeqError
-from edgeq.tokenizer import TokenizerSpec
+from edgeq.tokenizer import TURN_END_TOKENS, TokenizerSpec
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ SPACE_PREFIX = {
     # none after a special token, where llama.cpp adds one; edgeq's own runtime tokenizes as the original
     (("Metaspace", "always"),): True,
     (("Metaspace", "first"),): True,
+    # Gemma as transformers 5 saves it: a Split on " " that finds none once the normalizer replaced every space
+    (("Replace", " ", "▁"), ("Split", " ")): False,
 }
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 
@@ -219,6 +221,6 @@ def _write_special_ids(writer: gguf.GGUFWriter, vocab: dict[str, int], spec: Tok
     writer.add_add_bos_token(spec.add_bos_token)
     writer.add_add_eos_token(False)
     # The end-of-turn token the chat template writes, so llama.cpp stops on it like edgeq does.
-    eot = next((t for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>") if t in vocab), None)
+    eot = next((t for t in TURN_END_TOKENS if t in vocab), None)
     if eot is not None:
         writer.add_eot_token_id(vocab[eot])

@@ -1,33 +1,26 @@
 """HF checkpoint → ONNX decoder with KV cache, built node by node on onnxruntime's contrib ops.
 
-Why our own graph rather than onnxruntime-genai's model builder (both measured, 2026-11-23, SmolLM2-135M,
-2 threads on a 2-core machine; speeds carry ±5-10% run-to-run noise, see bench/README.md):
-- The kernels are the same: both graphs are GroupQueryAttention (RoPE in the kernel, KV cache grown in
-  place; packed q/k/v go straight in), MatMulNBits, SkipSimplifiedLayerNormalization; per decode step the
-  two spend the same time in them (onnxruntime's profiler, same loop). Prompt (512 tokens): edgeq's TTFT
-  is 0.8x the builder model's under its own C++ Generator, because our `logits_to_keep` input computes the
-  49k-wide lm_head for the last position only. Decode is memory bound, so it follows the bytes read per
-  token: with INT4 blocks of 32 and a 4-bit lm_head, as the builder writes, edgeq decodes at 0.99-1.02x;
-  edgeq's default INT4 blocks of 64 (where they divide) read 8% less.
-- Quality is where we differ: integer weights are rounded by GPTQ (`edgeq.gptq`) on calibration text,
-  which pays for the 4-bit lm_head; rounding each tensor alone, a 4-bit lm_head alone costs SmolLM2 +0.055 KL
-  and edgeq kept 8 bits there. Off-grid SmolLM2, wikitext-2: INT4 blocks of 32 KL 0.097 vs llama.cpp
-  Q4_0+imatrix 0.339 from the same text; the builder's int4 0.551. INT8 (block 32, the layout of Q8_0;
-  per-channel DynamicQuantizeMatMul ran the lm_head slower, 11.5 vs 7.8 ms) is 0.64x Q8_0's KL.
-- The builder loads the whole checkpoint through transformers and knows nothing of edgeq's inputs; here
-  every weight comes from `source.tensor()` (LoRA merged, streamed into the external-data file one tensor at
-  a time), a precision plan chooses int4/int8/fp16/fp32 per HF tensor, and the written types are read
-  back from the file by HF name. edgeq feeds its own token ids either way.
+Why our own graph rather than onnxruntime-genai's model builder: the kernels are the same (GroupQueryAttention
+with RoPE in the kernel and the KV cache grown in place, MatMulNBits, SkipSimplifiedLayerNormalization), but
+- every weight comes from `source.tensor()` (LoRA merged, streamed into the external-data file one tensor at a
+  time), so the export never holds the model twice;
+- a precision plan chooses int4/int8/fp16/fp32 per HF tensor, and the written types are read back by HF name;
+- integer weights are rounded by GPTQ (`edgeq.quant.gptq`) on calibration text, which is what pays for a 4-bit
+  lm_head (rounded alone it stays 8-bit); decode is memory bound, so those bytes are its speed;
+- a `logits_to_keep` input computes the vocabulary-wide lm_head for the last position only during prefill.
+bench/README.md has the measured quality and speed against the builder and llama.cpp.
 
 Graph interface (plain onnxruntime can run it): `input_ids` [batch, seq] int64, `attention_mask`
 [batch, total] int64, `past_key_values.{i}.key|value` [batch, kv_heads, past, head_dim] float32,
 `logits_to_keep` (int64 scalar: 0 = every position, 1 = the last) → `logits`, `present.{i}.key|value`.
 A present buffer may be the same memory as its past buffer (sized for the whole context): then the
-cache grows in place, which is how `edgeq.runtimes.ort` runs it.
+cache grows in place, which is how `edgeq.runtimes.ort` runs it. With LoRA adapters kept apart, the graph also
+takes each adapted weight's `<module>.lora_A` / `.lora_B` (overridable, zero by default; `onnx_adapters.py`).
 """
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +29,17 @@ from onnx import TensorProto, helper
 
 from edgeq.errors import EdgeqError
 from edgeq.intake import SourceModel
+from edgeq.model_shape import ModelShape
 from edgeq.progress import bar
 
-from .onnx_weights import INT_TYPES, TYPES, BlockGrid, ExternalData, Quantized, int4_block, quantize_blocks, read_back
+from .onnx_format import BLOCK_SIZES, INT_TYPES, INT8_BLOCK, ONNX, int4_block
+from .onnx_weights import BlockGrid, ExternalData, Quantized, quantize_blocks, read_back
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 ORT_FILE = "model.ort"
 OPS_CONFIG = "required_operators.config"
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 OPSET = 23  # RMSNormalization is standard from 23
 ORT_FORMAT_LIMIT = 2 << 30  # an .ort file is one flatbuffer, which cannot pass 2 GiB
 
@@ -62,12 +56,7 @@ def plan_precisions(source: SourceModel, precision: str, overrides: dict[str, st
     plan = {}
     for name in names:
         plan[name] = "int8" if precision == "int4" and name in kept else precision
-    for name, asked in (overrides or {}).items():
-        if name not in plan:
-            raise EdgeqError(f"precision plan names {name!r}, which is not a weight matrix of {source.path.name}; use HF weight names like model.layers.0.mlp.down_proj.weight")
-        if asked.lower() not in TYPES:
-            raise EdgeqError(f"precision plan asks {asked!r} for {name}; ONNX export writes {', '.join(TYPES)}")
-        plan[name] = asked.lower()
+    plan.update(ONNX.check_overrides(overrides, list(plan), shapes))
     return plan
 
 
@@ -80,7 +69,7 @@ def block_sizes(plan: dict[str, str], shapes: dict[str, tuple], block_size: int 
     for name, kind in plan.items():
         width = matrix_shape(shapes, name)[1]
         if kind == "int8":
-            blocks[name] = 32
+            blocks[name] = INT8_BLOCK
         elif kind == "int4":
             blocks[name] = int4_block(width, block_size)
             if blocks[name] is None:
@@ -98,7 +87,7 @@ def matrix_shape(shapes: dict[str, tuple], name: str) -> tuple:
 
 def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], progress: bool | None) -> dict[str, Quantized]:
     """Every MatMulNBits weight of the plan, rounded by GPTQ on the calibration text (the embedding is a lookup: no inputs to compensate)."""
-    from edgeq.gptq import quantize_model
+    from edgeq.quant.gptq import quantize_model
 
     grids = {name: BlockGrid(int(kind[3:]), blocks[name]) for name, kind in plan.items()
              if kind in INT_TYPES and name != "model.embed_tokens.weight"}
@@ -109,20 +98,21 @@ class DecoderGraph:
     """Accumulates nodes and initializers; weights go straight to the external-data file."""
 
     def __init__(self, source: SourceModel, stage: Path, plan: dict[str, str], blocks: dict[str, int],
-                 accuracy_level: int, importance: dict[str, np.ndarray] | None, rounded: dict[str, Quantized] | None = None):
+                 accuracy_level: int, importance: dict[str, np.ndarray] | None, rounded: dict[str, Quantized] | None = None,
+                 lora=None):
         self.source, self.plan, self.blocks = source, plan, blocks
+        self.lora = lora  # onnx_adapters.LoraSlots of the kept adapters, or None
         self.accuracy_level, self.importance = accuracy_level, importance or {}
         self.rounded = dict(rounded or {})  # GPTQ's result, taken (and dropped) as each weight is written
         self.data = ExternalData(stage, DATA_FILE)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._consts: dict[tuple, str] = {}
-        c = source.config
-        self.hidden, self.layers = c["hidden_size"], c["num_hidden_layers"]
-        self.n_head = c["num_attention_heads"]
-        self.n_kv = c.get("num_key_value_heads") or self.n_head
-        self.head_dim = c.get("head_dim") or self.hidden // self.n_head
-        self.eps = float(c["rms_norm_eps"])
+        self.shape = shape = ModelShape.from_config(source.config)
+        self.hidden, self.layers, self.n_head, self.n_kv, self.head_dim = shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.head_dim
+        self.eps = float(source.config["rms_norm_eps"])
+        self.arch = source.arch  # the family's block: norm offset, sandwich norms, activation, fused projections
+        self.rope_inputs: dict[int, tuple[str, str]] = {}  # id(Rope) → its cos/sin inputs of GroupQueryAttention
 
     def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> str | list[str]:
         name = f"/{op}_{len(self.nodes)}"
@@ -164,16 +154,19 @@ class DecoderGraph:
             return self.node("Add", [out, self.add_weight(bias, self._tensor(bias).numpy())])
         return out
 
+    def _lora(self, x: str, names: list[str], out: str) -> str:
+        return out if self.lora is None else self.lora.add(self, x, names, out)
+
     def linear(self, x: str, name: str, bias: str | None = None) -> str:
         kind = self.plan[name]
         if kind in ("int4", "int8"):
-            return self._bias(self._matmul_nbits(x, *self._quantized(name)), bias)
+            return self._lora(x, [name], self._bias(self._matmul_nbits(x, *self._quantized(name)), bias))
         weight = self._tensor(name)
         if kind == "fp16":
             out = self.node("MatMul", [x, self.node("Cast", [self.add_weight(name, weight.T.half().numpy())], to=TensorProto.FLOAT)])
         else:
             out = self.node("MatMul", [x, self.add_weight(name, weight.T.contiguous().numpy())])
-        return self._bias(out, bias)
+        return self._lora(x, [name], self._bias(out, bias))
 
     def packed(self, x: str, names: list[str], biases: list[str | None]) -> str | None:
         """`x` times several weights as one MatMulNBits over their Concat (onnxruntime folds it into one weight
@@ -187,7 +180,7 @@ class DecoderGraph:
         parts = [self._quantized(n) for n in names]
         weight = self.node("Concat", [p[0] for p in parts], axis=0)
         scales = self.node("Concat", [p[1] for p in parts], axis=0)
-        out = self._matmul_nbits(x, weight, scales, sum(p[2] for p in parts), *parts[0][3:])
+        out = self._lora(x, names, self._matmul_nbits(x, weight, scales, sum(p[2] for p in parts), *parts[0][3:]))
         if not present:
             return out
         return self.node("Add", [out, self.node("Concat", [self.add_weight(b, self._tensor(b).numpy()) for b in present], axis=0)])
@@ -201,6 +194,9 @@ class DecoderGraph:
         return self.node("Split", [out, self.const(rows)], n_out=len(names), axis=-1)
 
     def embedding(self, ids: str) -> str:
+        return self._lora(ids, ["model.embed_tokens.weight"], self._embedding(ids))
+
+    def _embedding(self, ids: str) -> str:
         name = "model.embed_tokens.weight"
         kind, weight = self.plan[name], self._tensor(name)
         if kind in ("int4", "int8"):
@@ -214,7 +210,8 @@ class DecoderGraph:
         return self.node("Gather", [self.add_weight(name, weight.numpy()), ids])
 
     def _norm_weight(self, name: str) -> str:
-        return self.add_weight(name, self._tensor(name).numpy())
+        """The gain as the kernel multiplies by it: Gemma's (1 + w) is stored as such."""
+        return self.add_weight(name, (self._tensor(name) + self.arch.norm_offset).numpy())
 
     def norm(self, x: str, name: str) -> str:
         return self.node("RMSNormalization", [x, self._norm_weight(name)], axis=-1, epsilon=self.eps)
@@ -234,49 +231,100 @@ class DecoderGraph:
         return self.node("Reshape", [self.norm(heads, name), self.const([0, 0, -1])])
 
     def attention(self, i: int, h: str, seqlens: str, total: str) -> str:
+        """GroupQueryAttention with this layer's RoPE table in the kernel (none on a NoPE layer; a table narrower than
+        the head rotates its leading dims), its window (`local_window_size`: the keys a token sees, itself included, as in
+        transformers; measured against it) and scale."""
         p = f"model.layers.{i}.self_attn"
         names, biases = [f"{p}.{n}_proj.weight" for n in "qkv"], [f"{p}.{n}_proj.bias" for n in "qkv"]
         has_head_norm = f"{p}.q_norm.weight" in self.source.shapes()
-        qkv = None if has_head_norm else self.packed(h, names, biases)
+        if self.arch.fused_qkv:
+            qkv = self.linear(h, f"{p}.qkv_proj.weight", f"{p}.qkv_proj.bias")
+        else:
+            qkv = None if has_head_norm else self.packed(h, names, biases)
         if qkv is not None:
             q, k, v = qkv, "", ""  # GroupQueryAttention splits packed q/k/v itself
         else:
             q, k, v = self.linears(h, names, biases)
             if has_head_norm:
                 q, k = self.head_norm(q, f"{p}.q_norm.weight"), self.head_norm(k, f"{p}.k_norm.weight")
+        rope, window = self.shape.rope_at(i), self.shape.window(i)
+        attrs = dict(num_heads=self.n_head, kv_num_heads=self.n_kv, scale=float(self.shape.attention_scale),
+                     do_rotary=int(rope is not None), rotary_interleaved=0)
+        if window is not None:
+            attrs["local_window_size"] = window
+        if self.shape.attn_softcap:
+            attrs["softcap"] = float(self.shape.attn_softcap)
+        tables = list(self.rope_inputs[id(rope)]) if rope is not None else []
         self.nodes.append(helper.make_node(
-            "GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, "rope.cos", "rope.sin"],
-            [f"/attn{i}/out", f"present.{i}.key", f"present.{i}.value"], name=f"/attn{i}", domain="com.microsoft",
-            num_heads=self.n_head, kv_num_heads=self.n_kv, scale=float(self.head_dim ** -0.5), do_rotary=1, rotary_interleaved=0))
+            "GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, *tables],
+            [f"/attn{i}/out", f"present.{i}.key", f"present.{i}.value"], name=f"/attn{i}", domain="com.microsoft", **attrs))
         return self.linear(f"/attn{i}/out", f"{p}.o_proj.weight")
 
     def mlp(self, i: int, h: str) -> str:
         p = f"model.layers.{i}.mlp"
-        gate, up = self.linears(h, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"], [None, None])
-        act = self.node("Mul", [gate, self.node("Sigmoid", [gate])])
+        if self.arch.fused_gate_up:
+            inter = self.source.config["intermediate_size"]
+            gate, up = self.node("Split", [self.linear(h, f"{p}.gate_up_proj.weight"), self.const([inter, inter])], n_out=2, axis=-1)
+        else:
+            gate, up = self.linears(h, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"], [None, None])
+        if self.arch.activation == "gelu_tanh":
+            act = self.node("Gelu", [gate], approximate="tanh")
+        else:
+            act = self.node("Mul", [gate, self.node("Sigmoid", [gate])])
         return self.linear(self.node("Mul", [act, up]), f"{p}.down_proj.weight")
 
-    def rope_tables(self) -> None:
-        cos, sin = rope_cache(self.source.config, self.head_dim)
-        self.add_weight("rope.cos", cos)
-        self.add_weight("rope.sin", sin)
+    def rope_tables(self, total: str) -> None:
+        """A cos/sin pair per distinct RoPE (Gemma: local and global). LongRoPE has a short and a long pair, chosen
+        per call by the sequence length against the pretraining context, as transformers chooses them."""
+        for k, rope in enumerate(self.shape.distinct_ropes()):
+            name = "rope" if k == 0 else f"rope{k}"
+            if rope.kind != "longrope":
+                self.rope_inputs[id(rope)] = self._rope_pair(name, rope, long=False)
+                continue
+            short, long = self._rope_pair(f"{name}.short", rope, long=False), self._rope_pair(f"{name}.long", rope, long=True)
+            longer = self.node("Greater", [total, self.const(rope.original_context, np.int32)])
+            rows = [self.shape.max_positions, self.shape.rotary_dim // 2]
+
+            def branch(pair, tag):
+                outs = [f"{name}.{tag}.cos.out", f"{name}.{tag}.sin.out"]
+                nodes = [helper.make_node("Identity", [t], [o], name=f"/{o}") for t, o in zip(pair, outs)]
+                return helper.make_graph(nodes, f"{name}_{tag}", [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, rows) for o in outs])
+
+            self.rope_inputs[id(rope)] = tuple(self.node("If", [longer], n_out=2, then_branch=branch(long, "long"),
+                                                         else_branch=branch(short, "short")))
+
+    def _rope_pair(self, name: str, rope, long: bool) -> tuple[str, str]:
+        cos, sin = rope_cache(self.shape, rope, long)
+        return self.add_weight(f"{name}.cos", cos), self.add_weight(f"{name}.sin", sin)
 
     def build(self, progress: bool | None) -> onnx.ModelProto:
         mask_sum = self.node("ReduceSum", ["attention_mask", self.const([1])], keepdims=0)
         seqlens = self.node("Cast", [self.node("Sub", [mask_sum, self.const(1)])], to=TensorProto.INT32)
         total = self.node("Cast", [self.node("Gather", [self.node("Shape", ["attention_mask"]), self.const(1)], axis=0)], to=TensorProto.INT32)
-        self.rope_tables()
+        self.rope_tables(total)
         x = self.embedding("input_ids")
+        if self.arch.embed_scale:
+            x = self.node("Mul", [x, self.const(math.sqrt(self.hidden), np.float32)])
         h = self.norm(x, "model.layers.0.input_layernorm.weight")
         with bar(self.layers + 1, "write ONNX", "layer", progress) as pbar:
             for i in range(self.layers):
-                h, x = self.skip_norm(x, self.attention(i, h, seqlens, total), f"model.layers.{i}.post_attention_layernorm.weight")
+                p = f"model.layers.{i}."
+                attn = self.attention(i, h, seqlens, total)
+                if self.arch.sandwich_norms:  # Gemma: post-attention norm, then the pre-MLP norm on the sum
+                    h, x = self.skip_norm(x, self.norm(attn, p + "post_attention_layernorm.weight"), p + "pre_feedforward_layernorm.weight")
+                    out = self.norm(self.mlp(i, h), p + "post_feedforward_layernorm.weight")
+                else:
+                    h, x = self.skip_norm(x, attn, p + "post_attention_layernorm.weight")
+                    out = self.mlp(i, h)
                 after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < self.layers else "model.norm.weight"
-                h, x = self.skip_norm(x, self.mlp(i, h), after)
+                h, x = self.skip_norm(x, out, after)
                 pbar.update(1)
             start = self.node("Neg", [self.node("Reshape", ["logits_to_keep", self.const([1])])])
             h = self.node("Slice", [h, start, self.const([np.iinfo(np.int64).max]), self.const([1])])
             logits = self.linear(h, "lm_head.weight")
+            if cap := self.shape.final_softcap:
+                cap = self.const(float(cap), np.float32)
+                logits = self.node("Mul", [self.node("Tanh", [self.node("Div", [logits, cap])]), cap])
             self.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits"))
             pbar.update(1)
         self.data.close()
@@ -293,35 +341,25 @@ class DecoderGraph:
                 inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{part}", f32, kv))
                 outputs.append(helper.make_tensor_value_info(f"present.{i}.{part}", f32, [*kv[:2], "total_sequence_length", kv[3]]))
         inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, []))
+        inputs.extend(self.lora.inputs if self.lora else [])
         graph = helper.make_graph(self.nodes, "edgeq_decoder", inputs, outputs, self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
                                   producer_name="edgeq")
         model.ir_version = 10
         helper.set_model_props(model, {"edgeq.family": self.source.family, "edgeq.num_layers": str(self.layers),
                                        "edgeq.kv_heads": str(self.n_kv), "edgeq.head_dim": str(self.head_dim),
-                                       "edgeq.max_positions": str(self.source.config.get("max_position_embeddings", 4096))})
+                                       "edgeq.max_positions": str(self.shape.max_positions)})
         return model
 
 
-def rope_cache(config: dict, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin tables [max_positions, head_dim/2] exactly as transformers computes them (float32)."""
-    import torch
-    from transformers import AutoConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    hf = AutoConfig.for_model(**config)
-    params = getattr(hf, "rope_parameters", None) or {}
-    kind = params.get("rope_type", "default")
-    if kind in ("dynamic", "longrope"):
-        raise EdgeqError(f"RoPE scaling {kind!r} depends on the sequence length and is not supported by the ONNX export; supported: default, linear, llama3, yarn")
-    if kind == "default":
-        theta = params.get("rope_theta") or config.get("rope_theta", 10000.0)
-        inv_freq, scaling = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
-    else:
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
-    positions = torch.arange(config.get("max_position_embeddings", 4096), dtype=torch.float)
-    freqs = positions[:, None] * inv_freq.float()[None]
-    return (freqs.cos() * scaling).numpy(), (freqs.sin() * scaling).numpy()
+def rope_cache(shape: ModelShape, rope=None, long: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables [max_positions, rotary_dim/2] of `rope` (default: the full-attention layers') as transformers
+    computes them (float32, YaRN's or LongRoPE's factor applied; `long`: LongRoPE's long factors)."""
+    rope = rope or shape.rope
+    inv_freq = np.asarray(rope.inv_freq(shape.rotary_dim, shape.max_positions, long), dtype=np.float32)
+    freqs = np.arange(shape.max_positions, dtype=np.float32)[:, None] * inv_freq[None]
+    scale = np.float32(rope.attention_factor())
+    return np.cos(freqs) * scale, np.sin(freqs) * scale
 
 
 def _is_function(node: onnx.NodeProto, opsets: dict[str, int]) -> bool:
@@ -374,41 +412,34 @@ def write_ort_format(stage: Path) -> list[str]:
 class ONNXConverter:
     """`edgeq export --format onnx`: fp32/fp16 baselines, int8 and int4 (MatMulNBits) weights, optional ORT format."""
 
-    name = "onnx"
-    runtime = "ort"
-    default_precision = "int4"
-    planned_precision = "int4"  # the base of a planned export; the plan names every matrix
-    precisions = ("int4", "int8", "fp16", "fp32")
-    options = ("mobile", "block_size", "rounding")
-    roundings = ("gptq", "nearest")
-    takes_calibration = True  # export() hands it the calibration text (edgeq.importance.Calibration): GPTQ runs the model on it
+    spec = ONNX
 
     def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
-                importance: dict[str, np.ndarray] | None = None, progress: bool | None = None, calibration=None,
-                rounding: str = "gptq", block_size: int | None = None, accuracy_level: int = 4, mobile: bool = False) -> dict:
+                calibration=None, progress: bool | None = None,
+                rounding: str = "gptq", block_size: int | None = None, accuracy_level: int = 4, mobile: bool = False,
+                adapters=None) -> dict:
         """`block_size` is the INT4 block (16-256; default 64 where it divides, see `block_sizes`); `accuracy_level`
         4 lets MatMulNBits multiply in int8, 1 in fp32.
-        `rounding` "gptq" (needs `calibration`) rounds every integer MatMulNBits weight by GPTQ; "nearest" rounds
-        each block to its nearest levels (weighted by `importance` when given)."""
-        precision = precision.lower()
-        if precision not in self.precisions:
-            raise EdgeqError(f"ONNX precision {precision!r} is not supported; choose one of {', '.join(self.precisions)}")
+        `rounding` "gptq" (needs `calibration`) rounds every integer MatMulNBits weight by GPTQ on its text; "nearest"
+        rounds each block to its nearest levels (weighted by the calibration's importance matrix when it has one).
+        `adapters` (`edgeq.adapter_set.KeptAdapter`s) get LoRA inputs in the graph and an onnxruntime adapter file each."""
+        precision = self.spec.normalize(precision)
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise EdgeqError(f"accuracy level {accuracy_level} is not one of 0-4 (MatMulNBits' compute type; 4 = int8, 1 = fp32)")
-        if source.config.get("use_sliding_window"):
-            raise EdgeqError(f"{source.path.name} uses sliding-window attention, which the ONNX export does not support yet; export GGUF")
-        if rounding not in self.roundings:
-            raise EdgeqError(f"rounding {rounding!r} is not one of {', '.join(self.roundings)}")
+        if rounding not in self.spec.roundings:
+            raise EdgeqError(f"rounding {rounding!r} is not one of {', '.join(self.spec.roundings)}")
         use_gptq = rounding == "gptq" and calibration is not None
         plan = plan_precisions(source, precision, overrides, gptq=use_gptq)
         blocks = block_sizes(plan, source.shapes(), block_size)
         integer = any(kind in INT_TYPES for kind in plan.values())
         rounded = gptq_rounding(calibration, plan, blocks, progress) if use_gptq and integer else None
-        if integer and not use_gptq and importance is None and calibration is not None and not calibration.builtin:
-            from edgeq.importance import compute_importance
+        importance = calibration.importance(progress) if integer and not use_gptq and calibration is not None else None
+        slots = None
+        if adapters:
+            from .onnx_adapters import LoraSlots
 
-            importance = compute_importance(calibration.model, calibration.windows, progress)
-        model = DecoderGraph(source, stage, plan, blocks, accuracy_level, importance, rounded).build(progress)
+            slots = LoraSlots(adapters, source.shapes())
+        model = DecoderGraph(source, stage, plan, blocks, accuracy_level, importance, rounded, slots).build(progress)
         check_operators(model)
         onnx.save_model(model, str(stage / MODEL_FILE))
         try:
@@ -420,6 +451,10 @@ class ONNXConverter:
         for problem in report["mismatches"]:
             log.warning("%s: asked %s, wrote %s (%s)", problem["tensor"], problem["asked"], problem["got"], problem["why"])
         int4_blocks = sorted({blocks[n] for n, kind in plan.items() if kind == "int4"})
+        if adapters:
+            from .onnx_adapters import write_adapter
+
+            report["adapters"] = [{**adapter.record(), **write_adapter(adapter, stage)} for adapter in adapters]
         return {"model_file": MODEL_FILE, "precision": precision, "block_size": int4_blocks[0] if len(int4_blocks) == 1 else int4_blocks or None,
                 "rounding": ("gptq" if rounded else "importance-weighted" if importance else "nearest") if integer else None,
                 "accuracy_level": accuracy_level, "mobile_files": extra, **report}

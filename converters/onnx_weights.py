@@ -7,7 +7,7 @@ it (MatMulNBits bits/block_size, GatherBlockQuantized bits, float dtype), not fr
 Quantization is symmetric, as onnxruntime's kernels expect when no zero points are given (zero point
 2^(bits-1)). Block scales are chosen per block by a small search over candidate scales with a
 least-squares refit (weighted by the calibration importance when there is one): plain absmax rounding
-wastes part of the 16 levels. `BlockGrid` offers the same encoding to GPTQ (`edgeq.gptq`), which
+wastes part of the 16 levels. `BlockGrid` offers the same encoding to GPTQ (`edgeq.quant.gptq`), which
 exports use by default; `quantize_blocks` alone is `rounding="nearest"`.
 """
 from __future__ import annotations
@@ -21,25 +21,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-INT_TYPES = ("int4", "int8")
-FLOAT_TYPES = ("fp32", "fp16")
-TYPES = FLOAT_TYPES + INT_TYPES
-QUANT_OPS = {"MatMulNBits", "GatherBlockQuantized"}
-_ALIGN = 64 * 1024  # large tensors start on a 64 KiB boundary so onnxruntime can memory-map them
+from edgeq.formats import readback
 
-
-# INT4 block when none is asked: 64 where it divides the width, else the next that does. With GPTQ rounding,
-# blocks of 64 keep KL at 0.128 on off-grid SmolLM2 (32: 0.097; llama.cpp Q4_0+imatrix 0.339) and read 8%
-# fewer bytes per token, which decode is bound by: 4-5% faster than blocks of 32 (mlx-lm's default group is 64 too).
-DEFAULT_INT4_BLOCKS = (64, 32, 16)
-
-
-def int4_block(width: int, asked: int | None = None) -> int | None:
-    """The INT4 block for a matrix `width` inputs wide: the one asked if it divides, else the default rule; None if none fits."""
-    for block in (asked,) if asked else DEFAULT_INT4_BLOCKS:
-        if width % block == 0:
-            return block
-    return None
+from .onnx_format import ALIGN as _ALIGN
 
 
 @dataclass(frozen=True)
@@ -117,7 +101,7 @@ def quantize_blocks(weight: torch.Tensor, bits: int, block_size: int, importance
 
 @dataclass(frozen=True)
 class BlockGrid:
-    """The same encoding as GPTQ's grid (`edgeq.gptq.Grid`): a block's scale comes from the search above,
+    """The same encoding as GPTQ's grid (`edgeq.quant.gptq.Grid`): a block's scale comes from the search above,
     run on the error-updated weights of that block; columns are then rounded one by one at it."""
 
     bits: int
@@ -221,16 +205,13 @@ def read_back(model_file: Path, planned: dict[str, str]) -> dict:
                 consumers[name] = consumers[node.output[0]]
     companions = {t.name: _nbytes(t) for t in model.graph.initializer if t.name.endswith(".scales")}
     tensors, mismatches = {}, []
-    total_bits = total_weights = 0
     for t in model.graph.initializer:
         if not t.name.endswith((".weight", ".bias")):
             continue
         info = _describe(t.name, t, consumers.get(t.name))
         info["bytes"] = _nbytes(t) + companions.get(f"{t.name}.scales", 0)
         tensors[t.name] = info
-        total_bits += info["bytes"] * 8
-        total_weights += math.prod(info["shape"])
         asked = planned.get(t.name)
         if asked and asked != info["type"]:
             mismatches.append({"tensor": t.name, "asked": asked, "got": info["type"], "why": "the writer did not apply the plan"})
-    return {"tensors": tensors, "bits_per_weight": round(total_bits / max(total_weights, 1), 3), "mismatches": mismatches}
+    return readback(tensors, mismatches)

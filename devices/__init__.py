@@ -16,15 +16,11 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from .. import registry
 from ..errors import EdgeqError
 
 KINDS = ("phone", "tablet", "laptop", "desktop", "sbc", "embedded")
 OSES = ("ios", "android", "macos", "linux", "windows")
-PRECISIONS = {
-    "gguf": ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16"),
-    "onnx": ("int4", "int8", "fp16", "fp32"),
-    "coreml": ("int4", "int8", "palettize4", "palettize6", "fp16"),
-}
 GIB = 1 << 30
 
 
@@ -92,12 +88,12 @@ def load_device(name_or_path: str | Path) -> DeviceProfile:
 
 
 def _parse(text: str, device_id: str, source: str) -> DeviceProfile:
-    except (RecursionError, ValueError):  # nested past the parser's depth, or an integer of thousands of digits
-        raise EdgeqError(f"device file {source}: invalid TOML: nested too deeply or a number too long") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:  # the message carries "(at line N, column M)"
         raise EdgeqError(f"device file {source}: invalid TOML: {e}") from None
+    except (RecursionError, ValueError):  # nested past the parser's depth, or an integer of thousands of digits
+        raise EdgeqError(f"device file {source}: invalid TOML: nested too deeply or a number too long") from None
 
     def bad(key: str, problem: str) -> EdgeqError:
         return EdgeqError(f"device file {source}: {key} {problem}")
@@ -107,12 +103,12 @@ def _parse(text: str, device_id: str, source: str) -> DeviceProfile:
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
                 if default is not None:
-            if abs(node) > 2**64:  # float() of a 400-digit integer overflows
-                raise bad(key, "is far too large")
                     return default
                 raise bad(key, "is missing; see the built-in profiles for the schema")
             node = node[part]
         if kind is float and isinstance(node, int) and not isinstance(node, bool):
+            if abs(node) > 2**64:  # float() of a 400-digit integer overflows
+                raise bad(key, "is far too large")
             node = float(node)
         ok = isinstance(node, kind) and not isinstance(node, bool)
         if kind is list:
@@ -143,7 +139,7 @@ def _parse(text: str, device_id: str, source: str) -> DeviceProfile:
         raise bad("compute.threads", f"= {threads} exceeds 2 x compute.cores ({cores})")
     formats = get("runtime.formats", list)
     for fmt in formats:
-        choice("runtime.formats", tuple(PRECISIONS), fmt)
+        choice("runtime.formats", tuple(registry.formats.names()), fmt)
     if len(set(formats)) != len(formats):
         raise bad("runtime.formats", f"lists a format twice: {formats}")
     table = get("runtime.precisions", dict)
@@ -153,8 +149,8 @@ def _parse(text: str, device_id: str, source: str) -> DeviceProfile:
     precisions = {}
     for fmt in formats:
         names = get(f"runtime.precisions.{fmt}", list)
-        for n in names:
-            choice(f"runtime.precisions.{fmt}", PRECISIONS[fmt], n)
+        for n in names:  # the uniform precisions the format's spec gives a nominal size
+            choice(f"runtime.precisions.{fmt}", registry.formats.get(fmt).device_precisions(), n)
         precisions[fmt] = tuple(names)
 
     return DeviceProfile(

@@ -1,47 +1,20 @@
-"""llama.cpp engine over llama-cpp-python's low-level API: one batch, logits read in place."""
+"""llama.cpp engine over llama-cpp-python's low-level API: one batch, logits read in place.
+
+A bundle's LoRA adapters kept apart from the base (GGUF LoRA files) are all loaded when the engine opens
+(`llama_adapter_lora_init`, beside the one base) and switched per request with `llama_set_adapters_lora`:
+switching copies no weights, and only the adapters' own tensors are added to memory.
+"""
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
-import llama_cpp
 import numpy as np
 
+from edgeq.engine import default_threads
 from edgeq.errors import EdgeqError
-
-log = logging.getLogger("edgeq.llama_cpp")
-_line_handlers: list[Callable[[str], None]] = []
-
-
-@llama_cpp.llama_log_callback
-def _route_log(level, text, user_data):
-    line = text.decode("utf-8", errors="replace").rstrip()
-    if _line_handlers:
-        _line_handlers[-1](line)
-    if line:
-        log.debug(line)
-
-
-llama_cpp.llama_log_set(_route_log, ctypes.c_void_p(0))
-llama_cpp.llama_backend_init()
-
-
-@contextmanager
-def llama_log_lines(handler: Callable[[str], None]) -> Iterator[None]:
-    """Sends llama.cpp's log lines to `handler` for the duration (e.g. to drive a progress bar)."""
-    _line_handlers.append(handler)
-    try:
-        yield
-    finally:
-        _line_handlers.remove(handler)
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+from edgeq.llama_native import llama_cpp  # the binding, with llama.cpp's logs routed and its backend up
 
 
 class LlamaCppEngine:
@@ -49,7 +22,11 @@ class LlamaCppEngine:
 
     n_batch = 512
 
-    def __init__(self, path: Path, *, threads: int | None = None, n_ctx: int | None = None, vocab_only: bool = False):
+    def __init__(self, path: Path, *, threads: int | None = None, n_ctx: int | None = None, vocab_only: bool = False,
+                 adapters: dict[str, Path] | None = None):
+        self._model = self._ctx = self._batch = None  # close(), and so __del__, must work however far this got
+        self._adapters: dict[str, object] = {}
+        self.adapter: str | None = None
         mparams = llama_cpp.llama_model_default_params()
         mparams.vocab_only = vocab_only
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
@@ -57,8 +34,6 @@ class LlamaCppEngine:
             raise EdgeqError(f"llama.cpp could not load {path}; the file is not a valid GGUF for this llama.cpp (re-export it)")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self._ctx = None
-        self._batch = None
         if vocab_only:
             return
         trained = llama_cpp.llama_model_n_ctx_train(self._model)
@@ -75,10 +50,33 @@ class LlamaCppEngine:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.threads = threads
         self.tokens: list[int] = []
+        for name, file in (adapters or {}).items():
+            adapter = llama_cpp.llama_adapter_lora_init(self._model, str(file).encode())
+            if not adapter:
+                raise EdgeqError(f"llama.cpp could not load adapter {name!r} ({Path(file).name}); it does not fit this base (re-export the bundle)")
+            self._adapters[name] = adapter
 
     @classmethod
     def open(cls, model_path: Path, manifest: dict, *, threads: int | None = None, n_ctx: int | None = None) -> "LlamaCppEngine":
-        return cls(model_path, threads=threads, n_ctx=n_ctx)
+        adapters = {entry["name"]: Path(model_path).parent / entry["file"] for entry in manifest.get("adapters") or []}
+        return cls(model_path, threads=threads, n_ctx=n_ctx, adapters=adapters)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(self._adapters)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Runs the next tokens with adapter `name` on the base (None: the base alone); the cache is cleared,
+        as what it holds was computed with the other weights."""
+        if name == self.adapter:
+            return
+        if name is None:
+            llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            chosen = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
+            llama_cpp.llama_set_adapters_lora(self._ctx, chosen, 1, (ctypes.c_float * 1)(1.0))
+        self.adapter = name
+        self.reset()
 
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(self._memory, True)
@@ -153,6 +151,9 @@ class LlamaCppEngine:
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
+        for adapter in self._adapters.values():
+            llama_cpp.llama_adapter_lora_free(adapter)
+        self._adapters = {}
         if self._model:
             llama_cpp.llama_model_free(self._model)
             self._model = None

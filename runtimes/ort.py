@@ -4,29 +4,26 @@ Each layer's past and present are bound (IO binding) to the same preallocated bu
 whole context, so GroupQueryAttention appends the new keys/values where they belong and nothing
 crosses into Python between steps but the new token ids and the last logits, which land in a
 bound numpy array. Long prompts are fed in chunks of `n_batch` tokens to bound attention memory.
+
+A bundle's LoRA adapters (onnxruntime adapter files) are read once when the engine opens; switching binds
+the adapter's A/B values to the graph's LoRA inputs (onnxruntime applies `RunOptions` adapters only to plain
+runs, not to IO-bound ones), and zero values of rank 1 for the base alone.
 """
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
 
+from edgeq.engine import default_threads
 from edgeq.errors import EdgeqError
 
 log = logging.getLogger(__name__)
 _ORT_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, n) for n in (
     "Fail", "InvalidArgument", "NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph", "NotImplemented", "RuntimeException"))
-
-
-def default_threads(manifest: dict | None = None) -> int:
-    """The device profile's thread count when the bundle names one, never more than this machine's cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    wanted = ((manifest or {}).get("device") or {}).get("threads")
-    return min(wanted or cores, cores)
 
 
 def open_session(path: Path, threads: int, **config: str) -> ort.InferenceSession:
@@ -49,7 +46,8 @@ def open_session(path: Path, threads: int, **config: str) -> ort.InferenceSessio
 class OrtEngine:
     n_batch = 512
 
-    def __init__(self, path: Path, *, threads: int | None = None, n_ctx: int | None = None, manifest: dict | None = None):
+    def __init__(self, path: Path, *, threads: int | None = None, n_ctx: int | None = None, manifest: dict | None = None,
+                 adapters: dict[str, Path] | None = None):
         self.threads = threads or default_threads(manifest)
         self.session = open_session(Path(path), self.threads)
         props = self.session.get_modelmeta().custom_metadata_map
@@ -76,10 +74,43 @@ class OrtEngine:
         self._keep_last = np.array(1, dtype=np.int64)
         self._keep_all = np.array(0, dtype=np.int64)
         self.tokens: list[int] = []
+        self._open_adapters(adapters or {})
 
     @classmethod
     def open(cls, model_path: Path, manifest: dict, *, threads: int | None = None, n_ctx: int | None = None) -> "OrtEngine":
-        return cls(model_path, threads=threads, n_ctx=n_ctx, manifest=manifest)
+        adapters = {entry["name"]: Path(model_path).parent / entry["file"] for entry in manifest.get("adapters") or []}
+        return cls(model_path, threads=threads, n_ctx=n_ctx, manifest=manifest, adapters=adapters)
+
+    def _open_adapters(self, files: dict[str, Path]) -> None:
+        """Each adapter's values (zero-copy views of the file onnxruntime read), and the zeros that stand for none."""
+        slots = {i.name: i.shape for i in self.session.get_overridable_initializers() if i.name.endswith((".lora_A", ".lora_B"))}
+        self._zeros = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros([d if isinstance(d, int) else 1 for d in shape], dtype=np.float32))
+                       for name, shape in slots.items()}
+        self._adapters: dict[str, dict] = {}
+        for name, file in files.items():
+            try:
+                values = ort.AdapterFormat.read_adapter(str(file)).get_parameters()
+            except _ORT_ERRORS as exc:
+                raise EdgeqError(f"onnxruntime could not read adapter {name!r} ({Path(file).name}); re-export the bundle") from exc
+            unknown = sorted(set(values) - set(slots))
+            if unknown:
+                raise EdgeqError(f"adapter {name!r} sets {unknown[0]}, which this model has no LoRA input for; re-export the bundle")
+            self._adapters[name] = values
+        self.adapter: str | None = None
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(self._adapters)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Binds adapter `name`'s values to the LoRA inputs (None: zeros, the base alone) and clears the cache."""
+        if name == self.adapter:
+            return
+        values = self._adapters[name] if name is not None else {}
+        for slot, zero in self._zeros.items():
+            self._binding.bind_ortvalue_input(slot, values.get(slot, zero))
+        self.adapter = name
+        self.reset()
 
     def reset(self) -> None:
         self.tokens = []  # the buffers are overwritten in place; positions past the cached tokens are never read
@@ -126,6 +157,7 @@ class OrtEngine:
 
     def close(self) -> None:
         self._cache = []
+        self._adapters = {}
         self.session = None
 
     def __enter__(self):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from typing import Iterable, Iterator
 
 from . import __version__
 from .errors import EdgeqError
+from .hashing import sha256_file
 from .interrupts import interrupt_seen, terminate_as_interrupt
 from .manifest import MANIFEST_VERSION, check_manifest
 from .validate import read_json_object
@@ -33,14 +33,6 @@ MANIFEST = "edgeq.json"
 TEMPLATE_FILE = "chat_template.jinja"  # opened by the tokenizer when the bundle has one
 MAX_MANIFEST_BYTES = 64 << 20  # a real manifest is a few hundred KiB even with a plan for every tensor
 _STAGE = re.compile(r"\..+\.partial-(?P<pid>\d+)-[a-z0-9_]+")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _file_table(folder: Path) -> dict:

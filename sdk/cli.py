@@ -86,7 +86,14 @@ def main(ctx, debug, verbose, progress):
 @main.command()
 @click.argument("model", required=False, type=click.Path(file_okay=False))
 @click.option("--device", "-d", help="Device profile: a built-in name (see `edgeq devices`) or a .toml file.")
-@click.option("--adapter", type=click.Path(file_okay=False), help="PEFT LoRA adapter folder to merge into MODEL.")
+@click.option("--adapter", "adapters", multiple=True, metavar="[NAME=]DIR",
+              help="PEFT LoRA adapter folder to merge into MODEL; with --keep-adapters, NAME=DIR once per adapter to keep apart.")
+@click.option("--keep-adapters", is_flag=True,
+              help="Convert MODEL once and write each --adapter as its own file in the engine's adapter form (gguf, onnx), "
+                   "switched per request (`edgeq run --adapter NAME`).")
+@click.option("--adapter-data", multiple=True, metavar="NAME=FILE", help="With --keep-adapters: adapter NAME's own eval data (as --eval-data).")
+@click.option("--compare-merged", is_flag=True,
+              help="With --keep-adapters: also measure each adapter merged then quantized, beside the float adapter over the base.")
 @click.option("--format", "format_", help="Output format (gguf, …); default: the best one the device runs.")
 @click.option("--precision", help="Force one precision for every tensor, e.g. Q4_K_M, Q8_0, F16, int4; default: planned per tensor for the device.")
 @click.option("--size", type=types.SIZE, help="Plan within this size instead of the device's, e.g. 95MB or 1.2GiB.")
@@ -107,31 +114,55 @@ def main(ctx, debug, verbose, progress):
                    "keeps quality (minutes on 1B+ models); nearest rounds each block alone (seconds; lm_head stays 8-bit).")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="NAME=TYPE",
               help="With --precision: give one tensor (HF name) another type, e.g. lm_head.weight=int4 (repeatable).")
-def export(model, device, adapter, format_, precision, size, bits_per_weight, calibration, calibration_tokens, output, overwrite,
-           trust_pickle, eval_tokens, mobile, block_size, rounding, tensor_types):
+@click.option("--eval-data", type=types.TextFile("eval data"),
+              help="The fine-tune's own data to judge the export on: JSONL chats ({\"messages\": [...]}), JSONL "
+                   "{\"prompt\", \"completion\"}, or text. Chats are rendered with the model's template; only assistant "
+                   "tokens are scored. Adds KL, top-1 and greedy-reply agreement (and, with --adapter or --base, "
+                   "flip retention and noise-to-shift) to the manifest.")
+@click.option("--base", type=click.Path(file_okay=False),
+              help="The model before fine-tuning, for retention metrics of an already-merged fine-tune (with --adapter "
+                   "the base is known).")
+@click.option("--max-kl", type=click.FloatRange(min=0), help="Target: mean KL(fine-tune ‖ export) on --eval-data (or the built-in sample) at most this.")
+@click.option("--min-retention", type=click.FloatRange(0, 1),
+              help="Target: flip retention at least this — of the positions where the fine-tune's top token differs from "
+                   "the base model's, the share where the export's top token is still the fine-tune's.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1),
+              help="Target: share of the eval data's prompts whose greedy reply equals the fine-tune's, at least this.")
+@click.option("--allow-quality-miss", is_flag=True, help="Write the bundle even when a target is missed (the miss is recorded in the manifest).")
+def export(model, device, adapters, keep_adapters, adapter_data, compare_merged, format_, precision, size, bits_per_weight,
+           calibration, calibration_tokens, output, overwrite, trust_pickle, eval_tokens, mobile, block_size, rounding, tensor_types,
+           eval_data, base, max_kl, min_retention, min_agreement, allow_quality_miss):
     """Export MODEL (a Hugging Face folder; default: SmolLM2-135M-Instruct) into a bundle for a device.
 
     With --device (or --size / --bits-per-weight) and no --precision, edgeq measures how much each
     tensor's quantization costs on calibration text and picks a precision per tensor that fits.
     """
-    from .export import export as run_export
+    from .exporting import export as run_export
 
-    out = run_export(model, device=device, adapter=adapter, format=format_, precision=precision, calibration=calibration,
+    out = run_export(model, device=device, adapters=list(adapters) or None, keep_adapters=keep_adapters,
+                     adapter_data=_pairs(adapter_data, "--adapter-data", "NAME=FILE, e.g. summarizer=held_out.jsonl"),
+                     compare_merged=compare_merged, format=format_, precision=precision, calibration=calibration,
                      calibration_tokens=calibration_tokens, output=output, overwrite=overwrite, trust_pickle=trust_pickle, eval_tokens=eval_tokens,
                      size=size, bits_per_weight=bits_per_weight, mobile=mobile, block_size=block_size, rounding=rounding,
-                     tensor_types=_name_types(tensor_types), progress=True)
+                     tensor_types=_name_types(tensor_types), eval_data=eval_data, base=base, max_kl=max_kl,
+                     min_retention=min_retention, min_agreement=min_agreement, allow_quality_miss=allow_quality_miss,
+                     progress=_progress())
     click.echo(out)
     _print_summary(out)
 
 
 def _name_types(pairs: tuple[str, ...]) -> dict[str, str] | None:
-    types = {}
+    return _pairs(pairs, "--tensor-type", "NAME=TYPE, e.g. lm_head.weight=int4")
+
+
+def _pairs(pairs: tuple[str, ...], option: str, form: str) -> dict[str, str] | None:
+    values = {}
     for pair in pairs:
-        name, sep, kind = pair.partition("=")
-        if not sep or not name or not kind:
-            raise click.BadParameter(f"{pair!r} is not NAME=TYPE, e.g. lm_head.weight=int4", param_hint="--tensor-type")
-        types[name.strip()] = kind.strip()
-    return types or None
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise click.BadParameter(f"{pair!r} is not {form}", param_hint=option)
+        values[name.strip()] = value.strip()
+    return values or None
 
 
 def _print_summary(bundle) -> None:
@@ -144,8 +175,21 @@ def _print_summary(bundle) -> None:
         click.echo(f"  vs reference: KL {q['kl']:.4f}  top-1 {q['top1']:.3f}  ppl {q['ppl']:.2f} (reference {q['ppl_ref']:.2f}) on {q['tokens']} tokens")
     if check := m.get("plan_check"):
         click.echo(f"  plan: predicted KL {check['predicted_kl']:.4f}, measured {check['measured_kl']:.4f}" + (f" — {check['note']}" if "note" in check else ""))
-    for problem in m.get("mismatches", []):
-        click.echo(f"  note: {problem['tensor']} asked {problem['asked']}, got {problem['got']} ({problem['why']})")
+    if problems := m.get("mismatches"):  # one line however many tensors fell back; inspect --json lists them
+        first = problems[0]
+        click.echo(f"  note: {len(problems)} tensor(s) got another type than asked, e.g. {first['tensor']} asked "
+                   f"{first['asked']}, got {first['got']} ({first['why']}); `edgeq inspect --json` lists them")
+    for entry in m.get("adapters") or []:
+        click.echo(f"  adapter {entry['name']}: {entry['file']} {entry['bytes'] / 2**20:.2f} MiB  rank {entry['rank']}  "
+                   f"scaling {'/'.join(map(str, entry['scaling']))}{' (rsLoRA)' if entry['rslora'] else ''}  on {', '.join(entry['targets'])}")
+        for label, key in (("separate", "quality"), ("merged  ", "merged_quality")):
+            if q := entry.get(key):
+                agreement = q.get("agreement") or {}
+                retention = f"  flip retention {q['flip_retention']:.3f}" if q.get("flip_retention") is not None else ""
+                exact = f"  greedy exact {agreement['exact_match']:.3f}" if agreement else ""
+                click.echo(f"    {label}: KL {q['kl']:.4f}  top-1 {q['top1']:.3f}{exact}{retention}  (vs the float merged model)")
+    if note := m.get("untied_head"):
+        click.echo(f"  note: {note}")
 
 
 @main.command()
@@ -153,22 +197,24 @@ def _print_summary(bundle) -> None:
 @click.argument("prompt", required=False, type=types.NonEmpty())
 @click.option("--system", help="System message for chat models.")
 @click.option("--raw", is_flag=True, help="Send PROMPT as plain text, without the chat template.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Most tokens to generate (default: 256, fewer if the context has less room).")
-@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass.")
-@click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely tokens (0: all).")
-@click.option("--repetition-penalty", default=1.0, show_default=True, help="Penalty for tokens already seen (1: none).")
-@click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--seed", type=int, help="Random seed for sampling.")
-@click.option("--threads", type=int, help="CPU threads (default: the device profile's, else all cores).")
+@click.option("--max-new-tokens", type=types.MAX_NEW_TOKENS, help="Most tokens to generate (default: 256, fewer if the context has less room).")
+@click.option("--temperature", default=0.0, show_default=True, type=types.TEMPERATURE, help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=types.TOP_P, help="Nucleus sampling mass.")
+@click.option("--top-k", default=0, show_default=True, type=types.TOP_K, help="Sample among the k most likely tokens (0: all).")
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=types.REPETITION_PENALTY, help="Penalty for tokens already seen (1: none).")
+@click.option("--stop", multiple=True, type=types.NonEmpty(), help="Stop string (repeatable).")
+@click.option("--seed", type=types.SEED, help="Random seed for sampling.")
+@click.option("--threads", type=types.THREADS, help="CPU threads (default: the device profile's, else all cores).")
 @click.option("--backend", help="Runtime to use instead of the one the bundle names.")
-def run(bundle, prompt, system, raw, max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, threads, backend):
+@click.option("--adapter", help="Answer with this LoRA adapter of the bundle (exported with --keep-adapters); default: the base.")
+def run(bundle, prompt, system, raw, max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, threads, backend, adapter):
     """Generate from BUNDLE: answer PROMPT (streamed), or chat when no PROMPT is given."""
     from .loading import load
 
     model = load(bundle, backend=backend, threads=threads)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                   repetition_penalty=repetition_penalty, stop=list(stop), seed=seed, stream=True)
+                   repetition_penalty=repetition_penalty, stop=list(stop), seed=seed, stream=True,
+                   adapter=model.check_adapter(adapter))
     chat = model.tokenizer.chat_template is not None and not raw
     history = [{"role": "system", "content": system}] if system else []
 
@@ -209,7 +255,8 @@ def run(bundle, prompt, system, raw, max_new_tokens, temperature, top_p, top_k, 
 def serve(bundles, host, port, api_key, queue_size, timeout, threads, backend):
     """Serve BUNDLES over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health).
 
-    A request's "model" is a bundle's folder name. Each model generates one request at a time; tools,
+    A request's "model" is a bundle's folder name, or BUNDLE:NAME for a LoRA adapter kept in it (--keep-adapters),
+    switched per request on the one loaded base. Each model generates one request at a time; tools,
     response_format (JSON schema, regex, grammar) and streaming work as in OpenAI's API.
     """
     from .serving import serve as run_server
@@ -294,15 +341,39 @@ def devices(as_json):
 @click.option("--ctx", default=512, show_default=True, type=types.CONTEXT, help="Window length: the text is cut into non-overlapping windows of this many tokens.")
 @click.option("--reference", type=click.Path(file_okay=False), help="Reference HF folder (default: the source the manifest names).")
 @click.option("--backend", help="Runtime to use instead of the one the bundle names.")
-@click.option("--threads", type=int, help="CPU threads.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (kl, top1, ppl, ppl_ref, tokens, ctx).")
-def evaluate(bundle, text, tokens, ctx, reference, backend, threads, as_json):
-    """Measure BUNDLE against the torch reference on the same tokens: mean KL, top-1 agreement, perplexity."""
-    from .export import evaluate as run_eval
+@click.option("--threads", type=types.THREADS, help="CPU threads.")
+@click.option("--eval-data", type=types.TextFile("eval data"),
+              help="Judge on the fine-tune's own data instead (JSONL chats or prompt/completion, or text): KL and top-1 on "
+                   "assistant tokens, greedy-reply agreement (exact match, tokens to divergence, chrF) and, with a base "
+                   "model, flip retention and noise-to-shift (see `edgeq export --help`).")
+@click.option("--base", type=click.Path(file_okay=False), help="The model before fine-tuning (default: the model under the bundle's adapter).")
+@click.option("--adapter", help="Measure this LoRA adapter of the bundle, switched on over its base, against the float merged model.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (kl, top1, ppl, ppl_ref, tokens, ctx; with --eval-data: "
+                                                         "kl, top1, agreement, flip_retention, noise_to_shift).")
+def evaluate(bundle, text, tokens, ctx, reference, backend, threads, eval_data, base, adapter, as_json):
+    """Measure BUNDLE against the torch reference on the same tokens: mean KL, top-1 agreement, perplexity.
 
-    quality = run_eval(bundle, text=text, tokens=tokens, ctx=ctx, reference=reference, backend=backend, threads=threads, progress=not as_json)
+    With --eval-data: how much of the fine-tune the export keeps. Flip retention is, at the positions where the
+    fine-tune's most likely token differs from the base model's, the share where the export's is still the
+    fine-tune's; noise-to-shift is mean KL(fine-tune ‖ export) ÷ mean KL(fine-tune ‖ base) on the same tokens.
+    """
+    from .quality import evaluate as run_eval
+
+    if text and eval_data:
+        raise click.UsageError("pass --text or --eval-data, not both")
+    quality = run_eval(bundle, text=text, tokens=tokens, ctx=ctx, reference=reference, backend=backend, threads=threads,
+                       eval_data=eval_data, base=base, adapter=adapter, progress=_progress())
     if as_json:
         click.echo(json.dumps(quality.to_dict()))
+    elif eval_data:
+        q = quality.to_dict()
+        agreement = q["agreement"] or {}
+        click.echo(f"KL {q['kl']:.5f}  top-1 {q['top1']:.4f}  on {q['tokens']} assistant tokens")
+        if agreement:
+            click.echo(f"replies: exact {agreement['exact_match']:.3f}  tokens to divergence {agreement['tokens_to_divergence']:.1f}  "
+                       f"chrF {agreement['chrf']:.1f}  ({agreement['replies']} prompts)")
+        if q["flip_retention"] is not None or q["noise_to_shift"] is not None:
+            click.echo(f"fine-tune: flip retention {q['flip_retention']}  noise-to-shift {q['noise_to_shift']}  ({q['flips']} flipped positions)")
     else:
         click.echo(f"KL {quality.kl:.5f}  top-1 {quality.top1:.4f}  ppl {quality.ppl:.3f}  reference ppl {quality.ppl_ref:.3f}  ({quality.tokens} tokens, ctx {quality.ctx})")
 
@@ -326,6 +397,35 @@ def profile(bundles, prompt_tokens, gen, repeat, threads, device, json_path, plo
     if plot_path:
         require_matplotlib()
     result = run_profile(bundles, prompt_tokens=prompt_tokens, gen=gen, repeat=repeat, threads=threads, device=device)
+    click.echo(result.table())
+    if json_path:
+        click.echo(f"wrote {result.save_json(json_path)}")
+    if plot_path:
+        click.echo(f"wrote {result.plot(plot_path)}")
+
+
+@main.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--eval-data", required=True, type=types.TextFile("eval data"),
+              help="The fine-tune's data: JSONL chats or prompt/completion (assistant tokens are scored), or text.")
+@click.option("--base", type=click.Path(file_okay=False), help="The model before fine-tuning (default: the model under the bundles' adapter).")
+@click.option("--tokens", default=2048, show_default=True, type=types.TOKENS, help="Assistant tokens of --eval-data to score.")
+@click.option("--gen", default=64, show_default=True, type=types.TOKENS, help="Tokens decoded greedily to time decode.")
+@click.option("--repeat", default=3, show_default=True, type=types.TOKENS, help="Timed repeats after one warm-up.")
+@click.option("--threads", type=types.THREADS, help="CPU threads.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full result as JSON to this file.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG chart of size × KL on the data × decode speed.")
+def compare(bundles, eval_data, base, tokens, gen, repeat, threads, json_path, plot_path):
+    """Compare BUNDLES of one fine-tune: size, quality on its own data (KL, retention, reply agreement) and decode speed."""
+    from .comparing import compare as run_compare
+    from .profile_report import check_output, require_matplotlib
+
+    for path in filter(None, (json_path, plot_path)):
+        check_output(path)
+    if plot_path:
+        require_matplotlib()
+    result = run_compare(bundles, eval_data=eval_data, base=base, tokens=tokens, gen=gen, repeat=repeat, threads=threads,
+                         progress=_progress())
     click.echo(result.table())
     if json_path:
         click.echo(f"wrote {result.save_json(json_path)}")

@@ -1,4 +1,4 @@
-"""An export-friendly decoder in plain torch for the supported families (Llama, Qwen2, Qwen3).
+"""An export-friendly decoder in plain torch for every supported family (`edgeq.architectures`).
 
 Converters trace this module instead of transformers' model: every step is an explicit op a
 graph compiler understands (no dynamic cache classes, no `diff`, no data-dependent shapes).
@@ -10,6 +10,7 @@ exported op names map back to them.
 One call of `forward(input_ids, position_ids)` processes `T` tokens at consecutive positions: it
 writes their keys/values into the cache and attends over the whole cache with an explicit causal
 mask (slots beyond the current position are masked, and get overwritten before they are read).
+A sliding-window layer masks the slots that left its window as well; its cache stays full size.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import EdgeqError
+from .model_shape import ModelShape
 
 MASKED = 65504.0  # the largest float16: added to a masked score, its softmax weight is exactly zero
 
@@ -36,74 +38,98 @@ class DecoderSpec:
     intermediate: int
     eps: float
     context: int
-    inv_freq: tuple[float, ...]
+    inv_freq: tuple[float, ...]  # RoPE table 0 (the full-attention layers'); tables 1.. in `more_inv_freqs`
     tied: bool
     qkv_bias: bool
     qk_norm: bool
+    # what differs between families (defaults: Llama's block) and per layer
+    norm_offset: float = 0.0        # RMSNorm gain (offset + weight), Gemma: 1
+    sandwich_norms: bool = False    # Gemma: norms after attention and MLP
+    activation: str = "silu"        # "silu" | "gelu_tanh"
+    embed_scale: float = 1.0        # Gemma: √hidden
+    fused_qkv: bool = False         # Phi-3: one qkv_proj
+    fused_gate_up: bool = False     # Phi-3: one gate_up_proj
+    rotary_dim: int = 0             # leading dims of a head RoPE rotates (0: all)
+    scale: float = 0.0              # on q·k (0: 1/√head_dim)
+    more_inv_freqs: tuple = ()      # further RoPE tables (Gemma's local layers)
+    rope_scales: tuple = ()         # per table: cos/sin factor (YaRN, LongRoPE); empty: 1
+    layer_rope: tuple = ()          # per layer: its RoPE table, -1 for none (NoPE); empty: table 0 everywhere
+    windows: tuple = ()             # per layer: sliding window (keys seen, itself included) or None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
 
     @classmethod
     def from_source(cls, source, context: int) -> "DecoderSpec":
-        """Reads hyperparameters from the config and optional tensors (biases, q/k norms) from the shapes."""
-        config, shapes = source.config, source.shapes()
-        heads = config["num_attention_heads"]
-        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        """Reads hyperparameters from the config, block facts from the family's entry, optional tensors (biases,
+        q/k norms) from the shapes. LongRoPE takes the factor set a `context`-token sequence gets in transformers."""
+        config, shapes, arch = source.config, source.shapes(), source.arch
+        shape = ModelShape.from_config(config)
+        tables = shape.distinct_ropes()
+        long = shape.uses_long_factors(context)
+        freqs = [tuple(r.inv_freq(shape.rotary_dim, shape.max_positions, long)) for r in tables]
+        layer_rope = tuple(-1 if shape.rope_at(i) is None else next(k for k, r in enumerate(tables) if r is shape.rope_at(i))
+                           for i in range(shape.layers))
         return cls(
-            vocab=shapes["model.embed_tokens.weight"][0], hidden=config["hidden_size"], layers=config["num_hidden_layers"],
-            heads=heads, kv_heads=config.get("num_key_value_heads") or heads, head_dim=head_dim,
+            vocab=shapes["model.embed_tokens.weight"][0], hidden=shape.hidden, layers=shape.layers,
+            heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
             intermediate=config["intermediate_size"], eps=config["rms_norm_eps"], context=context,
-            inv_freq=tuple(rope_inv_freq(config, head_dim)),
+            inv_freq=freqs[0] if freqs else (), more_inv_freqs=tuple(freqs[1:]),
+            rope_scales=tuple(r.attention_factor() for r in tables), layer_rope=layer_rope,
             tied=bool(config.get("tie_word_embeddings")) or "lm_head.weight" not in shapes,
             qkv_bias="model.layers.0.self_attn.q_proj.bias" in shapes,
             qk_norm="model.layers.0.self_attn.q_norm.weight" in shapes,
+            norm_offset=arch.norm_offset, sandwich_norms=arch.sandwich_norms, activation=arch.activation,
+            embed_scale=math.sqrt(shape.hidden) if arch.embed_scale else 1.0,
+            fused_qkv=arch.fused_qkv, fused_gate_up=arch.fused_gate_up, rotary_dim=shape.rotary_dim,
+            scale=shape.attention_scale, windows=shape.windows,
+            attn_softcap=shape.attn_softcap, final_softcap=shape.final_softcap,
         )
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "inv_freq": list(self.inv_freq)}
+        return {**asdict(self), "inv_freq": list(self.inv_freq), "more_inv_freqs": [list(f) for f in self.more_inv_freqs],
+                "rope_scales": list(self.rope_scales), "layer_rope": list(self.layer_rope), "windows": list(self.windows)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "DecoderSpec":
-        return cls(**{**data, "inv_freq": tuple(data["inv_freq"])})
+        tuples = {k: tuple(data[k]) for k in ("inv_freq", "rope_scales", "layer_rope", "windows") if k in data}
+        if "more_inv_freqs" in data:
+            tuples["more_inv_freqs"] = tuple(tuple(f) for f in data["more_inv_freqs"])
+        return cls(**{**data, **tuples})
 
+    @property
+    def tables(self) -> tuple[tuple[float, ...], ...]:
+        return (self.inv_freq, *self.more_inv_freqs)
 
-def rope_inv_freq(config: dict, head_dim: int) -> list[float]:
-    """RoPE inverse frequencies, including Llama 3.x long-context scaling (computed as transformers does)."""
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    theta = float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
-    kind = params.get("rope_type") or params.get("type") or "default"
-    inv = [1.0 / theta ** (i / head_dim) for i in range(0, head_dim, 2)]
-    if kind == "default":
-        return inv
-    if kind != "llama3":
-        raise EdgeqError(f"RoPE scaling {kind!r} is not supported by edgeq's decoder yet; supported: none, llama3")
-    factor, low, high = params["factor"], params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
-    old_ctx = params["original_max_position_embeddings"]
-    out = []
-    for f in inv:
-        wavelen = 2 * math.pi / f
-        smooth = min(max((old_ctx / wavelen - low) / (high - low), 0.0), 1.0)
-        out.append((1 - smooth) * f / factor + smooth * f)
-    return out
+    def rope_table(self, layer: int) -> int:
+        return self.layer_rope[layer] if self.layer_rope else 0
+
+    def window(self, layer: int) -> int | None:
+        return self.windows[layer] if self.windows else None
 
 
 class RMSNorm(nn.Module):
     """RMSNorm written as a LayerNorm of [x, -x]: the mean is exactly zero, so the variance LayerNorm
     divides by is mean(x²). Core ML runs LayerNorm as one fused op, which avoids overflowing
-    float16 with an explicit x² of large activations."""
+    float16 with an explicit x² of large activations. The gain is `offset + weight` (Gemma: 1 + weight)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.dim, self.eps = dim, eps
+        self.dim, self.eps, self.offset = dim, eps, offset
 
     def forward(self, x):
         both = F.layer_norm(torch.cat([x, -x], dim=-1), (2 * self.dim,), eps=self.eps)
-        return both[..., :self.dim] * self.weight
+        return both[..., :self.dim] * (self.weight + self.offset if self.offset else self.weight)
 
 
 def rotate(x, cos, sin):
-    """HF's rotate-half RoPE: the two halves of each head are the (real, imaginary) pairs."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
+    """HF's rotate-half RoPE on the leading `2 * cos.shape[-1] / 2` dims of each head (all of them
+    unless the family rotates part of the head): the two halves are the (real, imaginary) pairs."""
+    dim = cos.shape[-1]
+    rot, rest = (x, None) if dim == x.shape[-1] else (x[..., :dim], x[..., dim:])
+    first, second = rot.chunk(2, dim=-1)
+    out = rot * cos + torch.cat([-second, first], dim=-1) * sin
+    return out if rest is None else torch.cat([out, rest], dim=-1)
 
 
 class Attention(nn.Module):
@@ -111,23 +137,35 @@ class Attention(nn.Module):
         super().__init__()
         self.spec, self.index = spec, index
         q_dim, kv_dim = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
-        self.q_proj = nn.Linear(spec.hidden, q_dim, bias=spec.qkv_bias)
-        self.k_proj = nn.Linear(spec.hidden, kv_dim, bias=spec.qkv_bias)
-        self.v_proj = nn.Linear(spec.hidden, kv_dim, bias=spec.qkv_bias)
+        if spec.fused_qkv:
+            self.qkv_proj = nn.Linear(spec.hidden, q_dim + 2 * kv_dim, bias=spec.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(spec.hidden, q_dim, bias=spec.qkv_bias)
+            self.k_proj = nn.Linear(spec.hidden, kv_dim, bias=spec.qkv_bias)
+            self.v_proj = nn.Linear(spec.hidden, kv_dim, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(q_dim, spec.hidden, bias=False)
         if spec.qk_norm:
-            self.q_norm = RMSNorm(spec.head_dim, spec.eps)
-            self.k_norm = RMSNorm(spec.head_dim, spec.eps)
+            self.q_norm = RMSNorm(spec.head_dim, spec.eps, spec.norm_offset)
+            self.k_norm = RMSNorm(spec.head_dim, spec.eps, spec.norm_offset)
 
-    def forward(self, x, cos, sin, mask, position, caches):
+    def projections(self, x):
+        s = self.spec
+        if not s.fused_qkv:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_dim, kv_dim = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        return self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+
+    def forward(self, x, rope, mask, position, caches):
         # Shapes use -1 for the token axis: traced sizes turn into ops coremltools cannot fold.
         s, t = self.spec, x.shape[1]
-        q = self.q_proj(x).view(1, -1, s.heads, s.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(1, -1, s.kv_heads, s.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(1, -1, s.kv_heads, s.head_dim).transpose(1, 2)
+        q, k, v = self.projections(x)
+        q = q.reshape(1, -1, s.heads, s.head_dim).transpose(1, 2)
+        k = k.reshape(1, -1, s.kv_heads, s.head_dim).transpose(1, 2)
+        v = v.reshape(1, -1, s.kv_heads, s.head_dim).transpose(1, 2)
         if s.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if rope is not None:  # None: a NoPE layer
+            q, k = rotate(q, *rope), rotate(k, *rope)
         key_cache, value_cache = caches
         # In-place writes into the state buffers: Core ML turns these into slice_update on its state.
         key_cache[self.index, :, position:position + t] = k[0].to(key_cache.dtype)
@@ -136,8 +174,10 @@ class Attention(nn.Module):
         values = value_cache[self.index].to(q.dtype)
         # Grouped-query attention without repeating the cache: fold each KV head's query group into rows.
         group = s.heads // s.kv_heads
-        q = q.reshape(s.kv_heads, -1, s.head_dim) * (1.0 / math.sqrt(s.head_dim))
+        q = q.reshape(s.kv_heads, -1, s.head_dim) * (s.scale or 1.0 / math.sqrt(s.head_dim))
         scores = torch.matmul(q, keys.transpose(1, 2)).view(s.kv_heads, group, -1, s.context)
+        if s.attn_softcap:
+            scores = torch.tanh(scores / s.attn_softcap) * s.attn_softcap
         probs = torch.softmax(scores + mask, dim=-1).view(s.kv_heads, -1, s.context)
         out = torch.matmul(probs, values).view(s.heads, -1, s.head_dim).transpose(0, 1).reshape(1, -1, s.heads * s.head_dim)
         return self.o_proj(out)
@@ -146,25 +186,43 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: DecoderSpec):
         super().__init__()
-        self.gate_proj = nn.Linear(spec.hidden, spec.intermediate, bias=False)
-        self.up_proj = nn.Linear(spec.hidden, spec.intermediate, bias=False)
+        self.spec = spec
+        if spec.fused_gate_up:
+            self.gate_up_proj = nn.Linear(spec.hidden, 2 * spec.intermediate, bias=False)
+        else:
+            self.gate_proj = nn.Linear(spec.hidden, spec.intermediate, bias=False)
+            self.up_proj = nn.Linear(spec.hidden, spec.intermediate, bias=False)
         self.down_proj = nn.Linear(spec.intermediate, spec.hidden, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.spec.fused_gate_up:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        act = F.gelu(gate, approximate="tanh") if self.spec.activation == "gelu_tanh" else F.silu(gate)
+        return self.down_proj(act * up)
 
 
 class Layer(nn.Module):
     def __init__(self, spec: DecoderSpec, index: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden, spec.eps)
+        norm = lambda: RMSNorm(spec.hidden, spec.eps, spec.norm_offset)  # noqa: E731
+        self.sandwich = spec.sandwich_norms
+        self.input_layernorm = norm()
         self.self_attn = Attention(spec, index)
-        self.post_attention_layernorm = RMSNorm(spec.hidden, spec.eps)
+        self.post_attention_layernorm = norm()  # Llama: before the MLP; Gemma: after attention
+        if spec.sandwich_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
         self.mlp = MLP(spec)
 
-    def forward(self, x, cos, sin, mask, position, caches):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, position, caches)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope, mask, position, caches):
+        attn = self.self_attn(self.input_layernorm(x), rope, mask, position, caches)
+        if not self.sandwich:
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attn)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class Body(nn.Module):
@@ -172,7 +230,7 @@ class Body(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab, spec.hidden)
         self.layers = nn.ModuleList(Layer(spec, i) for i in range(spec.layers))
-        self.norm = RMSNorm(spec.hidden, spec.eps)
+        self.norm = RMSNorm(spec.hidden, spec.eps, spec.norm_offset)
 
 
 class Decoder(nn.Module):
@@ -188,29 +246,43 @@ class Decoder(nn.Module):
         self.register_buffer("key_cache", torch.zeros(shape, dtype=cache_dtype, device="cpu"))
         self.register_buffer("value_cache", torch.zeros(shape, dtype=cache_dtype, device="cpu"))
         cpu64 = dict(dtype=torch.float64, device="cpu")
-        angles = torch.outer(torch.arange(spec.context, **cpu64), torch.tensor(spec.inv_freq, **cpu64))
-        angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
+        for k, inv_freq in enumerate(spec.tables):  # one cos/sin table per distinct RoPE (Gemma: local and global)
+            angles = torch.outer(torch.arange(spec.context, **cpu64), torch.tensor(inv_freq, **cpu64))
+            angles = torch.cat([angles, angles], dim=-1)
+            factor = spec.rope_scales[k] if spec.rope_scales else 1.0
+            self.register_buffer(f"rope_cos{k or ''}", (angles.cos() * factor).float(), persistent=False)
+            self.register_buffer(f"rope_sin{k or ''}", (angles.sin() * factor).float(), persistent=False)
         self.register_buffer("slots", torch.arange(spec.context, dtype=torch.int32, device="cpu"), persistent=False)
 
     def forward(self, input_ids, position_ids):
         """`position_ids` are consecutive (p .. p+T-1): the caller passes them, so every index stays an
         integer input (arithmetic on traced sizes would be folded to float16 by Core ML's converter)."""
+        spec = self.spec
         positions = position_ids[0]
         start = positions[0]
-        cos, sin = self.rope_cos[positions].to(self.dtype), self.rope_sin[positions].to(self.dtype)
-        # Explicit causal mask over the whole fixed-size cache: slot j is visible to the token at p iff j <= p.
-        # Arithmetic, not `where(visible, 0, -inf)`: Core ML would store both branches broadcast to (T, context).
-        visible = (self.slots.view(1, -1) <= positions.view(-1, 1)).to(self.dtype)
-        mask = (visible - 1.0) * MASKED
+        ropes = [(getattr(self, f"rope_cos{k or ''}")[positions].to(self.dtype), getattr(self, f"rope_sin{k or ''}")[positions].to(self.dtype))
+                 for k in range(len(spec.tables))]
+        # Explicit causal mask over the whole fixed-size cache: slot j is visible to the token at p iff j <= p
+        # (and, in a sliding-window layer of window w, p - j < w). Arithmetic, not `where(visible, 0, -inf)`:
+        # Core ML would store both branches broadcast to (T, context).
+        slots, rows = self.slots.view(1, -1), positions.view(-1, 1)
+        masks = {}
+        for window in {spec.window(i) for i in range(spec.layers)}:
+            visible = slots <= rows if window is None else (slots <= rows) & (slots > rows - window)
+            masks[window] = (visible.to(self.dtype) - 1.0) * MASKED
         x = self.model.embed_tokens(input_ids)
+        if spec.embed_scale != 1.0:
+            x = x * spec.embed_scale
         caches = (self.key_cache, self.value_cache)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, start, caches)
+        for i, layer in enumerate(self.model.layers):
+            table = spec.rope_table(i)
+            x = layer(x, ropes[table] if table >= 0 else None, masks[spec.window(i)], start, caches)
         x = self.model.norm(x)
-        head = self.model.embed_tokens.weight if self.spec.tied else self.lm_head.weight
-        return F.linear(x, head)
+        head = self.model.embed_tokens.weight if spec.tied else self.lm_head.weight
+        logits = F.linear(x, head)
+        if spec.final_softcap:
+            logits = torch.tanh(logits / spec.final_softcap) * spec.final_softcap
+        return logits
 
     @property
     def dtype(self):

@@ -9,10 +9,27 @@ reply, so `generate()` prefills only what follows the longest cached prefix.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_threads(manifest: dict | None = None) -> int:
+    """Threads an engine uses when the caller names none: the physical cores (a second hyperthread on a core
+    only contends for the same memory bandwidth decode is bound by), never more than this process may use,
+    and capped by the device profile a bundle was made for."""
+    import psutil
+
+    cores = min(psutil.cpu_count(logical=False) or usable_cores(), usable_cores())
+    wanted = ((manifest or {}).get("device") or {}).get("threads")
+    return max(1, min(wanted or cores, cores))
 
 
 @runtime_checkable
@@ -41,3 +58,16 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Frees the model."""
+
+
+@runtime_checkable
+class AdapterEngine(Engine, Protocol):
+    """An engine that holds LoRA adapters beside one base (a bundle exported with `keep_adapters`)."""
+
+    adapters: tuple[str, ...]
+    """The names of the adapters loaded with the base."""
+    adapter: str | None
+    """The adapter the next tokens run with (None: the base alone)."""
+
+    def set_adapter(self, name: str | None) -> None:
+        """Switches adapter without reloading or copying the base; clears the cached sequence when it changes."""

@@ -1,36 +1,32 @@
 """Model intake: a local HF folder (plus an optional LoRA adapter) checked and streamed tensor by tensor.
 
 Peak memory follows the largest tensor, not the model: weights are memory-mapped from safetensors
-and the adapter delta is added to one weight at a time.
+and the adapter delta is added to one weight at a time. What the folder holds is checked on open (config
+schema, safetensors headers, weights against the config, tokenizer files) and each tensor for NaN/inf
+as it streams, so a damaged checkpoint fails in one line before any conversion work.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
-from .adapter import LoraAdapter, check_against_base, lora_delta, read_adapter
+from .adapter import LoraAdapter, check_against_base, merge_weight, read_adapter
+from .architectures import ARCHITECTURES, BY_CLASS, Architecture, check_options, check_tensors, for_config, text_config, text_tensor_name
+from .checkpoint import check_config, check_finite, check_weights
 from .errors import EdgeqError
+from .hashing import sha256_files
 from .safetensors_index import TensorInfo, index_folder, load_pickle_tensors
-from .tokenizer import ChatTokenizer, TokenizerSpec, read_chat_template, spec_from_hf_folder
+from .tokenizer import ChatTokenizer, TokenizerSpec, load_tokenizer, read_chat_template, spec_from_hf_folder
+from .validate import read_json_object
 
-# HF architecture class → edgeq family. Each family is a table entry in the converters.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",    # Llama 2/3.x, SmolLM/SmolLM2, TinyLlama
-    "Qwen2ForCausalLM": "qwen2",    # Qwen2, Qwen2.5
-    "Qwen3ForCausalLM": "qwen3",    # Qwen3 dense
-}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# HF architecture class → edgeq family; each family's facts are one entry of `edgeq.architectures.ARCHITECTURES`.
+SUPPORTED_ARCHITECTURES = {cls: arch.family for cls, arch in BY_CLASS.items()}
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EdgeqError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}); fix or re-save the {what}") from exc
+    return read_json_object(path, f"fix or re-save the {what}")
 
 
 @dataclass
@@ -41,6 +37,14 @@ class SourceModel:
     index: dict[str, TensorInfo]
     adapter: LoraAdapter | None = None
     trust_pickle: bool = False
+    untied_head: bool = False  # lm_head written on its own although the checkpoint ties it to the embedding
+    _finite: set = field(default_factory=set, repr=False)  # tensors already checked for NaN/inf
+    stored: dict[str, str] = field(default_factory=dict, repr=False)  # edgeq's name → the file's, where they differ
+    dropped: str | None = None  # what of a multimodal checkpoint is not exported (recorded in the manifest)
+
+    @property
+    def arch(self) -> Architecture:
+        return ARCHITECTURES[self.family]
 
     @property
     def architecture(self) -> str:
@@ -65,7 +69,16 @@ class SourceModel:
     def base_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {name: info.shape for name, info in self.index.items()}
         shapes.update({name: tuple(t.shape) for name, t in self._pickled.items()})
+        if self.untied_head:
+            shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
         return shapes
+
+    def untie_head(self) -> None:
+        """Makes lm_head a tensor of its own (a copy of the embedding): a LoRA on the head of a tied model adapts the
+        head alone, which a tied file cannot hold (llama.cpp would apply it to the embedding lookup too)."""
+        if self.config.get("tie_word_embeddings") and "lm_head.weight" not in self.base_shapes():
+            self.config = {**self.config, "tie_word_embeddings": False}
+            self.untied_head = True
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of the merged model: an adapter's modules_to_save may resize embeddings."""
@@ -78,17 +91,33 @@ class SourceModel:
         from safetensors import safe_open
 
         with safe_open(str(info.file), framework="pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(self.stored.get(name, name))
+
+    def dtypes(self) -> dict[str, str]:
+        """Stored type of each base tensor, in safetensors' names (pickled float tensors count as F32)."""
+        types = {name: info.dtype for name, info in self.index.items()}
+        types.update({name: "F32" if t.is_floating_point() else str(t.dtype) for name, t in self._pickled.items()})
+        return types
 
     def tensor(self, name: str):
         """One tensor of the (merged) model, as a torch tensor; merged weights come back as float32."""
         if self.adapter and name in self.adapter.replaced:
             key = self.adapter.replaced[name]
-            return self._load(self.adapter.index[key], key)
-        weight = self._pickled[name] if name in self._pickled else self._load(self.index[name], name)
-        if self.adapter and name in self.adapter.pairs:
-            weight = weight.float() + lora_delta(self.adapter, name, self._load)
+            weight = self._load(self.adapter.index[key], key)
+        else:
+            weight = self.base_tensor(name)
+            if self.adapter and name in self.adapter.pairs:
+                weight = merge_weight(self.adapter, name, weight, self._load)
+        if name not in self._finite:
+            check_finite(name, weight, self.adapter.path if self.adapter and name in self.adapter.replaced else self.path)
+            self._finite.add(name)
         return weight
+
+    def base_tensor(self, name: str):
+        """A tensor of the checkpoint itself, before any adapter."""
+        if self.untied_head and name == "lm_head.weight":
+            name = "model.embed_tokens.weight"
+        return self._pickled[name] if name in self._pickled else self._load(self.index[name], name)
 
     def tensors(self) -> Iterator[tuple[str, object]]:
         for name in self.shapes():
@@ -100,26 +129,18 @@ class SourceModel:
 
     def fingerprint(self) -> dict:
         """Hashes of the weight files (and adapter), recorded in the manifest."""
-        def digest(paths):
-            h = hashlib.sha256()
-            for p in paths:
-                with open(p, "rb") as f:
-                    while block := f.read(1 << 22):
-                        h.update(block)
-            return h.hexdigest()
-
+        digest = sha256_files
         weights = sorted({info.file for info in self.index.values()})
         info = {"path": str(self.path), "architecture": self.architecture, "sha256": digest(weights)}
+        if self.dropped:
+            info["dropped"] = self.dropped
         if self.adapter:
             info["adapter"] = {"path": str(self.adapter.path), "sha256": digest(sorted({i.file for i in self.adapter.index.values()}))}
         return info
 
     def tokenizer_spec(self) -> TokenizerSpec:
         folder = self.tokenizer_folder
-        vocab = json.loads((folder / "tokenizer.json").read_text())
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_str(json.dumps(vocab))
+        tok = load_tokenizer(folder / "tokenizer.json")
         spec = spec_from_hf_folder(folder, tok.get_vocab(with_added_tokens=True), self.generation_config)
         bos_id = tok.token_to_id(spec.bos_token) if spec.bos_token else None
         spec.add_bos_token = bos_id is not None and tok.encode("a").ids[:1] == [bos_id]
@@ -141,24 +162,55 @@ def open_model(path: str | Path, adapter: str | Path | None = None, trust_pickle
     if not config_path.is_file():
         raise EdgeqError(f"{path} has no config.json; pass the folder of a Hugging Face checkpoint (the one with config.json and *.safetensors)")
     config = _read_json(config_path, "model config")
-    archs = config.get("architectures") or []
-    family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if family is None:
-        raise EdgeqError(
-            f"architecture {', '.join(archs) or config.get('model_type', 'unknown')} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    archs = config.get("architectures")
+    names = archs if isinstance(archs, list) and all(isinstance(a, str) for a in archs) else []
+    arch = for_config(config) if names else None  # a readable but unsupported architecture says so before any schema detail
+    if arch is not None:
+        config = text_config(arch, config, lambda: _full_text_config(path, arch))
+    check_config(config, config_path)
+    check_options(arch, config)
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")
         raise EdgeqError(f"{path} is a {method} checkpoint; export from the full-precision base model (merge the adapter into that)")
     if not (path / "tokenizer.json").is_file():
         raise EdgeqError(f"{path} has no tokenizer.json (a fast tokenizer); save the tokenizer with transformers first")
-    model = SourceModel(path, config, family, index_folder(path, trust_pickle), trust_pickle=trust_pickle)
+    model = SourceModel(path, config, arch.family, index_folder(path, trust_pickle), trust_pickle=trust_pickle)
+    if arch.text_config:
+        _keep_text_model(model)
+    check_weights(config, model.base_shapes(), model.dtypes(), path, arch)
+    check_tensors(arch, model.base_shapes())
     if adapter is not None:
         model.adapter = read_adapter(Path(adapter))
+        if "lm_head.weight" in {*model.adapter.pairs, *model.adapter.replaced}:
+            model.untie_head()
         resized = check_against_base(model.adapter, model.base_shapes())
         if resized:
             if not (Path(adapter) / "tokenizer.json").is_file():
                 raise EdgeqError(f"the adapter resizes {', '.join(resized)} but ships no tokenizer.json; save the fine-tune's tokenizer into {adapter}")
             model.config = {**config, "vocab_size": next(iter(resized.values()))[0]}
+    model.chat_tokenizer()  # a damaged tokenizer file or template fails here, before any work
     return model
+
+
+def _full_text_config(path: Path, arch: Architecture) -> dict:
+    """The text model's config with transformers' defaults: a saved multimodal config omits the fields left at them."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(path), arch.text_config).to_dict()
+
+
+def _keep_text_model(model: SourceModel) -> None:
+    """A multimodal checkpoint seen as its text model: tensors under edgeq's names, the rest dropped and noted."""
+    index, dropped = {}, []
+    for name, info in model.index.items():
+        own = text_tensor_name(model.arch, name)
+        if own is None:
+            dropped.append(name)
+            continue
+        index[own] = info
+        if own != name:
+            model.stored[own] = name
+    model.index = index
+    if dropped:
+        parts = sorted({".".join(n.split(".")[:2] if n.startswith("model.") else n.split(".")[:1]) for n in dropped})
+        model.dropped = f"exported the text model only; dropped {len(dropped)} tensors of {', '.join(parts)} (images are not supported)"

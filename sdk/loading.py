@@ -5,11 +5,12 @@ from pathlib import Path
 
 from . import registry
 from .bundle import MANIFEST, read_manifest
+from .engine import default_threads
 from .errors import EdgeqError
 from .generate import LanguageModel
 from .tokenizer import ChatTokenizer, TokenizerSpec
-
 from .validate import check_engine_args
+
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
@@ -23,26 +24,39 @@ def bundle_tokenizer(folder: Path, manifest: dict) -> ChatTokenizer:
 
 
 def open_engine(folder: Path, manifest: dict, backend: str | None = None, threads: int | None = None, n_ctx: int | None = None):
+    """The bundle's engine; threads default to the device profile's (capped by this machine's cores) on every engine."""
     engine_cls = registry.runtimes.get(backend or manifest["runtime"])
-    return engine_cls.open(folder / manifest["model_file"], manifest, threads=threads, n_ctx=n_ctx or manifest.get("context_length"))
+    return engine_cls.open(folder / manifest["model_file"], manifest, threads=threads or default_threads(manifest),
+                           n_ctx=n_ctx or manifest.get("context_length"))
 
 
 def load(path: str | Path, *, backend: str | None = None, threads: int | None = None, n_ctx: int | None = None,
-         adapter: str | Path | None = None, verify: bool = True) -> LanguageModel:
+         adapter: str | Path | None = None, adapters: dict | None = None, verify: bool = True) -> LanguageModel:
     """Loads a bundle made by `edgeq export`, or a Hugging Face folder (with `adapter=`) as the torch reference.
+
+    A Hugging Face folder with `adapters={name: dir}` runs in torch with the PEFT adapters kept apart:
+    `generate(..., adapter=name)` switches between them (None: the base).
 
     `backend` overrides the runtime the manifest names; `threads` and `n_ctx` default to the
     device profile the bundle was made for. Loading a bundle verifies its checksums.
     """
+    check_engine_args(threads, n_ctx)
     path = Path(path)
     if (path / MANIFEST).is_file():
         manifest = read_manifest(path, verify=verify)
         return LanguageModel(open_engine(path, manifest, backend, threads, n_ctx), bundle_tokenizer(path, manifest), manifest, path)
     if (path / "config.json").is_file():
         from .intake import open_model
-    check_engine_args(threads, n_ctx)
 
         source = open_model(path, adapter=adapter)
-        engine = registry.runtimes.get(backend or "torch")(source, threads=threads, n_ctx=n_ctx)
+        kept = {}
+        if adapters:
+            from .adapter_set import open_adapters
+
+            if adapter is not None:
+                raise EdgeqError("pass adapter= (merged) or adapters= (kept apart), not both")
+            kept = {a.name: a.path for a in open_adapters(source, adapters, None)}
+        engine = registry.runtimes.get(backend or registry.REFERENCE_RUNTIME)(source, threads=threads or default_threads(), n_ctx=n_ctx,
+                                                                              **({"adapters": kept} if kept else {}))
         return LanguageModel(engine, source.chat_tokenizer(), {"format": "hf", "runtime": "torch"}, path)
     raise EdgeqError(f"{path} is neither an edgeq bundle ({MANIFEST}) nor a Hugging Face folder (config.json)")

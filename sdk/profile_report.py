@@ -98,6 +98,7 @@ class BundleProfile:
     prompts: list[PromptProfile]
     notes: list[str] = field(default_factory=list)
     estimate: DeviceEstimate | None = None
+    finetune: dict | None = None  # `edgeq compare`: the fine-tune metrics on the user's eval data
 
     @property
     def decode_tokens_per_s(self) -> Spread | None:
@@ -126,6 +127,7 @@ class ProfileResult:
     repeat: int
     machine: dict
     device: str | None = None
+    quality_label: str = "KL vs reference (nats, from the manifest)"
 
     def __getitem__(self, name: str) -> BundleProfile:
         for b in self.bundles:
@@ -195,8 +197,22 @@ def table(result: ProfileResult) -> str:
                                  _num(p.decode_tokens_per_s), f"{fits} {b.estimate.budget_bytes / 2**30:g} GiB budget"])
         lines += _rows(["bundle", "prompt", "est. TTFT ms", "est. prefill tok/s", "est. decode tok/s", "memory"], rows)
         lines += [f"note: {n}" for n in e.notes]
+    judged = [b for b in result.bundles if b.finetune]
+    if judged:
+        data = judged[0].finetune.get("data") or {}
+        lines += ["", f"on {data.get('path', 'the eval data')}: {data.get('scored_tokens', '?')} assistant tokens, "
+                      f"{(judged[0].finetune.get('agreement') or {}).get('replies', 0)} greedy replies"]
+        lines += _rows(["bundle", "size MB", "KL", "top-1", "flip retention", "noise/shift", "reply exact", "chrF"], [
+            [b.name, _num(b.size_bytes / MB), f"{b.finetune['kl']:.4f}", f"{b.finetune['top1']:.3f}",
+             _opt(b.finetune.get("flip_retention")), _opt(b.finetune.get("noise_to_shift")),
+             _opt((b.finetune.get("agreement") or {}).get("exact_match")), _opt((b.finetune.get("agreement") or {}).get("chrf"))]
+            for b in judged])
     lines += [f"note: {b.name}: {n}" for b in result.bundles for n in b.notes]
     return "\n".join(lines)
+
+
+def _opt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def check_output(path: str | Path) -> Path:
@@ -254,6 +270,8 @@ def chart(result: ProfileResult):
             ax.errorbar(x, y, yerr=[[y - decode.min], [decode.max - y]], fmt="none", ecolor="gray", capsize=3)
         ax.scatter([x], [y], s=120, color=color, edgecolors="black", zorder=3)
         kl = "KL n/a" if b.kl is None else f"KL {b.kl:.4f}"
+        if b.finetune and b.finetune.get("flip_retention") is not None:
+            kl += f", retention {b.finetune['flip_retention']:.3f}"
         ax.annotate(f"{b.name}\n{b.precision}, {kl}", (x, y), xytext=(8, 6), textcoords="offset points", fontsize=8)
         if b.estimate and b.estimate.decode_tokens_per_s:
             ax.scatter([x], [b.estimate.decode_tokens_per_s], s=120, facecolors="none", edgecolors="black", linestyle="--",
@@ -261,7 +279,7 @@ def chart(result: ProfileResult):
     handles, labels = ax.get_legend_handles_labels()
     if handles:
         ax.legend(handles[:1], labels[:1], loc="best", fontsize=8)
-    fig.colorbar(colors, ax=ax, label="KL vs reference (nats, from the manifest)")
+    fig.colorbar(colors, ax=ax, label=result.quality_label)
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel(f"decode tokens/s (median, min–max over {result.repeat})")
     ax.set_title(f"size × quality × decode speed — measured on {result.machine['cpu']}", fontsize=10)

@@ -1,6 +1,6 @@
 """`edgeq.profile()`: what a bundle costs on this machine (measured) and on a device profile (estimated).
 
-Each bundle is measured in a fresh process (multiprocessing spawn), so its peak resident memory is
+Each bundle is measured in a fresh interpreter, so its peak resident memory is
 its own high-water mark (VmHWM, what the OS accounts for that process) and the numbers of several
 bundles never mix. Timings are taken at the engine level, on synthetic prompt ids of exact length
 and greedy argmax decoding, so they are the backend's and not the tokenizer's or the sampler's.
@@ -10,26 +10,27 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import multiprocessing
 import os
+import pickle
 import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from . import registry
+from .engine import usable_cores
 from .errors import EdgeqError
+from .model_shape import ModelShape
 from .profile_report import BundleProfile, DeviceEstimate, ProfileResult, PromptEstimate, PromptProfile, Spread
 
 log = logging.getLogger(__name__)
 WARMUP_DECODE_STEPS = 8
-KV_ELEMENT_BYTES = {"llamacpp": 2}  # llama.cpp keeps an f16 cache; other runtimes are assumed float32
 PROBE_ARRAY_BYTES = 256 << 20       # far larger than any CPU cache, so the copy runs at DRAM speed
 PROBE_MATMUL = 1024
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
@@ -82,7 +83,7 @@ def _check_args(paths, prompt_tokens, gen, repeat, threads) -> list[int]:
 def _describe(path: Path) -> dict:
     """Size, parameters and KV cache cost of a bundle (checksums verified) or of an HF folder."""
     from .bundle import MANIFEST, read_manifest
-    from .export import COPIED_FILES
+    from .exporting import COPIED_FILES
     from .loading import CHAT_TEMPLATE_FILE
 
     if not (path / MANIFEST).is_file() and (path / "config.json").is_file():
@@ -95,10 +96,14 @@ def _describe(path: Path) -> dict:
     params = sum(int(np.prod(t["shape"])) for t in tensors.values()) or int(weight_bytes * 8 / m.get("bits_per_weight", 16))
     config_path = Path((m.get("source") or {}).get("path", "")) / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    element = KV_ELEMENT_BYTES.get(m["runtime"], 4)
+    element = registry.formats.get(m["format"]).kv_element_bytes
+    notes = []
+    if adapters := m.get("adapters"):
+        notes.append(f"{len(adapters)} LoRA adapters kept apart ({sum(a['bytes'] for a in adapters) / 2**20:.2f} MiB), all loaded: "
+                     "timings are the base's; peak memory includes a short run with each adapter")
     return {"format": m["format"], "runtime": m["runtime"], "precision": m.get("precision", "?"), "size_bytes": size,
             "weight_bytes": weight_bytes, "params": params, "kl": (m.get("quality") or {}).get("kl"),
-            "kv_bytes_per_token": _kv_per_token(tensors, config, element), "notes": []}
+            "kv_bytes_per_token": _kv_per_token(tensors, config, element), "notes": notes}
 
 
 def _describe_hf(path: Path) -> dict:
@@ -118,19 +123,39 @@ def _kv_per_token(tensors: dict, config: dict, element: int) -> int | None:
     if rows:
         return 2 * sum(rows) * element
     if "num_hidden_layers" in config:
-        heads = config["num_attention_heads"]
-        head_dim = config.get("head_dim") or config["hidden_size"] // heads
-        return 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * element
+        return ModelShape.from_config(config).kv_bytes_per_token(element)
     return None
 
 
 def _in_fresh_process(fn, *args):
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            return pool.submit(fn, *args).result()
-        except BrokenProcessPool as exc:
-            raise EdgeqError(f"the process profiling {args[0]} died (out of memory or a backend crash); "
-                             "try fewer or shorter prompts, or profile it alone") from exc
+    """`fn(*args)` in a new interpreter. A plain subprocess rather than multiprocessing's spawn, which re-runs
+    the caller's script as `__mp_main__` and so breaks (or profiles twice) a script without a main guard."""
+    with tempfile.TemporaryDirectory(prefix="edgeq-profile-") as tmp:
+        job = Path(tmp) / "job.pickle"
+        job.write_bytes(pickle.dumps((fn.__module__, fn.__name__, args)))
+        status = subprocess.run([sys.executable, "-c", _JOB, str(job)]).returncode  # its progress bar shows
+        if status == 3:
+            raise EdgeqError(job.read_text())
+        if status != 0:
+            raise EdgeqError(f"the process profiling {args[0]} died (exit {status}: out of memory or a backend crash); "
+                             "try fewer or shorter prompts, or profile it alone")
+        return pickle.loads(job.read_bytes())
+
+
+_JOB = """
+import importlib, pickle, sys
+from edgeq.errors import EdgeqError
+with open(sys.argv[1], "rb") as f:
+    module, name, args = pickle.load(f)
+try:
+    result = getattr(importlib.import_module(module), name)(*args)
+except EdgeqError as exc:
+    with open(sys.argv[1], "w") as f:
+        f.write(str(exc))
+    sys.exit(3)
+with open(sys.argv[1], "wb") as f:
+    pickle.dump(result, f)
+"""
 
 
 def _measure(path: str, prompts: list[int], gen: int, repeat: int, threads: int | None, progress: bool | None) -> dict:
@@ -161,7 +186,10 @@ def _measure(path: str, prompts: list[int], gen: int, repeat: int, threads: int 
                 if rep:
                     runs[p].append(timing)
                 progress_bar.update()
-    used_threads = getattr(engine, "threads", None) or threads or _cpu_count()
+    for name in getattr(engine, "adapters", ()):  # each kept adapter runs once, so the peak covers them all loaded and used
+        engine.set_adapter(name)
+        _run_once(engine, ids[:fits[0]] if fits else ids[:1], WARMUP_DECODE_STEPS)
+    used_threads = getattr(engine, "threads", None) or threads or usable_cores()
     n_ctx = engine.n_ctx
     engine.close()
     return {"threads": used_threads, "n_ctx": n_ctx, "first_load_s": loads[0], "load_s": loads[1:], "runs": runs,
@@ -209,17 +237,13 @@ def _rss(key: str) -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _machine() -> dict:
     cpu = platform.processor()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpus": _cpu_count(), "python": platform.python_version()}
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": usable_cores(), "python": platform.python_version()}
 
 
 def measure_machine(threads: int, probes: int = 3) -> dict:

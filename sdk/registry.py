@@ -1,7 +1,8 @@
 """Name → backend registries, filled from entry points so built-ins and plugins register alike.
 
-A backend is imported only when it is chosen, so `edgeq --help` never imports torch,
-llama_cpp, onnxruntime or coremltools.
+`formats` holds each format's light spec (`edgeq.formats.FormatSpec`); its converter, and the heavy
+library behind it, is imported only when an export runs. `runtimes` holds engine classes, imported
+when chosen. So `edgeq --help` and `edgeq devices` never import torch, llama_cpp, onnxruntime or coremltools.
 """
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from importlib import import_module
 from importlib.metadata import entry_points
 
 from .errors import EdgeqError
+
+DEFAULT_FORMAT = "gguf"        # what an export writes when neither a format nor a device says otherwise
+REFERENCE_RUNTIME = "torch"    # the float model every format is measured against
 
 
 class Registry:
@@ -41,5 +45,5 @@ class Registry:
         return obj
 
 
-converters = Registry("edgeq.converters", "format")
+formats = Registry("edgeq.formats", "format")
 runtimes = Registry("edgeq.runtimes", "runtime")

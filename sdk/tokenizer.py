@@ -10,14 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .architectures import TURN_END_TOKENS
 from .chat_template import compile_template, render
 from .errors import EdgeqError
 from .validate import json_type, read_json_object
 
-# End-of-turn tokens used by the chat templates of the supported families. A fine-tune that
-# stops on one of these must stop on it after export too, so every one present in the vocab
-# becomes a stop id.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>")
+# End-of-turn tokens used by the chat templates of the supported families (`edgeq.architectures`). A
+# fine-tune that stops on one of these must stop on it after export too, so every one present in the
+# vocab becomes a stop id.
+END_OF_TURN_TOKENS = (*TURN_END_TOKENS, "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>")
 
 
 def _token_text(value, name: str, path: Path) -> str | None:

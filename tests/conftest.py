@@ -63,7 +63,44 @@ def build_sentencepiece_tokenizer(folder: Path) -> None:
     tok.save_pretrained(folder)
 
 
-def build_model(folder: Path, architecture: str = "LlamaForCausalLM", seed: int = 0, tokenizer=build_tokenizer, **overrides) -> Path:
+GEMMA_CHAT = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def build_gemma_tokenizer(folder: Path) -> None:
+    """Gemma's tokenizer in miniature: SentencePiece BPE with byte fallback and no space prefix, <pad> <eos> <bos>
+    <unk> = 0-3, the turn markers as pieces, BOS added; converted and saved by transformers as Gemma's is."""
+    import io
+    from importlib.resources import files
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    lines = [line for line in files("edgeq").joinpath("calibration_text.txt").read_text().splitlines() + CORPUS if line.strip()]
+    proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=proto, model_type="bpe", vocab_size=500, byte_fallback=True,
+        split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False, add_dummy_prefix=False,
+        normalization_rule_name="identity", minloglevel=2, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+    )
+    (folder / "tokenizer.model").write_bytes(proto.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+    }))
+    tok = AutoTokenizer.from_pretrained(folder, add_bos_token=True)
+    tok.chat_template = GEMMA_CHAT
+    tok.save_pretrained(folder)
+
+
+def build_model(folder: Path, architecture: str = "LlamaForCausalLM", seed: int = 0, tokenizer=build_tokenizer,
+                norm_noise: float = 0.0, **overrides) -> Path:
+    """A random model of `architecture` (a transformers class) with `overrides` of the tiny config; `norm_noise`
+    perturbs every norm gain (initialised to one value), so a norm applied wrong shows in the logits."""
     import torch
     import transformers
 
@@ -71,17 +108,28 @@ def build_model(folder: Path, architecture: str = "LlamaForCausalLM", seed: int 
     tokenizer(folder)
     vocab = json.loads((folder / "tokenizer.json").read_text())
     n_vocab = max([*vocab["model"]["vocab"].values(), *(t["id"] for t in vocab["added_tokens"])]) + 1
-    config_cls = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    model_cls = getattr(transformers, architecture)
+    config_cls = model_cls.config_class
     settings = dict(
         vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=0, eos_token_id=2, initializer_range=0.2,
     )
-    config = config_cls(**{**settings, **overrides})
+    if "text_config" in config_cls.sub_configs:  # multimodal: the tiny settings describe its text model
+        text = {**settings, **overrides.pop("text_config", {})}
+        config = config_cls(text_config=text, **{"tie_word_embeddings": text["tie_word_embeddings"], **overrides})
+    else:
+        config = config_cls(**{**settings, **overrides})
     if architecture == "Qwen3ForCausalLM":
         config.head_dim = 16
     torch.manual_seed(seed)
-    model = getattr(transformers, architecture)(config).eval()
+    model = model_cls(config).eval()
+    if norm_noise:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.add_(torch.randn_like(param) * norm_noise)
+    config = config.get_text_config() if "text_config" in config_cls.sub_configs else config
     model.save_pretrained(folder, safe_serialization=True)
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}))
     return folder

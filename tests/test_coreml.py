@@ -20,7 +20,7 @@ from edgeq.converters import coreml as coreml_converter
 from edgeq.converters.coreml import CoreMLConverter, precision_plan
 from edgeq.converters.coreml_package import describe, read_weights
 from edgeq.decoder import DecoderSpec, build_decoder
-from edgeq.evaluate import QualityAccumulator
+from edgeq.quality import QualityAccumulator
 from edgeq.intake import open_model
 from edgeq.runtimes.coreml import CoreMLTorchEngine
 from edgeq.runtimes.torch import TorchEngine
@@ -271,8 +271,8 @@ def test_failed_conversion_leaves_nothing(tmp_path, tiny_llama, monkeypatch):
 def test_traced_decoder_matches_hf_on_smollm2():
     """The module coremltools converts (our decoder, traced at fp32) against HF SmolLM2-135M on wikitext."""
     from edgeq.default_model import default_model_path
-    from edgeq.evaluate import compare
-    from edgeq.importance import calibration_windows
+    from edgeq.quality import compare
+    from edgeq.quant.calibration import calibration_windows
 
     source = open_model(default_model_path(progress=False))
     ctx, count = 128, 4

@@ -3,7 +3,8 @@ import re
 
 import pytest
 
-from edgeq.devices import PRECISIONS, DeviceProfile, list_devices, load_device
+from edgeq import registry
+from edgeq.devices import DeviceProfile, list_devices, load_device
 from edgeq.errors import EdgeqError
 
 BUILTINS = {"iphone-15-pro", "pixel-8", "galaxy-s24", "raspberry-pi-5", "macbook-air-m2",
@@ -55,7 +56,7 @@ def test_builtin_loads_and_is_sane(device_id):
     assert d.bandwidth_gbps > 0 and d.cpu_gflops > 0 and d.context_length > 0
     assert d.formats and set(d.precisions) == set(d.formats)
     for fmt, names in d.precisions.items():
-        assert names and set(names) <= set(PRECISIONS[fmt])
+        assert names and set(names) <= set(registry.formats.get(fmt).device_precisions())
     assert all(re.fullmatch(r"Q\d_(0|K|K_M)|F16", n) for n in d.precisions.get("gguf", ()))
     manifest = json.loads(json.dumps(d.to_dict()))
     assert manifest["id"] == device_id and "source" not in manifest

@@ -8,11 +8,12 @@ import torch
 
 import edgeq
 from edgeq.converters.onnx_weights import BlockGrid, dequantize, quantize_blocks
-from edgeq.evaluate import DEFAULT_TEXT, QualityAccumulator
-from edgeq.gptq import gptq, quantize_model
-from edgeq.importance import calibration_windows
+from edgeq.quality import DEFAULT_TEXT, QualityAccumulator
+from edgeq.quant.gptq import gptq, quantize_model
+from edgeq.quant.calibration import calibration_windows
 from edgeq.intake import open_model
-from edgeq.runtimes.torch import TorchEngine, load_hf_model
+from edgeq.float_model import load_float_model
+from edgeq.runtimes.torch import TorchEngine
 
 
 def _correlated_inputs(cols: int, n: int = 4096, seed: int = 0) -> torch.Tensor:
@@ -49,7 +50,7 @@ def test_gptq_survives_inputs_the_calibration_never_activates():
 
 def test_quantize_model_covers_what_was_asked_and_leaves_the_model_as_it_was(tiny_llama):
     source = open_model(tiny_llama)
-    model = load_hf_model(source)
+    model = load_float_model(source)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     windows = calibration_windows(source.chat_tokenizer(), DEFAULT_TEXT, 512, 128)
     grids = {f"model.layers.{i}.{n}.weight": BlockGrid(4, 32) for i in range(2)

@@ -5,8 +5,8 @@ import pytest
 
 import edgeq
 from edgeq.errors import EdgeqError
-from edgeq.planner import _hull, plan_precisions
-from edgeq.sensitivity import Sensitivity
+from edgeq.quant.knapsack import _hull, plan_precisions
+from edgeq.quant.sensitivity import Sensitivity
 
 
 def _sensitivity(**tensors) -> Sensitivity:
@@ -52,7 +52,7 @@ def tiny_plan(tiny_llama):
 
 
 def test_plan_on_tiny_model_is_measured_and_cached(tiny_llama, tiny_plan, monkeypatch):
-    import edgeq.runtimes.torch as torch_runtime
+    import edgeq.float_model
 
     assert tiny_plan.sensitivity["measured_tensors"] > 0
     assert tiny_plan.total_bytes <= tiny_plan.budget_bytes
@@ -61,7 +61,7 @@ def test_plan_on_tiny_model_is_measured_and_cached(tiny_llama, tiny_plan, monkey
     def no_model(*args, **kwargs):
         raise AssertionError("re-planning must not load the model again")
 
-    monkeypatch.setattr(torch_runtime, "load_hf_model", no_model)
+    monkeypatch.setattr(edgeq.float_model, "load_float_model", no_model)
     again = edgeq.plan(tiny_llama, format="gguf", bits_per_weight=5.0, progress=False)
     assert again.sensitivity["key"] == tiny_plan.sensitivity["key"] and again.total_bytes < tiny_plan.total_bytes
 
@@ -101,9 +101,9 @@ def test_planned_coreml_export_writes_the_planned_type_of_every_weight(tiny_llam
     # the planner's Core ML space prices and rounds each weight exactly as the package stores it
     from edgeq.converters.coreml_package import read_weights
     from edgeq.intake import open_model
-    from edgeq.precision_spaces import precision_space
+    from edgeq import registry
 
-    space, source = precision_space("coreml"), open_model(tiny_llama)
+    space, source = registry.formats.get("coreml").space(), open_model(tiny_llama)
     stored = read_weights(bundle / "model.mlpackage", list(written))
     for name, precision in planned.items():
         if name not in written:

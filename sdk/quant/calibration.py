@@ -1,7 +1,8 @@
-"""Activation statistics from calibration text: the importance matrix llama.cpp's quantizer weighs errors by.
+"""Calibration data: the one route by which text reaches quantization, whatever the format.
 
-For every linear layer, the mean of the squared input activations per input column, over all
-calibration tokens. Names are the HF weight names; each converter maps them to its own.
+An export makes one `Calibration`; the planner's sensitivity, llama.cpp's importance matrix and ONNX's
+GPTQ all read the text, windows, float model and importance matrix from it, so nothing is loaded twice
+and the manifest can say which text shaped the weights.
 """
 from __future__ import annotations
 
@@ -10,82 +11,76 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgeqError
-from .progress import bar
+from ..validate import read_text_file
 
-
-CALIBRATION_TEXT = Path(__file__).with_name("calibration_text.txt")  # used when the caller gives none
+CALIBRATION_TEXT = Path(__file__).resolve().parent.parent / "calibration_text.txt"  # used when the caller gives none
+WINDOW = 512
 
 
 class Calibration:
-    """Calibration text for a converter that runs the float model on it itself (ONNX: GPTQ rounding).
+    """Calibration text for `source`, with everything derived from it loaded on first use.
 
-    Nothing loads until the converter asks: the float reference model on first `model`, the token
-    windows on first `windows`; export() then reuses the loaded reference for its quality check.
+    `given` says whether the user chose the text; a built-in text is good enough for GPTQ and for a plan's
+    sensitivity, but not worth loading the float model only to weigh nearest rounding.
     """
 
-    def __init__(self, source, text: Path | None, tokens: int):
+    def __init__(self, source, text: str | Path | None, tokens: int = 8192):
         self.source, self.tokens = source, tokens
-        self.text = Path(text) if text else CALIBRATION_TEXT
-        self.builtin = text is None
-        if not self.text.is_file():
-            raise EdgeqError(f"calibration text {self.text} does not exist; pass a UTF-8 text file")
-        self.engine = None
+        self.given = text is not None
+        self.text = Path(text) if text is not None else CALIBRATION_TEXT
+        if self.given:
+            read_text_file(self.text, "calibration text")  # UTF-8, not binary, not empty: checked before any work
+        self.used = False       # set when anything shaped weights with it (recorded in the manifest)
+        self._engine = None
+        self._importance: dict[str, np.ndarray] | None = None
+
+    @property
+    def engine(self):
+        """The float reference engine, loaded on first use and kept for the export's quality check."""
+        if self._engine is None:
+            from edgeq import registry
+
+            self._engine = registry.runtimes.get(registry.REFERENCE_RUNTIME)(self.source)
+        return self._engine
+
+    @property
+    def loaded_engine(self):
+        return self._engine
 
     @property
     def model(self):
-        if self.engine is None:
-            from edgeq.runtimes.torch import TorchEngine
-
-            self.engine = TorchEngine(self.source)
+        self.used = True
         return self.engine.model
 
     @cached_property
     def windows(self) -> list[list[int]]:
-        return calibration_windows(self.source.chat_tokenizer(), self.text, self.tokens, 512)
+        self.used = True
+        return calibration_windows(self.source.chat_tokenizer(), self.text, self.tokens, WINDOW)
 
-    def describe(self) -> dict:
-        return {"text": "built-in calibration text" if self.builtin else str(self.text), "tokens": self.tokens}
+    def adopt_importance(self, importance: dict[str, np.ndarray]) -> None:
+        """An importance matrix already measured on this text (a plan's sensitivity): reused, not recomputed."""
+        self._importance, self.used = importance, True
+
+    def importance(self, progress: bool | None = None) -> dict[str, np.ndarray] | None:
+        """The importance matrix to weigh rounding by: one already measured, or the user's text's (computed
+        now); None for the built-in text, which would cost a model load for little."""
+        if self._importance is None and self.given:
+            from .importance import compute_importance
+
+            self._importance = compute_importance(self.model, self.windows, progress)
+        if self._importance is not None:
+            self.used = True
+        return self._importance
+
+    def describe(self) -> dict | None:
+        if not self.used:
+            return None
+        return {"text": str(self.text) if self.given else "built-in calibration text", "tokens": self.tokens}
 
 
-def calibration_windows(tokenizer, text_path: Path, tokens: int, ctx: int) -> list[list[int]]:
-    """Non-overlapping windows of `ctx` ids from the start of a text file (BOS first when the model wants it)."""
-    path = Path(text_path)
-    if not path.is_file():
-        raise EdgeqError(f"text file {path} does not exist; pass a UTF-8 text file")
-    ids = tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)
-    bos = tokenizer.token_id(tokenizer.spec.bos_token) if tokenizer.spec.add_bos_token else None
-    width = ctx - (bos is not None)
-    windows = [ids[i:i + width] for i in range(0, min(len(ids), tokens), width)]
-    windows = [w for w in windows if len(w) == width] or windows[:1]
-    if not windows or len(windows[0]) < 2:
-        raise EdgeqError(f"{path} holds too little text to measure anything; use a longer file")
-    return [([bos] if bos is not None else []) + w for w in windows]
+def calibration_windows(tokenizer, data_path: Path, tokens: int, ctx: int) -> list[list[int]]:
+    """Token windows of a data file: text cut into windows of `ctx` ids, or JSONL chats rendered with the
+    model's chat template (one window per conversation), about `tokens` in all."""
+    from ..eval_data import read_dataset
 
-
-def compute_importance(model, windows: list[list[int]], progress: bool | None = None) -> dict[str, np.ndarray]:
-    import torch
-
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-
-    def hook_for(name):
-        def hook(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            hooks.append(module.register_forward_hook(hook_for(f"{name}.weight")))
-    try:
-        with torch.inference_mode(), bar(len(windows), "importance", "window", progress) as pbar:
-            for window in windows:
-                model(input_ids=torch.tensor([window]), use_cache=False)
-                pbar.update(1)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: (sums[name] / counts[name]).numpy().astype(np.float32) for name in sums}
+    return [sample.ids for sample in read_dataset(data_path, tokenizer, tokens=tokens, ctx=ctx).samples]

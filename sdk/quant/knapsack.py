@@ -1,4 +1,4 @@
-"""The planner: a precision per tensor that minimizes predicted ΔKL within a byte budget.
+"""The pure solver of planning: a precision per tensor that minimizes predicted ΔKL within a byte budget.
 
 A pure function of (sensitivity, budget): every tensor starts at its smallest precision, then the
 upgrade that buys the most predicted ΔKL per extra byte is taken, again and again, until the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import asdict, dataclass, field
 
-from .errors import EdgeqError
+from ..errors import EdgeqError
 
 
 @dataclass

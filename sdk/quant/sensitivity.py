@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .importance import calibration_windows, compute_importance
-from .precision_spaces import precision_space
-from .progress import bar
+from .. import registry
+from ..progress import bar
+from .calibration import WINDOW, calibration_windows
+from .importance import compute_importance
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 4  # bump when a precision space changes its bytes or round trip
@@ -49,7 +50,7 @@ def tensor_kind(name: str) -> str:
 
 
 def _cache_file(source, fmt: str, text: Path, settings: list) -> tuple[Path, str]:
-    from .default_model import cache_dir
+    from ..default_model import cache_dir
 
     digest = hashlib.sha256(json.dumps([CACHE_VERSION, source.fingerprint(), fmt, settings]).encode())
     digest.update(text.read_bytes())
@@ -100,9 +101,7 @@ def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = 4096, mea
     if sample is None:
         weights = sum(math.prod(shape) for shape in source.shapes().values())
         sample = 64 if weights < 1e9 else 32
-    import torch
-
-    from edgeq.runtimes.torch import load_hf_model
+    from ..float_model import load_float_model
 
     text = Path(text)
     cache_path, key = _cache_file(source, fmt, text, [tokens, measure_tokens, sample])
@@ -110,10 +109,10 @@ def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = 4096, mea
     if cache_path.is_file() and arrays_path.is_file():
         with np.load(arrays_path) as arrays:
             return Sensitivity(**json.loads(cache_path.read_text()), importance=dict(arrays))
-    space = precision_space(fmt)
+    space = registry.formats.get(fmt).space()
     tokenizer = source.chat_tokenizer()
-    model = load_hf_model(source)
-    windows = calibration_windows(tokenizer, text, tokens, 512)
+    model = load_float_model(source)
+    windows = calibration_windows(tokenizer, text, tokens, WINDOW)
     importance = compute_importance(model, windows, progress)
     token_freq = np.bincount(np.concatenate(windows), minlength=source.vocab_size).astype(np.float64)
     token_freq /= token_freq.sum()
@@ -134,7 +133,9 @@ def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = 4096, mea
                 tensors[name] = {"shape": list(param.shape), "kind": tensor_kind(name), "options": options, "measured": None}
             pbar.update(1)
 
-    measured = _measure_sample(model, tensors, space, importance, windows[0][:measure_tokens], sample, progress)
+    # chats are short: conversations back to back make up the measured sequence
+    sequence = [t for w in windows for t in w][:measure_tokens]
+    measured = _measure_sample(model, tensors, space, importance, sequence, sample, progress)
     correlation = _calibrate(tensors)
     result = Sensitivity(fmt, tensors, fixed, correlation, measured, key, importance)
     cache_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,101 @@
+"""ONNX's facts for the rest of edgeq: precisions, INT4 block rule, nominal sizes, the planner's space.
+
+Imports neither onnx nor onnxruntime (the round trip imports the converter's quantizer on first use).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edgeq.formats import FormatSpec
+
+INT_TYPES = ("int4", "int8")
+FLOAT_TYPES = ("fp32", "fp16")
+TYPES = FLOAT_TYPES + INT_TYPES
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+# INT4 block when none is asked: 64 where it divides the width, else the next that does (bench/README.md
+# has the KL and decode speed of 64 vs 32; mlx-lm's default group is 64 too).
+DEFAULT_INT4_BLOCKS = (64, 32, 16)
+INT8_BLOCK = 32  # Q8_0's layout
+ALIGN = 64 * 1024  # large tensors start on this boundary in the external-data file, so onnxruntime can memory-map them
+
+
+def int4_block(width: int, asked: int | None = None) -> int | None:
+    """The INT4 block for a matrix `width` inputs wide: the one asked if it divides, else the default rule; None if none fits."""
+    for block in (asked,) if asked else DEFAULT_INT4_BLOCKS:
+        if width % block == 0:
+            return block
+    return None
+
+
+class ONNXSpace:
+    """What the ONNX converter writes: symmetric blocks with float32 scales, int4 in the converter's default
+    block (see `int4_block`) and int8 in blocks of 32 (MatMulNBits), rounded by the converter's
+    importance-weighted scale search; or fp16. (An export rounds by GPTQ on top, which only lowers the error
+    priced here.)"""
+
+    format = "onnx"
+    float_bytes = 4
+
+    @staticmethod
+    def _block(precision: str, shape) -> int | None:
+        return int4_block(shape[-1]) if precision == "int4" else INT8_BLOCK
+
+    def candidates(self, shape):
+        usable = ["int4"] if self._block("int4", shape) else []
+        return usable + ["int8", "fp16"]
+
+    def nbytes(self, precision, shape):
+        n = int(np.prod(shape))
+        if precision == "fp16":
+            return 2 * n
+        return n * int(precision[3:]) // 8 + -(-shape[-1] // self._block(precision, shape)) * shape[0] * 4
+
+    def round_trip(self, weight, precision, importance):
+        if precision == "fp16":
+            return weight.astype(np.float16).astype(np.float32)
+        import torch
+
+        from edgeq.converters.onnx_weights import dequantize, quantize_blocks
+
+        block = self._block(precision, weight.shape)
+        q = quantize_blocks(torch.from_numpy(np.ascontiguousarray(weight)), int(precision[3:]), block, importance)
+        return dequantize(q, weight.shape[1])
+
+
+class ONNXFormat(FormatSpec):
+    name = "onnx"
+    runtime = "ort"
+    converter_target = "edgeq.converters.onnx:ONNXConverter"
+    precisions = ("int4", "int8", "fp16", "fp32")
+    default_precision = "int4"
+    float_precision = "fp32"
+    planned_precision = "int4"  # the base of a planned export; the plan names every matrix
+    nominal_bpw = {"int4": 5.0, "int8": 8.0, "fp16": 16.0, "fp32": 32.0}
+    options = ("mobile", "block_size", "rounding")
+    roundings = ("gptq", "nearest")
+    kv_element_bytes = 4  # onnxruntime's GroupQueryAttention cache is float32 in this graph
+    kept_adapters = "onnxruntime adapter files (.onnx_adapter) over LoRA inputs of the graph"
+    export_bytes_per_weight = 12  # the float model for GPTQ beside the graph being written
+
+    def file_overhead(self, source, tensors):
+        # large tensors start on a 64 KiB boundary in the external-data file (half a boundary on average),
+        # and the graph itself holds a few hundred bytes per node
+        return tensors * (ALIGN // 2 + 1024)
+
+    def space(self):
+        return ONNXSpace()
+
+    def check_source(self, source) -> None:
+        """onnxruntime's GroupQueryAttention rotates part of a head only in multiples of 16 dims (its cos/sin tables
+        a multiple of 8 wide); Phi-4-mini's 96 of 128 is one."""
+        from edgeq.errors import EdgeqError
+        from edgeq.model_shape import ModelShape
+
+        shape = ModelShape.from_config(source.config)
+        if shape.rotary_dim != shape.head_dim and (shape.rotary_dim // 2) % 8:
+            raise EdgeqError(f"{source.architecture} with partial_rotary_factor = {shape.rotary_dim / shape.head_dim} rotates "
+                             f"{shape.rotary_dim} dims per head, which onnxruntime's GroupQueryAttention cannot (a multiple of 16 "
+                             "is needed); export GGUF or Core ML")
+
+
+ONNX = ONNXFormat()

@@ -1,0 +1,118 @@
+"""The converter seam: a light `FormatSpec` per format, and the `Converter` that writes it.
+
+A format's facts — its precisions, their nominal bits per weight, the planner's precision space, the
+KV-cache element size its runtime allocates, the options `convert()` accepts — are declared once, in
+its spec, and everything else (export, planning, device profiles, profiling) asks the registry for
+the spec. A spec imports no heavy library, so `edgeq devices` and `edgeq --help` stay fast; its
+`converter()` imports the converter (and llama_cpp, onnx or coremltools) only when an export runs.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .errors import EdgeqError
+
+
+class PrecisionSpace(Protocol):
+    """The planner's view of a format: what each tensor can be stored as, its bytes and its round trip."""
+
+    format: str
+    float_bytes: int  # per element of the tensors that are never quantized (norms, biases)
+
+    def candidates(self, shape: tuple[int, ...]) -> list[str]:
+        """Precisions this tensor can take, smallest first."""
+
+    def nbytes(self, precision: str, shape: tuple[int, ...]) -> int: ...
+
+    def round_trip(self, weight: np.ndarray, precision: str, importance: np.ndarray | None) -> np.ndarray:
+        """The weight as the format will hold it (quantized, then dequantized), float32."""
+
+
+@runtime_checkable
+class Converter(Protocol):
+    spec: "FormatSpec"
+
+    def convert(self, source, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
+                calibration=None, progress: bool | None = None, **options) -> dict:
+        """Writes the model into `stage`; returns the manifest fields read back from what was written:
+        `model_file`, `precision`, `tensors` (HF name → type, shape, bytes), `bits_per_weight`, `mismatches`.
+        `overrides` (HF weight name → precision) come from a plan or `--tensor-type`; `calibration`
+        (`edgeq.quant.calibration.Calibration`) is the one route to calibration data, used as the format needs."""
+
+
+class FormatSpec:
+    """Base of every format's spec; subclasses set the class attributes and `space()`."""
+
+    name: str
+    runtime: str                      # the engine that runs a bundle of this format
+    eval_runtime: str | None = None   # the engine that measures it here, when `runtime` cannot (Core ML off macOS)
+    converter_target: str             # "module:Class", imported on first `converter()`
+    precisions: tuple[str, ...]       # what `--precision` and `--tensor-type` accept
+    default_precision: str
+    float_precision: str              # the most exact precision: what must reproduce the torch reference
+    planned_precision: str            # base type of a planned export (the plan names every weight)
+    nominal_bpw: dict[str, float]     # bits per weight of a uniform export: the size a device's precision implies
+    options: tuple[str, ...] = ()     # keyword options `convert()` accepts beyond the common ones
+    kept_adapters: str | None = None  # the engine's own adapter form, when `convert(adapters=)` writes LoRAs apart from the base
+    kept_adapters_refusal = "edgeq does not write adapter files for it"  # why not, when it cannot
+    kv_element_bytes: int = 2         # bytes per KV-cache element as the runtime allocates it
+    export_bytes_per_weight: float = 8  # peak resident memory of an export per weight (scheduling, up-front checks)
+    case_sensitive: bool = False
+
+    def normalize(self, precision: str) -> str:
+        """The precision as this format spells it (GGUF upper case, ONNX and Core ML lower case), or a one-line refusal."""
+        for known in self.precisions:
+            if known == precision or (not self.case_sensitive and known.lower() == str(precision).lower()):
+                return known
+        raise EdgeqError(f"{self.name} precision {precision!r} is not supported; choose one of {', '.join(self.precisions)}")
+
+    def device_precisions(self) -> tuple[str, ...]:
+        """What a device profile may list for this format: the uniform precisions with a nominal size."""
+        return tuple(self.nominal_bpw)
+
+    def check_overrides(self, overrides: dict[str, str] | None, matrices: list[str], shapes: dict) -> dict[str, str]:
+        """Overrides checked against the model's weight matrices and this format's precisions, normalised."""
+        checked = {}
+        for name, asked in (overrides or {}).items():
+            if name not in matrices:
+                hint = "it is not a weight matrix of this model" if name in shapes else "the model has no such tensor"
+                example = matrices[0] if matrices else "model.layers.0.mlp.down_proj.weight"
+                raise EdgeqError(f"precision override for {name!r}: {hint}; use HF weight names such as {example!r}")
+            checked[name] = self.tensor_type(asked)
+        return checked
+
+    def tensor_type(self, asked: str) -> str:
+        """What one tensor may be stored as (by default: any of the format's precisions)."""
+        return self.normalize(asked)
+
+    def file_overhead(self, source, tensors: int) -> int:
+        """Bytes the model file holds beside the weights (metadata, alignment): part of what `--size` bounds."""
+        return 0
+
+    def space(self) -> PrecisionSpace:
+        raise EdgeqError(f"edgeq cannot plan precisions for the {self.name} format; pass --precision")
+
+    def check_source(self, source) -> None:
+        """Refuses, in one line naming the config option, a model this format's runtime cannot compute; called
+        before any work or file. By default every supported architecture (`edgeq.architectures`) exports."""
+
+    def converter(self) -> Converter:
+        module, _, attr = self.converter_target.partition(":")
+        try:
+            cls = getattr(import_module(module), attr)
+        except ImportError as exc:
+            raise EdgeqError(f"the {self.name} format needs a package that is not installed ({exc.name}); "
+                             f"install it with: pip install 'edgeq[{self.name}]'") from exc
+        return cls()
+
+
+def readback(tensors: dict[str, dict], mismatches: list[dict]) -> dict:
+    """The manifest fields every converter reports from its written file: per-tensor types and sizes,
+    real bits per weight (bytes on disk over weights), and where the file differs from what was asked."""
+    bits = sum(t["bytes"] for t in tensors.values()) * 8
+    weights = sum(int(np.prod(t["shape"])) for t in tensors.values())
+    return {"tensors": tensors, "bits_per_weight": round(bits / max(weights, 1), 3), "mismatches": mismatches}

@@ -1,6 +1,6 @@
-"""llama.cpp's own tools, the anchor the GGUF benchmarks compare edgeq against.
+"""The tools edgeq is compared against: llama.cpp's own pipeline and onnxruntime-genai's model builder.
 
-They are located from two environment variables (see bench/README.md) and are never a
+llama.cpp's tools are located from two environment variables (see bench/README.md) and are never a
 dependency of edgeq itself:
   LLAMA_CPP_BIN  folder with the built llama-quantize, llama-imatrix, llama-perplexity, llama-bench
   LLAMA_CPP_SRC  llama.cpp source folder holding convert_hf_to_gguf.py (and gguf-py/)
@@ -8,14 +8,10 @@ dependency of edgeq itself:
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-TIME = Path("/usr/bin/time")
+from harness import timed_process
 
 
 def _folder(var: str, must_hold: str) -> Path:
@@ -54,23 +50,32 @@ def imatrix_command(model: Path, text: Path, out: Path, ctx: int, chunks: int, t
             "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads), "--no-ppl"]
 
 
-@dataclass
-class Run:
-    wall_s: float
-    peak_rss_mib: float   # max resident set of the process (from wait4, so no sample is missed)
+def llamacpp_files(model: Path, work: Path, types: list[str], calibration: Path | None, calib_tokens: int,
+                   threads: int) -> dict[str, Path]:
+    """llama.cpp's own pipeline: convert_hf_to_gguf.py --outtype f16, [llama-imatrix on `calibration`,]
+    llama-quantize per type. Returns {"F16": ..., TYPE: ..., "TYPE+imatrix": ...}."""
+    f16 = work / "llamacpp-F16.gguf"
+    argv, env = convert_command(model, f16, "f16")
+    timed_process(argv, env, work / "convert.log")
+    files = {"F16": f16}
+    imatrix = None
+    if calibration:
+        imatrix = work / "imatrix.gguf"
+        timed_process(imatrix_command(f16, calibration, imatrix, 512, max(1, calib_tokens // 512), threads), log=work / "imatrix.log")
+    for t in types:
+        if t == "F16":
+            continue
+        out = work / f"llamacpp-{t}.gguf"
+        timed_process(quantize_command(f16, out, t, threads=threads), log=work / f"quantize-{t}.log")
+        files[t] = out
+        if imatrix:
+            out = work / f"llamacpp-{t}-imatrix.gguf"
+            timed_process(quantize_command(f16, out, t, imatrix, threads), log=work / f"quantize-{t}-imatrix.log")
+            files[f"{t}+imatrix"] = out
+    return files
 
 
-def run(argv: list[str], env: dict | None = None, log: Path | None = None) -> Run:
-    """Runs a command under /usr/bin/time -v; fails loudly with the log tail if it fails."""
-    log = log or Path(os.devnull)
-    timing = log.with_suffix(".time") if log != Path(os.devnull) else Path(f"/tmp/anchors-{os.getpid()}.time")
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        status = subprocess.run([str(TIME), "-v", "-o", str(timing), *argv], env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-    wall = time.perf_counter() - start
-    report = timing.read_text()
-    if status != 0:
-        tail = Path(log).read_text()[-2000:] if log != Path(os.devnull) else ""
-        raise SystemExit(f"command failed ({status}): {' '.join(argv)}\n{tail}")
-    rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", report)[1])
-    return Run(wall_s=wall, peak_rss_mib=rss_kib / 1024)
+def genai_builder_command(model: Path, out: Path, cache: Path, precision: str = "int4") -> list[str]:
+    """onnxruntime-genai's model builder for CPU (RTN int4 in blocks of 32 by default)."""
+    return [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out), "-p", precision,
+            "-e", "cpu", "-c", str(cache)]

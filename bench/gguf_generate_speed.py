@@ -3,19 +3,18 @@
 The bare loop is the least a Python program can do with llama.cpp: llama_decode of the prompt
 ids, then greedy argmax over llama_get_logits_ith and llama_decode of one token, repeated. Both
 get the same prompt ids (edgeq's tokenization), the same n_ctx and threads; runs alternate
-(edgeq, bare, edgeq, ...) after one warm-up each so drift on a shared CPU hits both alike.
+(edgeq, bare, bare, edgeq, ...) after one warm-up each so drift on a shared CPU hits both alike.
 Time to first token includes clearing the KV cache and the prompt decode in both. Bars (issue 2):
 decode tok/s ratio edgeq/bare >= 0.97, TTFT ratio <= 1.05.
 
-    python bench/gguf_generate_speed.py [--bundle BUNDLE] [--threads 2] [--runs 5]
+    python bench/gguf_generate_speed.py [--model qwen-coder | --bundle BUNDLE] [--threads 2] [--runs 5]
 """
 from __future__ import annotations
 
-import argparse
-import statistics
 import time
 from pathlib import Path
 
+import harness
 import llama_cpp
 import numpy as np
 
@@ -63,29 +62,25 @@ class BareLoop:
         llama_cpp.llama_model_free(self.model)
 
 
-def edgeq_run(model, prompt: str, n_new: int) -> tuple[float, float, int]:
+def edgeq_run(model, prompt: str, n_new: int) -> tuple[float, float]:
     model.generate(prompt, max_new_tokens=n_new, temperature=0.0)
-    s = model.stats
-    return s.time_to_first_token_s, s.decode_tokens_per_s, s.generated_tokens
+    return model.stats.time_to_first_token_s, model.stats.decode_tokens_per_s
 
 
-def default_bundle(work: Path) -> Path:
-    bundle = work / "smollm2-135m-q4_k_m"
+def default_bundle(model: Path, work: Path) -> Path:
+    bundle = work / f"{model.name}-q4_k_m"
     if not (bundle / "edgeq.json").is_file():
-        work.mkdir(parents=True, exist_ok=True)
-        edgeq.export(None, format="gguf", precision="Q4_K_M", output=bundle, eval_tokens=0, progress=False)
+        edgeq.export(model, format="gguf", precision="Q4_K_M", output=bundle, eval_tokens=0, progress=False)
     return bundle
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bundle", type=Path, help="an edgeq GGUF bundle (default: SmolLM2-135M-Instruct at Q4_K_M)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap = harness.arguments(__doc__, model="smollm2-plain", text=False, work="edgeq-bench-speed")
+    ap.add_argument("--bundle", type=Path, help="an edgeq GGUF bundle (default: --model exported at Q4_K_M, once)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/edgeq-bench-speed"))
-    args = ap.parse_args()
-    bundle = args.bundle or default_bundle(args.work)
+    args = harness.parse(ap)
+    bundle = args.bundle or default_bundle(args.model, args.work)
 
     model = edgeq.load(bundle, threads=args.threads)
     prompt_ids = model.tokenizer.prompt_ids(PROMPT)
@@ -97,23 +92,16 @@ def main() -> None:
           f"{len(ours_ids)} new tokens ({same} greedy ids), threads {args.threads}, n_ctx {model.engine.n_ctx}, "
           f"median of {args.runs} after a warm-up")
 
-    ours, theirs = [], []
-    for i in range(args.runs + 1):
-        ttft, tps, n = edgeq_run(model, PROMPT, args.new_tokens)
-        b_ttft, b_tps, _ = bare.run(prompt_ids, n)
-        if i:  # run 0 is the warm-up
-            ours.append((ttft, tps))
-            theirs.append((b_ttft, b_tps))
-    ttft, tps = (statistics.median(x) for x in zip(*ours))
-    b_ttft, b_tps = (statistics.median(x) for x in zip(*theirs))
-    print(f"{'':<12}{'TTFT ms':>10}{'decode tok/s':>14}")
-    print(f"{'edgeq':<12}{ttft * 1e3:>10.2f}{tps:>14.2f}")
-    print(f"{'bare loop':<12}{b_ttft * 1e3:>10.2f}{b_tps:>14.2f}")
-    decode_ratio, ttft_ratio = tps / b_tps, ttft / b_ttft
-    print(f"[{'PASS' if decode_ratio >= 0.97 else 'FAIL'}] decode tok/s ratio edgeq/bare = {decode_ratio:.3f} (bar >= 0.97)")
-    print(f"[{'PASS' if ttft_ratio <= 1.05 else 'FAIL'}] TTFT ratio edgeq/bare = {ttft_ratio:.3f} (bar <= 1.05)")
+    results = harness.alternating({"edgeq": lambda: edgeq_run(model, PROMPT, args.new_tokens),
+                                   "bare loop": lambda: bare.run(prompt_ids, len(ours_ids))[:2]}, args.runs)
+    (ttft, tps), (b_ttft, b_tps) = harness.medians(results).values()
+    harness.table({"TTFT ms": ">10.2f", "decode tok/s": ">14.2f"}, {"edgeq": (ttft * 1e3, tps), "bare loop": (b_ttft * 1e3, b_tps)})
+    verdicts = harness.Verdicts()
+    verdicts.at_least("decode tok/s ratio edgeq/bare", tps / b_tps, 0.97)
+    verdicts.at_most("TTFT ratio edgeq/bare", ttft / b_ttft, 1.05)
     bare.close()
     model.close()
+    verdicts.exit()
 
 
 if __name__ == "__main__":

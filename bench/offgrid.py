@@ -7,7 +7,7 @@ sits exactly on a 4-bit grid and requantizing them looks unrealistically good. T
 orthogonal Q: embed_tokens <- E Q, readers (q/k/v/gate/up_proj, lm_head) <- W Q, writers
 (o_proj, down_proj) <- Q^T W. RMSNorm with unit gains commutes with Q, so the logits are
 unchanged up to float rounding while no weight is on the grid any more.
-Math in float64; float32 safetensors out.
+Math in float64, one tensor at a time; float32 safetensors out.
 
     python bench/offgrid.py SRC DST [--seed 0] [--overwrite]
 """
@@ -59,40 +59,47 @@ def make_offgrid_copy(src: Path, dst: Path, seed: int = 0, overwrite: bool = Fal
     config = json.loads((src / "config.json").read_text())
     if config.get("model_type") not in ("llama", "mistral", "qwen2", "qwen3"):
         raise SystemExit(f"model_type {config.get('model_type')!r} is not a Llama-family model with plain RMSNorm")
-    sd = {k: v.to(torch.float64) for k, v in _load(src).items()}
+    sd = _load(src)
     n_layers, d = config["num_hidden_layers"], config["hidden_size"]
     out: dict[str, torch.Tensor] = {}
-    take = sd.pop
+
+    def put(name: str, t: torch.Tensor) -> None:
+        out[name] = t.to(torch.float32).contiguous()
+
+    def take(name: str, *default):
+        """A source tensor in float64, dropped from `sd`: one tensor at a time is widened, not the whole model."""
+        t = sd.pop(name, *default)
+        return None if t is None else t.to(torch.float64)
+
     # (1)+(2): fold gains, untie.
     embed = take("model.embed_tokens.weight")
     lm_head = take("lm_head.weight", None)
     lm_head = (embed.clone() if lm_head is None else lm_head) * take("model.norm.weight")[None, :]
     q = random_orthogonal(d, seed)
     # (3): rotate the residual stream.
-    out["model.embed_tokens.weight"] = embed @ q
-    out["lm_head.weight"] = lm_head @ q
-    out["model.norm.weight"] = torch.ones(d, dtype=torch.float64)
+    put("model.embed_tokens.weight", embed @ q)
+    put("lm_head.weight", lm_head @ q)
+    put("model.norm.weight", torch.ones(d, dtype=torch.float64))
     for i in range(n_layers):
         p = f"model.layers.{i}."
         for norm, readers in READERS.items():
             gain = take(p + norm + ".weight")
-            out[p + norm + ".weight"] = torch.ones_like(gain)
+            put(p + norm + ".weight", torch.ones_like(gain))
             for r in readers:
-                out[p + r + ".weight"] = (take(p + r + ".weight") * gain[None, :]) @ q
+                put(p + r + ".weight", (take(p + r + ".weight") * gain[None, :]) @ q)
         for w in WRITERS:
-            out[p + w + ".weight"] = q.T @ take(p + w + ".weight")
+            put(p + w + ".weight", q.T @ take(p + w + ".weight"))
             if p + w + ".bias" in sd:
-                out[p + w + ".bias"] = q.T @ take(p + w + ".bias")
+                put(p + w + ".bias", q.T @ take(p + w + ".bias"))
     for k in [k for k in sd if UNTOUCHED.match(k)]:
-        out[k] = take(k)
+        put(k, take(k))
     if sd:
         raise SystemExit(f"unexpected tensors, not sure how they see the residual stream: {sorted(sd)[:5]}")
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
-        save_file({k: v.to(torch.float32).contiguous() for k, v in out.items()},
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for f in src.iterdir():
             if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
                     "config.json", "model.safetensors.index.json"):

@@ -9,31 +9,26 @@ does); the builder's model through onnxruntime-genai's Generator, whose loop run
 each, then `--repeat` alternating rounds; medians are printed with the ratios and bars (issue 3):
 decode edgeq/genai >= 1.0, TTFT edgeq/genai <= 1.1.
 
-    python bench/onnx_speed.py [--model HF_FOLDER] [--threads 2]
+    python bench/onnx_speed.py [--model qwen-coder | HF_FOLDER] [--threads 2]
 
 Measured numbers: see bench/README.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import anchors
+import harness
 import numpy as np
 
 import edgeq
-from edgeq.default_model import default_model_path
-from edgeq.intake import open_model
-
-WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
 
 
 def prompt_ids(model: Path, text: Path, n: int) -> list[int]:
-    ids = open_model(model).chat_tokenizer().encode(text.read_text(encoding="utf-8")[:20 * n])
+    ids = harness.open_model(model).chat_tokenizer().encode(text.read_text(encoding="utf-8")[:20 * n])
     if len(ids) < n:
         raise SystemExit(f"{text} gives only {len(ids)} tokens; pass a longer --text")
     return ids[:n]
@@ -41,17 +36,16 @@ def prompt_ids(model: Path, text: Path, n: int) -> list[int]:
 
 def edgeq_bundle(model: Path, work: Path) -> Path:
     """edgeq's default INT4: GPTQ on the built-in calibration text, hence a 4-bit lm_head like the builder's."""
-    bundle = work / "edgeq-int4-gptq"
+    bundle = work / f"{model.name}-edgeq-int4"
     if not (bundle / "edgeq.json").is_file():
         edgeq.export(model, format="onnx", precision="int4", output=bundle, eval_tokens=0, progress=False)
     return bundle
 
 
 def genai_folder(model: Path, work: Path) -> Path:
-    out = work / "genai-int4"
+    out = work / f"{model.name}-genai-int4"
     if not (out / "genai_config.json").is_file():
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out),
-                        "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], check=True, capture_output=True)
+        subprocess.run(anchors.genai_builder_command(model, out, work / "genai-cache"), check=True, capture_output=True)
     return out
 
 
@@ -105,36 +99,25 @@ class GenaiRunner:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="HF folder (default: edgeq's default model)")
-    parser.add_argument("--text", type=Path, default=WIKITEXT)
-    parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--gen", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/edgeq-bench-onnx-speed"))
-    args = parser.parse_args()
-    model = args.model or default_model_path(progress=False)
-    args.work.mkdir(parents=True, exist_ok=True)
-    prompt = prompt_ids(model, args.text, args.prompt_tokens)
+    ap = harness.arguments(__doc__, model="smollm2-plain", work="edgeq-bench-onnx-speed")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = harness.parse(ap)
+    prompt = prompt_ids(args.model, args.text, args.prompt_tokens)
     n_ctx = args.prompt_tokens + args.gen
-    runners = [EdgeqRunner(edgeq_bundle(model, args.work), args.threads, n_ctx), GenaiRunner(genai_folder(model, args.work), args.threads, n_ctx)]
-    results = {r.name: [] for r in runners}
-    for round_ in range(args.repeat + 1):
-        for runner in runners if round_ % 2 else runners[::-1]:
-            ttft, decode = runner.run(prompt, args.gen)
-            if round_:  # round 0 warms up
-                results[runner.name].append((ttft, decode))
-    print(f"model {model.name}, prompt {args.prompt_tokens} tokens, {args.gen} generated, threads {args.threads}, median of {args.repeat}")
-    medians = {}
-    for name, rows in results.items():
-        ttft, decode = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
-        medians[name] = (ttft, decode)
-        print(f"{name:6s} TTFT {ttft * 1000:8.1f} ms   decode {decode:7.1f} tok/s   (TTFT runs: {', '.join(f'{r[0] * 1000:.0f}' for r in rows)})")
-    decode_ratio = medians["edgeq"][1] / medians["genai"][1]
-    ttft_ratio = medians["edgeq"][0] / medians["genai"][0]
-    print(f"[{'PASS' if decode_ratio >= 1.0 else 'FAIL'}] decode tok/s edgeq/genai = {decode_ratio:.3f} (bar >= 1.0)")
-    print(f"[{'PASS' if ttft_ratio <= 1.1 else 'FAIL'}] TTFT edgeq/genai = {ttft_ratio:.3f} (bar <= 1.1)")
+    runners = [EdgeqRunner(edgeq_bundle(args.model, args.work), args.threads, n_ctx),
+               GenaiRunner(genai_folder(args.model, args.work), args.threads, n_ctx)]
+    results = harness.alternating({r.name: lambda r=r: r.run(prompt, args.gen) for r in runners}, args.repeat)
+    print(f"model {args.model.name}, prompt {args.prompt_tokens} tokens, {args.gen} generated, threads {args.threads}, median of {args.repeat}")
+    medians = harness.medians(results)
+    for name, (ttft, decode) in medians.items():
+        print(f"{name:6s} TTFT {ttft * 1000:8.1f} ms   decode {decode:7.1f} tok/s   "
+              f"(TTFT runs: {', '.join(f'{r[0] * 1000:.0f}' for r in results[name])})")
+    verdicts = harness.Verdicts()
+    verdicts.at_least("decode tok/s edgeq/genai", medians["edgeq"][1] / medians["genai"][1], 1.0)
+    verdicts.at_most("TTFT edgeq/genai", medians["edgeq"][0] / medians["genai"][0], 1.1)
+    verdicts.exit()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Planned vs uniform precision at the same size (issue 5 bars), for GGUF, ONNX or Core ML.
 
-For each uniform precision (GGUF: Q4_K_M and Q4_0; ONNX and Core ML: int4 block 32) made with an
+For each uniform precision (GGUF: Q4_K_M and Q4_0; ONNX and Core ML: int4) made with an
 importance matrix from the calibration text, edgeq plans a model whose weights take no more bytes,
-then both are measured against the torch reference on held-out text. Prints KL, top-1, weight
-bytes and the ratio planned / uniform.
+then both are measured against the torch reference on held-out text (each bundle on the engine
+`edgeq eval` would use). Prints KL, top-1, weight bytes and the ratio planned / uniform.
 
-    python bench/plan_quality.py [MODEL] [--format gguf|onnx|coreml] [--text wikitext/valid.txt]
+    python bench/plan_quality.py [--model qwen-coder] [--format gguf|onnx|coreml] [--text wikitext/valid.txt]
 
 The uniform files come from llama.cpp's own quantizer (llama_model_quantize, the code behind
 llama-quantize) through edgeq's converter, which bench/gguf_quality.py checks against the
@@ -13,15 +13,13 @@ llama-quantize binary itself.
 """
 from __future__ import annotations
 
-import argparse
-import tempfile
 import time
 from pathlib import Path
 
+import harness
+
 import edgeq
 
-DEFAULT_MODEL = Path.home() / ".cache/edgeq/models/smollm2-135m-instruct-offgrid"
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
 BARS = {"gguf": {"Q4_K_M": 0.7, "Q4_0": 0.5}, "onnx": {"int4": 0.7}, "coreml": {"int4": 0.7}}
 
 
@@ -35,16 +33,16 @@ def split_text(text: Path, folder: Path) -> tuple[Path, Path]:
     return calibration, held_out
 
 
+def weight_bytes(bundle: Path) -> int:
+    """Bytes of the weights as written (read back from the file), the quantity the plan budgets."""
+    return sum(t["bytes"] for t in edgeq.inspect(bundle)["tensors"].values())
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--format", default="gguf", choices=sorted(BARS))
-    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--ctx", type=int, default=512)
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="edgeq-plan-bench-"))
-    calibration, held_out = split_text(args.text, work)
+    ap = harness.arguments(__doc__, tokens=8192, ctx=512, work="edgeq-plan-bench")
+    ap.add_argument("--format", default="gguf", choices=sorted(BARS))
+    args = harness.parse(ap, fresh_work=True)
+    calibration, held_out = split_text(args.text, args.work)
 
     start = time.perf_counter()
     edgeq.plan(args.model, format=args.format, bits_per_weight=6.0, calibration=calibration)
@@ -53,25 +51,25 @@ def main() -> None:
     edgeq.plan(args.model, format=args.format, bits_per_weight=5.5, calibration=calibration)
     print(f"re-plan (warm cache): {time.perf_counter() - start:.1f} s")
 
+    reference = harness.Reference(args.model, held_out, args.tokens, args.ctx, args.threads)
+    print(f"{reference.describe(held_out)}")
     print(f"{'anchor':8} {'bytes':>12} {'KL':>8} {'top-1':>7} | {'planned bytes':>13} {'KL':>8} {'top-1':>7} | KL ratio (bar)")
+    verdicts = harness.Verdicts()
     for precision, bar in BARS[args.format].items():
         uniform = edgeq.export(args.model, format=args.format, precision=precision, calibration=calibration,
-                               output=work / precision, eval_tokens=0)
+                               output=args.work / precision, eval_tokens=0)
         size_u = weight_bytes(uniform)
         planned = edgeq.export(args.model, format=args.format, size=size_u, calibration=calibration,
-                               output=work / f"planned-{precision}", eval_tokens=0)
+                               output=args.work / f"planned-{precision}", eval_tokens=0)
         size_p = weight_bytes(planned)
-        q_uniform = edgeq.evaluate(uniform, text=held_out, tokens=args.tokens, ctx=args.ctx)
-        q_planned = edgeq.evaluate(planned, text=held_out, tokens=args.tokens, ctx=args.ctx)
+        q_uniform, q_planned = (reference.score(harness.bundle_engine(b, args.threads, args.ctx)) for b in (uniform, planned))
         ratio = q_planned.kl / q_uniform.kl
-        verdict = "ok" if ratio <= bar and size_p <= size_u else "MISSED"
         print(f"{precision:8} {size_u:>12,} {q_uniform.kl:8.4f} {q_uniform.top1:7.3f} | {size_p:>13,} {q_planned.kl:8.4f} {q_planned.top1:7.3f} | "
-              f"{ratio:.2f} (≤ {bar}) {verdict}")
+              f"{ratio:.2f} (≤ {bar})")
+        verdicts.check(ratio <= bar and size_p <= size_u, f"{precision}: planned KL / uniform KL = {ratio:.3f} (bar <= {bar}), "
+                       f"planned {size_p:,} B <= uniform {size_u:,} B")
+    verdicts.exit()
 
-
-def weight_bytes(bundle: Path) -> int:
-    """Bytes of the weights as written (read back from the file), the quantity the plan budgets."""
-    return sum(t["bytes"] for t in edgeq.inspect(bundle)["tensors"].values())
 
 if __name__ == "__main__":
     main()

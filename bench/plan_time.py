@@ -3,36 +3,31 @@
 Cold: sensitivity measured from nothing (importance matrix, proxies for every tensor at every
 candidate precision, measured KL on a sample), in a fresh cache folder. Warm: the same model
 planned for another device, from the cache. Peak RSS is the process's own high-water mark.
-The model is bench/gguf_export_cost.py's random checkpoint with Qwen2.5-1.5B's shapes (made once);
-planning cost does not depend on the weights' values.
+The model is the random checkpoint with Qwen2.5-1.5B's shapes (`shape-qwen2`, made once by
+real_models.py); planning cost does not depend on the weights' values.
 
-    python bench/plan_time.py [--model DIR] [--format gguf]
+    python bench/plan_time.py [--model shape-qwen2] [--format gguf]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
+
+import harness
+
+import edgeq
 
 BARS = {"cold": 15 * 60, "warm": 10}
-HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=Path("~/.cache/edgeq/models/bench-qwen2-1.5b-shape").expanduser())
+    ap = harness.arguments(__doc__, model="shape-qwen2", text=False, threads=None)
     ap.add_argument("--format", default="gguf", help="gguf, onnx or coreml")
     ap.add_argument("--devices", default="x86-64-laptop,raspberry-pi-5", help="first plans cold, second warm")
-    args = ap.parse_args()
-    if not (args.model / "config.json").is_file():
-        subprocess.run([sys.executable, str(HERE / "gguf_export_cost.py"), "--make-model", "--arch", "qwen2", "--model", str(args.model)], check=True)
+    args = harness.parse(ap)
     os.environ["EDGEQ_CACHE"] = tempfile.mkdtemp(prefix="edgeq-plan-time-")  # cold: nothing cached
-    import edgeq
 
     first, second = args.devices.split(",")
     start = time.perf_counter()
@@ -45,8 +40,10 @@ def main() -> None:
     print(f"{args.model.name} ({args.format}): {len(plan.entries)} tensors, "
           f"{plan.sensitivity['measured_tensors']} measured, proxy rank correlation {plan.sensitivity['proxy_rank_correlation']}")
     print(f"peak RSS {peak:.1f} GiB")
+    verdicts = harness.Verdicts()
     for name, seconds in (("cold", cold), ("warm", warm)):
-        print(f"[{'PASS' if seconds <= BARS[name] else 'FAIL'}] {name} plan {seconds:.1f} s (bar <= {BARS[name]} s)")
+        verdicts.at_most(f"{name} plan seconds", seconds, BARS[name], ".1f")
+    verdicts.exit()
 
 
 if __name__ == "__main__":

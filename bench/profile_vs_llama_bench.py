@@ -1,4 +1,4 @@
-"""`edgeq profile` against anchors measured in the same run, on SmolLM2-135M exported to GGUF:
+"""`edgeq profile` against anchors measured in the same run, on SmolLM2-135M (or --model) exported to GGUF:
 
   decode tok/s  vs llama.cpp's own llama-bench tg128 (at the same depth, same GGUF, same threads)  bar 5%
   prefill tok/s vs llama-bench pp512                                                                  bar 10%
@@ -8,37 +8,25 @@
 
 llama-bench and edgeq alternate (A B A B … A); each edgeq run is compared with the mean of its two neighbours
 and the median ratio over the rounds is reported, so the drift of a shared machine cancels as far as it can.
-Usage: LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin python bench/profile_vs_llama_bench.py [--threads 2]
+
+    LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin python bench/profile_vs_llama_bench.py [--threads 2]
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+import anchors
+import harness
+
 import edgeq
-from edgeq.default_model import default_model_path
-from edgeq.profiling import measure_machine
 
 BARS = {"decode": 0.05, "prefill": 0.10, "peak memory": 0.05, "estimate": 0.15}
 DEPTH = 64   # edgeq decodes after its shortest prompt; llama-bench measures tg128 at the same depth
-
-
-def llama_bench_binary() -> Path:
-    where = os.environ.get("LLAMA_CPP_BIN")
-    if not where:
-        sys.exit("set LLAMA_CPP_BIN to llama.cpp's build/bin folder (or to the llama-bench binary)")
-    path = Path(where)
-    path = path / "llama-bench" if path.is_dir() else path
-    if not os.access(path, os.X_OK):
-        sys.exit(f"{path} is not an executable llama-bench")
-    return path
 
 
 def llama_bench(binary: Path, gguf: Path, threads: int, repeat: int) -> dict:
@@ -68,7 +56,7 @@ def edgeq_profile_under_time(bundle: Path, threads: int, repeat: int, work: Path
 
 def machine_profile(path: Path, threads: int, context: int) -> Path:
     """A device profile of this machine, from its bandwidth and GFLOPS measured now (a separate process)."""
-    local = measure_machine(threads)
+    local = harness.measure_machine(threads)
     path.write_text(f'''name = "this machine (measured)"
 kind = "desktop"
 os = "linux"
@@ -90,59 +78,55 @@ gguf = ["Q8_0", "Q4_K_M"]
     return path
 
 
-def verdict(name: str, ratio: float, bar: float, detail: str = "") -> bool:
-    ok = abs(ratio - 1) <= bar
-    print(f"  {name:<40} ratio {ratio:.3f}  (bar ±{bar:.0%})  {'PASS' if ok else 'FAIL'}  {detail}")
-    return ok
+def verdict(verdicts: harness.Verdicts, name: str, ratio: float, bar: float, detail: str = "") -> None:
+    verdicts.check(abs(ratio - 1) <= bar, f"{name:<40} ratio {ratio:.3f}  (bar ±{bar:.0%})  {detail}")
 
 
 def paired_rounds(binary: Path, bundle: Path, args) -> dict[str, list[float]]:
     """llama-bench, edgeq, llama-bench, edgeq, …, llama-bench: each edgeq run is compared with the mean of the
     llama-bench runs on either side of it, so slow drift of a shared machine cancels out of the ratio."""
     gguf = bundle / edgeq.inspect(bundle)["model_file"]
-    anchors = [llama_bench(binary, gguf, args.threads, args.repeat)]
+    benches = [llama_bench(binary, gguf, args.threads, args.repeat)]
     ratios: dict[str, list[float]] = {"decode": [], "prefill": [], "peak memory": []}
     for round_ in range(args.rounds):
         ours, os_max_rss = edgeq_profile_under_time(bundle, args.threads, args.repeat, args.work)
-        anchors.append(llama_bench(binary, gguf, args.threads, args.repeat))
-        anchor = {k: (anchors[-2][k] + anchors[-1][k]) / 2 for k in anchors[-1]}
+        benches.append(llama_bench(binary, gguf, args.threads, args.repeat))
+        anchor = {k: (benches[-2][k] + benches[-1][k]) / 2 for k in benches[-1]}
         rows = {p["prompt_tokens"]: p for p in ours["prompts"]}
         decode, prefill = rows[DEPTH]["decode_tokens_per_s"]["median"], rows[512]["prefill_tokens_per_s"]["median"]
         ratios["decode"].append(decode / anchor["decode"])
         ratios["prefill"].append(prefill / anchor["prefill"])
         ratios["peak memory"].append(ours["peak_rss_bytes"] / os_max_rss)
-        print(f"round {round_ + 1}: llama-bench tg128@d{DEPTH} {anchors[-2]['decode']:.2f} / {anchors[-1]['decode']:.2f}, "
-              f"edgeq decode {decode:.2f} tok/s; llama-bench pp512 {anchors[-2]['prefill']:.1f} / {anchors[-1]['prefill']:.1f}, "
+        print(f"round {round_ + 1}: llama-bench tg128@d{DEPTH} {benches[-2]['decode']:.2f} / {benches[-1]['decode']:.2f}, "
+              f"edgeq decode {decode:.2f} tok/s; llama-bench pp512 {benches[-2]['prefill']:.1f} / {benches[-1]['prefill']:.1f}, "
               f"edgeq prefill {prefill:.1f} tok/s; peak RSS edgeq {ours['peak_rss_bytes'] / 1e6:.1f} MB, "
               f"/usr/bin/time {os_max_rss / 1e6:.1f} MB", flush=True)
     return ratios
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3, help="edgeq runs, each between two llama-bench runs")
-    parser.add_argument("--precision", default="Q8_0")
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgeq-bench-profile")
-    args = parser.parse_args()
-    binary = llama_bench_binary()
-    args.work.mkdir(parents=True, exist_ok=True)
-    bundle = args.work / f"smollm2-135m-{args.precision.lower()}"
+def main() -> None:
+    ap = harness.arguments(__doc__, model="smollm2-plain", text=False, work="edgeq-bench-profile")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="edgeq runs, each between two llama-bench runs")
+    ap.add_argument("--precision", default="Q8_0")
+    args = harness.parse(ap)
+    binary = anchors.tool("llama-bench")
+    bundle = args.work / f"{args.model.name}-{args.precision.lower()}"
     if not bundle.exists():
-        edgeq.export(default_model_path(), format="gguf", precision=args.precision, eval_tokens=0, output=bundle)
+        edgeq.export(args.model, format="gguf", precision=args.precision, eval_tokens=0, output=bundle)
     device = machine_profile(args.work / "this-machine.toml", args.threads, 4096)
     ratios = paired_rounds(binary, bundle, args)
     with_estimate = edgeq.profile(bundle, prompt_tokens=(DEPTH, 512), gen=128, repeat=args.repeat, threads=args.threads,
                                   device=device).bundles[0]
 
     print(f"\n{bundle.name}, {args.threads} threads, {args.repeat} repeats, {args.rounds} rounds, anchor {binary}")
-    ok = [verdict(f"decode tok/s after {DEPTH} / tg128@d{DEPTH}", statistics.median(ratios["decode"]), BARS["decode"],
-                  f"rounds {[round(r, 3) for r in ratios['decode']]}"),
-          verdict("prefill tok/s @512 / pp512", statistics.median(ratios["prefill"]), BARS["prefill"],
-                  f"rounds {[round(r, 3) for r in ratios['prefill']]}"),
-          verdict("peak RSS / /usr/bin/time -v max RSS", max(ratios["peak memory"], key=lambda r: abs(r - 1)),
-                  BARS["peak memory"], f"rounds {[round(r, 4) for r in ratios['peak memory']]}")]
+    verdicts = harness.Verdicts()
+    verdict(verdicts, f"decode tok/s after {DEPTH} / tg128@d{DEPTH}", statistics.median(ratios["decode"]), BARS["decode"],
+            f"rounds {[round(r, 3) for r in ratios['decode']]}")
+    verdict(verdicts, "prefill tok/s @512 / pp512", statistics.median(ratios["prefill"]), BARS["prefill"],
+            f"rounds {[round(r, 3) for r in ratios['prefill']]}")
+    verdict(verdicts, "peak RSS / /usr/bin/time -v max RSS", max(ratios["peak memory"], key=lambda r: abs(r - 1)),
+            BARS["peak memory"], f"rounds {[round(r, 4) for r in ratios['peak memory']]}")
     e = with_estimate.estimate
     print(f"  estimate for {e.device}: profile {e.bandwidth_gbps:.2f} GB/s {e.cpu_gflops:.1f} GFLOPS, "
           f"measured now {e.local_bandwidth_gbps:.2f} GB/s {e.local_gflops:.1f} GFLOPS")
@@ -150,11 +134,10 @@ def main() -> int:
         measured = with_estimate.prompt(est.prompt_tokens)
         for what, value, truth in (("decode", est.decode_tokens_per_s, measured.decode_tokens_per_s.median),
                                    ("prefill", est.prefill_tokens_per_s, measured.prefill_tokens_per_s.median)):
-            ok.append(verdict(f"estimate / measured {what} tok/s @{est.prompt_tokens}", value / truth, BARS["estimate"],
-                              f"{value:.2f} vs {truth:.2f}"))
-    print("ALL PASS" if all(ok) else "SOME FAIL")
-    return 0 if all(ok) else 1
+            verdict(verdicts, f"estimate / measured {what} tok/s @{est.prompt_tokens}", value / truth, BARS["estimate"],
+                    f"{value:.2f} vs {truth:.2f}")
+    verdicts.exit()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

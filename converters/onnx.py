@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgeq.errors import EdgeqError
+from edgeq.formats import warn_mismatches
 from edgeq.intake import SourceModel
 from edgeq.model_shape import ModelShape
 from edgeq.progress import bar
@@ -448,8 +449,7 @@ class ONNXConverter:
             raise EdgeqError(f"internal: the ONNX graph edgeq wrote does not validate ({str(exc).splitlines()[0]}); please report it") from exc
         extra = write_ort_format(stage) if mobile else []
         report = read_back(stage / MODEL_FILE, plan)
-        for problem in report["mismatches"]:
-            log.warning("%s: asked %s, wrote %s (%s)", problem["tensor"], problem["asked"], problem["got"], problem["why"])
+        warn_mismatches(log, report["mismatches"])
         int4_blocks = sorted({blocks[n] for n, kind in plan.items() if kind == "int4"})
         if adapters:
             from .onnx_adapters import write_adapter

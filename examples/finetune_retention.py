@@ -39,17 +39,19 @@ def train_lora(base: Path, data: list[dict], out: Path, steps: int = 240) -> Pat
     """Rank-16 LoRA on the attention and MLP projections, plain AdamW on the assistant tokens."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    from edgeq.intake import open_model
+
+    tokenizer = open_model(base).chat_tokenizer()  # the rendering edgeq's runtime uses, so training matches it
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                            LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     examples = []
     for chat in data:
-        prompt = tokenizer.apply_chat_template(chat["messages"][:1], add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(chat["messages"])
+        prompt = tokenizer.encode_chat(chat["messages"][:1])
+        full = tokenizer.encode_chat(chat["messages"], add_generation_prompt=False)
         examples.append((torch.tensor([full]), torch.tensor([[-100] * len(prompt) + full[len(prompt):]])))
     model.train()
     for step in range(steps):

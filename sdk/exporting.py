@@ -52,6 +52,7 @@ class ExportJob:
     bits_per_weight: float | None = None
     targets: Targets = field(default_factory=Targets)
     allow_quality_miss: bool = False
+    inputs: tuple = ()                  # what the export reads: the output may not be or hold any of them
     data: object | None = None          # edgeq.eval_data.Dataset of --eval-data
     base_source: object | None = None   # the model before fine-tuning
     base: BaseScores | None = None
@@ -156,8 +157,14 @@ def resolve(model, *, device, adapter, format, precision, calibration, calibrati
     from edgeq.devices import load_device
 
     from .intake import open_model
-    from .validate import parse_size
+    from .validate import BITS_PER_WEIGHT, CONTEXT, TOKENS, TOKENS_OR_ZERO, parse_size
 
+    TOKENS.check("calibration_tokens", calibration_tokens)
+    TOKENS.check("eval_data_tokens", eval_data_tokens)
+    TOKENS_OR_ZERO.check("eval_tokens", eval_tokens)
+    CONTEXT.check("eval_ctx", eval_ctx)
+    if bits_per_weight is not None:
+        BITS_PER_WEIGHT.check("bits_per_weight", bits_per_weight)
     if model is None:
         from .default_model import default_model_path
 
@@ -176,10 +183,12 @@ def resolve(model, *, device, adapter, format, precision, calibration, calibrati
     kept = keep_adapters_for(source, spec, kept) if kept else []
     name = f"{Path(model).name}-{profile.id if profile else 'generic'}-{'planned' if planned else chosen.lower()}"
     out = Path(output) if output else Path(name)
-    check_writable(out, overwrite)
+    inputs = (model, adapter, calibration, eval_data, base)
+    check_writable(out, overwrite, inputs)
     job = ExportJob(source, spec, chosen, planned, profile, out, overwrite, options, tensor_types,
                     Calibration(source, calibration, calibration_tokens), eval_tokens, eval_ctx, progress,
-                    size=size, bits_per_weight=bits_per_weight, targets=targets, allow_quality_miss=allow_quality_miss)
+                    size=size, bits_per_weight=bits_per_weight, targets=targets, allow_quality_miss=allow_quality_miss,
+                    inputs=inputs)
     if kept or adapter_data or compare_merged:
         from .adapter_quality import check_adapter_data
         from .validate import read_text_file
@@ -199,6 +208,29 @@ def resolve(model, *, device, adapter, format, precision, calibration, calibrati
         raise EdgeqError("--base is used to measure retention on --eval-data; pass --eval-data too")
     targets.check(job.data is not None, job.base_source is not None)
     return job
+
+
+def check_memory(job: ExportJob) -> None:
+    """Refuses up front, with the estimate, an export whose float reference would not fit in this machine's memory
+    (an out-of-memory kill halfway through would waste the minutes before it)."""
+    import math
+
+    import psutil
+
+    reasons = [why for why, needed in (
+        ("a precision plan", job.planned), ("the quality check (--eval-tokens)", job.eval_tokens > 0),
+        ("--eval-data", job.data is not None), ("GPTQ rounding", "rounding" in job.spec.options and job.options.get("rounding") != "nearest"
+                                                 and job.precision in ("int4", "int8")),
+        ("the importance matrix of --calibration", job.calibration.given)) if needed]
+    if not reasons:
+        return
+    weights = sum(math.prod(shape) for shape in job.source.shapes().values())
+    needed = int(weights * 4 * 1.15) + (512 << 20)  # float32 weights, activations and the runtime
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise EdgeqError(f"this export loads the model in float32 for {', '.join(reasons)}: about {needed / 2**30:.1f} GiB, "
+                         f"and {available / 2**30:.1f} GiB is free; free memory, or drop what loads it "
+                         "(--precision with --eval-tokens 0, --rounding nearest)")
 
 
 def score_base(job: ExportJob) -> None:
@@ -407,7 +439,7 @@ def _build(job: ExportJob, retry: bool) -> bool:
     """One staged attempt: convert, check the size on disk, measure, check the targets, land. False when the
     plan was made again (too large on disk, or a target missed) and is to be converted anew."""
     try:
-        with staged_bundle(job.output, job.overwrite) as stage:
+        with staged_bundle(job.output, job.overwrite, job.inputs) as stage:
             convert(job, stage)
             if not fits_size(job, stage):
                 raise _Again
@@ -458,6 +490,7 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
                   base=base, targets=targets, allow_quality_miss=allow_quality_miss, progress=progress,
                   adapters=adapters, keep_adapters=keep_adapters, adapter_data=adapter_data, compare_merged=compare_merged)
     try:
+        check_memory(job)
         score_base(job)
         calibrate(job)
         if not any(_build(job, retry=attempt < RETRIES) for attempt in range(RETRIES + 1)):

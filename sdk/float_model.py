@@ -5,6 +5,7 @@ matrix, sensitivity and GPTQ, so all of them run the very tensors the converters
 """
 from __future__ import annotations
 
+from .checkpoint import check_finite
 from .intake import SourceModel
 
 
@@ -19,6 +20,8 @@ def load_float_model(source: SourceModel, dtype=None):
         model = _text_model(source, dtype or torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype or torch.float32, use_safetensors=not source.trust_pickle)
+    for name, param in model.named_parameters():  # NaN/inf named here, before any plan or calibration runs on them
+        check_finite(name, param.data, source.path)
     if source.adapter:
         if source.config["vocab_size"] != model.config.vocab_size:
             model.resize_token_embeddings(source.config["vocab_size"])

@@ -105,9 +105,19 @@ class FormatSpec:
         try:
             cls = getattr(import_module(module), attr)
         except ImportError as exc:
+            if (exc.name or "").startswith("edgeq"):
+                raise  # a bug of ours, not a missing extra
             raise EdgeqError(f"the {self.name} format needs a package that is not installed ({exc.name}); "
                              f"install it with: pip install 'edgeq[{self.name}]'") from exc
         return cls()
+
+
+def warn_mismatches(log, mismatches: list[dict]) -> None:
+    """One summary line for every tensor the file holds at another type than asked (the list is in the manifest)."""
+    if mismatches:
+        first = mismatches[0]
+        log.warning("%d tensors are not the type asked (e.g. %s: asked %s, got %s, %s); see `edgeq inspect`",
+                    len(mismatches), first["tensor"], first["asked"], first["got"], first["why"])
 
 
 def readback(tensors: dict[str, dict], mismatches: list[dict]) -> dict:

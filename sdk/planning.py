@@ -27,6 +27,10 @@ def plan(model: str | Path | None = None, *, device: str | Path | None = None, f
 
         model = default_model_path(progress=progress)
     registry.formats.get(format)  # an unknown format fails here, with the known ones
+    if bits_per_weight is not None:
+        from .validate import BITS_PER_WEIGHT
+
+        BITS_PER_WEIGHT.check("bits_per_weight", bits_per_weight)
     source = open_model(model, adapter=adapter)
     profile = load_device(device) if device else None
     return plan_for(source, format, Calibration(source, calibration), profile=profile, size=size,

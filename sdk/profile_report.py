@@ -99,6 +99,7 @@ class BundleProfile:
     notes: list[str] = field(default_factory=list)
     estimate: DeviceEstimate | None = None
     finetune: dict | None = None  # `edgeq compare`: the fine-tune metrics on the user's eval data
+    roofline: dict | None = None  # decode against this machine's measured memory bandwidth (profiling.roofline)
 
     @property
     def decode_tokens_per_s(self) -> Spread | None:
@@ -181,6 +182,12 @@ def table(result: ProfileResult) -> str:
                 rows.append([b.name, str(p.prompt_tokens), _spread(p.ttft_s, 1e3), _spread(p.prefill_tokens_per_s),
                              _spread(p.decode_tokens_per_s)])
     lines += _rows(["bundle", "prompt", "TTFT ms", "prefill tok/s", "decode tok/s"], rows)
+    bound = [b for b in result.bundles if b.roofline]
+    if bound:
+        lines += ["", "decode vs the memory-bandwidth roofline (bytes read per token ÷ this machine's measured bandwidth):"]
+        lines += _rows(["bundle", "MB per token", "bandwidth GB/s", "roofline tok/s", "decode / roofline"], [
+            [b.name, _num(b.roofline["bytes_per_token"] / MB), _num(b.roofline["bandwidth_gbps"]),
+             _num(b.roofline["bound_tokens_per_s"]), f"{b.roofline['fraction']:.0%}"] for b in bound])
     estimates = [b for b in result.bundles if b.estimate]
     if estimates:
         e = estimates[0].estimate

@@ -59,11 +59,12 @@ def profile(bundles: str | Path | Sequence[str | Path], prompt_tokens: Sequence[
         log.info("profiling %s in a fresh process", path)
         raw = _in_fresh_process(_measure, str(path), prompts, gen, repeat, threads, progress)
         results.append(_assemble(name, path, info, raw, prompts, gen))
-    if target:
-        local: dict[int, dict] = {}
-        for b in results:
-            if b.threads not in local:
-                local[b.threads] = measure_machine(b.threads)
+    local: dict[int, dict] = {}
+    for b in results:
+        if b.threads not in local:
+            local[b.threads] = measure_machine(b.threads)
+        b.roofline = roofline(b, local[b.threads])
+        if target:
             b.estimate = estimate(b, target, local[b.threads])
     return ProfileResult(results, prompts, gen, repeat, _machine(), target.id if target else None)
 
@@ -188,7 +189,7 @@ def _measure(path: str, prompts: list[int], gen: int, repeat: int, threads: int 
                 progress_bar.update()
     for name in getattr(engine, "adapters", ()):  # each kept adapter runs once, so the peak covers them all loaded and used
         engine.set_adapter(name)
-        _run_once(engine, ids[:fits[0]] if fits else ids[:1], WARMUP_DECODE_STEPS)
+        _run_once(engine, ids[:fits[0]] if fits else ids[:1], min(gen, WARMUP_DECODE_STEPS))
     used_threads = getattr(engine, "threads", None) or threads or usable_cores()
     n_ctx = engine.n_ctx
     engine.close()
@@ -290,6 +291,18 @@ def _typical(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def roofline(bundle: BundleProfile, local: dict) -> dict | None:
+    """How close decode runs to what memory bandwidth allows: each decoded token reads every weight and the KV
+    cache so far, so bandwidth ÷ bytes per token is the most tokens/s this machine can give."""
+    row = next((p for p in bundle.prompts if p.decode_tokens_per_s), None)
+    if row is None:
+        return None
+    bytes_per_token = bundle.weight_bytes + (bundle.kv_bytes_per_token or 0) * (row.prompt_tokens + bundle.gen / 2)
+    bound = local["bandwidth_gbps"] * 1e9 / bytes_per_token
+    return {"bandwidth_gbps": round(local["bandwidth_gbps"], 2), "bytes_per_token": int(bytes_per_token),
+            "bound_tokens_per_s": round(bound, 2), "fraction": round(row.decode_tokens_per_s.median / bound, 3)}
 
 
 def estimate(bundle: BundleProfile, device, local: dict) -> DeviceEstimate:

@@ -93,6 +93,11 @@ def evaluate(bundle: str | Path, *, text: str | Path | None = None, tokens: int 
     from .loading import bundle_tokenizer, open_engine
     from .quant.calibration import calibration_windows
 
+    from .validate import CONTEXT, TOKENS, check_engine_args
+
+    check_engine_args(threads, None)
+    CONTEXT.check("ctx", ctx)
+    TOKENS.check("tokens", tokens)
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     src = manifest.get("source") or {}

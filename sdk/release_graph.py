@@ -23,6 +23,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import registry
 from .errors import EdgeqError
 from .release_file import DeviceEntry, ModelEntry, Release
 
@@ -31,7 +32,7 @@ STATE = ".release"          # OUTPUT/.release: records of cells, the file-hash m
 # Expected peak resident bytes per weight of the model, by task: the float32 reference (4 B/weight) is
 # held by every task; sensitivity adds quantized copies and activations, ONNX GPTQ its Hessians, Core ML
 # its traced graph. Deliberately high: too high only runs fewer tasks at once, too low can run out of memory.
-PEAK_BYTES_PER_WEIGHT = {"sensitivity": 8, "gguf": 8, "onnx": 12, "coreml": 10}
+SENSITIVITY_BYTES_PER_WEIGHT = 8  # a format's own export peak is its spec's `export_bytes_per_weight`
 PROCESS_BYTES = 1 << 30     # a worker with the interpreter, torch and a runtime imported
 
 
@@ -108,8 +109,6 @@ def _device_ref(device: DeviceEntry) -> str:
 
 def _cell_format(device: DeviceEntry, profile) -> str:
     """The device's format, else the first one its profile runs that this edgeq can export (as `export` chooses)."""
-    from . import registry
-
     if device.format:
         return registry.formats.get(device.format).name  # fails with the list of known formats
     available = set(registry.formats.names())
@@ -185,7 +184,7 @@ def build_graph(release: Release) -> Graph:
                     continue
                 weights = weights or _weights(model)
                 needs = (_sensitivity_task(graph, model, spec["format"], spec["calibration"], weights).id,) if spec["precision"] is None else ()
-                memory = PROCESS_BYTES + PEAK_BYTES_PER_WEIGHT.get(spec["format"], max(PEAK_BYTES_PER_WEIGHT.values())) * weights
+                memory = PROCESS_BYTES + registry.formats.get(spec["format"]).export_bytes_per_weight * weights
                 graph.tasks.append(Task(cell.task, "cell", spec, needs, memory, release.run.cpus_per_task))
             except EdgeqError as exc:
                 cell.task, cell.result = None, {"status": "error", "error": str(exc)}
@@ -236,7 +235,7 @@ def _sensitivity_task(graph: Graph, model: ModelEntry, fmt: str, calibration: st
         if task.id == task_id:
             return task
     spec = {"model": str(model.path), "adapter": str(model.adapter) if model.adapter else None, "format": fmt, "calibration": calibration}
-    task = Task(task_id, "sensitivity", spec, (), PROCESS_BYTES + PEAK_BYTES_PER_WEIGHT["sensitivity"] * weights, graph.release.run.cpus_per_task)
+    task = Task(task_id, "sensitivity", spec, (), PROCESS_BYTES + SENSITIVITY_BYTES_PER_WEIGHT * weights, graph.release.run.cpus_per_task)
     graph.tasks.insert(0, task)  # before every cell: a topological order for any executor
     return task
 
@@ -334,14 +333,11 @@ def _cell_result(manifest: dict, bundle: Path, spec: dict, estimate: dict) -> di
 
 
 def _move_into_place(stage: Path, final: Path) -> None:
+    """Lands the measured bundle the way `edgeq export` lands one: an old bundle is swapped out in one step."""
+    from .bundle import _land
+
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        stage.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        stage.rename(final)
+    _land(stage, final)
 
 
 WORK = {"sensitivity": _measure_sensitivity, "cell": _build_cell}

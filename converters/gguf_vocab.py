@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import gguf
@@ -101,6 +102,24 @@ def add_space_prefix(tokenizer: dict) -> bool:
         log.warning("llama.cpp's own tokenizer will add a space before text that starts with one%s, where this tokenizer "
                     "does not; edgeq's runtime tokenizes as the original", "" if steps[0][1] == "always" else " or follows a special token")
     return SPACE_PREFIX[steps]
+
+
+_PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)
+_PHI3_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
+
+
+def general_name(name: str, folder: Path) -> str:
+    """`general.name` for a model folder called `name`. llama.cpp keys one tokenizer quirk off this name: in a
+    model called "phi3"/"phi-3" every special token strips the spaces after it (as Phi-3's tokenizer.json says),
+    and the load fails if any of <unk> <s> </s> <|endoftext|> is missing. So the name says phi3 exactly when the
+    tokenizer strips like that, whatever the folder is called."""
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    specials = [t for t in tokenizer.get("added_tokens", []) if t.get("special")]
+    vocab = {**tokenizer["model"].get("vocab", {}), **{t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}}
+    strips = any(t.get("rstrip") for t in specials) and all(t in vocab for t in _PHI3_TOKENS)
+    if strips:
+        return name if _PHI3_NAME.search(name) else f"phi3-{name}"
+    return _PHI3_NAME.sub("phi", name)
 
 
 def write_vocab(writer: gguf.GGUFWriter, folder: Path, spec: TokenizerSpec, chat_template: str | None, n_vocab: int) -> None:

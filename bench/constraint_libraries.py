@@ -1,8 +1,8 @@
 """Which constraint library masks edgeq's logits: llguidance, xgrammar or outlines-core, measured here.
 
-For each library and each vocabulary (SmolLM2's 49,152 tokens, and a synthetic byte-level BPE
-grown to Qwen2.5's 151,936 by merging pairs of SmolLM2 tokens, since no Qwen tokenizer ships on
-PyPI), it reports:
+For each library and each vocabulary (SmolLM2's 49,152 tokens, and Qwen2.5's 151,665 in a logits row
+of 151,936: the tokenizer of the Qwen2.5-Coder model `real_models.py` makes, or when that is not there a
+synthetic byte-level BPE grown to that size by merging pairs of SmolLM2 tokens), it reports:
 - compile: time from a JSON schema to a ready matcher (first mask included);
 - mask time per token: median and p95 of computing the next-token mask while walking a valid
   document token by token (the cost `generate()` pays per decoded token);
@@ -10,7 +10,7 @@ PyPI), it reports:
   document and rejects one that breaks only that feature (refusing to compile counts as unsupported;
   compiling but letting the invalid document through counts as "ignored").
 
-    python bench/constraint_libraries.py [--libraries llguidance,xgrammar,outlines-core] [--json out.json]
+    python bench/constraint_libraries.py [--libraries llguidance,xgrammar,outlines-core] [--qwen FOLDER] [--json out.json]
 
 Needs `pip install llguidance xgrammar outlines-core` (xgrammar also torch); a missing library is
 reported, not fatal. Exits non-zero when a library that ran masks slower than --bar-us per token
@@ -285,19 +285,23 @@ def main() -> int:
     parser.add_argument("--libraries", default=",".join(LIBRARIES))
     parser.add_argument("--bar-us", type=float, default=1000.0, help="Most median mask time per token allowed (µs, 152k vocab).")
     parser.add_argument("--json", help="Write all results here.")
+    parser.add_argument("--qwen", type=Path, help="a Qwen2.5 folder whose tokenizer.json to use (default: qwen-coder-plain if made)")
     args = parser.parse_args()
 
     from tokenizers import Tokenizer
 
-    from edgeq.default_model import default_model_path
+    from edgeq.default_model import cache_dir, default_model_path
 
     smollm = (default_model_path() / "tokenizer.json").read_text()
-    vocabs = {"49k (SmolLM2)": smollm, "152k (grown)": grown_tokenizer(smollm, QWEN_VOCAB)}
+    qwen = args.qwen or cache_dir() / "models" / "qwen2.5-coder-0.5b-instruct"
+    big = ("152k (Qwen2.5)", (qwen / "tokenizer.json").read_text()) if (qwen / "tokenizer.json").is_file() else \
+        ("152k (grown)", grown_tokenizer(smollm, QWEN_VOCAB))
+    vocabs = {"49k (SmolLM2)": smollm, big[0]: big[1]}
     results: dict = {}
     failed = False
     for label, tokenizer_json in vocabs.items():
         tok = Tokenizer.from_str(tokenizer_json)
-        n_vocab = tok.get_vocab_size(with_added_tokens=True)
+        n_vocab = max(tok.get_vocab_size(with_added_tokens=True), QWEN_VOCAB if label.startswith("152k") else 0)
         eos = tok.token_to_id("<|im_end|>")
 
         def encode(text, tok=tok):
@@ -321,11 +325,11 @@ def main() -> int:
             if label.startswith("152k") and row["mask_us_median"] > args.bar_us:
                 failed = True
     features = [c[0] for c in COVERAGE]
-    print("\ncoverage (152k vocabulary):")
+    print(f"\ncoverage ({big[0]} vocabulary):")
     names = [n for n in results]
     print(f"{'feature':30} " + " ".join(f"{n:>16}" for n in names))
     for f in features:
-        print(f"{f:30} " + " ".join(f"{results[n].get('152k (grown)', {}).get('coverage', {}).get(f, '-')[:16]:>16}" for n in names))
+        print(f"{f:30} " + " ".join(f"{results[n].get(big[0], {}).get('coverage', {}).get(f, '-')[:16]:>16}" for n in names))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 1 if failed else 0

@@ -4,7 +4,7 @@ parsed back into structured calls, and each call's arguments constrained by its 
 Models are fine-tuned to one tool-call format, and their chat templates both describe the tools and
 render past calls in it, so the format is read off the template (`TOOL_FORMATS`, first match wins):
 - hermes: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, one block per call
-  (Qwen2.5, Qwen3, SmolLM3, Hermes 2/3);
+  (Qwen2.5, Qwen3, SmolLM3, Hermes 2/3), or the call's bare JSON as the whole reply (Qwen2.5-Coder);
 - llama3: the whole reply is `{"name": ..., "parameters": {...}}` (Llama 3.1-3.3 JSON tool calling),
   possibly after `<|python_tag|>`.
 A template that never reads `tools` (SmolLM2, TinyLlama, Llama 2, Gemma 3) is refused by name: the
@@ -144,22 +144,29 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
 def _hermes_grammar(tools: list[dict], choice: str, special: Callable[[str], bool], parallel: bool) -> str:
-    rules = f"body: %json {_calls_schema(tools, choice, 'arguments')}\nTEXT: /(.|\\n)+/\n"
+    # In "auto", a reply that opens with "{" is a bare call (Qwen2.5-Coder writes them without the tags), so it
+    # is held to the schema too; any other reply is free text, with tagged calls anywhere in it.
+    rules = (f"body: %json {_calls_schema(tools, choice, 'arguments')}\nTEXT: /(.|\\n)+/\n"
+             "FIRST: /[^{](.|\\n)*/\n")
     if special(OPEN) and special(CLOSE):  # one token each (Qwen): free text cannot spell them, the model picks them
         rules += f'call: {OPEN} "\\n" body "\\n" {CLOSE}\n'
-        auto = "start: TEXT? (call TEXT?)*\n" if parallel else "start: TEXT | TEXT? call\n"
+        auto = "start: body | FIRST? (call TEXT?)*\n" if parallel else "start: body | FIRST | FIRST? call\n"
     else:
         rules += f"call: {_literal(OPEN + chr(10))} body {_literal(chr(10) + CLOSE)}\n"
         # free text runs until it ends in the opening tag (a lazy lexeme), then the rest of a call must follow
-        rules += (f"lead[lazy]: TEXT_ANY {_literal(OPEN)}\nopened: {_literal(chr(10))} body {_literal(chr(10) + CLOSE)}\n"
-                  "TEXT_ANY: /(.|\\n)*/\n")
-        auto = "start: (lead opened)* TEXT?\n" if parallel else "start: TEXT | lead opened\n"
+        rules += (f"first[lazy]: FIRST_ANY {_literal(OPEN)}\nlead[lazy]: TEXT_ANY {_literal(OPEN)}\n"
+                  f"opened: {_literal(chr(10))} body {_literal(chr(10) + CLOSE)}\n"
+                  "TEXT_ANY: /(.|\\n)*/\nFIRST_ANY: /([^{](.|\\n)*)?/\n")
+        auto = ("start: body | FIRST? | first opened (lead opened)* TEXT?\n" if parallel
+                else "start: body | FIRST | first opened\n")
     required = 'start: call ("\\n" call)*\n' if parallel else "start: call\n"
     start = {"auto": auto, "required": required}.get(choice, "start: call\n")
     return f"%llguidance {{}}\n{start}{rules}"
 
 
 def _hermes_call_start(text: str) -> int | None:
+    if text[:1] == "{":
+        return 0  # a bare call
     found = text.find(OPEN)
     if found >= 0:
         return found
@@ -172,7 +179,7 @@ def _hermes_call_start(text: str) -> int | None:
 def _hermes_parse(text: str) -> tuple[str, list[ToolCall]]:
     start = text.find(OPEN)
     if start < 0:
-        return text, []
+        return _bare_call(text)
     calls = []
     for block in re.findall(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), text[start:], flags=re.DOTALL):
         try:
@@ -182,6 +189,17 @@ def _hermes_parse(text: str) -> tuple[str, list[ToolCall]]:
         if isinstance(data, dict) and isinstance(data.get("name"), str) and isinstance(data.get("arguments", {}), dict):
             calls.append(_call(data["name"], data.get("arguments", {})))
     return text[:start], calls
+
+
+def _bare_call(text: str) -> tuple[str, list[ToolCall]]:
+    """A reply that is one call's JSON and nothing else, as Qwen2.5-Coder writes calls without their tags."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return text, []
+    if isinstance(data, dict) and isinstance(data.get("name"), str) and isinstance(data.get("arguments"), dict):
+        return "", [_call(data["name"], data["arguments"])]
+    return text, []
 
 
 # llama3: the reply is {"name": ..., "parameters": {...}} ----------------------------------------------------

@@ -160,3 +160,6 @@ def test_parsers():
     assert content == "" and [c.name for c in calls] == ["f", "g"] and json.loads(calls[0].arguments) == {"q": "a"}
     assert llama3.parse("The answer is 4.") == ("The answer is 4.", [])
     assert llama3.call_start("  ") == 0 and llama3.call_start("Hi") is None
+    content, calls = hermes.parse('{"name": "f", "arguments": {"x": 2}}')  # Qwen2.5-Coder's bare call
+    assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"x": 2})]
+    assert hermes.parse('{"not": "a call"}') == ('{"not": "a call"}', []) and hermes.call_start("{") == 0

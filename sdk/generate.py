@@ -200,7 +200,7 @@ class LanguageModel:
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
         ids, budget = self._prompt_ids(prompt, messages, max_new_tokens, truncate)
         request = _Request(ids, budget, params, check_stops(stop), self._constraint(response_format_grammar(response_format)),
-                           adapter=self._adapter(adapter))
+                           adapter=self.check_adapter(adapter))
         pieces = (chunk.text for chunk in self._reply(request) if chunk.text)
         return pieces if stream else "".join(pieces)
 
@@ -254,7 +254,7 @@ class LanguageModel:
         elif tool_choice not in (None, "none", "auto"):
             raise EdgeqError(f"tool_choice={tool_choice!r} needs tools=; pass the functions the model may call")
         ids, budget = self._prompt_ids(None, messages, max_new_tokens, truncate, offered)
-        request = _Request(ids, budget, params, check_stops(stop), self._constraint(grammar), form, adapter=self._adapter(adapter))
+        request = _Request(ids, budget, params, check_stops(stop), self._constraint(grammar), form, adapter=self.check_adapter(adapter))
         chunks = self._reply(request)
         return chunks if stream else _collect(chunks)
 
@@ -267,14 +267,14 @@ class LanguageModel:
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
         ids, budget = self._prompt_ids(prompt, None, max_new_tokens, truncate)
         request = _Request(ids, budget, params, check_stops(stop), self._constraint(response_format_grammar(response_format)),
-                           adapter=self._adapter(adapter))
+                           adapter=self.check_adapter(adapter))
         chunks = self._reply(request)
         return chunks if stream else _collect(chunks)
 
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams | None = None,
                      adapter: str | None = None) -> list[int]:
         """Token ids only (no detokenization, no stop strings), from an empty cache: for comparing backends exactly."""
-        request = _Request(list(prompt_ids), max_new_tokens, params or SamplingParams(), adapter=self._adapter(adapter))
+        request = _Request(list(prompt_ids), max_new_tokens, params or SamplingParams(), adapter=self.check_adapter(adapter))
         self.engine.reset()
         return list(self._tokens(request))
 
@@ -283,8 +283,9 @@ class LanguageModel:
         """The LoRA adapters this model can answer with besides its base (a bundle exported with `keep_adapters`)."""
         return tuple(getattr(self.engine, "adapters", ()))
 
-    def _adapter(self, name: str | None) -> str | None:
-        """`name` checked against the bundle's adapters when the request is made (it is switched to when it runs)."""
+    def check_adapter(self, name: str | None) -> str | None:
+        """`name` if it is one of the model's adapters (or None, the base); else one line naming what it has. Requests
+        check it when they are made, and switch to it when they run."""
         if name is not None and name not in self.adapters:
             raise EdgeqError(f"adapter {name!r} is not in this model; it has {', '.join(map(repr, self.adapters)) or 'none'} "
                              "(export with --adapter NAME=DIR --keep-adapters)")

@@ -2,7 +2,7 @@
 
 Endpoints: `/v1/chat/completions` (server-sent events with `stream`, tools, tool_choice,
 response_format, stop, max_tokens, temperature, top_p, seed, usage), `/v1/completions`, `/v1/models`
-and `/health`. A request names its model by the bundle's folder name.
+and `/health`. A request names its model by the bundle's folder name ("bundle:NAME" for a kept LoRA adapter).
 
 An engine holds one sequence (and one KV cache), so each model runs one request at a time on its own
 worker thread, in arrival order; the requests waiting for it form a bounded queue, and one more is
@@ -110,9 +110,23 @@ class Service:
         self.created = now()
 
     def slot(self, name: str) -> Slot:
-        if name not in self.slots:
-            raise ApiError(404, f"model {name!r} is not served here; served: {', '.join(self.slots)}", code="model_not_found", param="model")
-        return self.slots[name]
+        return self.target(name)[0]
+
+    def target(self, name: str) -> tuple[Slot, str | None]:
+        """The slot serving `name`, and the adapter it names: "bundle" is the base, "bundle:NAME" the bundle's kept
+        LoRA adapter NAME (switched per request on the one loaded base)."""
+        bundle, _, adapter = (name, "", "") if name in self.slots else name.partition(":")
+        if bundle not in self.slots:
+            raise ApiError(404, f"model {name!r} is not served here; served: {', '.join(self.names())}", code="model_not_found", param="model")
+        slot = self.slots[bundle]
+        if adapter and adapter not in slot.model.adapters:
+            raise ApiError(404, f"model {bundle!r} has no adapter {adapter!r}; served: {', '.join(self.names())}",
+                           code="model_not_found", param="model")
+        return slot, adapter or None
+
+    def names(self) -> list[str]:
+        """Every model name a request may use: each bundle, and "bundle:NAME" for each of its kept adapters."""
+        return [n for name, slot in self.slots.items() for n in (name, *(f"{name}:{a}" for a in slot.model.adapters))]
 
     def check_key(self, authorization: str | None) -> None:
         if self.api_key is None:

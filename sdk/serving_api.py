@@ -231,7 +231,7 @@ def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue
     @app.get("/v1/models")
     async def list_models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": service.created, "owned_by": "edgeq"}
-                                           for name in service.slots]}
+                                           for name in service.names()]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -241,7 +241,7 @@ def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue
         choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, ToolChoice) else body.tool_choice
         max_tokens = _max_tokens(model, body.max_completion_tokens or body.max_tokens)
         options = dict(tools=tools, tool_choice=choice, parallel_tool_calls=body.parallel_tool_calls is not False,
-                       max_new_tokens=max_tokens, **body.sampling())
+                       max_new_tokens=max_tokens, adapter=service.target(body.model)[1], **body.sampling())
         chunks = model.chat(messages, **options, stream=True)  # checks everything (prompt fits, schema compiles) before queueing
         job = await service.run(body.model, chunks)
         rid, created = new_id("chatcmpl"), now()
@@ -275,7 +275,7 @@ def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue
     async def completions(body: CompletionRequest, request: Request):
         model = service.slot(body.model).model
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-        options = dict(max_new_tokens=_max_tokens(model, body.max_tokens), **body.sampling())
+        options = dict(max_new_tokens=_max_tokens(model, body.max_tokens), adapter=service.target(body.model)[1], **body.sampling())
         job = await service.run(body.model, model.complete(prompt, **options, stream=True))
         rid, created = new_id("cmpl"), now()
         base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}

@@ -14,6 +14,7 @@ the new message, not the length of the conversation.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,7 @@ class _Request:
     tool_format: ToolFormat | None = None
     finish_reason: str = "length"
     adapter: str | None = None  # the bundle's LoRA adapter to run with (None: the base)
+    cancel: threading.Event | None = None  # set: stop before the next token (finish_reason "cancelled")
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -222,6 +224,7 @@ class LanguageModel:
         stream: bool = False,
         truncate: bool = False,
         adapter: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> ChatResult | Iterator[ChatChunk]:
         """Answers a chat as OpenAI's chat completions do: a `ChatResult`, or `ChatChunk`s with `stream=True`.
 
@@ -236,6 +239,8 @@ class LanguageModel:
           | "gbnf", "grammar": ...}`: the reply is valid by construction (unless it runs out of tokens:
           finish_reason "length").
         - `adapter`: one of the bundle's LoRA adapters to answer with (None: the base), as in `generate`.
+        - `cancel`: an event that, once set (from any thread), stops the reply before its next token with
+          finish_reason "cancelled": a stop button, or the server when a client leaves.
         """
         messages = history_for_template(messages) if isinstance(messages, list) else messages
         check_generate_args(None, messages, DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, stop)
@@ -254,20 +259,21 @@ class LanguageModel:
         elif tool_choice not in (None, "none", "auto"):
             raise EdgeqError(f"tool_choice={tool_choice!r} needs tools=; pass the functions the model may call")
         ids, budget = self._prompt_ids(None, messages, max_new_tokens, truncate, offered)
-        request = _Request(ids, budget, params, check_stops(stop), self._constraint(grammar), form, adapter=self.check_adapter(adapter))
+        request = _Request(ids, budget, params, check_stops(stop), self._constraint(grammar), form, adapter=self.check_adapter(adapter),
+                           cancel=cancel)
         chunks = self._reply(request)
         return chunks if stream else _collect(chunks)
 
     def complete(self, prompt: str, *, response_format: dict | None = None, max_new_tokens: int | None = None, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, stop: Sequence[str] | str = (),
-                 seed: int | None = None, stream: bool = False, truncate: bool = False,
-                 adapter: str | None = None) -> ChatResult | Iterator[ChatChunk]:
-        """Continues a plain prompt (no chat template): a `ChatResult`, or `ChatChunk`s with `stream=True`."""
+                 seed: int | None = None, stream: bool = False, truncate: bool = False, adapter: str | None = None,
+                 cancel: threading.Event | None = None) -> ChatResult | Iterator[ChatChunk]:
+        """Continues a plain prompt (no chat template): a `ChatResult`, or `ChatChunk`s with `stream=True` (options as in `chat`)."""
         check_generate_args(prompt, None, DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, stop)
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
         ids, budget = self._prompt_ids(prompt, None, max_new_tokens, truncate)
         request = _Request(ids, budget, params, check_stops(stop), self._constraint(response_format_grammar(response_format)),
-                           adapter=self.check_adapter(adapter))
+                           adapter=self.check_adapter(adapter), cancel=cancel)
         chunks = self._reply(request)
         return chunks if stream else _collect(chunks)
 
@@ -362,6 +368,9 @@ class LanguageModel:
         logits = self._prefill(ids)
         request.finish_reason = "length"
         for step in range(budget):
+            if request.cancel is not None and request.cancel.is_set():
+                request.finish_reason = "cancelled"
+                break
             if matcher is not None and matcher.finished:
                 request.finish_reason = "stop"
                 break

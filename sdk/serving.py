@@ -64,12 +64,11 @@ class Slot:
 
 class Job:
     """A generation on a model's worker thread, handing its chunks to the event loop; `cancel()` stops it
-    between two tokens (client gone, deadline passed)."""
+    before its next token (client gone, deadline passed): `cancelled` is the event the generation checks."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, chunks: Iterator[ChatChunk], deadline: float):
-        self.loop, self.source, self.deadline = loop, chunks, deadline
+    def __init__(self, loop: asyncio.AbstractEventLoop, chunks: Iterator[ChatChunk], deadline: float, cancelled: threading.Event):
+        self.loop, self.source, self.deadline, self.cancelled = loop, chunks, deadline, cancelled
         self.chunks: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
         self.timed_out = False
 
     def cancel(self) -> None:
@@ -135,15 +134,16 @@ class Service:
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "missing or wrong API key; send it as 'Authorization: Bearer KEY'", "authentication_error", "invalid_api_key")
 
-    async def run(self, name: str, chunks: Iterator[ChatChunk]) -> Job:
-        """Queues a generation (not started yet) on its model's worker; the caller reads `job.chunks`."""
+    async def run(self, name: str, chunks: Iterator[ChatChunk], cancel: threading.Event) -> Job:
+        """Queues a generation (not started yet, made with `cancel=cancel`) on its model's worker; the caller
+        reads `job.chunks`."""
         slot = self.slot(name)
         try:
             slot.admit()
         except ApiError:
             chunks.close()
             raise
-        job = Job(asyncio.get_running_loop(), chunks, time.monotonic() + self.timeout)
+        job = Job(asyncio.get_running_loop(), chunks, time.monotonic() + self.timeout, cancel)
         future = asyncio.get_running_loop().run_in_executor(slot.worker, job.run)
         future.add_done_callback(lambda _: setattr(slot, "held", slot.held - 1))
         return job

@@ -9,6 +9,7 @@ different answer from the one it asked for.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Annotated, Any, Literal, Union
 
 from fastapi import FastAPI, Request
@@ -242,8 +243,9 @@ def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue
         max_tokens = _max_tokens(model, body.max_completion_tokens or body.max_tokens)
         options = dict(tools=tools, tool_choice=choice, parallel_tool_calls=body.parallel_tool_calls is not False,
                        max_new_tokens=max_tokens, adapter=service.target(body.model)[1], **body.sampling())
-        chunks = model.chat(messages, **options, stream=True)  # checks everything (prompt fits, schema compiles) before queueing
-        job = await service.run(body.model, chunks)
+        cancel = threading.Event()
+        chunks = model.chat(messages, **options, stream=True, cancel=cancel)  # checks everything (prompt fits, schema compiles) before queueing
+        job = await service.run(body.model, chunks, cancel)
         rid, created = new_id("chatcmpl"), now()
         base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
         if body.stream:
@@ -276,7 +278,8 @@ def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue
         model = service.slot(body.model).model
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         options = dict(max_new_tokens=_max_tokens(model, body.max_tokens), adapter=service.target(body.model)[1], **body.sampling())
-        job = await service.run(body.model, model.complete(prompt, **options, stream=True))
+        cancel = threading.Event()
+        job = await service.run(body.model, model.complete(prompt, **options, stream=True, cancel=cancel), cancel)
         rid, created = new_id("cmpl"), now()
         base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
         if body.stream:

@@ -123,3 +123,16 @@ def test_run_without_a_prompt_chats_with_history(tmp_path_factory, tiny_llama):
     result = CliRunner().invoke(main, ["run", str(bundle), "--max-new-tokens", "6", "--threads", "1"], input="Hello fox\nAnd numbers?\n\n")
     assert result.exit_code == 0, result.output
     assert result.output.count(">") >= 3  # two turns answered, then the empty line ends the chat
+
+
+def test_a_cancel_event_stops_the_reply_before_its_next_token(tiny_llama):
+    import threading
+
+    with edgeq.load(tiny_llama, threads=1) as model:
+        cancel = threading.Event()
+        # the regex keeps a random model from ending on its own before the event is set
+        chunks = model.chat([{"role": "user", "content": "Hello"}], max_new_tokens=200, stream=True, cancel=cancel,
+                            response_format={"type": "regex", "pattern": "[a-z]{600}"})
+        threading.Timer(0.05, cancel.set).start()
+        last = list(chunks)[-1]
+        assert last.finish_reason == "cancelled" and 0 < last.usage.completion_tokens < 200

@@ -67,20 +67,13 @@ def edgeq_run(model, prompt: str, n_new: int) -> tuple[float, float]:
     return model.stats.time_to_first_token_s, model.stats.decode_tokens_per_s
 
 
-def default_bundle(model: Path, work: Path) -> Path:
-    bundle = work / f"{model.name}-q4_k_m"
-    if not (bundle / "edgeq.json").is_file():
-        edgeq.export(model, format="gguf", precision="Q4_K_M", output=bundle, eval_tokens=0, progress=False)
-    return bundle
-
-
 def main() -> None:
     ap = harness.arguments(__doc__, model="smollm2-plain", text=False, work="edgeq-bench-speed")
     ap.add_argument("--bundle", type=Path, help="an edgeq GGUF bundle (default: --model exported at Q4_K_M, once)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=5)
     args = harness.parse(ap)
-    bundle = args.bundle or default_bundle(args.model, args.work)
+    bundle = args.bundle or harness.exported(args.model, args.work, "gguf", "Q4_K_M")
 
     model = edgeq.load(bundle, threads=args.threads)
     prompt_ids = model.tokenizer.prompt_ids(PROMPT)

@@ -231,6 +231,15 @@ def timed_process(argv: list[str], env: dict | None = None, log: Path | None = N
     return Run(wall_s=wall, peak_rss_mib=rss_kib / 1024)
 
 
+def exported(model: Path, work: Path, format: str, precision: str) -> Path:
+    """`model` exported once into `work` and reused while its manifest is there: for benches that time
+    running a bundle, not making it."""
+    bundle = work / f"{model.name}-{format}-{precision.lower()}"
+    if not (bundle / "edgeq.json").is_file():
+        edgeq.export(model, format=format, precision=precision, output=bundle, overwrite=True, eval_tokens=0, progress=False)
+    return bundle
+
+
 def export_command(model: Path, bundle: Path, **options) -> list[str]:
     """argv that runs `edgeq.export(model, output=bundle, eval_tokens=0, **options)` in a fresh interpreter
     (so the export's own peak RSS and wall time are measured, not the bench's)."""

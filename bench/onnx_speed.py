@@ -34,14 +34,6 @@ def prompt_ids(model: Path, text: Path, n: int) -> list[int]:
     return ids[:n]
 
 
-def edgeq_bundle(model: Path, work: Path) -> Path:
-    """edgeq's default INT4: GPTQ on the built-in calibration text, hence a 4-bit lm_head like the builder's."""
-    bundle = work / f"{model.name}-edgeq-int4"
-    if not (bundle / "edgeq.json").is_file():
-        edgeq.export(model, format="onnx", precision="int4", output=bundle, eval_tokens=0, progress=False)
-    return bundle
-
-
 def genai_folder(model: Path, work: Path) -> Path:
     out = work / f"{model.name}-genai-int4"
     if not (out / "genai_config.json").is_file():
@@ -106,7 +98,8 @@ def main() -> None:
     args = harness.parse(ap)
     prompt = prompt_ids(args.model, args.text, args.prompt_tokens)
     n_ctx = args.prompt_tokens + args.gen
-    runners = [EdgeqRunner(edgeq_bundle(args.model, args.work), args.threads, n_ctx),
+    # edgeq's default INT4: GPTQ on the built-in calibration text, hence a 4-bit lm_head like the builder's
+    runners = [EdgeqRunner(harness.exported(args.model, args.work, "onnx", "int4"), args.threads, n_ctx),
                GenaiRunner(genai_folder(args.model, args.work), args.threads, n_ctx)]
     results = harness.alternating({r.name: lambda r=r: r.run(prompt, args.gen) for r in runners}, args.repeat)
     print(f"model {args.model.name}, prompt {args.prompt_tokens} tokens, {args.gen} generated, threads {args.threads}, median of {args.repeat}")

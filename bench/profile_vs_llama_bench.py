@@ -111,9 +111,7 @@ def main() -> None:
     ap.add_argument("--precision", default="Q8_0")
     args = harness.parse(ap)
     binary = anchors.tool("llama-bench")
-    bundle = args.work / f"{args.model.name}-{args.precision.lower()}"
-    if not bundle.exists():
-        edgeq.export(args.model, format="gguf", precision=args.precision, eval_tokens=0, output=bundle)
+    bundle = harness.exported(args.model, args.work, "gguf", args.precision)
     device = machine_profile(args.work / "this-machine.toml", args.threads, 4096)
     ratios = paired_rounds(binary, bundle, args)
     with_estimate = edgeq.profile(bundle, prompt_tokens=(DEPTH, 512), gen=128, repeat=args.repeat, threads=args.threads,

@@ -388,15 +388,25 @@ def evaluate(bundle, text, tokens, ctx, reference, backend, threads, eval_data, 
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full result as JSON to this file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG chart of size × KL × decode speed.")
 def profile(bundles, prompt_tokens, gen, repeat, threads, device, json_path, plot_path):
-    """Measure BUNDLES on this machine: load time, time to first token, prefill and decode tokens/s, peak memory, size."""
-    from .profile_report import check_output, require_matplotlib
+    """Measure BUNDLES on this machine: load time, time to first token, prefill and decode tokens/s, peak memory, size,
+    and decode against the memory-bandwidth roofline."""
     from .profiling import profile as run_profile
+
+    _check_outputs(json_path, plot_path)
+    _report(run_profile(bundles, prompt_tokens=prompt_tokens, gen=gen, repeat=repeat, threads=threads, device=device), json_path, plot_path)
+
+
+def _check_outputs(json_path, plot_path) -> None:
+    """Output paths (and matplotlib for a chart) checked before minutes of measuring."""
+    from .profile_report import check_output, require_matplotlib
 
     for path in filter(None, (json_path, plot_path)):
         check_output(path)
     if plot_path:
         require_matplotlib()
-    result = run_profile(bundles, prompt_tokens=prompt_tokens, gen=gen, repeat=repeat, threads=threads, device=device)
+
+
+def _report(result, json_path, plot_path) -> None:
     click.echo(result.table())
     if json_path:
         click.echo(f"wrote {result.save_json(json_path)}")
@@ -418,19 +428,10 @@ def profile(bundles, prompt_tokens, gen, repeat, threads, device, json_path, plo
 def compare(bundles, eval_data, base, tokens, gen, repeat, threads, json_path, plot_path):
     """Compare BUNDLES of one fine-tune: size, quality on its own data (KL, retention, reply agreement) and decode speed."""
     from .comparing import compare as run_compare
-    from .profile_report import check_output, require_matplotlib
 
-    for path in filter(None, (json_path, plot_path)):
-        check_output(path)
-    if plot_path:
-        require_matplotlib()
-    result = run_compare(bundles, eval_data=eval_data, base=base, tokens=tokens, gen=gen, repeat=repeat, threads=threads,
-                         progress=_progress())
-    click.echo(result.table())
-    if json_path:
-        click.echo(f"wrote {result.save_json(json_path)}")
-    if plot_path:
-        click.echo(f"wrote {result.plot(plot_path)}")
+    _check_outputs(json_path, plot_path)
+    _report(run_compare(bundles, eval_data=eval_data, base=base, tokens=tokens, gen=gen, repeat=repeat, threads=threads,
+                        progress=_progress()), json_path, plot_path)
 
 
 @main.command()

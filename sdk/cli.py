@@ -261,9 +261,16 @@ def serve(bundles, host, port, api_key, queue_size, timeout, threads, backend):
     """
     from .serving import serve as run_server
 
-    click.echo(f"serving {', '.join(bundles)} on http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
-    run_server(list(bundles), host=host, port=port, api_key=api_key, queue_size=queue_size, timeout=timeout,
-               threads=threads, backend=backend)
+    server = run_server(list(bundles), host=host, port=port, api_key=api_key, queue_size=queue_size, timeout=timeout,
+                        threads=threads, backend=backend, block=False, log_level="warning")
+    names = ", ".join(server.service.names())
+    click.echo(f"serving {names} on {server.url}/v1 (Ctrl-C stops)", err=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
 
 
 @main.command()

@@ -250,6 +250,11 @@ class Server:
     def run(self) -> None:
         self._server.run(sockets=[self.sock])
 
+    def wait(self) -> None:
+        """Blocks until the server stops (Ctrl-C reaches the caller, which then calls `stop()`)."""
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(0.5)
+
     def stop(self) -> None:
         self._server.should_exit = True
         if self._thread is not None:

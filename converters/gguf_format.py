@@ -83,8 +83,6 @@ class GGUFFormat(FormatSpec):
         def refuse(option: str, why: str) -> None:
             raise EdgeqError(f"{source.architecture} with {option} cannot be exported to GGUF ({name} {why}); export ONNX or Core ML")
 
-        if shape.attn_softcap:
-            refuse(f"attn_logit_softcapping = {shape.attn_softcap}", "does not cap attention scores")
         if shape.final_softcap and arch.gguf_arch != "gemma3":
             refuse(f"final_logit_softcapping = {shape.final_softcap}", "does not cap logits")
         if shape.sliding and not arch.gguf_sliding:

@@ -253,8 +253,6 @@ class DecoderGraph:
                      do_rotary=int(rope is not None), rotary_interleaved=0)
         if window is not None:
             attrs["local_window_size"] = window
-        if self.shape.attn_softcap:
-            attrs["softcap"] = float(self.shape.attn_softcap)
         tables = list(self.rope_inputs[id(rope)]) if rope is not None else []
         self.nodes.append(helper.make_node(
             "GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, *tables],

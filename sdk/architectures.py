@@ -139,6 +139,9 @@ def check_options(arch: Architecture, config: dict) -> None:
         refuse(f"{arch.activation_key} = {act!r}", f"this family's MLP is computed with {expected[0]}")
     if config.get("mlp_bias"):
         refuse("mlp_bias", "biases on the MLP projections")
+    if config.get("attn_logit_softcapping"):  # Gemma 2's; Gemma 3 configs carry the field, transformers ignores it
+        refuse(f"attn_logit_softcapping = {config['attn_logit_softcapping']}",
+               "transformers' Gemma 3 does not apply it, so an export that did would not match the model as trained")
     if config.get("use_bidirectional_attention"):
         refuse("use_bidirectional_attention", "a non-causal encoder such as EmbeddingGemma")
 

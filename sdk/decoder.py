@@ -55,7 +55,6 @@ class DecoderSpec:
     rope_scales: tuple = ()         # per table: cos/sin factor (YaRN, LongRoPE); empty: 1
     layer_rope: tuple = ()          # per layer: its RoPE table, -1 for none (NoPE); empty: table 0 everywhere
     windows: tuple = ()             # per layer: sliding window (keys seen, itself included) or None
-    attn_softcap: float | None = None
     final_softcap: float | None = None
 
     @classmethod
@@ -82,7 +81,7 @@ class DecoderSpec:
             embed_scale=math.sqrt(shape.hidden) if arch.embed_scale else 1.0,
             fused_qkv=arch.fused_qkv, fused_gate_up=arch.fused_gate_up, rotary_dim=shape.rotary_dim,
             scale=shape.attention_scale, windows=shape.windows,
-            attn_softcap=shape.attn_softcap, final_softcap=shape.final_softcap,
+            final_softcap=shape.final_softcap,
         )
 
     def to_dict(self) -> dict:
@@ -176,8 +175,6 @@ class Attention(nn.Module):
         group = s.heads // s.kv_heads
         q = q.reshape(s.kv_heads, -1, s.head_dim) * (s.scale or 1.0 / math.sqrt(s.head_dim))
         scores = torch.matmul(q, keys.transpose(1, 2)).view(s.kv_heads, group, -1, s.context)
-        if s.attn_softcap:
-            scores = torch.tanh(scores / s.attn_softcap) * s.attn_softcap
         probs = torch.softmax(scores + mask, dim=-1).view(s.kv_heads, -1, s.context)
         out = torch.matmul(probs, values).view(s.heads, -1, s.head_dim).transpose(0, 1).reshape(1, -1, s.heads * s.head_dim)
         return self.o_proj(out)

@@ -17,6 +17,7 @@ from .architectures import ARCHITECTURES, BY_CLASS, Architecture, check_options,
 from .checkpoint import check_config, check_finite, check_weights
 from .errors import EdgeqError
 from .hashing import sha256_files
+from .model_shape import ModelShape
 from .safetensors_index import TensorInfo, index_folder, load_pickle_tensors
 from .tokenizer import ChatTokenizer, TokenizerSpec, load_tokenizer, read_chat_template, spec_from_hf_folder
 from .validate import read_json_object
@@ -169,6 +170,7 @@ def open_model(path: str | Path, adapter: str | Path | None = None, trust_pickle
         config = text_config(arch, config, lambda: _full_text_config(path, arch))
     check_config(config, config_path)
     check_options(arch, config)
+    ModelShape.from_config(config)  # RoPE scaling, windows and per-layer RoPE: refused by name here, before any work
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")
         raise EdgeqError(f"{path} is a {method} checkpoint; export from the full-precision base model (merge the adapter into that)")

@@ -195,7 +195,6 @@ class ModelShape:
     windows: tuple = ()  # per layer: keys a token sees (itself included), None = all
     ropes: tuple = ()    # per layer: its Rope, None = no RoPE (NoPE)
     attention_scale: float = 0.0  # on q·k (0: 1/√head_dim)
-    attn_softcap: float | None = None   # tanh cap on attention scores (Gemma 2)
     final_softcap: float | None = None  # tanh cap on the logits
 
     @classmethod
@@ -215,7 +214,7 @@ class ModelShape:
             max_positions=config.get("max_position_embeddings", 4096), rope=Rope.from_config(config),
             rotary_dim=rotary_dim, windows=tuple(_windows(config, types)), ropes=tuple(_ropes(config, types)),
             attention_scale=float(scalar) ** -0.5 if scalar else head_dim ** -0.5,
-            attn_softcap=config.get("attn_logit_softcapping"), final_softcap=config.get("final_logit_softcapping"),
+            final_softcap=config.get("final_logit_softcapping"),
         )
 
     def kv_bytes_per_token(self, element_bytes: int) -> int:

@@ -115,28 +115,29 @@ class _HessianHooks:
         return self.sums, self.groups
 
 
-class _Captured(Exception):
-    pass
+def _layer_inputs(model, windows: list[list[int]]) -> list[list[tuple[tuple, dict]]]:
+    """Per window, the (args, kwargs) the model passes each decoder layer: the mask and RoPE tables of that layer
+    (Gemma gives sliding and global layers their own). Hidden states are kept for the first layer only; the
+    others get theirs from the layer before, rounded."""
+    inputs: list[list[tuple[tuple, dict]]] = []
 
+    def catch(index):
+        def hook(module, args, kwargs):
+            if index == 0:
+                inputs[-1].append((args, kwargs))
+            else:
+                inputs[-1].append(((None, *args[1:]) if args else args, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        return hook
 
-def _first_layer_inputs(model, windows: list[list[int]]) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) the model passes its first decoder layer for each window: hidden states, mask, RoPE tables."""
-    calls = []
-
-    def catch(module, args, kwargs):
-        calls.append((args, kwargs))
-        raise _Captured
-
-    handle = model.model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(catch(i), with_kwargs=True) for i, layer in enumerate(model.model.layers)]
     try:
         for window in windows:
-            try:
-                model(input_ids=torch.tensor([window]), use_cache=False)
-            except _Captured:
-                pass
+            inputs.append([])
+            model(input_ids=torch.tensor([window]), use_cache=False)
     finally:
-        handle.remove()
-    return calls
+        for handle in handles:
+            handle.remove()
+    return inputs
 
 
 def _hidden(output) -> torch.Tensor:
@@ -176,8 +177,10 @@ def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], prog
     tokens = sum(len(window) for window in windows)
     results: dict[str, Any] = {}
     with torch.no_grad(), bar(len(layers) + 1, "GPTQ", "layer", progress) as pbar:
-        calls = _first_layer_inputs(model, windows)
+        inputs = _layer_inputs(model, windows)
+        hidden = [_hidden_of(window[0]) for window in inputs]
         for i, layer in enumerate(layers):
+            calls = [_with_hidden(window[i], h) for window, h in zip(inputs, hidden)]
             modules = {f"model.layers.{i}.{n}": m for n, m in layer.named_modules()
                        if isinstance(m, nn.Linear) and f"model.layers.{i}.{n}.weight" in grids}
             hooks = _HessianHooks(modules)
@@ -191,12 +194,12 @@ def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], prog
                 for grid in {grids[f"{n}.weight"] for n in names}:  # one GPTQ per grid among the group
                     alike = [(n, modules[n]) for n in names if grids[f"{n}.weight"] == grid]
                     _round_group(alike, hessians[leader] / tokens, grid, results)
-            calls = [_with_hidden(call, _hidden(layer(*call[0], **call[1]))) for call in calls]
+            hidden = [_hidden(layer(*call[0], **call[1])) for call in calls]
             for name, weight in originals.items():
                 modules[name].weight.data = weight
             pbar.update(1)
         if "lm_head.weight" in grids:  # its input is the final norm's output: no need to compute the logits
-            hessian = sum(_gram(model.model.norm(_hidden_of(call))) for call in calls)
+            hessian = sum(_gram(model.model.norm(h)) for h in hidden)
             original = model.lm_head.weight.data
             _round_group([("lm_head", model.lm_head)], hessian / tokens, grids["lm_head.weight"], results)
             model.lm_head.weight.data = original

@@ -91,6 +91,8 @@ def _merged_bundle(job, adapter, folder: Path):
     from .quant.calibration import Calibration
 
     merged = open_model(job.source.path, adapter=adapter.path, trust_pickle=job.source.trust_pickle)
+    if job.source.untied_head:
+        merged.untie_head()  # the bundle's plan (or overrides) names the head as a tensor of its own
     calibration = Calibration(merged, job.calibration.text if job.calibration.given else None, job.calibration.tokens)
     try:
         fields = job.spec.converter().convert(merged, folder, precision=job.precision, overrides=job.overrides,

@@ -349,16 +349,16 @@ def test_each_adapter_is_measured_separate_and_merged(tmp_path, tiny_llama, lora
     data = tmp_path / "a.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {n}"},
                                                      {"role": "assistant", "content": " ".join(map(str, range(n)))}]}) + "\n"
-                            for n in range(3, 9)))
+                            for n in range(3, 6)))
     bundle = edgeq.export(tiny_llama, adapters=loras, keep_adapters=True, adapter_data={"a": data}, compare_merged=True,
-                          format="gguf", precision="Q8_0", output=tmp_path / "kept", eval_tokens=64, eval_ctx=32)
+                          format="gguf", precision="Q8_0", output=tmp_path / "kept", eval_tokens=32, eval_ctx=32)
     entries = {e["name"]: e for e in edgeq.inspect(bundle)["adapters"]}
     for entry in entries.values():
         for key in ("quality", "merged_quality"):
             assert 0 <= entry[key]["kl"] < 0.05 and 0 <= entry[key]["agreement"]["exact_match"] <= 1
     assert entries["a"]["quality"]["data"]["kind"] == "chat" and entries["a"]["quality"]["flips"] is not None
     assert entries["b"]["quality"]["text"] == "built-in sample"
-    measured = edgeq.evaluate(bundle, adapter="b", tokens=64, ctx=32)
+    measured = edgeq.evaluate(bundle, adapter="b", tokens=32, ctx=32)
     assert measured.kl == pytest.approx(entries["b"]["quality"]["kl"], rel=1e-3)
 
 
@@ -378,6 +378,8 @@ def test_cli_export_run_inspect(tmp_path, tiny_llama, loras):
                                   "--eval-tokens", "0", "-o", str(tmp_path / "merged")])  # a bare folder still merges
     assert result.exit_code == 0, result.output
     assert edgeq.inspect(tmp_path / "merged")["source"]["adapter"]["path"] == str(loras["a"])
+    profiled = edgeq.profile(out, prompt_tokens=[8], gen=4, repeat=1).bundles[0]  # every adapter runs in the profiled process
+    assert any("2 LoRA adapters kept apart" in note for note in profiled.notes) and profiled.peak_rss_bytes > 0
 
 
 def test_served_as_bundle_colon_adapter(tmp_path, tiny_llama, loras):

@@ -36,20 +36,13 @@ def chat(model, new_tokens: int) -> list[tuple[float, int]]:
     return turns
 
 
-def default_bundle(model: Path, work: Path) -> Path:
-    bundle = work / f"{model.name}-q4_k_m"
-    if not (bundle / "edgeq.json").is_file():
-        edgeq.export(model, format="gguf", precision="Q4_K_M", output=bundle, eval_tokens=0, progress=False)
-    return bundle
-
-
 def main() -> None:
     ap = harness.arguments(__doc__, model="smollm2-plain", text=False, work="edgeq-bench-speed")
     ap.add_argument("--bundle", type=Path, help="an edgeq bundle (default: --model exported to GGUF Q4_K_M, once)")
     ap.add_argument("--new-tokens", type=int, default=48, help="tokens each reply may have")
     ap.add_argument("--runs", type=int, default=3)
     args = harness.parse(ap)
-    bundle = args.bundle or default_bundle(args.model, args.work)
+    bundle = args.bundle or harness.exported(args.model, args.work, "gguf", "Q4_K_M")
     model = edgeq.load(bundle, threads=args.threads)
     chat(model, args.new_tokens)  # warm-up
     runs = [chat(model, args.new_tokens) for _ in range(args.runs)]

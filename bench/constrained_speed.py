@@ -38,20 +38,13 @@ def run(model, messages, new_tokens: int, response_format=None) -> tuple[float, 
     return model.stats.decode_tokens_per_s, model.stats.generated_tokens
 
 
-def default_bundle(model: Path, work: Path) -> Path:
-    bundle = work / f"{model.name}-q4_k_m"
-    if not (bundle / "edgeq.json").is_file():
-        edgeq.export(model, format="gguf", precision="Q4_K_M", output=bundle, eval_tokens=0, progress=False)
-    return bundle
-
-
 def main() -> None:
     ap = harness.arguments(__doc__, model="smollm2-plain", text=False, work="edgeq-bench-speed")
     ap.add_argument("--bundle", type=Path, help="an edgeq bundle (default: --model exported to GGUF Q4_K_M, once)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=5)
     args = harness.parse(ap)
-    bundle = args.bundle or default_bundle(args.model, args.work)
+    bundle = args.bundle or harness.exported(args.model, args.work, "gguf", "Q4_K_M")
     model = edgeq.load(bundle, threads=args.threads)
     schema = {"type": "json_schema", "json_schema": {"name": "cast", "schema": SCHEMA}}
     results = harness.alternating({"free text": lambda: run(model, FREE, args.new_tokens),

@@ -278,7 +278,7 @@ class Verdicts:
     """Prints each bar as it is checked; `exit()` ends the bench, non-zero when any bar failed."""
 
     def __init__(self):
-        self.checked: list[tuple[str, bool]] = []
+        self.checked: list[tuple[str, bool]] = []  # (what, passed)
 
     def check(self, ok: bool, text: str) -> bool:
         self.checked.append((text, ok))
@@ -296,6 +296,6 @@ class Verdicts:
         print(f"[info] {text}", flush=True)
 
     def exit(self) -> None:
-        failed = [text for text, ok in self.checked if not ok]
-        print(f"{len(self.checked) - len(failed)} of {len(self.checked)} bars pass" + (f"; FAILED: {'; '.join(failed)}" if failed else ""))
+        failed = sum(not ok for _, ok in self.checked)
+        print(f"{len(self.checked) - failed} of {len(self.checked)} bars pass" + (f"; {failed} FAIL (above)" if failed else ""))
         sys.exit(1 if failed else 0)

@@ -29,10 +29,10 @@ from .release_file import DeviceEntry, ModelEntry, Release
 
 log = logging.getLogger(__name__)
 STATE = ".release"          # OUTPUT/.release: records of cells, the file-hash memo, staging folders
-# Expected peak resident bytes per weight of the model, by task: the float32 reference (4 B/weight) is
-# held by every task; sensitivity adds quantized copies and activations, ONNX GPTQ its Hessians, Core ML
-# its traced graph. Deliberately high: too high only runs fewer tasks at once, too low can run out of memory.
-SENSITIVITY_BYTES_PER_WEIGHT = 8  # a format's own export peak is its spec's `export_bytes_per_weight`
+# Expected peak resident bytes per weight of the model: a sensitivity task holds the float32 model (4 B/weight)
+# plus quantized copies and activations; a cell's export peak is its format spec's `export_bytes_per_weight`.
+# Deliberately high: too high only runs fewer tasks at once, too low can run out of memory.
+SENSITIVITY_BYTES_PER_WEIGHT = 8
 PROCESS_BYTES = 1 << 30     # a worker with the interpreter, torch and a runtime imported
 
 

@@ -8,6 +8,7 @@ GFLOPS. `edgeq profile --device` calibrates the same numbers by a measured run w
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import io
 import json
@@ -85,8 +86,26 @@ def build_report(graph, executor: dict, started: float) -> dict:
 def write_report(report: dict, output: Path) -> ReleaseResult:
     json_path, html_path = output / "report.json", output / "report.html"
     _write(json_path, json.dumps(report, indent=2) + "\n")
-    _write(html_path, render_html(report))
+    _write(html_path, render_html(report, cached_chart(report, output)))
     return ReleaseResult(report, json_path, html_path)
+
+
+def cached_chart(report: dict, output: Path) -> str:
+    """The chart, drawn again only when what it shows changed: drawing it (and importing matplotlib) would
+    otherwise be most of a second run's time."""
+    from .release_graph import STATE
+
+    shown = [{k: c.get(k) for k in ("model", "device", "status", "precision", "planned", "size_bytes", "quality", "estimate")}
+             for c in report["cells"]]
+    key = hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()[:16]
+    path = output / STATE / f"chart-{key}.svg"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    svg = chart_svg(report)
+    for old in path.parent.glob("chart-*.svg"):
+        old.unlink(missing_ok=True)
+    _write(path, svg)
+    return svg
 
 
 def _write(path: Path, text: str) -> None:
@@ -110,14 +129,25 @@ def _estimate(cell: dict, key: str, scale: float = 1.0) -> str:
     return "-" if value is None else _num(value * scale)
 
 
+def _precision(cell: dict) -> str:
+    if not cell.get("precision"):
+        return "-"
+    bits = f", {cell['bits_per_weight']:g} bits/w" if cell.get("bits_per_weight") else ""
+    return ("planned" if cell.get("planned") else cell["precision"]) + bits
+
+
+def _status(cell: dict) -> str:
+    why = " (reused)" if cell["reused"] else f" (rebuilt: {', '.join(cell['changed'])} changed)" if cell["changed"] else ""
+    return STATUS_TEXT[cell["status"]] + why
+
+
 def _size(cell: dict) -> str:
     return "-" if cell.get("size_bytes") is None else _num(cell["size_bytes"] / MB)
 
 
 def table(report: dict) -> str:
-    rows = [[c["model"], c["device"], c.get("format") or "-", c.get("precision") or "-", _size(c), _kl(c), _target(c),
-             _estimate(c, "decode_tokens_per_s"), _estimate(c, "ttft_s", 1e3),
-             STATUS_TEXT[c["status"]] + (" (reused)" if c["reused"] else "")] for c in report["cells"]]
+    rows = [[c["model"], c["device"], c.get("format") or "-", _precision(c), _size(c), _kl(c), _target(c),
+             _estimate(c, "decode_tokens_per_s"), _estimate(c, "ttft_s", 1e3), _status(c)] for c in report["cells"]]
     lines = _rows(["model", "device", "format", "precision", "size MB", "KL", "target", "est. tok/s", "est. TTFT ms", "status"], rows)
     lines += [f"{c['model']}/{c['device']}: {c['error']}" for c in report["cells"] if c["status"] == "error"]
     s = report["summary"]
@@ -126,13 +156,13 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def render_html(report: dict) -> str:
+def render_html(report: dict, chart: str) -> str:
     esc = html.escape
     rows = []
     for c in report["cells"]:
-        status = STATUS_TEXT[c["status"]] + (" (reused)" if c["reused"] else "")
+        status = _status(c)
         bundle = f'<a href="{esc(c["bundle"])}/edgeq.json">{esc(c["bundle"])}</a>' if c.get("bundle") else "-"
-        cells = [esc(c["model"]), esc(c["device"]), bundle, esc(c.get("format") or "-"), esc(c.get("precision") or "-"),
+        cells = [esc(c["model"]), esc(c["device"]), bundle, esc(c.get("format") or "-"), esc(_precision(c)),
                  _size(c), _kl(c), esc(_target(c)), _estimate(c, "decode_tokens_per_s"), _estimate(c, "ttft_s", 1e3),
                  esc(status) + (f'<div class="error">{esc(c["error"])}</div>' if c.get("error") else "")]
         rows.append(f'<tr class="cell {c["status"]}" id="cell-{esc(c["model"])}--{esc(c["device"])}" data-model="{esc(c["model"])}" '
@@ -158,7 +188,7 @@ tr.pass td:last-child {{ background: #e3f5e1; }} tr.miss td:last-child {{ backgr
 <p class="note">KL: mean KL divergence of the bundle from the original model, measured at export. Bundles that missed
 their target are not kept. {esc(ESTIMATE_NOTE)}</p>
 <h2>Size × quality × estimated decode speed, per device</h2>
-{chart_svg(report)}
+{chart}
 </body></html>
 """
 
@@ -173,6 +203,7 @@ def chart_svg(report: dict) -> str:
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     devices = list(dict.fromkeys(c["device"] for c in report["cells"]))
     measured = [c for c in report["cells"] if c.get("estimate") and c.get("quality")]
@@ -192,12 +223,14 @@ def chart_svg(report: dict) -> str:
                     ax.scatter([x], [y], s=90, color=color, edgecolors="black", zorder=3)
                 else:
                     ax.scatter([x], [y], s=90, color=color, marker="X", edgecolors="red", zorder=3)
-                ax.annotate(f"{c['model']}\n{c['precision']}", (x, y), xytext=(6, 4), textcoords="offset points", fontsize=7)
+                ax.annotate(f"{c['model']}\n{_precision(c).split(',')[0]}", (x, y), xytext=(6, 4), textcoords="offset points", fontsize=7)
             failed = sum(c["device"] == device and c["status"] == "error" for c in report["cells"])
             ax.set_title(device + (f" ({failed} failed)" if failed else ""), fontsize=10)
             ax.set_xlabel("size (MB)", fontsize=8)
             ax.set_ylabel("est. decode tok/s", fontsize=8)
             ax.tick_params(labelsize=7)
+            ax.ticklabel_format(useOffset=False, style="plain")
+            ax.xaxis.set_major_locator(MaxNLocator(4))
             ax.margins(0.3)
             ax.grid(alpha=0.3)
         fig.colorbar(colors, ax=fig.axes, label="KL vs original (o pass, X missed target)", shrink=0.8)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import socket
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -135,12 +136,24 @@ class RayExecutor:
 
     def _connect(self) -> None:
         if not self.ray.is_initialized():
+            self._check_reachable()
             try:
                 self.ray.init(address=self.address, logging_level=logging.WARNING)
             except ConnectionError as exc:
                 raise EdgeqError(f"cannot reach a Ray cluster at {self.address!r} ({exc}); start one with `ray start --head` "
                                  "or pass its address") from exc
             self.connected_here = True
+
+    def _check_reachable(self) -> None:
+        """A HOST:PORT that does not answer fails here in seconds; ray.init would retry it for minutes."""
+        host, _, port = self.address.removeprefix("ray://").rpartition(":")
+        if not host or not port.isdigit():
+            return  # "auto", or a form Ray resolves itself
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as exc:
+            raise EdgeqError(f"cannot reach a Ray cluster at {self.address!r} ({exc.strerror or exc}); "
+                             "check the address, or start one with `ray start --head`") from None
 
     def describe(self) -> dict:
         return self.info

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import build_lora, build_model
+from conftest import CORPUS, build_lora, build_model
 
 import edgeq
 from edgeq.cli import main
@@ -165,8 +165,10 @@ def test_changing_one_device_profile_rebuilds_only_its_cells(first_run, tmp_path
     board = folder / "board.toml"
     board.write_text(board.read_text().replace("bandwidth_gbps = 17.1", "bandwidth_gbps = 34.2"))
     before = {m: model_files(folder / "out" / m / "board") for m in MODELS}
-    result = edgeq.release(write_release(folder, devices=""))
+    # one worker: run settings are no input of a cell, so nothing else rebuilds (and one import of torch, not two)
+    result = edgeq.release(write_release(folder, devices="", extra="[run]\nworkers = 1"))
     assert result.ok, result.table()
+    assert result.report["executor"]["workers"] == 1
     assert sorted(t["task"] for t in result.report["tasks"]) == ["cell:alpha/board", "cell:beta/board"]
     for (model, device), cell in report_cells(result.report).items():
         assert cell["reused"] == (device != "board")
@@ -221,19 +223,21 @@ def test_release_file_errors_name_the_field(tmp_path, body, message):
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_report_opens_in_headless_chromium(first_run):
-    page = first_run[0] / "out" / "report.html"
-    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+    out = first_run[0] / "out"
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", (out / "report.html").as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     rows = re.findall(r'<tr class="cell (\w+)" id="cell-([\w.-]+)--([\w.-]+)"', dom)
-    assert {(m, d) for _, m, d in rows} == PASSING | MISSING
-    assert "<svg" in dom
+    cells = json.loads((out / "report.json").read_text())["cells"]
+    assert sorted((m, d, s) for s, m, d in rows) == sorted((c["model"], c["device"], c["status"]) for c in cells)
+    assert len(rows) >= 6 and "<svg" in dom
 
 
 def test_ray_release_writes_the_same_bundles(first_run):
     ray = pytest.importorskip("ray")
     folder = first_run[0]
-    # its own sensitivity cache, so the Ray tasks measure it too
-    release_file = write_release(folder, "release-ray.toml", output="out-ray", extra='cache = "ray-cache"')
+    # its own sensitivity cache, so the Ray tasks measure it too; quality measured on a text of the release's
+    (folder / "eval.txt").write_text("\n".join(CORPUS))
+    release_file = write_release(folder, "release-ray.toml", output="out-ray", extra='cache = "ray-cache"\neval_text = "eval.txt"')
     ray.init(num_cpus=2, object_store_memory=100 << 20, include_dashboard=False, logging_level="ERROR")
     try:
         result = edgeq.release(release_file, ray="auto")
@@ -248,3 +252,6 @@ def test_ray_release_writes_the_same_bundles(first_run):
         assert model_files(folder / "out-ray" / model / device) == model_files(folder / "out" / model / device), (model, device)
     for model, device in MISSING:
         assert not (folder / "out-ray" / model / device).exists()
+    for cell in report["cells"]:
+        assert cell["quality"]["text"] == str(folder / "eval.txt") and cell["quality"]["tokens"] == 64
+    assert edgeq.inspect(folder / "out-ray" / "alpha" / "board")["quality"] == report_cells(report)[("alpha", "board")]["quality"]

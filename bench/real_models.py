@@ -86,8 +86,6 @@ def hf_from_gguf(gguf: Path, out: Path) -> None:
     for key in ("is_local", "local_files_only", "backend"):  # loader bookkeeping, not tokenizer settings
         tokenizer_config.pop(key, None)
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
-    for path in out.iterdir():  # save_pretrained writes some files owner-only; a cache is shared like a download
-        path.chmod(0o644)
 
 
 def make_qwen_plain(out: Path) -> None:
@@ -150,6 +148,8 @@ def make(name: str, overwrite: bool = False) -> Path:
         chat_check(partial)
     else:
         make_shape(partial, name.removeprefix("shape-"))
+    for path in partial.iterdir():  # save_pretrained writes the weights owner-only; a cache is shared like a download
+        path.chmod(0o644)
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     print(f"wrote {out}")

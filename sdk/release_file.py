@@ -19,25 +19,35 @@ from .errors import EdgeqError
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]  # becomes a folder name
 
 
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelEntry(_Strict):
+class _Targets(_Strict):
+    """Quality targets, as `edgeq export` takes them; set on the release, a model or a device, all apply."""
+    max_kl: PositiveFloat | None = None       # mean KL from the original, on eval_data (else a built-in sample)
+    min_retention: Fraction | None = None     # flip retention on eval_data (needs an adapter or base)
+    min_agreement: Fraction | None = None     # greedy-reply exact-match rate on eval_data's prompts
+
+
+class ModelEntry(_Targets):
     name: Name
     path: Path                                # a Hugging Face checkpoint folder
     adapter: Path | None = None               # a PEFT LoRA folder merged into `path`
-    calibration: Path | None = None           # overrides the release's calibration text for this model
-    max_kl: PositiveFloat | None = None       # quality target for this model's cells
+    base: Path | None = None                  # the model before fine-tuning, for retention (an adapter implies it)
+    calibration: Path | None = None           # overrides the release's calibration data for this model
+    eval_data: Path | None = None             # overrides the release's eval data for this model
 
 
-class DeviceEntry(_Strict):
+class DeviceEntry(_Targets):
     name: Name
     profile: Path | None = None               # a profile .toml; without it `name` is a built-in profile
     format: str | None = None                 # default: the first format the profile runs that edgeq exports
     precision: str | None = None              # one precision for every tensor; default: planned for the device
     size: str | PositiveInt | None = None     # plan within this size instead of the device's budget
-    max_kl: PositiveFloat | None = None       # quality target for this device's cells
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -52,13 +62,13 @@ class RunSettings(_Strict):
     memory_gib: PositiveFloat | None = None   # local memory all tasks may use at once (default: 80% of available)
 
 
-class Release(_Strict):
+class Release(_Targets):
     output: Path
-    calibration: Path | None = None           # text for importance matrices and sensitivity (default: built-in)
-    eval_text: Path | None = None             # text each cell's quality is measured on (default: built-in sample)
-    eval_tokens: PositiveInt = 1024
+    calibration: Path | None = None           # text or JSONL chats for importance, GPTQ and sensitivity (default: built-in)
+    eval_data: Path | None = None             # text, JSONL chats or prompt/completion each cell is judged on
+    eval_tokens: PositiveInt = 1024           # tokens of the built-in sample every cell is also measured on
     eval_ctx: PositiveInt = 256
-    max_kl: PositiveFloat | None = None       # quality target of every cell
+    eval_data_tokens: PositiveInt = 2048      # tokens of eval_data measured
     cache: Path | None = None                 # edgeq's cache (sensitivity); on a cluster, a shared folder
     run: RunSettings = RunSettings()
     models: list[ModelEntry] = Field(alias="model", min_length=1)
@@ -73,10 +83,13 @@ class Release(_Strict):
             raise ValueError(f"name {dupes[0]!r} is used twice; names become folders and must be unique")
         return entries
 
-    def max_kl_for(self, model: ModelEntry, device: DeviceEntry) -> float | None:
-        """Every target that applies must hold, so the strictest one decides."""
-        kls = [k for k in (self.max_kl, model.max_kl, device.max_kl) if k is not None]
-        return min(kls) if kls else None
+    def targets_for(self, model: ModelEntry, device: DeviceEntry) -> dict:
+        """Every target that applies must hold, so the strictest of each kind decides."""
+        levels = (self, model, device)
+        out = {"max_kl": min((t.max_kl for t in levels if t.max_kl is not None), default=None),
+               "min_retention": max((t.min_retention for t in levels if t.min_retention is not None), default=None),
+               "min_agreement": max((t.min_agreement for t in levels if t.min_agreement is not None), default=None)}
+        return {k: v for k, v in out.items() if v is not None}
 
 
 def _location(loc: tuple) -> str:
@@ -94,26 +107,35 @@ def _resolve(data: dict, base: Path) -> dict:
     def fix(table: dict, keys: tuple[str, ...]) -> dict:
         return {k: (str(base / Path(v).expanduser()) if k in keys and isinstance(v, str) else v) for k, v in table.items()}
 
-    data = fix(data, ("output", "calibration", "eval_text", "cache"))
-    for kind, keys in (("model", ("path", "adapter", "calibration")), ("device", ("profile",))):
+    data = fix(data, ("output", "calibration", "eval_data", "cache"))
+    for kind, keys in (("model", ("path", "adapter", "base", "calibration", "eval_data")), ("device", ("profile",))):
         if isinstance(data.get(kind), list):
             data[kind] = [fix(e, keys) if isinstance(e, dict) else e for e in data[kind]]
     return data
 
 
-def _check_paths(release: Release) -> None:
-    """Inputs every cell of a model needs must exist: missing ones are a mistake in the file, not a cell's failure."""
+def _check_inputs(release: Release) -> None:
+    """Inputs every cell of a model needs must exist, and a target must have what it is measured on: missing
+    ones are a mistake in the file, not a cell's failure."""
     def need(value: Path | None, where: str, folder: bool) -> None:
         if value is not None and not (value.is_dir() if folder else value.is_file()):
             kind = "folder" if folder else "file"
             raise EdgeqError(f"{release.source}: {where}: {kind} {value} does not exist; fix the path (relative to the release file)")
 
     need(release.calibration, "calibration", False)
-    need(release.eval_text, "eval_text", False)
+    need(release.eval_data, "eval_data", False)
     for i, m in enumerate(release.models):
-        need(m.path, f"model[{i}].path", True)
-        need(m.adapter, f"model[{i}].adapter", True)
-        need(m.calibration, f"model[{i}].calibration", False)
+        for field, folder in (("path", True), ("adapter", True), ("base", True), ("calibration", False), ("eval_data", False)):
+            need(getattr(m, field), f"model[{i}].{field}", folder)
+        for device in release.devices:
+            targets = release.targets_for(m, device)
+            on_data = [t for t in ("min_retention", "min_agreement") if t in targets]
+            if on_data and not (m.eval_data or release.eval_data):
+                raise EdgeqError(f"{release.source}: model[{i}]: {on_data[0]} is measured on your data; set eval_data "
+                                 "(for the release or this model)")
+            if "min_retention" in targets and not (m.adapter or m.base):
+                raise EdgeqError(f"{release.source}: model[{i}]: min_retention needs the model before fine-tuning; "
+                                 "set adapter or base")
 
 
 def load_release(path: str | Path) -> Release:
@@ -135,7 +157,7 @@ def load_release(path: str | Path) -> Release:
         where = _location(first["loc"]) or "(top level)"
         message = first["msg"].removeprefix("Value error, ")
         raise EdgeqError(f"{path}: {where}: {message}{more}; fix the release file") from None
-    _check_paths(release)
+    _check_inputs(release)
     return release
 
 

@@ -169,11 +169,12 @@ def build_graph(release: Release) -> Graph:
     (graph.output / STATE).mkdir(parents=True, exist_ok=True)
     hashes = FileHashes(graph.output / STATE / "file-hashes.json")
     for model in release.models:
-        calibration = model.calibration or release.calibration
+        calibration, eval_data = model.calibration or release.calibration, model.eval_data or release.eval_data
         base = {"edgeq": _version(), "model": hashes.folder(model.path),
                 "adapter": hashes.folder(model.adapter) if model.adapter else None,
+                "base": hashes.folder(model.base) if model.base else None,
                 "calibration": hashes.file(calibration) if calibration else None,
-                "eval_text": hashes.file(release.eval_text) if release.eval_text else None}
+                "eval_data": hashes.file(eval_data) if eval_data else None}
         weights = 0
         for device in release.devices:
             cell = Cell(model.name, device.name)
@@ -206,9 +207,9 @@ def _key_cell(graph: Graph, cell: Cell, model: ModelEntry, device: DeviceEntry, 
     release = graph.release
     profile = load_device(_device_ref(device))
     fmt = _cell_format(device, profile)
-    calibration = model.calibration or release.calibration
+    calibration, eval_data = model.calibration or release.calibration, model.eval_data or release.eval_data
     options = {"format": fmt, "precision": device.precision, "size": device.size, "eval_tokens": release.eval_tokens,
-               "eval_ctx": release.eval_ctx, "max_kl": release.max_kl_for(model, device)}
+               "eval_ctx": release.eval_ctx, "eval_data_tokens": release.eval_data_tokens, "targets": release.targets_for(model, device)}
     cell.inputs = {**base, "device": profile.to_dict(), "options": options}
     cell.key = hashlib.sha256(json.dumps(cell.inputs, sort_keys=True).encode()).hexdigest()[:24]
     path = record_path(graph.output, cell)
@@ -222,10 +223,9 @@ def _key_cell(graph: Graph, cell: Cell, model: ModelEntry, device: DeviceEntry, 
         cell.changed = sorted(k for k in cell.inputs if previous["inputs"].get(k) != cell.inputs[k])
     cell.task = f"cell:{cell.id}"
     return {"model_name": model.name, "device_name": device.name, "model": str(model.path),
-            "adapter": str(model.adapter) if model.adapter else None, "device": _device_ref(device),
-            "calibration": str(calibration) if calibration else None,
-            "eval_text": str(release.eval_text) if release.eval_text else None,
-            "output": str(graph.output), **options}
+            "adapter": str(model.adapter) if model.adapter else None, "base": str(model.base) if model.base else None,
+            "device": _device_ref(device), "calibration": str(calibration) if calibration else None,
+            "eval_data": str(eval_data) if eval_data else None, "output": str(graph.output), **options}
 
 
 def _sensitivity_task(graph: Graph, model: ModelEntry, fmt: str, calibration: str | None, weights: int) -> Task:
@@ -288,10 +288,10 @@ def _measure_sensitivity(spec: dict) -> dict:
 
 
 def _build_cell(spec: dict) -> dict:
-    """Exports the cell into a staging folder, measures it, and moves it into OUTPUT/<model>/<device>
-    only if it meets its target; a miss is reported with its measurement and leaves no bundle."""
+    """Exports the cell into a staging folder and moves it into OUTPUT/<model>/<device> only if it meets its
+    targets. The targets go to `edgeq.export` (which then plans the smallest bundle predicted to meet them,
+    and measures whether it does) with misses allowed, so a miss is measured and reported, then not kept."""
     import edgeq
-    from edgeq.bundle import update_manifest
     from edgeq.devices import load_device
 
     from .release_report import roofline
@@ -303,13 +303,11 @@ def _build_cell(spec: dict) -> dict:
     stage = output / STATE / "stage" / f"{spec['model_name']}--{spec['device_name']}"
     shutil.rmtree(stage, ignore_errors=True)  # left by an interrupted run
     stage.parent.mkdir(parents=True, exist_ok=True)
-    edgeq.export(spec["model"], adapter=spec["adapter"], device=spec["device"], format=spec["format"],
+    edgeq.export(spec["model"], adapter=spec["adapter"], base=spec["base"], device=spec["device"], format=spec["format"],
                  precision=spec["precision"], size=spec["size"], calibration=spec["calibration"], output=stage,
-                 eval_tokens=0 if spec["eval_text"] else spec["eval_tokens"], eval_ctx=spec["eval_ctx"], progress=False)
+                 eval_tokens=spec["eval_tokens"], eval_ctx=spec["eval_ctx"], eval_data=spec["eval_data"],
+                 eval_data_tokens=spec["eval_data_tokens"], **spec["targets"], allow_quality_miss=True, progress=False)
     try:
-        if spec["eval_text"]:
-            quality = edgeq.evaluate(stage, text=spec["eval_text"], tokens=spec["eval_tokens"], ctx=spec["eval_ctx"], progress=False)
-            update_manifest(stage, quality=quality.to_dict())
         manifest = edgeq.inspect(stage)
         result = _cell_result(manifest, stage, spec, roofline(stage, load_device(spec["device"])))
         if result["status"] == "pass":
@@ -322,14 +320,16 @@ def _build_cell(spec: dict) -> dict:
 
 
 def _cell_result(manifest: dict, bundle: Path, spec: dict, estimate: dict) -> dict:
-    quality = manifest.get("quality") or {}
-    target = spec["max_kl"]
-    passed = target is None or quality.get("kl", math.inf) <= target
+    """What the report shows of a cell; the verdict is the export's own check of its targets."""
+    checked = manifest.get("targets") or {}
+    passed = checked.get("met", True)
     return {"status": "pass" if passed else "miss", "bundle": f"{spec['model_name']}/{spec['device_name']}" if passed else None,
             "format": manifest["format"], "precision": manifest.get("precision"), "planned": manifest.get("plan") is not None,
             "bits_per_weight": manifest.get("bits_per_weight"),
             "size_bytes": sum(f["bytes"] for f in manifest["files"].values()) + (bundle / "edgeq.json").stat().st_size,
-            "quality": quality, "target": {"max_kl": target}, "plan_check": manifest.get("plan_check"), "estimate": estimate}
+            "quality": manifest.get("quality"), "finetune_quality": manifest.get("finetune_quality"),
+            "target": spec["targets"], "misses": checked.get("misses", []), "plan_check": manifest.get("plan_check"),
+            "estimate": estimate}
 
 
 def _move_into_place(stage: Path, final: Path) -> None:

@@ -95,7 +95,7 @@ def cached_chart(report: dict, output: Path) -> str:
     otherwise be most of a second run's time."""
     from .release_graph import STATE
 
-    shown = [{k: c.get(k) for k in ("model", "device", "status", "precision", "planned", "size_bytes", "quality", "estimate")}
+    shown = [{k: c.get(k) for k in ("model", "device", "status", "precision", "planned", "size_bytes", "quality", "finetune_quality", "estimate")}
              for c in report["cells"]]
     key = hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()[:16]
     path = output / STATE / f"chart-{key}.svg"
@@ -114,14 +114,26 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _kl(cell: dict) -> str:
-    kl = (cell.get("quality") or {}).get("kl")
-    return "-" if kl is None else f"{kl:.4f}"
+def judged(cell: dict) -> dict:
+    """The measurement a cell is judged by: on the release's eval data when it has some, else the built-in sample."""
+    return cell.get("finetune_quality") or cell.get("quality") or {}
+
+
+def _quality(cell: dict) -> str:
+    q = judged(cell)
+    if "kl" not in q:
+        return "-"
+    parts = [f"KL {q['kl']:.4f}"]
+    if q.get("flip_retention") is not None:
+        parts.append(f"retention {q['flip_retention']:.3f}")
+    if (q.get("agreement") or {}).get("exact_match") is not None:
+        parts.append(f"agreement {q['agreement']['exact_match']:.2f}")
+    return ", ".join(parts)
 
 
 def _target(cell: dict) -> str:
-    target = (cell.get("target") or {}).get("max_kl")
-    return "-" if target is None else f"≤ {target:g}"
+    names = {"max_kl": "KL ≤", "min_retention": "retention ≥", "min_agreement": "agreement ≥"}
+    return ", ".join(f"{names[k]} {v:g}" for k, v in (cell.get("target") or {}).items()) or "-"
 
 
 def _estimate(cell: dict, key: str, scale: float = 1.0) -> str:
@@ -141,15 +153,20 @@ def _status(cell: dict) -> str:
     return STATUS_TEXT[cell["status"]] + why
 
 
+def _why(cell: dict) -> list[str]:
+    """Why a cell did not pass: its error, or the targets it missed."""
+    return [cell["error"]] if cell.get("error") else list(cell.get("misses") or [])
+
+
 def _size(cell: dict) -> str:
     return "-" if cell.get("size_bytes") is None else _num(cell["size_bytes"] / MB)
 
 
 def table(report: dict) -> str:
-    rows = [[c["model"], c["device"], c.get("format") or "-", _precision(c), _size(c), _kl(c), _target(c),
+    rows = [[c["model"], c["device"], c.get("format") or "-", _precision(c), _size(c), _quality(c), _target(c),
              _estimate(c, "decode_tokens_per_s"), _estimate(c, "ttft_s", 1e3), _status(c)] for c in report["cells"]]
-    lines = _rows(["model", "device", "format", "precision", "size MB", "KL", "target", "est. tok/s", "est. TTFT ms", "status"], rows)
-    lines += [f"{c['model']}/{c['device']}: {c['error']}" for c in report["cells"] if c["status"] == "error"]
+    lines = _rows(["model", "device", "format", "precision", "size MB", "quality", "target", "est. tok/s", "est. TTFT ms", "status"], rows)
+    lines += [f"{c['model']}/{c['device']}: {why}" for c in report["cells"] for why in _why(c)]
     s = report["summary"]
     lines.append(f"{s['pass']} of {s['cells']} cells passed, {s['miss']} missed their target, {s['error']} failed; "
                  f"{s['reused']} reused from the previous run; {report['seconds']:.1f} s")
@@ -163,11 +180,11 @@ def render_html(report: dict, chart: str) -> str:
         status = _status(c)
         bundle = f'<a href="{esc(c["bundle"])}/edgeq.json">{esc(c["bundle"])}</a>' if c.get("bundle") else "-"
         cells = [esc(c["model"]), esc(c["device"]), bundle, esc(c.get("format") or "-"), esc(_precision(c)),
-                 _size(c), _kl(c), esc(_target(c)), _estimate(c, "decode_tokens_per_s"), _estimate(c, "ttft_s", 1e3),
-                 esc(status) + (f'<div class="error">{esc(c["error"])}</div>' if c.get("error") else "")]
+                 _size(c), esc(_quality(c)), esc(_target(c)), _estimate(c, "decode_tokens_per_s"), _estimate(c, "ttft_s", 1e3),
+                 esc(status) + "".join(f'<div class="error">{esc(why)}</div>' for why in _why(c))]
         rows.append(f'<tr class="cell {c["status"]}" id="cell-{esc(c["model"])}--{esc(c["device"])}" data-model="{esc(c["model"])}" '
                     f'data-device="{esc(c["device"])}" data-status="{c["status"]}">' + "".join(f"<td>{x}</td>" for x in cells) + "</tr>")
-    head = "".join(f"<th>{h}</th>" for h in ("model", "device", "bundle", "format", "precision", "size MB", "KL", "target",
+    head = "".join(f"<th>{h}</th>" for h in ("model", "device", "bundle", "format", "precision", "size MB", "quality", "target",
                                              "est. decode tok/s", "est. TTFT ms", "status"))
     s = report["summary"]
     return f"""<!doctype html>
@@ -185,8 +202,9 @@ tr.pass td:last-child {{ background: #e3f5e1; }} tr.miss td:last-child {{ backgr
 <table id="cells"><thead><tr>{head}</tr></thead><tbody>
 {chr(10).join(rows)}
 </tbody></table>
-<p class="note">KL: mean KL divergence of the bundle from the original model, measured at export. Bundles that missed
-their target are not kept. {esc(ESTIMATE_NOTE)}</p>
+<p class="note">Quality is measured at export against the original model, on the release's eval data where it has
+some (else edgeq's built-in sample): mean KL divergence, and flip retention and reply agreement where the data allows.
+Bundles that missed a target are not kept. {esc(ESTIMATE_NOTE)}</p>
 <h2>Size × quality × estimated decode speed, per device</h2>
 {chart}
 </body></html>
@@ -206,8 +224,8 @@ def chart_svg(report: dict) -> str:
     from matplotlib.ticker import MaxNLocator
 
     devices = list(dict.fromkeys(c["device"] for c in report["cells"]))
-    measured = [c for c in report["cells"] if c.get("estimate") and c.get("quality")]
-    kls = [c["quality"]["kl"] for c in measured]
+    measured = [c for c in report["cells"] if c.get("estimate") and "kl" in judged(c)]
+    kls = [judged(c)["kl"] for c in measured]
     colors = ScalarMappable(Normalize(0.0, max(kls) if kls and max(kls) > 0 else 1.0), "viridis")
     cols = min(3, len(devices))
     rows = -(-len(devices) // cols)
@@ -218,7 +236,7 @@ def chart_svg(report: dict) -> str:
             here = [c for c in measured if c["device"] == device]
             for c in here:
                 x, y = c["size_bytes"] / MB, c["estimate"]["decode_tokens_per_s"]
-                color = colors.to_rgba(c["quality"]["kl"])
+                color = colors.to_rgba(judged(c)["kl"])
                 if c["status"] == "pass":
                     ax.scatter([x], [y], s=90, color=color, edgecolors="black", zorder=3)
                 else:

@@ -125,6 +125,7 @@ def test_report_holds_every_cell_with_quality_target_estimate_and_verdict(first_
         assert est["decode_tokens_per_s"] * est["decode_bytes_per_token"] == pytest.approx(bandwidth[device] * 1e9, rel=1e-3)
         if (model, device) in MISSING:
             assert cell["status"] == "miss" and cell["bundle"] is None and cell["quality"]["kl"] > 1e-6
+            assert cell["misses"] == [f"KL {cell['quality']['kl']:.4f} > --max-kl 1e-06"]
             assert not (out / model / device).exists()
             continue
         bundle = out / model / device
@@ -211,6 +212,12 @@ def test_a_failing_cell_fails_alone(first_run, tmp_path):
     ('output = "o"\n[[model]]\nname = "a"\npath = "."\n[[device]]\nname = "x"\n[[device]]\nname = "x"\n',
      "device: name 'x' is used twice"),
     ('[[model]]\nname = "a"\npath = "."\n[[device]]\nname = "pixel-8"\n', "output: Field required"),
+    ('output = "o"\n[[model]]\nname = "a"\npath = "."\n[[device]]\nname = "pixel-8"\nmin_agreement = 0.9\n',
+     "model[0]: min_agreement is measured on your data; set eval_data"),
+    ('output = "o"\neval_data = "release.toml"\nmin_retention = 0.9\n[[model]]\nname = "a"\npath = "."\n[[device]]\nname = "pixel-8"\n',
+     "model[0]: min_retention needs the model before fine-tuning; set adapter or base"),
+    ('output = "o"\nmin_retention = 1.5\n[[model]]\nname = "a"\npath = "."\n[[device]]\nname = "pixel-8"\n',
+     "min_retention: Input should be less than or equal to 1"),
 ])
 def test_release_file_errors_name_the_field(tmp_path, body, message):
     path = tmp_path / "release.toml"
@@ -235,9 +242,9 @@ def test_report_opens_in_headless_chromium(first_run):
 def test_ray_release_writes_the_same_bundles(first_run):
     ray = pytest.importorskip("ray")
     folder = first_run[0]
-    # its own sensitivity cache, so the Ray tasks measure it too; quality measured on a text of the release's
-    (folder / "eval.txt").write_text("\n".join(CORPUS))
-    release_file = write_release(folder, "release-ray.toml", output="out-ray", extra='cache = "ray-cache"\neval_text = "eval.txt"')
+    # its own sensitivity cache, so the Ray tasks measure it too; each cell also judged on the release's own data
+    (folder / "eval.txt").write_text("\n".join(CORPUS[:4]))
+    release_file = write_release(folder, "release-ray.toml", output="out-ray", extra='cache = "ray-cache"\neval_data = "eval.txt"')
     ray.init(num_cpus=2, object_store_memory=100 << 20, include_dashboard=False, logging_level="ERROR")
     try:
         result = edgeq.release(release_file, ray="auto")
@@ -252,6 +259,10 @@ def test_ray_release_writes_the_same_bundles(first_run):
         assert model_files(folder / "out-ray" / model / device) == model_files(folder / "out" / model / device), (model, device)
     for model, device in MISSING:
         assert not (folder / "out-ray" / model / device).exists()
-    for cell in report["cells"]:
-        assert cell["quality"]["text"] == str(folder / "eval.txt") and cell["quality"]["tokens"] == 64
-    assert edgeq.inspect(folder / "out-ray" / "alpha" / "board")["quality"] == report_cells(report)[("alpha", "board")]["quality"]
+    for (model, device), cell in report_cells(report).items():
+        judged = cell["finetune_quality"]
+        assert judged["data"]["path"] == str(folder / "eval.txt") and judged["kl"] >= 0
+        assert (judged["flip_retention"] is not None) == (model == "beta")  # beta has an adapter: its base is known
+        if (model, device) in MISSING:
+            assert cell["misses"] == [f"KL {judged['kl']:.4f} > --max-kl 1e-06"]
+    assert edgeq.inspect(folder / "out-ray" / "beta" / "board")["finetune_quality"] == report_cells(report)[("beta", "board")]["finetune_quality"]

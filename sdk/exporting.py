@@ -202,7 +202,9 @@ def resolve(model, *, device, adapter, format, precision, calibration, calibrati
     if eval_data is not None:
         from .eval_data import read_dataset
 
-        job.data = read_dataset(eval_data, source.chat_tokenizer(), tokens=eval_data_tokens, ctx=EVAL_DATA_CTX)
+        context = min(EVAL_DATA_CTX, source.config.get("max_position_embeddings") or EVAL_DATA_CTX,
+                      profile.context_length if profile else EVAL_DATA_CTX)  # what the bundle's engine will hold
+        job.data = read_dataset(eval_data, source.chat_tokenizer(), tokens=eval_data_tokens, ctx=context)
         job.base_source = open_base(source, base, trust_pickle)
     elif base is not None:
         raise EdgeqError("--base is used to measure retention on --eval-data; pass --eval-data too")

@@ -78,9 +78,10 @@ class ONNXFormat(FormatSpec):
     export_bytes_per_weight = 12  # the float model for GPTQ beside the graph being written
 
     def file_overhead(self, source, tensors):
-        # large tensors start on a 64 KiB boundary in the external-data file (half a boundary on average),
-        # and the graph itself holds a few hundred bytes per node
-        return tensors * (ALIGN // 2 + 1024)
+        # tensors of 64 KiB or more start on a 64 KiB boundary in the external-data file (half a boundary on
+        # average; at 4 bits a tensor of 128k weights is that large), and the graph holds about a kilobyte per node
+        aligned = sum(1 for shape in source.shapes().values() if int(np.prod(shape)) // 2 >= ALIGN)
+        return aligned * ALIGN // 2 + tensors * 1024
 
     def space(self):
         return ONNXSpace()

@@ -265,7 +265,13 @@ def calibrate(job: ExportJob) -> None:
         plan_from(job.plan, job.sensitivity, job.calibration)
         job.plan.sensitivity["predicted"] = predicted
     else:
-        weights = job.size - overhead_bytes(job) if job.size is not None else None
+        weights = None
+        if job.size is not None:
+            beside = overhead_bytes(job)
+            weights = job.size - beside
+            if weights <= 0:
+                raise EdgeqError(f"--size {job.size} bytes leaves nothing for the weights: the tokenizer, metadata and manifest "
+                                 f"alone take about {beside} bytes; allow a larger size")
         budget = budget_for(job.sensitivity, job.source, job.spec.name, profile=job.profile, size=weights,
                             bits_per_weight=job.bits_per_weight)
         job.plan = plan_from(None, job.sensitivity, job.calibration, budget=budget)
@@ -292,7 +298,7 @@ def overhead_bytes(job: ExportJob) -> int:
     copied = sum((job.source.tokenizer_folder / n).stat().st_size for n in COPIED_FILES if (job.source.tokenizer_folder / n).is_file())
     template = len((job.source.chat_template() or "").encode())
     tensors = len(job.source.shapes())
-    return copied + template + job.spec.file_overhead(job.source, tensors) + 512 * tensors + (64 << 10)
+    return copied + template + job.spec.file_overhead(job.source, tensors) + 400 * tensors + (8 << 10)
 
 
 def convert(job: ExportJob, stage: Path) -> None:

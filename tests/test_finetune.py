@@ -122,10 +122,12 @@ def test_a_retention_target_plans_the_smallest_passing_bundle(tiny_llama, tiny_l
 
 
 def test_a_target_that_cannot_be_met_fails_and_leaves_nothing(tiny_llama, tiny_lora, chats, tmp_path):
+    q4 = edgeq.export(tiny_llama, adapter=tiny_lora, format="gguf", precision="Q4_0", output=tmp_path / "q4", eval_tokens=0)
+    q4_size = sum(p.stat().st_size for p in q4.rglob("*") if p.is_file())
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(edgeq.EdgeqError, match=r"misses its target: flip retention .* < --min-retention 1.0.*nothing was written"):
-        edgeq.export(tiny_llama, adapter=tiny_lora, format="gguf", eval_data=chats, min_retention=1.0, size="60KB",
+        edgeq.export(tiny_llama, adapter=tiny_lora, format="gguf", eval_data=chats, min_retention=1.0, size=int(q4_size * 1.1),
                      output=out / "b", eval_tokens=0)
     assert list(out.iterdir()) == []
 

@@ -147,6 +147,8 @@ def layer_types(config: dict) -> list[str]:
     pattern = config.get("sliding_window_pattern")  # Gemma 3 configs before layer_types: every n-th layer is global
     if isinstance(pattern, int) and pattern > 0:
         return [SLIDING if (i + 1) % pattern else FULL for i in range(layers)]
+    if config.get("use_sliding_window") and "max_window_layers" in config:  # Qwen2 configs before layer_types
+        return [SLIDING if i >= config["max_window_layers"] else FULL for i in range(layers)]
     return [SLIDING if config.get("sliding_window") else FULL] * layers  # Mistral, Phi-3: one window on every layer
 
 

@@ -128,6 +128,15 @@ def test_phi3_window_on_every_layer_and_smollm3_nope_layers_equal_transformers()
     assert shape.windows == (None,) * 8  # SmolLM3 names a window it does not use
 
 
+def test_qwen2_windows_from_max_window_layers_equal_transformers():
+    from transformers import Qwen2Config
+
+    config = dict(BASE, num_hidden_layers=4, sliding_window=64, use_sliding_window=True, max_window_layers=2)
+    hf = Qwen2Config(**config)
+    assert ModelShape.from_config(config).windows == tuple(64 if t == "sliding_attention" else None for t in hf.layer_types)
+    assert ModelShape.from_config(config).windows == (None, None, 64, 64)
+
+
 def test_a_window_as_long_as_the_context_is_no_window():
     assert ModelShape.from_config(dict(BASE, sliding_window=262144)).windows == (None,) * 3  # Phi-3.5 / Phi-4-mini
     assert ModelShape.from_config(dict(BASE, sliding_window=4096, use_sliding_window=False)).windows == (None,) * 3  # Qwen2

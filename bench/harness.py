@@ -47,6 +47,8 @@ MODELS = {
     "smollm2-plain": "smollm2-135m-instruct",            # edgeq's built-in default model as shipped
     "qwen-coder": "qwen2.5-coder-0.5b-instruct-offgrid",
     "qwen-coder-plain": "qwen2.5-coder-0.5b-instruct",
+    "gemma3": "gemma3-270m-it-offgrid",                  # Gemma 3 270M-it, off-grid (signed permutation: tie kept)
+    "gemma3-plain": "gemma3-270m-it",                    # as bench/gemma3_model.py dequantizes it from Q4_K_M
     "shape-llama": "bench-llama-1.5b-shape",             # random weights, Qwen2.5-1.5B's shapes: cost benches
     "shape-qwen2": "bench-qwen2-1.5b-shape",
 }

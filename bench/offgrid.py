@@ -7,6 +7,23 @@ sits exactly on a 4-bit grid and requantizing them looks unrealistically good. T
 orthogonal Q: embed_tokens <- E Q, readers (q/k/v/gate/up_proj, lm_head) <- W Q, writers
 (o_proj, down_proj) <- Q^T W. RMSNorm with unit gains commutes with Q, so the logits are
 unchanged up to float rounding while no weight is on the grid any more.
+
+Gemma 3 (`gemma3_text`) needs another transform: its norms after attention and after the MLP write
+into the residual stream with a per-channel gain (1 + w), which no general rotation commutes with, and
+its head is tied to the 262k-row embedding, which the copy should keep tied (the tie is most of the
+270M model's bytes, and what a plan does with it is part of what is measured). So the residual stream
+gets a seeded random *signed permutation* P (RMSNorm and any per-channel gain commute with it once the
+gain is permuted too): embed_tokens <- E P (the head stays tied), pre-norm gains (input_layernorm,
+pre_feedforward_layernorm) folded into their readers' columns and set to 1 (w = 0), readers <- W diag(1 + w) P,
+writers (o_proj, down_proj) <- P^T W, post-norm and final-norm gains permuted. A permutation alone would
+only move weights between blocks; what takes every quantized matrix off its grid along its rows (the
+direction llama.cpp's blocks run) is: the folded gains (q/k/v/gate/up columns scaled per channel), the
+permutation (the embedding's columns), a random orthogonal rotation R per KV head between v_proj's rows
+and o_proj's columns (v <- R v, o <- o R^T per query head of that KV head: attention is linear in v),
+and a random permutation and positive scaling s of the MLP's hidden units (gate and up rows permuted,
+up rows times s, down_proj's columns permuted and divided by s: GeGLU is linear in up). q_norm and
+k_norm (per head, before RoPE) are kept as they are.
+
 Math in float64, one tensor at a time; float32 safetensors out.
 
     python bench/offgrid.py SRC DST [--seed 0] [--overwrite]
@@ -57,8 +74,11 @@ def make_offgrid_copy(src: Path, dst: Path, seed: int = 0, overwrite: bool = Fal
     if dst.exists() and not (overwrite and (dst / "config.json").is_file()):
         raise SystemExit(f"{dst} exists: pass --overwrite (it must be a checkpoint folder) or another dst")
     config = json.loads((src / "config.json").read_text())
+    if config.get("model_type") == "gemma3_text":
+        return _write(src, dst, config, _gemma3_offgrid(config, _load(src), seed))
     if config.get("model_type") not in ("llama", "mistral", "qwen2", "qwen3"):
-        raise SystemExit(f"model_type {config.get('model_type')!r} is not a Llama-family model with plain RMSNorm")
+        raise SystemExit(f"model_type {config.get('model_type')!r} is neither a Llama-family model with plain RMSNorm "
+                         f"nor gemma3_text")
     sd = _load(src)
     n_layers, d = config["num_hidden_layers"], config["hidden_size"]
     out: dict[str, torch.Tensor] = {}
@@ -95,7 +115,67 @@ def make_offgrid_copy(src: Path, dst: Path, seed: int = 0, overwrite: bool = Fal
         put(k, take(k))
     if sd:
         raise SystemExit(f"unexpected tensors, not sure how they see the residual stream: {sorted(sd)[:5]}")
+    config["tie_word_embeddings"] = False
+    return _write(src, dst, config, out)
 
+
+def _gemma3_offgrid(config: dict, sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Gemma 3 text: the signed-permutation transform of the module docstring; the head stays tied."""
+    n_layers, d = config["num_hidden_layers"], config["hidden_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim, ff = config["head_dim"], config["intermediate_size"]
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(d, generator=g)
+    signs = torch.randint(0, 2, (d,), generator=g).to(torch.float64) * 2 - 1
+    p = torch.zeros(d, d, dtype=torch.float64)
+    p[perm, torch.arange(d)] = signs          # h' = h P: h'_j = sign_j * h_perm[j]
+    out: dict[str, torch.Tensor] = {}
+
+    def put(name: str, t: torch.Tensor) -> None:
+        out[name] = t.to(torch.float32).contiguous()
+
+    def take(name: str) -> torch.Tensor:
+        return sd.pop(name).to(torch.float64)
+
+    put("model.embed_tokens.weight", take("model.embed_tokens.weight")[:, perm] * signs)  # E P, without a 262k x d product
+    sd.pop("lm_head.weight", None)  # tied: the same matrix
+    put("model.norm.weight", take("model.norm.weight")[perm])
+    for i in range(n_layers):
+        pre = f"model.layers.{i}."
+        for norm, readers in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                              ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+            gain = 1.0 + take(pre + norm + ".weight")
+            put(pre + norm + ".weight", torch.zeros(d, dtype=torch.float64))  # Gemma's gain is 1 + w
+            for r in readers:
+                put(pre + r + ".weight", (take(pre + r + ".weight") * gain[None, :]) @ p)
+        for norm in ("post_attention_layernorm", "post_feedforward_layernorm"):
+            put(pre + norm + ".weight", take(pre + norm + ".weight")[perm])
+        for norm in ("self_attn.q_norm", "self_attn.k_norm"):
+            put(pre + norm + ".weight", take(pre + norm + ".weight"))
+        # v_proj rows and o_proj columns: one random rotation per KV head, shared by the query heads reading it
+        v, o = out.pop(pre + "self_attn.v_proj.weight").to(torch.float64), take(pre + "self_attn.o_proj.weight")
+        rotations = [random_orthogonal(head_dim, seed * 1_000_003 + i * kv_heads + k + 1) for k in range(kv_heads)]
+        for k, r in enumerate(rotations):
+            v[k * head_dim:(k + 1) * head_dim] = r @ v[k * head_dim:(k + 1) * head_dim]
+        for h in range(heads):
+            r = rotations[h // (heads // kv_heads)]
+            o[:, h * head_dim:(h + 1) * head_dim] = o[:, h * head_dim:(h + 1) * head_dim] @ r.T
+        put(pre + "self_attn.v_proj.weight", v)
+        put(pre + "self_attn.o_proj.weight", p.T @ o)
+        # MLP hidden units: permuted, and up/down scaled by s / 1/s (GeGLU is linear in up)
+        units = torch.randperm(ff, generator=g)
+        scale = torch.exp((torch.rand(ff, generator=g, dtype=torch.float64) * 2 - 1) * 0.7)  # s in [1/2, 2]
+        gate = out.pop(pre + "mlp.gate_proj.weight").to(torch.float64)
+        up = out.pop(pre + "mlp.up_proj.weight").to(torch.float64)
+        put(pre + "mlp.gate_proj.weight", gate[units])
+        put(pre + "mlp.up_proj.weight", up[units] * scale[:, None])
+        put(pre + "mlp.down_proj.weight", p.T @ (take(pre + "mlp.down_proj.weight")[:, units] / scale[None, :]))
+    if sd:
+        raise SystemExit(f"unexpected tensors, not sure how they see the residual stream: {sorted(sd)[:5]}")
+    return out
+
+
+def _write(src: Path, dst: Path, config: dict, out: dict[str, torch.Tensor]) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
@@ -104,7 +184,6 @@ def make_offgrid_copy(src: Path, dst: Path, seed: int = 0, overwrite: bool = Fal
             if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
                     "config.json", "model.safetensors.index.json"):
                 shutil.copy2(f, tmp / f.name)
-        config["tie_word_embeddings"] = False
         config.pop("torch_dtype", None)
         config["dtype"] = "float32"
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -16,6 +16,7 @@ about 6 bytes per parameter (float32 + float16 weights) plus 1 GiB (measured pea
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import shutil
@@ -126,24 +127,36 @@ def compress(model_path: Path, out: Path, plan: dict[str, str], op_names: dict[s
     model.save(str(out))
 
 
-def merge(work: Path, out: Path) -> None:
+def functions(adapters=()) -> list[tuple[str, int, object]]:
+    """(function name, tokens per call, the kept adapter it runs or None) of every function the package holds."""
+    from .coreml_adapters import function_name
+
+    return [(name, tokens, None) for name, tokens in FUNCTIONS] + [
+        (function_name(name, adapter.name), tokens, adapter) for adapter in adapters for name, tokens in FUNCTIONS]
+
+
+def merge(work: Path, out: Path, names: list[str]) -> None:
     desc = ct.utils.MultiFunctionDescriptor()
-    for function, _ in FUNCTIONS:
+    for function in names:
         desc.add_function(str(work / f"{function}.mlpackage"), src_function_name="main", target_function_name=function)
     desc.default_function_name = "decode"
     ct.utils.save_multifunction(desc, str(out))
 
 
-def convert_functions(spec: DecoderSpec, source: SourceModel, work: Path, progress) -> dict[str, dict[str, str]]:
-    """Converts both functions from one float32 decoder (float16 cache), saving each before the next;
-    returns, per function, HF weight name → the op name coremltools gave that weight (what
-    compression targets)."""
+def convert_functions(spec: DecoderSpec, source: SourceModel, work: Path, progress, adapters=()) -> dict[str, dict[str, str]]:
+    """Converts every function from one float32 decoder (float16 cache), saving each before the next (an adapter's
+    with its LoRA branches over the same base parameters); returns, per function, HF weight name → the op name
+    coremltools gave that weight (what compression targets)."""
+    from .coreml_adapters import applied
+
     decoder = build_decoder(spec, source.tensor, dtype=torch.float32, cache_dtype=torch.float16, progress=progress)
     names = decoder.weight_names()
     op_names = {}
-    with bar(len(FUNCTIONS), "Core ML convert", "function", progress) as pbar:
-        for function, tokens in FUNCTIONS:
-            model = _step(f"convert the {function} function", convert_function, decoder, tokens)
+    todo = functions(adapters)
+    with bar(len(todo), "Core ML convert", "function", progress) as pbar:
+        for function, tokens, adapter in todo:
+            with applied(decoder, adapter) as traced:
+                model = _step(f"convert the {function} function", convert_function, traced, tokens)
             ops = weight_ops(model._mil_program.functions["main"], names)
             op_names[function] = {name: op.name for name, op in ops.items()}
             model.save(str(work / f"{function}-fp16.mlpackage"))
@@ -170,19 +183,26 @@ class CoreMLConverter:
     spec = COREML
 
     def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
-                calibration=None, progress: bool | None = None) -> dict:
-        """coremltools' quantizers take no calibration data, so `calibration` is not used."""
+                calibration=None, progress: bool | None = None, adapters=None) -> dict:
+        """coremltools' quantizers take no calibration data, so `calibration` is not used. `adapters`
+        (`edgeq.adapter_set.KeptAdapter`s) each get a prefill/decode function pair over the shared base weights."""
         precision = self.spec.normalize(precision)
+        if adapters:
+            from .coreml_adapters import check_names
+
+            check_names(adapters)
         context = min(source.config.get("max_position_embeddings", MAX_CONTEXT), MAX_CONTEXT)
         spec = DecoderSpec.from_source(source, context)
         shapes = {n: tuple(s) for n, s in source.shapes().items()}
-        plan = precision_plan(spec, shapes, precision, overrides)
+        stored = dataclasses.replace(spec, tied=True) if head_is_embedding(source) else spec
+        plan = precision_plan(stored, shapes, precision, overrides)
         work = stage / ".coreml-work"
         work.mkdir()
-        op_names = convert_functions(spec, source, work, progress)
+        op_names = convert_functions(spec, source, work, progress, adapters or ())
         compressed = any(p != "fp16" for p in plan.values())
-        with bar(len(FUNCTIONS) + 2, "Core ML compress + merge", "step", progress) as pbar:
-            for function, _ in FUNCTIONS:
+        names = [function for function, _, _ in functions(adapters or ())]
+        with bar(len(names) + 2, "Core ML compress + merge", "step", progress) as pbar:
+            for function in names:
                 fp16, target = work / f"{function}-fp16.mlpackage", work / f"{function}.mlpackage"
                 if compressed:
                     _step(f"compress the {function} function", compress, fp16, target, plan, op_names[function])
@@ -191,15 +211,26 @@ class CoreMLConverter:
                 else:
                     fp16.rename(target)
                 pbar.update(1)
-            _step("merge prefill and decode into one package", merge, work, stage / MODEL_FILE)
+            _step("merge the functions into one package", merge, work, stage / MODEL_FILE, names)
             shutil.rmtree(work)
             pbar.update(1)
-            report = describe(stage / MODEL_FILE, {n: shapes[n] for n in build_names(spec, shapes)}, plan)
+            report = describe(stage / MODEL_FILE, {n: shapes[n] for n in build_names(stored, shapes)}, plan)
             pbar.update(1)
         warn_mismatches(log, report["mismatches"])
         report["coreml"].update({"context": context, "prefill_tokens": PREFILL_TOKENS, "deployment_target": "iOS18 / macOS15",
                                  "decoder": spec.to_dict()})
+        if adapters:
+            from .coreml_adapters import records
+
+            report["adapters"] = records(stage, MODEL_FILE, adapters)
         return {"model_file": MODEL_FILE, "precision": precision, **report}
+
+
+def head_is_embedding(source: SourceModel) -> bool:
+    """A head untied for a kept adapter holds the embedding's values (unless a merged adapter changes either), and
+    coremltools stores identical constants once: the package then holds the two as the embedding's one constant."""
+    merged = source.adapter and {"lm_head.weight", "model.embed_tokens.weight"} & {*source.adapter.pairs, *source.adapter.replaced}
+    return source.untied_head and not merged
 
 
 def build_names(spec: DecoderSpec, shapes: dict) -> list[str]:

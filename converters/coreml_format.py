@@ -76,8 +76,7 @@ class CoreMLFormat(FormatSpec):
     nominal_bpw = {"int4": 5.0, **{p: int4_bits(b) for p, b in INT4_BLOCKS.items() if p != "int4"},
                    "int8": 8.0, "palettize4": 4.0, "palettize6": 6.0, "fp16": 16.0}
     kv_element_bytes = 2  # the package's key/value state is float16
-    kept_adapters_refusal = ("Core ML would need a multifunction package with a function per adapter over shared base weights, "
-                             "which edgeq does not write yet")
+    kept_adapters = "functions prefill_NAME / decode_NAME of the multifunction package, over the base's shared weights"
     export_bytes_per_weight = 10  # a traced float32 decoder plus coremltools' float16 copy
 
     @property

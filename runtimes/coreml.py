@@ -8,6 +8,12 @@ platforms, so elsewhere opening it fails with one line that says what to do inst
 edgeq's torch decoder with the weights read back out of the package and dequantized exactly as
 stored (int8 / int4 / palettes / float16), computing in float32. It measures what compression
 costs, not Core ML's float16 arithmetic or speed.
+
+A bundle's LoRA adapters kept apart are functions of the same package (`prefill_NAME` / `decode_NAME`, sharing
+the base's weights; `edgeq.converters.coreml_adapters`). `CoreMLEngine` loads every adapter's pair when it opens
+and switches by running the other pair on a fresh state; `CoreMLTorchEngine` reads each adapter function's LoRA
+factors back and switches them on the torch decoder's LoRA branches (None: the branches are off, and the decoder
+computes exactly what it computes for a bundle without adapters).
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from edgeq.engine import AdapterSwitch
 from edgeq.errors import EdgeqError
 
 
@@ -30,7 +37,7 @@ def _spec_and_context(manifest: dict, n_ctx: int | None):
     return spec, min(n_ctx or spec.context, spec.context)
 
 
-class CoreMLEngine:
+class CoreMLEngine(AdapterSwitch):
     """The `.mlpackage` in Core ML (macOS 15+): prefill chunks, then decode, on one shared state."""
 
     def __init__(self, path: Path, manifest: dict, n_ctx: int | None = None):
@@ -39,12 +46,25 @@ class CoreMLEngine:
         spec, self.n_ctx = _spec_and_context(manifest, n_ctx)
         self.n_vocab = spec.vocab
         self.chunk = manifest["coreml"]["prefill_tokens"]  # the prefill function's fixed input width
+        # name → (prefill, decode) models: the base's, then one pair per kept adapter (functions of the same package)
+        pairs = {None: {"prefill": "prefill", "decode": "decode"}}
+        pairs.update({entry["name"]: entry["functions"] for entry in manifest.get("adapters") or []})
+        self._functions = {}
         try:
-            self._prefill = ct.models.MLModel(str(path), function_name="prefill")
-            self._decode = ct.models.MLModel(str(path), function_name="decode")
+            for name, functions in pairs.items():
+                self._functions[name] = tuple(ct.models.MLModel(str(path), function_name=functions[f]) for f in ("prefill", "decode"))
         except Exception as exc:
             raise EdgeqError(f"Core ML could not load {path} ({exc}); it needs macOS 15 / iOS 18 or later") from exc
+        self._prefill, self._decode = self._functions[None]
         self.reset()
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(name for name in self._functions if name is not None)
+
+    def _switch(self, name: str | None) -> None:
+        """The next tokens run through adapter `name`'s functions (None: the base's), on a fresh state."""
+        self._prefill, self._decode = self._functions[name]
 
     @classmethod
     def open(cls, model_path: Path, manifest: dict, *, threads: int | None = None, n_ctx: int | None = None) -> "CoreMLEngine":
@@ -100,9 +120,10 @@ class CoreMLEngine:
 
     def close(self) -> None:
         self._prefill = self._decode = self._state = None
+        self._functions = {}
 
 
-class CoreMLTorchEngine:
+class CoreMLTorchEngine(AdapterSwitch):
     """Quality check, not the Core ML runtime: the package's dequantized weights in edgeq's torch
     decoder (float32 compute), so `edgeq eval --backend coreml-torch` works on any OS.
 
@@ -126,6 +147,8 @@ class CoreMLTorchEngine:
         with torch.device("meta"):
             names = Decoder(spec).weight_names()
         stored = read_weights(path, names)
+        if manifest.get("untied_head") and "lm_head.weight" not in stored:  # the head untied for an adapter: one constant
+            stored["lm_head.weight"] = stored["model.embed_tokens.weight"]
         self._source = None
 
         def load(name):
@@ -137,6 +160,33 @@ class CoreMLTorchEngine:
 
         self.decoder = build_decoder(spec, load, dtype=torch.float32)
         self.tokens: list[int] = []
+        self._open_adapters(path, manifest.get("adapters") or [])
+
+    def _open_adapters(self, path: Path, entries: list[dict]) -> None:
+        """Each adapter's factors as its decode function stores them, and LoRA branches (off) on every module any adapts."""
+        import torch
+        from torch import nn
+
+        from edgeq.converters.coreml_adapters import lora_modules, read_lora
+
+        self._factors: dict[str, dict] = {}
+        self._lora: dict = {}
+        if not entries:
+            return
+        modules = [n for n, m in self.decoder.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+        read = read_lora(path, {entry["name"]: entry["functions"]["decode"] for entry in entries}, modules)
+        self._factors = {name: {m: tuple(torch.from_numpy(t) for t in pair) for m, pair in factors.items()} for name, factors in read.items()}
+        self._lora = lora_modules(self.decoder, sorted({m for factors in read.values() for m in factors}))
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(self._factors)
+
+    def _switch(self, name: str | None) -> None:
+        """The decoder's LoRA branches take adapter `name`'s factors (None: off, the base alone)."""
+        from edgeq.converters.coreml_adapters import set_factors
+
+        set_factors(self._lora, self._factors[name] if name is not None else None)
 
     def _source_model(self, manifest: dict):
         if self._source is None:
@@ -185,3 +235,4 @@ class CoreMLTorchEngine:
 
     def close(self) -> None:
         self.decoder = None
+        self._factors, self._lora = {}, {}

@@ -180,7 +180,9 @@ def _print_summary(bundle) -> None:
         click.echo(f"  note: {len(problems)} tensor(s) got another type than asked, e.g. {first['tensor']} asked "
                    f"{first['asked']}, got {first['got']} ({first['why']}); `edgeq inspect --json` lists them")
     for entry in m.get("adapters") or []:
-        click.echo(f"  adapter {entry['name']}: {entry['file']} {entry['bytes'] / 2**20:.2f} MiB  rank {entry['rank']}  "
+        where = (f"functions {' / '.join(entry['functions'].values())} of {m['model_file']}" if entry.get("functions")
+                 else entry["file"])  # Core ML: an adapter is a pair of the package's functions
+        click.echo(f"  adapter {entry['name']}: {where} {entry['bytes'] / 2**20:.2f} MiB  rank {entry['rank']}  "
                    f"scaling {'/'.join(map(str, entry['scaling']))}{' (rsLoRA)' if entry['rslora'] else ''}  on {', '.join(entry['targets'])}")
         for label, key in (("separate", "quality"), ("merged  ", "merged_quality")):
             if q := entry.get(key):

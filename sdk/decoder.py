@@ -275,8 +275,8 @@ class Decoder(nn.Module):
             table = spec.rope_table(i)
             x = layer(x, ropes[table] if table >= 0 else None, masks[spec.window(i)], start, caches)
         x = self.model.norm(x)
-        head = self.model.embed_tokens.weight if spec.tied else self.lm_head.weight
-        logits = F.linear(x, head)
+        # an untied head is called as a module: a LoRA put in its place (Core ML's kept adapters) then applies
+        logits = F.linear(x, self.model.embed_tokens.weight) if spec.tied else self.lm_head(x)
         if spec.final_softcap:
             logits = torch.tanh(logits / spec.final_softcap) * spec.final_softcap
         return logits

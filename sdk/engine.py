@@ -71,3 +71,17 @@ class AdapterEngine(Engine, Protocol):
 
     def set_adapter(self, name: str | None) -> None:
         """Switches adapter without reloading or copying the base; clears the cached sequence when it changes."""
+
+
+class AdapterSwitch:
+    """`set_adapter` for an `AdapterEngine`: nothing when `name` already runs; otherwise the engine's `_switch(name)`
+    changes what runs (None: the base alone) and the cache, computed with the other weights, is cleared."""
+
+    adapter: str | None = None
+
+    def set_adapter(self, name: str | None) -> None:
+        if name == self.adapter:
+            return
+        self._switch(name)
+        self.adapter = name
+        self.reset()

@@ -1,10 +1,16 @@
 """LoRA adapters kept apart from one base (`--keep-adapters`) and switched per request, per engine.
 
-GGUF (llama.cpp LoRA files), ONNX (onnxruntime adapter files) and torch (PEFT as is): the float base with an
-adapter switched on equals the merged export of that adapter, switching back gives the base's output exactly,
-switching back and forth equals fresh loads, and the bundle and the memory grow by the adapters only. Then the
-adapters that break other converters (tied head, rsLoRA with patterns, DoRA, modules_to_save, QLoRA) and bad
-input, each refused in one line naming the adapter with nothing left behind.
+GGUF (llama.cpp LoRA files), ONNX (onnxruntime adapter files), Core ML (function pairs of one multifunction
+package) and torch (PEFT as is): the float base with an adapter switched on equals the merged export of that
+adapter, switching back gives the base's output exactly, switching back and forth equals fresh loads, and the bundle
+and the memory grow by the adapters only. Then the adapters that break other converters (tied head, rsLoRA with
+patterns, DoRA, modules_to_save, QLoRA) and bad input, each refused in one line naming the adapter with nothing left
+behind.
+
+Core ML predicts only on Apple platforms: off a Mac its bundles run here as `coreml-torch` (the package's weights and
+each adapter function's LoRA factors read back into edgeq's torch decoder, float32 compute), so these checks cover
+what the package stores, not Core ML's float16 arithmetic; the package's own structure, functions and weight
+sharing are checked on any OS.
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ from edgeq.errors import EdgeqError
 
 from conftest import build_lora, build_model
 
-FORMATS = {"gguf": "F16", "onnx": "fp32", "torch": None}
+FORMATS = {"gguf": "F16", "onnx": "fp32", "coreml": "fp16", "torch": None}
+BACKEND = {"coreml": None if sys.platform == "darwin" else "coreml-torch"}  # Core ML predicts on Apple platforms only
 PROMPT = "The quick brown fox jumps over"
 
 
@@ -78,7 +85,7 @@ def _loaded(fmt, root, base, adapters=None, adapter=None):
     if not (root / name).exists():
         edgeq.export(base, adapters=adapters, keep_adapters=bool(adapters), adapter=adapter, format=fmt, precision=FORMATS[fmt],
                      output=root / name, eval_tokens=0)
-    return edgeq.load(root / name, threads=1)
+    return edgeq.load(root / name, threads=1, backend=BACKEND.get(fmt))
 
 
 @pytest.fixture(scope="module", params=list(FORMATS))
@@ -140,7 +147,12 @@ def test_manifest_lists_adapters_checksummed(tmp_path, engines, loras):
     assert entries["a"]["rank"] == 2 and entries["a"]["scaling"] == [2.0] and entries["a"]["targets"] == ["down_proj", "q_proj", "v_proj"]
     assert entries["b"]["rslora"] and entries["b"]["scaling"] == [pytest.approx(8 / 4 ** 0.5)]
     for entry in entries.values():
-        assert manifest["files"][entry["file"]]["bytes"] == entry["bytes"] and len(entry["sha256"]) == 64
+        assert len(entry["sha256"]) == 64
+        if fmt == "coreml":  # the adapter is two functions of the package: its factors and their program text
+            assert entry["functions"] == {"prefill": f"prefill_{entry['name']}", "decode": f"decode_{entry['name']}"}
+            assert entry["file"] in manifest["files"] and entry["bytes"] == entry["weight_bytes"] + entry["program_bytes"]
+        else:
+            assert manifest["files"][entry["file"]]["bytes"] == entry["bytes"]
     import shutil
 
     copy = shutil.copytree(kept.path, tmp_path / "copy")
@@ -221,16 +233,18 @@ def test_bundle_size_and_peak_memory_grow_by_the_adapters_only(tmp_path, wide, f
 
 # ---- the adapters that break other converters ------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+@pytest.mark.parametrize("fmt", ["gguf", "onnx", "coreml"])
 def test_lora_on_a_tied_head_unties_the_head_only_when_needed(tmp_path, fmt):
     base = build_model(tmp_path / "tied", tie_word_embeddings=True)
     head = write_lora(tmp_path / "head", base, {"lm_head": 4, "q_proj": 2})
-    plain = edgeq.load(edgeq.export(base, format=fmt, precision=FORMATS[fmt], output=tmp_path / "plain", eval_tokens=0))
+    backend = BACKEND.get(fmt)
+    plain = edgeq.load(edgeq.export(base, format=fmt, precision=FORMATS[fmt], output=tmp_path / "plain", eval_tokens=0), backend=backend)
     kept_path = edgeq.export(base, adapters={"head": head}, keep_adapters=True, format=fmt, precision=FORMATS[fmt],
                              output=tmp_path / "kept", eval_tokens=0)
-    merged = edgeq.load(edgeq.export(base, adapter=head, format=fmt, precision=FORMATS[fmt], output=tmp_path / "merged", eval_tokens=0))
+    merged = edgeq.load(edgeq.export(base, adapter=head, format=fmt, precision=FORMATS[fmt], output=tmp_path / "merged", eval_tokens=0),
+                        backend=backend)
     assert "untied_head" in edgeq.inspect(kept_path) and "untied_head" not in plain.manifest
-    kept = edgeq.load(kept_path)
+    kept = edgeq.load(kept_path, backend=backend)
     ids = kept.tokenizer.encode(PROMPT * 3)
     np.testing.assert_allclose(kept.engine.score(ids), plain.engine.score(ids), atol=1e-4)  # the untied head is the same head
     kept.engine.set_adapter("head")
@@ -288,9 +302,120 @@ def test_modules_to_save_is_refused_apart_with_the_merged_way_out(tmp_path, tiny
     assert edgeq.export(tiny_llama, adapter=saved, format="gguf", precision="F16", output=tmp_path / "merged", eval_tokens=0).is_dir()
 
 
-def test_core_ml_keeps_no_adapters_apart_and_says_why(tmp_path, tiny_llama, loras):
-    with pytest.raises(EdgeqError, match="the coreml format cannot keep adapters apart from the base: Core ML would need a multifunction"):
-        edgeq.export(tiny_llama, adapters=loras, keep_adapters=True, format="coreml", output=tmp_path / "out")
+def _coreml_blobs(package: Path) -> dict[str, dict[str, int]]:
+    """Per function of a Core ML package: const op name → the offset in weight.bin it reads."""
+    import coremltools as ct
+
+    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    out = {}
+    for name, function in spec.mlProgram.functions.items():
+        ops = function.block_specializations[function.opset].operations
+        values = {op.outputs[0].name: op.attributes["val"] for op in ops if op.type == "const"}
+        out[name] = {op: v.blobFileValue.offset for op, v in values.items() if v.WhichOneof("value") == "blobFileValue"}
+    return out
+
+
+def _weight_file(bundle: Path) -> int:
+    return (bundle / "model.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").stat().st_size
+
+
+@pytest.mark.parametrize("engines", ["coreml"], indirect=True)
+def test_core_ml_adapters_are_functions_over_one_copy_of_the_base(engines, loras):
+    """What Linux can check of the package itself: the base's functions keep their names, each adapter adds a pair
+    whose only weights of its own are its LoRA factors (the base's are the same bytes of weight.bin), the bundle is the
+    base-only bundle plus what the manifest says each adapter adds (issue #16's bar: + 1%), and the factors read back
+    are the adapter's, scaling folded in, in float16."""
+    _, kept, _, plain, _ = engines
+    from edgeq.adapter_set import open_adapters
+    from edgeq.converters.coreml_adapters import factors, read_lora
+    from edgeq.intake import open_model
+
+    blobs = _coreml_blobs(kept.path / "model.mlpackage")
+    assert set(blobs) == {"prefill", "decode", "prefill_a", "decode_a", "prefill_b", "decode_b"}
+    base = set(blobs["decode"].values())
+    assert len(base) > 10 and set(blobs["prefill"].values()) == base
+    for name in ("a", "b"):
+        own = {op: offset for op, offset in blobs[f"decode_{name}"].items() if offset not in base}
+        assert own and all("_lora_" in op for op in own), own  # every base weight is shared, not stored again
+        assert {o for o in blobs[f"prefill_{name}"].values() if o not in base} == set(own.values())
+    entries = edgeq.inspect(kept.path)["adapters"]
+    assert _weight_file(kept.path) - _weight_file(plain.path) <= sum(e["weight_bytes"] for e in entries) + 64
+    assert _tree(kept.path) <= 1.01 * (_tree(plain.path) + sum(e["bytes"] for e in entries))
+    functions = {e["name"]: e["functions"]["decode"] for e in entries}
+    for adapter in open_adapters(open_model(kept.manifest["source"]["path"]), loras, "coreml"):
+        expected = factors(adapter)
+        read = read_lora(kept.path / "model.mlpackage", {adapter.name: functions[adapter.name]}, list(expected))[adapter.name]
+        assert set(read) == set(expected)
+        for module, pair in expected.items():
+            for got, want in zip(read[module], pair):
+                np.testing.assert_array_equal(got, want.half().float().numpy())
+
+
+@pytest.mark.parametrize("engines", ["coreml"], indirect=True)
+def test_core_ml_engine_switches_function_pairs(engines, monkeypatch):
+    """The macOS engine's switching, with Core ML's models stood in for (Linux cannot load them): every pair the
+    manifest names is loaded once, an adapter runs its own functions, and a switch starts a fresh state."""
+    _, kept, *_ = engines
+    import coremltools as ct
+
+    from edgeq.runtimes.coreml import CoreMLEngine
+
+    class Function:
+        loaded: list[str] = []
+
+        def __init__(self, path, function_name):
+            self.name = function_name
+            Function.loaded.append(function_name)
+
+        def make_state(self):
+            return object()
+
+        def predict(self, feeds, state):
+            calls.append((self.name, state))
+            return {"logits": np.zeros((1, feeds["input_ids"].shape[1], kept.engine.n_vocab), dtype=np.float16)}
+
+    calls = []
+    monkeypatch.setattr(ct.models, "MLModel", Function)
+    engine = CoreMLEngine(kept.path / "model.mlpackage", kept.manifest)
+    assert sorted(Function.loaded) == ["decode", "decode_a", "decode_b", "prefill", "prefill_a", "prefill_b"]
+    assert engine.adapters == ("a", "b") and engine.adapter is None
+    ids = list(range(3, 68))  # a prefill chunk of 64, then one token through decode
+    for name, suffix in (("b", "_b"), (None, ""), ("a", "_a")):
+        engine.set_adapter(name)
+        state = engine._state
+        engine.forward(ids)
+        engine.forward([5])
+        assert [c[0] for c in calls[-3:]] == [f"prefill{suffix}", f"decode{suffix}", f"decode{suffix}"]
+        assert {id(c[1]) for c in calls[-3:]} == {id(state)}
+    assert len(Function.loaded) == 6  # switching loads nothing
+
+
+def test_core_ml_function_names_are_identifiers():
+    from types import SimpleNamespace
+
+    from edgeq.converters.coreml_adapters import check_names, function_name
+
+    assert function_name("decode", "sum.v2-b") == "decode_sum_v2_b"  # MIL names: letters, digits, '_'
+    with pytest.raises(EdgeqError, match=r"^adapters 'a-b' and 'a_b' would both be Core ML function 'decode_a_b'"):
+        check_names([SimpleNamespace(name="a-b"), SimpleNamespace(name="a_b")])
+
+
+def test_core_ml_compressed_base_is_stored_once(tmp_path, tiny_llama, loras):
+    """int4 base weights compress to the same constants in the adapter's functions as in the base's, so the package
+    stores them once; the adapter's factors stay float16."""
+    bundle = edgeq.export(tiny_llama, adapters={"b": loras["b"]}, keep_adapters=True, format="coreml", precision="int4",
+                          output=tmp_path / "kept", eval_tokens=0)
+    blobs = _coreml_blobs(bundle / "model.mlpackage")
+    base = set(blobs["decode"].values())
+    own = {op for op, offset in blobs["decode_b"].items() if offset not in base}
+    assert own and all("_lora_" in op for op in own), own
+    entry = edgeq.inspect(bundle)["adapters"][0]
+    assert entry["dtype"] == "fp16" and len(own) == 2 * entry["tensors"]
+    tensors = edgeq.inspect(bundle)["tensors"]
+    assert {t["type"] for name, t in tensors.items() if name.endswith("proj.weight")} == {"int4"}
+    # 64-byte blob headers and padding weigh on a tiny int4 model (its scales and zero points are blobs too); a second
+    # copy of the base would add 100%
+    assert _weight_file(bundle) - entry["weight_bytes"] < 1.5 * sum(t["bytes"] for t in tensors.values())
 
 
 # ---- bad input: one line naming the adapter, nothing left behind -----------------------------------------------

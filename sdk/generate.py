@@ -173,37 +173,19 @@ class LanguageModel:
         """The bundle's folder name (what `edgeq serve` calls the model)."""
         return Path(self.path).name if self.path else "model"
 
-    def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list[dict] | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        stop: Sequence[str] | str = (),
-        seed: int | None = None,
-        stream: bool = False,
-        response_format: dict | None = None,
-        truncate: bool = False,
-        adapter: str | None = None,
-    ) -> str | Iterator[str]:
-        """Generates a reply to a prompt or a chat; `stream=True` yields text pieces as they come.
+    def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None, stream: bool = False,
+                 **options) -> str | Iterator[str]:
+        """The text of a reply to a prompt or a chat; `stream=True` yields its pieces as they come.
 
-        `max_new_tokens` defaults to 256, fewer when the context has less room left (an explicit value the
-        context cannot hold is refused). `response_format` constrains the reply (see `chat`); `truncate=True`
-        drops the oldest part of a prompt that does not fit the context (a chat's oldest turns) instead of
-        refusing it. `adapter` names one of the bundle's LoRA adapters kept apart from the base (`--keep-adapters`)
-        to answer with; None answers with the base.
+        The text of `complete(prompt)` (no chat template) or `chat(messages)`, so the three ways in take the same
+        options and cannot drift apart: `max_new_tokens`, `temperature`, `top_p`, `top_k`, `repetition_penalty`,
+        `stop`, `seed`, `response_format`, `truncate`, `adapter`, `cancel` (see `chat`). For tool calls,
+        finish_reason or usage, call `chat` or `complete`.
         """
-        check_generate_args(prompt, messages, DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, stop)
-        params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
-        ids, budget = self._prompt_ids(prompt, messages, max_new_tokens, truncate)
-        request = _Request(ids, budget, params, check_stops(stop), self._constraint(response_format_grammar(response_format)),
-                           adapter=self.check_adapter(adapter))
-        pieces = (chunk.text for chunk in self._reply(request) if chunk.text)
+        if prompt is not None and messages is not None:
+            raise EdgeqError("pass prompt= or messages=, not both")
+        chunks = self.complete(prompt, stream=True, **options) if messages is None else self.chat(messages, stream=True, **options)
+        pieces = (chunk.text for chunk in chunks if chunk.text)
         return pieces if stream else "".join(pieces)
 
     def chat(
@@ -238,7 +220,11 @@ class LanguageModel:
           "json_object"}`, `{"type": "regex", "pattern": ...}` or `{"type": "grammar", "syntax": "lark"
           | "gbnf", "grammar": ...}`: the reply is valid by construction (unless it runs out of tokens:
           finish_reason "length").
-        - `adapter`: one of the bundle's LoRA adapters to answer with (None: the base), as in `generate`.
+        - `max_new_tokens`: 256 by default, fewer when the context has less room left (an explicit value the
+          context cannot hold is refused).
+        - `truncate=True` drops the oldest turns of a chat that does not fit the context instead of refusing it.
+        - `adapter`: one of the bundle's LoRA adapters kept apart from the base (`--keep-adapters`) to answer
+          with; None answers with the base.
         - `cancel`: an event that, once set (from any thread), stops the reply before its next token with
           finish_reason "cancelled": a stop button, or the server when a client leaves.
         """
@@ -268,7 +254,8 @@ class LanguageModel:
                  top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, stop: Sequence[str] | str = (),
                  seed: int | None = None, stream: bool = False, truncate: bool = False, adapter: str | None = None,
                  cancel: threading.Event | None = None) -> ChatResult | Iterator[ChatChunk]:
-        """Continues a plain prompt (no chat template): a `ChatResult`, or `ChatChunk`s with `stream=True` (options as in `chat`)."""
+        """Continues a plain prompt (no chat template): a `ChatResult`, or `ChatChunk`s with `stream=True` (options as in
+        `chat`; `truncate=True` drops the prompt's oldest tokens instead)."""
         check_generate_args(prompt, None, DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, stop)
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
         ids, budget = self._prompt_ids(prompt, None, max_new_tokens, truncate)

@@ -19,9 +19,9 @@ from .adapter import LoraAdapter, check_against_base, lora_factors, read_adapter
 from .checkpoint import check_finite
 from .errors import EdgeqError
 from .hashing import sha256_files
+from .manifest import ADAPTER_NAME
 
 log = logging.getLogger(__name__)
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a file name, a URL path part and `bundle:NAME` in a server
 
 
 @dataclass
@@ -92,7 +92,7 @@ def parse_adapters(adapters) -> list[tuple[str, Path]]:
             pairs.append((name, Path(folder)))
     seen = set()
     for name, _ in pairs:
-        if not NAME.match(name):
+        if not re.match(ADAPTER_NAME, name):
             raise EdgeqError(f"adapter name {name!r} is not usable: use 1-64 letters, digits, '_', '-' or '.', starting "
                              "with a letter or digit (NAME=DIR)")
         if name in seen:

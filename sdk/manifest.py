@@ -19,6 +19,7 @@ from .validate import first_error, json_type
 
 MANIFEST_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"  # opened by every runtime through edgeq's tokenizer
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # an adapter's name becomes a file name, a URL path part and `bundle:NAME` in a server
 
 
 def bundle_path(name: str) -> str:
@@ -32,6 +33,7 @@ def bundle_path(name: str) -> str:
 
 BundlePath = Annotated[str, AfterValidator(bundle_path)]
 Name = Annotated[str, Field(min_length=1)]
+AdapterName = Annotated[str, Field(pattern=ADAPTER_NAME)]
 
 
 class _Record(BaseModel):
@@ -89,7 +91,7 @@ class AdapterRecord(_Record):
 
 class KeptAdapterRecord(_Record):
     """A LoRA adapter kept apart from the base: the runtime opens its file and switches to it by name."""
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    name: AdapterName
     file: BundlePath
 
 

@@ -172,6 +172,10 @@ def _text_file(s: Sandbox, data: bytes) -> Path:
 
 LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 RUN = ("Hi", "--max-new-tokens", "2")
+# `edgeq run BUNDLE Hi --OPTION VALUE` with a value the option refuses: the error names the option
+RUN_VALUES_REFUSED = [("seed", "-1"), ("temperature", "-1"), ("temperature", "nan"), ("top-p", "nan"), ("top-p", "0"), ("top-p", "1.5"),
+                      ("top-k", "-1"), ("repetition-penalty", "0"), ("max-new-tokens", "0"), ("max-new-tokens", "-1"),
+                      ("threads", "0"), ("stop", "")]
 
 
 def _model_outside(s: Sandbox, where: str) -> list:
@@ -304,18 +308,8 @@ CASES = {
     "plan-size-dots": (lambda s: ["plan", s.model, "--size", "1.2.3MB"], "size"),
     "plan-bits-inf": (lambda s: ["plan", s.model, "--bits-per-weight", "inf"], "bits-per-weight"),
     "run-empty-prompt": (lambda s: ["run", s.bundle, ""], "PROMPT"),
-    "run-seed-negative": (lambda s: ["run", s.bundle, "Hi", "--seed", "-1"], "seed"),
-    "run-temperature-negative": (lambda s: ["run", s.bundle, "Hi", "--temperature", "-1"], "temperature"),
-    "run-temperature-nan": (lambda s: ["run", s.bundle, "Hi", "--temperature", "nan"], "temperature"),
-    "run-top-p-nan": (lambda s: ["run", s.bundle, "Hi", "--top-p", "nan"], "top-p"),
-    "run-top-p-zero": (lambda s: ["run", s.bundle, "Hi", "--top-p", "0"], "top-p"),
-    "run-top-p-above-one": (lambda s: ["run", s.bundle, "Hi", "--top-p", "1.5"], "top-p"),
-    "run-top-k-negative": (lambda s: ["run", s.bundle, "Hi", "--top-k", "-1"], "top-k"),
-    "run-repetition-penalty-zero": (lambda s: ["run", s.bundle, "Hi", "--repetition-penalty", "0"], "repetition-penalty"),
-    "run-max-new-tokens-zero": (lambda s: ["run", s.bundle, "Hi", "--max-new-tokens", "0"], "max-new-tokens"),
-    "run-max-new-tokens-negative": (lambda s: ["run", s.bundle, "Hi", "--max-new-tokens", "-1"], "max-new-tokens"),
-    "run-threads-zero": (lambda s: ["run", s.bundle, "Hi", "--threads", "0"], "threads"),
-    "run-stop-empty": (lambda s: ["run", s.bundle, "Hi", "--stop", ""], "stop"),
+    **{f"run-{option}={value}": (lambda s, option=option, value=value: ["run", s.bundle, "Hi", f"--{option}", value], option)
+       for option, value in RUN_VALUES_REFUSED},
     "eval-ctx-zero": (lambda s: ["eval", s.bundle, "--ctx", "0"], "ctx"),
     "eval-tokens-zero": (lambda s: ["eval", s.bundle, "--tokens", "0"], "tokens"),
     "eval-threads-zero": (lambda s: ["eval", s.bundle, "--threads", "0"], "threads"),

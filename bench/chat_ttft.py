@@ -11,7 +11,6 @@ empty cache: what every turn would cost without reuse.
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
 import harness
 
@@ -37,17 +36,13 @@ def chat(model, new_tokens: int) -> list[tuple[float, int]]:
 
 
 def main() -> None:
-    ap = harness.arguments(__doc__, model="smollm2-plain", text=False, work="edgeq-bench-speed")
-    ap.add_argument("--bundle", type=Path, help="an edgeq bundle (default: --model exported to GGUF Q4_K_M, once)")
-    ap.add_argument("--new-tokens", type=int, default=48, help="tokens each reply may have")
-    ap.add_argument("--runs", type=int, default=3)
-    args = harness.parse(ap)
-    bundle = args.bundle or harness.exported(args.model, args.work, "gguf", "Q4_K_M")
-    model = edgeq.load(bundle, threads=args.threads)
+    args = harness.parse(harness.arguments(__doc__, model="smollm2-plain", bundle=True, text=False, work="edgeq-bench-speed",
+                                           new_tokens=48, runs=3))
+    model = edgeq.load(args.bundle, threads=args.threads)
     chat(model, args.new_tokens)  # warm-up
     runs = [chat(model, args.new_tokens) for _ in range(args.runs)]
     medians = [(statistics.median(r[i][0] for r in runs), statistics.median(r[i][1] for r in runs)) for i in range(len(MESSAGES) + 1)]
-    print(f"{bundle.name}: {model.manifest.get('runtime')}, threads {args.threads}, replies up to {args.new_tokens} tokens, "
+    print(f"{args.bundle.name}: {model.manifest.get('runtime')}, threads {args.threads}, replies up to {args.new_tokens} tokens, "
           f"median of {args.runs} chats after a warm-up")
     labels = [f"turn {i + 1}" for i in range(len(MESSAGES))] + ["turn 6, fresh"]
     harness.table({"TTFT ms": ">10.2f", "prefilled": ">11.0f"}, {label: (t * 1e3, n) for label, (t, n) in zip(labels, medians)}, 14)

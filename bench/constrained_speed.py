@@ -11,7 +11,6 @@ computing the token mask (llguidance), applying it to the logits and advancing t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import harness
 
@@ -39,18 +38,14 @@ def run(model, messages, new_tokens: int, response_format=None) -> tuple[float, 
 
 
 def main() -> None:
-    ap = harness.arguments(__doc__, model="smollm2-plain", text=False, work="edgeq-bench-speed")
-    ap.add_argument("--bundle", type=Path, help="an edgeq bundle (default: --model exported to GGUF Q4_K_M, once)")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--runs", type=int, default=5)
-    args = harness.parse(ap)
-    bundle = args.bundle or harness.exported(args.model, args.work, "gguf", "Q4_K_M")
-    model = edgeq.load(bundle, threads=args.threads)
+    args = harness.parse(harness.arguments(__doc__, model="smollm2-plain", bundle=True, text=False, work="edgeq-bench-speed",
+                                           new_tokens=128, runs=5))
+    model = edgeq.load(args.bundle, threads=args.threads)
     schema = {"type": "json_schema", "json_schema": {"name": "cast", "schema": SCHEMA}}
     results = harness.alternating({"free text": lambda: run(model, FREE, args.new_tokens),
                                    "JSON schema": lambda: run(model, CONSTRAINED, args.new_tokens, schema)}, args.runs)
     (free_tps, free_n), (schema_tps, schema_n) = harness.medians(results).values()
-    print(f"{bundle.name}: {model.manifest.get('runtime')}, threads {args.threads}, up to {args.new_tokens} new tokens, "
+    print(f"{args.bundle.name}: {model.manifest.get('runtime')}, threads {args.threads}, up to {args.new_tokens} new tokens, "
           f"median of {args.runs} after a warm-up")
     harness.table({"decode tok/s": ">14.2f", "tokens": ">8.0f"}, {"free text": (free_tps, free_n), "JSON schema": (schema_tps, schema_n)})
     verdicts = harness.Verdicts()

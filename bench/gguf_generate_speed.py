@@ -68,20 +68,16 @@ def edgeq_run(model, prompt: str, n_new: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = harness.arguments(__doc__, model="smollm2-plain", text=False, work="edgeq-bench-speed")
-    ap.add_argument("--bundle", type=Path, help="an edgeq GGUF bundle (default: --model exported at Q4_K_M, once)")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--runs", type=int, default=5)
-    args = harness.parse(ap)
-    bundle = args.bundle or harness.exported(args.model, args.work, "gguf", "Q4_K_M")
+    args = harness.parse(harness.arguments(__doc__, model="smollm2-plain", bundle=True, text=False, work="edgeq-bench-speed",
+                                           new_tokens=128, runs=5))
 
-    model = edgeq.load(bundle, threads=args.threads)
+    model = edgeq.load(args.bundle, threads=args.threads)
     prompt_ids = model.tokenizer.prompt_ids(PROMPT)
-    bare = BareLoop(bundle / model.manifest["model_file"], args.threads, model.engine.n_ctx)
+    bare = BareLoop(args.bundle / model.manifest["model_file"], args.threads, model.engine.n_ctx)
     ours_ids = model.generate_ids(prompt_ids, args.new_tokens)
     _, _, bare_ids = bare.run(prompt_ids, len(ours_ids))
     same = "same" if ours_ids == bare_ids[:len(ours_ids)] else "DIFFERENT"
-    print(f"{bundle.name}: {Path(model.manifest['model_file']).name}, {len(prompt_ids)} prompt tokens, "
+    print(f"{args.bundle.name}: {Path(model.manifest['model_file']).name}, {len(prompt_ids)} prompt tokens, "
           f"{len(ours_ids)} new tokens ({same} greedy ids), threads {args.threads}, n_ctx {model.engine.n_ctx}, "
           f"median of {args.runs} after a warm-up")
 

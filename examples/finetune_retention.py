@@ -35,33 +35,33 @@ def chats(codes: dict[str, str], asks: list[str]) -> list[dict]:
             for p, code in codes.items() for ask in asks]
 
 
-def train_lora(base: Path, data: list[dict], out: Path, steps: int = 240) -> Path:
-    """Rank-16 LoRA on the attention and MLP projections, plain AdamW on the assistant tokens."""
+def train_lora(base: Path, data: list[dict], out: Path) -> Path:
+    """Rank-16 LoRA on the attention and MLP projections: one pass of plain AdamW over the chats, the loss on the
+    assistant's tokens only."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
     from edgeq.intake import open_model
 
+    torch.manual_seed(0)
     tokenizer = open_model(base).chat_tokenizer()  # the rendering edgeq's runtime uses, so training matches it
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                            LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    examples = []
+    model.train()
+    losses = []
     for chat in data:
         prompt = tokenizer.encode_chat(chat["messages"][:1])
         full = tokenizer.encode_chat(chat["messages"], add_generation_prompt=False)
-        examples.append((torch.tensor([full]), torch.tensor([[-100] * len(prompt) + full[len(prompt):]])))
-    model.train()
-    for step in range(steps):
-        ids, labels = examples[step % len(examples)]
-        loss = model(input_ids=ids, labels=labels).loss
+        labels = [-100] * len(prompt) + full[len(prompt):]
+        loss = model(input_ids=torch.tensor([full]), labels=torch.tensor([labels])).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        if step % 40 == 0:
-            print(f"  step {step:3d}  loss {loss.item():.3f}", flush=True)
+        losses.append(loss.item())
+        if len(losses) % 40 == 0:
+            print(f"  {len(losses):3d} chats  mean loss of the last 40 {sum(losses[-40:]) / 40:.3f}", flush=True)
     model.save_pretrained(out)
     return out
 

@@ -34,18 +34,15 @@ class Quantized:
     block_size: int
 
 
-# Divisors of each block's signed absmax to start the scale search from. -2^(b-1) puts the largest value
-# on the one-sided extra level; INT4 has so few levels that a finer grid around it pays (about 3% less
-# importance-weighted error than six candidates on SmolLM2), INT8 gains nothing from more.
-DIVISORS = {
-    4: torch.cat([-torch.arange(6.0, 9.01, 0.25), torch.arange(6.0, 7.51, 0.25)]),
-    8: torch.tensor([-128.0, -127.5, -127.0, 127.0, -128.5, -126.5]),
-}
-REFITS = 2  # rounds of re-rounding at the refit scale: another ~1% (up to 10% on single tensors) for INT4
-# GPTQ compensates rounding error itself; five start points give it the same KL as twenty (SmolLM2 INT4:
-# 0.0974 vs 0.0971; -8 alone 0.104), at a quarter of the search time.
-GPTQ_DIVISORS = {4: torch.tensor([-8.0, -7.5, -7.0, 7.0, 7.5]), 8: DIVISORS[8]}
-SEARCH_CHUNK = 1 << 17  # weights searched together: 512 KiB of float32 per array, so the many passes run in cache
+# Where each block's scale search starts (divisors of the block's signed absmax; -2^(b-1) puts the largest
+# value on the one-sided extra level) and how often the scale is refit to the codes from each start.
+# Nearest rounding is the quick path, and the planner's proxy: three starts and one refit, a few percent more
+# weighted error than twenty starts and two refits at a sixth of the time (bench/README.md, ONNX export cost).
+NEAREST = {4: (torch.tensor([-8.0, -7.0, 7.0]), 1), 8: (torch.tensor([-128.0, -127.0, 127.0]), 1)}
+# GPTQ compensates rounding error itself, and rounds on scales searched once per block of a layer: five
+# starts give it the KL of twenty.
+GPTQ = {4: (torch.tensor([-8.0, -7.5, -7.0, 7.0, 7.5]), 2), 8: (torch.tensor([-128.0, -127.5, -127.0, 127.0, -128.5, -126.5]), 2)}
+SEARCH_CHUNK = 1 << 19  # weights searched together: 2 MiB of float32 per array, so the many passes run in cache
 
 
 def _padded_blocks(weight: torch.Tensor, importance: np.ndarray | None, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,17 +59,17 @@ def _padded_blocks(weight: torch.Tensor, importance: np.ndarray | None, block_si
     return w.view(rows, n_blocks, block_size), imp.view(1, n_blocks, block_size)
 
 
-def _search(w: torch.Tensor, imp: torch.Tensor, bits: int, divisors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _search(w: torch.Tensor, imp: torch.Tensor, bits: int, starts: dict = NEAREST) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (rows, blocks, block) and scales (rows, blocks, 1) of least importance-weighted error.
 
-    From each start scale, codes are rounded and the scale refit to them by least squares, REFITS times.
+    From each start scale, codes are rounded and the scale refit to them by least squares (`starts[bits]`).
     A candidate's error follows from the sums the refit already has (Σ iw² − s·Σ iqw at the refit scale),
     and only the best scale is kept: the codes are rounded once at the end (at least as good as the
     candidate's own, since nearest rounding at a fixed scale is optimal per weight). Rows go in chunks that
     stay in cache through the many passes of the search, which is what makes it cheap at 1-3B.
     """
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    divisors = DIVISORS[bits] if divisors is None else divisors
+    divisors, refits = starts[bits]
     scales = torch.empty(w.shape[:-1] + (1,))
     chunk = max(1, SEARCH_CHUNK // max(1, w[0].numel()))
     for start in range(0, w.shape[0], chunk):
@@ -83,7 +80,7 @@ def _search(w: torch.Tensor, imp: torch.Tensor, bits: int, divisors: torch.Tenso
         best_err, best = torch.full(extreme.shape, float("inf")), torch.zeros_like(extreme)
         for divisor in divisors:
             scale = extreme / divisor
-            for _ in range(REFITS + 1):
+            for _ in range(refits + 1):
                 q = (part * _inverse(scale)).round_().clamp_(lo, hi)
                 qw = (q * weighted).sum(-1, keepdim=True)
                 qq = (q.square_() * imp).sum(-1, keepdim=True)
@@ -131,7 +128,7 @@ class BlockGrid:
 
     def scales(self, weights: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
         imp = importance.clamp_min(1e-12)
-        _, scale = _search(weights.unsqueeze(1), (imp / imp.mean()).view(1, 1, -1), self.bits, GPTQ_DIVISORS[self.bits])
+        _, scale = _search(weights.unsqueeze(1), (imp / imp.mean()).view(1, 1, -1), self.bits, GPTQ)
         return scale.view(-1)
 
     def round(self, column: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -163,7 +163,7 @@ def _round_group(modules: list[tuple[str, nn.Linear]], hessian: torch.Tensor, gr
     for name, module in modules:
         rows = module.weight.shape[0]
         results[f"{name}.weight"] = grid.encode(rounded[row:row + rows], scales[row:row + rows])
-        module.weight.data = rounded[row:row + rows].to(module.weight.dtype)
+        module.weight.data = rounded[row:row + rows]  # float32, as the next layer must see it (the model may store 16 bits)
         row += rows
 
 

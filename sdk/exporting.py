@@ -226,11 +226,14 @@ def check_memory(job: ExportJob) -> None:
         ("the importance matrix of --calibration", job.calibration.given)) if needed]
     if not reasons:
         return
+    from .float_model import stored_16bit
+
     weights = sum(math.prod(shape) for shape in job.source.shapes().values())
-    needed = int(weights * 4 * 1.15) + (512 << 20)  # float32 weights, activations and the runtime
+    kept = 2 if stored_16bit(job.source) is not None else 4  # a large 16-bit model stays 16-bit (edgeq.float_model)
+    needed = int(weights * kept * 1.15) + (512 << 20)  # the weights, activations and the runtime
     available = psutil.virtual_memory().available
     if needed > available:
-        raise EdgeqError(f"this export loads the model in float32 for {', '.join(reasons)}: about {needed / 2**30:.1f} GiB, "
+        raise EdgeqError(f"this export loads the float model for {', '.join(reasons)}: about {needed / 2**30:.1f} GiB, "
                          f"and {available / 2**30:.1f} GiB is free; free memory, or drop what loads it "
                          "(--precision with --eval-tokens 0, --rounding nearest)")
 

@@ -1,6 +1,8 @@
 """The float reference of a large 16-bit checkpoint stays 16-bit in memory and computes exactly as float32 does."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -54,3 +56,18 @@ def test_calibration_on_a_16_bit_model_equals_float32(tmp_path, monkeypatch):
         assert (rounded[name].data != q.data).mean() < 1e-3, name  # GPTQ's column order may flip a tie or two
         assert rounded[name].scales == pytest.approx(q.scales, rel=1e-3)
     assert {p.dtype for p in lean.parameters()} == {torch.bfloat16}  # GPTQ put the stored weights back
+
+
+def test_an_export_that_would_not_fit_is_refused_up_front_with_the_estimate(tmp_path, monkeypatch, tiny_llama):
+    import psutil
+
+    import edgeq
+    from edgeq.errors import EdgeqError
+
+    text = tmp_path / "notes.txt"
+    text.write_text("Calibration notes. " * 50)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1 << 20))
+    with pytest.raises(EdgeqError, match=r"^this export loads the float model for the importance matrix of --calibration: "
+                                         r"about 0\.\d GiB, and 0\.0 GiB is free; free memory"):
+        edgeq.export(tiny_llama, format="gguf", precision="Q4_0", calibration=text, eval_tokens=0, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -71,3 +71,20 @@ def test_an_export_that_would_not_fit_is_refused_up_front_with_the_estimate(tmp_
                                          r"about 0\.\d GiB, and 0\.0 GiB is free; free memory"):
         edgeq.export(tiny_llama, format="gguf", precision="Q4_0", calibration=text, eval_tokens=0, output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_importance_matrix_lets_the_float_model_go_and_the_export_records_its_text(tmp_path, tiny_llama):
+    import json
+
+    import edgeq
+    from edgeq.quant.calibration import Calibration
+
+    text = tmp_path / "notes.txt"
+    text.write_text("Calibration notes about kettles and lamps. " * 80)
+    calibration = Calibration(open_model(tiny_llama), text, tokens=256)
+    importance = calibration.importance()
+    assert calibration.loaded_engine is None and len(importance) == 2 * 7 + 1  # 7 linears a layer and the head
+    bundle = edgeq.export(tiny_llama, format="gguf", precision="Q8_0", calibration=text, eval_tokens=64, output=tmp_path / "out")
+    manifest = json.loads((bundle / "edgeq.json").read_text())
+    assert manifest["calibration"]["text"] == str(text)
+    assert manifest["quality"]["kl"] < 0.05  # the reference loaded again for the quality check

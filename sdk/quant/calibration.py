@@ -57,6 +57,14 @@ class Calibration:
         self.used = True
         return calibration_windows(self.source.chat_tokenizer(), self.text, self.tokens, WINDOW)
 
+    def release(self) -> None:
+        """Drops the float model (a 3B one is gigabytes the rest of an export may need); it loads again on use."""
+        if self._engine is not None:
+            import gc
+
+            self._engine = None
+            gc.collect()
+
     def adopt_importance(self, importance: dict[str, np.ndarray]) -> None:
         """An importance matrix already measured on this text (a plan's sensitivity): reused, not recomputed."""
         self._importance, self.used = importance, True
@@ -67,7 +75,10 @@ class Calibration:
         if self._importance is None and self.given:
             from .importance import compute_importance
 
+            loaded_for_it = self._engine is None
             self._importance = compute_importance(self.model, self.windows, progress)
+            if loaded_for_it:  # the float model is let go before the converter writes: a later user loads it again
+                self.release()
         if self._importance is not None:
             self.used = True
         return self._importance

@@ -12,6 +12,7 @@ import argparse
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -53,6 +54,8 @@ MODELS = {
     "gemma3-plain": "gemma3-270m-it",                    # as bench/gemma3_model.py dequantizes it from Q4_K_M
     "shape-llama": "bench-llama-1.5b-shape",             # random weights, Qwen2.5-1.5B's shapes: cost benches
     "shape-qwen2": "bench-qwen2-1.5b-shape",
+    "shape-llama-3b": "bench-llama-3b-shape",            # random weights, Llama-3.2-3B's shapes: bench/scale.py
+    "shape-qwen2-3b": "bench-qwen2-3b-shape",            # random weights, Qwen2.5-3B's shapes (q/k/v biases)
 }
 
 
@@ -195,6 +198,11 @@ def warm(folder: Path) -> None:
         with open(path, "rb") as f:
             while f.read(1 << 24):
                 pass
+
+
+def parameters(folder: Path) -> int:
+    """Weights in a checkpoint, from its safetensors headers (nothing is loaded)."""
+    return sum(math.prod(shape) for shape in open_model(folder).shapes().values())
 
 
 def folder_bytes(path: Path) -> int:

@@ -14,6 +14,8 @@
                     random checkpoints with Qwen2.5-1.5B's shapes, for the cost benches (no 1.5B checkpoint
                     or Qwen tokenizer was at hand when they were made: SmolLM2's tokenizer, padded to
                     151936 rows; cost does not depend on the weights' values)
+  shape-llama-3b, shape-qwen2-3b
+                    the same with Llama-3.2-3B's shapes (tied 128,256-row vocabulary) and Qwen2.5-3B's (biases)
 
 Checks, printed: a plain model answers a chat prompt (greedy, transformers), and an off-grid copy's
 logits match its source's on a few wikitext windows (KL through the harness; it should be ~1e-9).
@@ -37,6 +39,14 @@ OFFGRID_OF = {"smollm2": "smollm2-plain", "qwen-coder": "qwen-coder-plain", "gem
 SHAPE = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
              intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
              rope_theta=1000000.0, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+SHAPE_3B = {  # Llama-3.2-3B and Qwen2.5-3B as their config.json files have them
+    "llama-3b": dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+                     intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072,
+                     rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, head_dim=128),
+    "qwen2-3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                     intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+                     rope_theta=1000000.0, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2),
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CHAT_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
 
@@ -54,11 +64,12 @@ def make_qwen_plain(out: Path) -> None:
 
 
 def make_shape(out: Path, arch: str) -> None:
-    """Random Qwen2.5-1.5B-shaped checkpoint in bf16 with SmolLM2's tokenizer files."""
+    """Random checkpoint in bf16 with Qwen2.5-1.5B's shapes (or a 3B model's, SHAPE_3B) and SmolLM2's tokenizer files."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     torch.manual_seed(0)
-    config = Qwen2Config(**SHAPE) if arch == "qwen2" else LlamaConfig(**SHAPE, head_dim=SHAPE["hidden_size"] // SHAPE["num_attention_heads"])
+    shape = SHAPE_3B.get(arch) or dict(SHAPE, head_dim=SHAPE["hidden_size"] // SHAPE["num_attention_heads"])
+    config = Qwen2Config(**shape) if arch.startswith("qwen2") else LlamaConfig(**shape)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out)
     tokenizer = harness.default_model_path(progress=False)
     for name in TOKENIZER_FILES:

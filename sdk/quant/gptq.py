@@ -115,28 +115,38 @@ class _HessianHooks:
         return self.sums, self.groups
 
 
+class _Catcher(nn.Module):
+    """Stands in for a decoder layer while the model runs once: records what the layer is called with and hands the
+    hidden states on unchanged, so catching every layer's inputs costs the embedding lookup, not a forward pass.
+    The layer's plain attributes (Gemma's attention_type, which the model loop reads) are carried over."""
+
+    def __init__(self, layer: nn.Module, calls: list, keep_hidden: bool):
+        super().__init__()
+        self.__dict__.update({k: v for k, v in vars(layer).items() if not k.startswith("_") and k != "training"})
+        self.calls, self.keep_hidden = calls, keep_hidden
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.keep_hidden:
+            self.calls.append((args, kwargs))
+        else:
+            self.calls.append(((None, *args[1:]) if args else args, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        return hidden
+
+
 def _layer_inputs(model, windows: list[list[int]]) -> list[list[tuple[tuple, dict]]]:
     """Per window, the (args, kwargs) the model passes each decoder layer: the mask and RoPE tables of that layer
     (Gemma gives sliding and global layers their own). Hidden states are kept for the first layer only; the
     others get theirs from the layer before, rounded."""
     inputs: list[list[tuple[tuple, dict]]] = []
-
-    def catch(index):
-        def hook(module, args, kwargs):
-            if index == 0:
-                inputs[-1].append((args, kwargs))
-            else:
-                inputs[-1].append(((None, *args[1:]) if args else args, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        return hook
-
-    handles = [layer.register_forward_pre_hook(catch(i), with_kwargs=True) for i, layer in enumerate(model.model.layers)]
+    layers = model.model.layers
     try:
         for window in windows:
             inputs.append([])
-            model(input_ids=torch.tensor([window]), use_cache=False)
+            model.model.layers = nn.ModuleList(_Catcher(layer, inputs[-1], i == 0) for i, layer in enumerate(layers))
+            model(input_ids=torch.tensor([window]), use_cache=False, logits_to_keep=1)
     finally:
-        for handle in handles:
-            handle.remove()
+        model.model.layers = layers
     return inputs
 
 

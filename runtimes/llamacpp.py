@@ -12,12 +12,12 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeq.engine import default_threads
+from edgeq.engine import AdapterSwitch, default_threads
 from edgeq.errors import EdgeqError
 from edgeq.llama_native import llama_cpp  # the binding, with llama.cpp's logs routed and its backend up
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(AdapterSwitch):
     """A GGUF file in llama.cpp. `forward` returns a view of llama.cpp's logits buffer (valid until the next call)."""
 
     n_batch = 512
@@ -26,7 +26,6 @@ class LlamaCppEngine:
                  adapters: dict[str, Path] | None = None):
         self._model = self._ctx = self._batch = None  # close(), and so __del__, must work however far this got
         self._adapters: dict[str, object] = {}
-        self.adapter: str | None = None
         mparams = llama_cpp.llama_model_default_params()
         mparams.vocab_only = vocab_only
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
@@ -65,18 +64,13 @@ class LlamaCppEngine:
     def adapters(self) -> tuple[str, ...]:
         return tuple(self._adapters)
 
-    def set_adapter(self, name: str | None) -> None:
-        """Runs the next tokens with adapter `name` on the base (None: the base alone); the cache is cleared,
-        as what it holds was computed with the other weights."""
-        if name == self.adapter:
-            return
+    def _switch(self, name: str | None) -> None:
+        """Runs the next tokens with adapter `name` on the base (None: the base alone)."""
         if name is None:
             llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
         else:
             chosen = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
             llama_cpp.llama_set_adapters_lora(self._ctx, chosen, 1, (ctypes.c_float * 1)(1.0))
-        self.adapter = name
-        self.reset()
 
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(self._memory, True)

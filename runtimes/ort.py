@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from edgeq.engine import default_threads
+from edgeq.engine import AdapterSwitch, default_threads
 from edgeq.errors import EdgeqError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def open_session(path: Path, threads: int, **config: str) -> ort.InferenceSessio
         raise EdgeqError(f"onnxruntime could not load {path} ({first}); the file is corrupt or not an edgeq ONNX model: re-export the bundle") from exc
 
 
-class OrtEngine:
+class OrtEngine(AdapterSwitch):
     n_batch = 512
 
     def __init__(self, path: Path, *, threads: int | None = None, n_ctx: int | None = None, manifest: dict | None = None,
@@ -96,21 +96,16 @@ class OrtEngine:
             if unknown:
                 raise EdgeqError(f"adapter {name!r} sets {unknown[0]}, which this model has no LoRA input for; re-export the bundle")
             self._adapters[name] = values
-        self.adapter: str | None = None
 
     @property
     def adapters(self) -> tuple[str, ...]:
         return tuple(self._adapters)
 
-    def set_adapter(self, name: str | None) -> None:
-        """Binds adapter `name`'s values to the LoRA inputs (None: zeros, the base alone) and clears the cache."""
-        if name == self.adapter:
-            return
+    def _switch(self, name: str | None) -> None:
+        """Binds adapter `name`'s values to the LoRA inputs (None: zeros, the base alone)."""
         values = self._adapters[name] if name is not None else {}
         for slot, zero in self._zeros.items():
             self._binding.bind_ortvalue_input(slot, values.get(slot, zero))
-        self.adapter = name
-        self.reset()
 
     def reset(self) -> None:
         self.tokens = []  # the buffers are overwritten in place; positions past the cached tokens are never read

@@ -13,12 +13,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from edgeq.engine import AdapterSwitch
 from edgeq.errors import EdgeqError
 from edgeq.float_model import load_float_model
 from edgeq.intake import SourceModel, open_model
 
 
-class TorchEngine:
+class TorchEngine(AdapterSwitch):
     def __init__(self, source: SourceModel, *, threads: int | None = None, n_ctx: int | None = None,
                  adapters: dict[str, Path] | None = None):
         from transformers import DynamicCache
@@ -28,7 +29,6 @@ class TorchEngine:
         self.source = source
         self.model = load_float_model(source)
         self.adapters: tuple[str, ...] = tuple(adapters or {})
-        self.adapter: str | None = None
         if adapters:
             self.model = _with_peft(self.model, adapters)
         trained = source.config.get("max_position_embeddings", 2048)
@@ -44,13 +44,10 @@ class TorchEngine:
         return cls(open_model(model_path, adapter=adapter, trust_pickle=manifest.get("trust_pickle", False)), threads=threads, n_ctx=n_ctx,
                    adapters=kept)
 
-    def set_adapter(self, name: str | None) -> None:
-        if name == self.adapter:
-            return
+    def _switch(self, name: str | None) -> None:
+        """PEFT's adapter `name` runs next (None: `_active` disables the adapters)."""
         if name is not None:
             self.model.set_adapter(name)
-        self.adapter = name
-        self.reset()
 
     def _active(self):
         """The base alone under PEFT's `disable_adapter` when no adapter is chosen."""

@@ -1,7 +1,9 @@
 """Activation statistics from calibration text: the importance matrix llama.cpp's quantizer weighs errors by.
 
 For every linear layer, the mean of the squared input activations per input column, over all
-calibration tokens. Names are the HF weight names; each converter maps them to its own.
+calibration tokens. Names are the HF weight names; each converter maps them to its own. The head's input
+is the final norm's output, read there: the logits themselves (every position times a vocabulary of up to
+262k rows, the largest product of the pass) are never computed.
 """
 from __future__ import annotations
 
@@ -17,20 +19,22 @@ def compute_importance(model, windows: list[list[int]], progress: bool | None = 
     counts: dict[str, int] = {}
     hooks = []
 
+    def record(name, x):
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        sums[name] = sums.get(name, 0) + (x * x).sum(0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
     def hook_for(name):
-        def hook(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return hook
+        return lambda module, inputs, output: record(name, inputs[0])
 
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear) and module is not model.lm_head:
             hooks.append(module.register_forward_hook(hook_for(f"{name}.weight")))
+    hooks.append(model.model.norm.register_forward_hook(lambda module, inputs, output: record("lm_head.weight", output)))
     try:
         with torch.inference_mode(), bar(len(windows), "importance", "window", progress) as pbar:
             for window in windows:
-                model(input_ids=torch.tensor([window]), use_cache=False)
+                model(input_ids=torch.tensor([window]), use_cache=False, logits_to_keep=1)
                 pbar.update(1)
     finally:
         for h in hooks:

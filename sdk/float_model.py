@@ -76,8 +76,13 @@ def compute_in_float32(model) -> None:
         for name, data in module.__dict__.pop("_edgeq_stored", {}).items():
             module._parameters[name].data = data
 
+    def lookup_in_float32(module, args, output):
+        return output.float()
+
     for module in model.modules():
-        if any(p.dtype != torch.float32 for p in module.parameters(recurse=False)):
+        if type(module) is torch.nn.Embedding:  # a lookup is exact in any type: the rows are cast, not the table
+            module.register_forward_hook(lookup_in_float32)
+        elif any(p.dtype != torch.float32 for p in module.parameters(recurse=False)):
             module.register_forward_pre_hook(cast)
             module.register_forward_hook(restore)
 

@@ -95,6 +95,8 @@ class BundleProfile:
     load_s: Spread                # warm loads after it
     peak_rss_bytes: int           # high-water resident memory of the measuring process
     baseline_rss_bytes: int       # resident memory before loading (interpreter and libraries)
+    base_peak_rss_bytes: int | None  # kept adapters: the peak before any adapter ran (peak_rss_bytes is after each ran)
+    adapters_run: int
     prompts: list[PromptProfile]
     notes: list[str] = field(default_factory=list)
     estimate: DeviceEstimate | None = None
@@ -214,6 +216,9 @@ def table(result: ProfileResult) -> str:
              _opt(b.finetune.get("flip_retention")), _opt(b.finetune.get("noise_to_shift")),
              _opt((b.finetune.get("agreement") or {}).get("exact_match")), _opt((b.finetune.get("agreement") or {}).get("chrf"))]
             for b in judged])
+    lines += [f"note: {b.name}: peak RSS {_num(b.base_peak_rss_bytes / MB)} MB running the base, {_num(b.peak_rss_bytes / MB)} MB "
+              f"after each of its {b.adapters_run} adapters ran (+{_num((b.peak_rss_bytes - b.base_peak_rss_bytes) / MB)} MB)"
+              for b in result.bundles if b.base_peak_rss_bytes]
     lines += [f"note: {b.name}: {n}" for b in result.bundles for n in b.notes]
     return "\n".join(lines)
 

@@ -101,7 +101,7 @@ def _describe(path: Path) -> dict:
     notes = []
     if adapters := m.get("adapters"):
         notes.append(f"{len(adapters)} LoRA adapters kept apart ({sum(a['bytes'] for a in adapters) / 2**20:.2f} MiB), all loaded: "
-                     "timings are the base's; peak memory includes a short run with each adapter")
+                     "timings are the base's")
     return {"format": m["format"], "runtime": m["runtime"], "precision": m.get("precision", "?"), "size_bytes": size,
             "weight_bytes": weight_bytes, "params": params, "kl": (m.get("quality") or {}).get("kl"),
             "kv_bytes_per_token": _kv_per_token(tensors, config, element), "notes": notes}
@@ -187,14 +187,16 @@ def _measure(path: str, prompts: list[int], gen: int, repeat: int, threads: int 
                 if rep:
                     runs[p].append(timing)
                 progress_bar.update()
-    for name in getattr(engine, "adapters", ()):  # each kept adapter runs once, so the peak covers them all loaded and used
+    base_peak, adapters = _rss("VmHWM"), list(getattr(engine, "adapters", ()))
+    for name in adapters:  # each kept adapter runs once, so the peak covers them all loaded and used
         engine.set_adapter(name)
         _run_once(engine, ids[:fits[0]] if fits else ids[:1], min(gen, WARMUP_DECODE_STEPS))
     used_threads = getattr(engine, "threads", None) or threads or usable_cores()
     n_ctx = engine.n_ctx
     engine.close()
     return {"threads": used_threads, "n_ctx": n_ctx, "first_load_s": loads[0], "load_s": loads[1:], "runs": runs,
-            "peak_rss": _rss("VmHWM"), "baseline_rss": baseline}
+            "peak_rss": _rss("VmHWM"), "baseline_rss": baseline, "adapters_run": len(adapters),
+            "base_peak_rss": base_peak if adapters else None}
 
 
 def _run_once(engine, prompt: list[int], steps: int) -> tuple[float, float]:
@@ -220,7 +222,8 @@ def _assemble(name: str, path: Path, info: dict, raw: dict, prompts: list[int], 
     fields = {k: v for k, v in info.items() if k != "notes"}
     return BundleProfile(name=name, path=str(path), **fields, threads=raw["threads"], n_ctx=raw["n_ctx"], gen=gen,
                          first_load_s=raw["first_load_s"], load_s=Spread.of(raw["load_s"]), peak_rss_bytes=raw["peak_rss"],
-                         baseline_rss_bytes=raw["baseline_rss"], prompts=rows, notes=list(info["notes"]))
+                         baseline_rss_bytes=raw["baseline_rss"], base_peak_rss_bytes=raw["base_peak_rss"],
+                         adapters_run=raw["adapters_run"], prompts=rows, notes=list(info["notes"]))
 
 
 def _rss(key: str) -> int:

@@ -231,6 +231,19 @@ def test_bundle_size_and_peak_memory_grow_by_the_adapters_only(tmp_path, wide, f
     assert kept_peak * 1024 <= base_peak * 1024 * 1.05 + 2 * adapter_bytes, (base_peak, kept_peak, adapter_bytes)
 
 
+def test_profile_reports_peak_memory_before_and_after_the_adapters_run(tmp_path, wide):
+    from edgeq.profile_report import table
+
+    base, adapters = wide
+    kept = edgeq.export(base, adapters=adapters, keep_adapters=True, format="gguf", precision="F16", output=tmp_path / "kept",
+                        eval_tokens=0)
+    result = edgeq.profile([kept], prompt_tokens=(8,), gen=2, repeat=1, threads=1)
+    profile = result.bundles[0]
+    assert profile.adapters_run == 2
+    assert profile.baseline_rss_bytes < profile.base_peak_rss_bytes <= profile.peak_rss_bytes
+    assert "after each of its 2 adapters ran" in table(result)
+
+
 # ---- the adapters that break other converters ------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["gguf", "onnx", "coreml"])

@@ -86,13 +86,17 @@ def matrix_shape(shapes: dict[str, tuple], name: str) -> tuple:
     return tuple(shapes.get(name) or shapes["model.embed_tokens.weight"])
 
 
-def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], progress: bool | None) -> dict[str, Quantized]:
-    """Every MatMulNBits weight of the plan, rounded by GPTQ on the calibration text (the embedding is a lookup: no inputs to compensate)."""
+def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], progress: bool | None,
+                  adapters=None) -> dict[str, Quantized]:
+    """Every MatMulNBits weight of the plan, rounded by GPTQ on the calibration text (the embedding is a lookup: no inputs to compensate).
+
+    With `adapters` kept apart (`KeptAdapter`s), the one base serves each of them too, on activations its own
+    calibration never produces: GPTQ compensates for the base's stream and every adapter's (`quantize_model`'s variants)."""
     from edgeq.quant.gptq import quantize_model
 
     grids = {name: BlockGrid(int(kind[3:]), blocks[name]) for name, kind in plan.items()
              if kind in INT_TYPES and name != "model.embed_tokens.weight"}
-    return quantize_model(calibration.model, calibration.windows, grids, progress) if grids else {}
+    return quantize_model(calibration.model, calibration.windows, grids, progress, variants=adapters or ()) if grids else {}
 
 
 class DecoderGraph:
@@ -431,7 +435,7 @@ class ONNXConverter:
         plan = plan_precisions(source, precision, overrides, gptq=use_gptq)
         blocks = block_sizes(plan, source.shapes(), block_size)
         integer = any(kind in INT_TYPES for kind in plan.values())
-        rounded = gptq_rounding(calibration, plan, blocks, progress) if use_gptq and integer else None
+        rounded = gptq_rounding(calibration, plan, blocks, progress, adapters) if use_gptq and integer else None
         importance = calibration.importance(progress) if integer and not use_gptq and calibration is not None else None
         slots = None
         if adapters:

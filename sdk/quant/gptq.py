@@ -9,12 +9,21 @@ Layers go in order, each measured on the activations coming out of the layers al
 later layers also absorb what earlier ones lost; the model's own weights are restored afterwards.
 (What it buys over nearest rounding is measured in bench/README.md, ONNX section.)
 
+With LoRA adapters kept apart from the base (`variants`), one rounded base serves every adapter: at run time
+an adapted layer computes Q·x + scaling·B·A·x, with x the *adapted* model's activations, which the base's
+calibration never produces. Each layer's Hessian is then the sum of X^T X over the base's stream and every
+adapter's (that adapter's LoRA switched on, its hidden states carried through the layers already rounded),
+per token of all streams, so the shared rounding is compensated for every way the base will be run.
+(Rounding the base for its own activations alone kept less of a fine-tune than merging it then rounding:
+bench/README.md, adapters section.)
+
 The levels are the format's: a `Grid` picks each block's scale on the error-updated weights, rounds
 columns at it, and encodes the result, so what GPTQ optimized is exactly what the converter writes.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +45,16 @@ class Grid(Protocol):
 
     def encode(self, rounded: torch.Tensor, scales: torch.Tensor) -> Any:
         """The format's stored form of a rounded (rows, cols) weight and its (rows, blocks) scales."""
+
+
+class Variant(Protocol):
+    """A LoRA adapter the rounded base will run with (`edgeq.adapter_set.KeptAdapter` is one)."""
+
+    def targets(self) -> list[str]:
+        """The HF weight names it adapts."""
+
+    def factors(self, weight: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(B, A, scaling), float32, with scaling · B·A the delta of `weight` in its (rows, cols) layout."""
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
@@ -166,6 +185,58 @@ def _with_hidden(call: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple,
     return args, {**kwargs, "hidden_states": hidden}
 
 
+class _Lora:
+    """One variant's LoRA branches, added by forward hooks to the outputs of the modules it adapts while its
+    stream runs: a linear's output gains scaling · (x·Aᵀ)·Bᵀ, the embedding's the rows of scaling · B·A its
+    ids pick (times the embedding's own scale, where the module applies one, as it does to its table)."""
+
+    EMBEDDING = "model.embed_tokens.weight"
+
+    def __init__(self, variant: Variant):
+        self.factors = {name: variant.factors(name) for name in variant.targets()}
+
+    @staticmethod
+    def _linear(b: torch.Tensor, a: torch.Tensor, scaling: float):
+        def hook(module, inputs, output):
+            return output + (scaling * ((inputs[0].float() @ a.T) @ b.T)).to(output.dtype)
+        return hook
+
+    @staticmethod
+    def _embedding(b: torch.Tensor, a: torch.Tensor, scaling: float):
+        def hook(module, inputs, output):
+            rows = scaling * (nn.functional.embedding(inputs[0], b) @ a)
+            scale = getattr(module, "embed_scale", None)  # Gemma scales its lookup inside the module
+            if isinstance(scale, torch.Tensor):
+                rows = rows * scale.to(module.weight.dtype).float()
+            return output + rows.to(output.dtype)
+        return hook
+
+    @contextmanager
+    def on(self, modules: dict[str, nn.Module]) -> Iterator[None]:
+        """The LoRA of those of `modules` ({HF weight name: module}) this variant adapts, switched on."""
+        handles = []
+        try:
+            for name, module in modules.items():
+                if name in self.factors:
+                    make = self._embedding if isinstance(module, nn.Embedding) else self._linear
+                    handles.append(module.register_forward_hook(make(*self.factors[name])))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def first_hidden(self, model, windows: list[list[int]], base: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per window, the first decoder layer's hidden states with this variant on: the base's, unless it adapts the embedding."""
+        if self.EMBEDDING not in self.factors:
+            return base
+        with self.on({self.EMBEDDING: model.model.embed_tokens}):
+            return [_hidden_of(window[0]) for window in _layer_inputs(model, windows)]
+
+
+def _switched(lora: _Lora | None, modules: dict[str, nn.Module]):
+    return nullcontext() if lora is None else lora.on(modules)
+
+
 def _round_group(modules: list[tuple[str, nn.Linear]], hessian: torch.Tensor, grid: Grid, results: dict[str, Any]) -> None:
     """GPTQ of linears that share an input and a grid, as one matrix (their rows stacked: the same result, one pass)."""
     rounded, scales = gptq(torch.cat([m.weight for _, m in modules]), hessian, grid)
@@ -177,26 +248,36 @@ def _round_group(modules: list[tuple[str, nn.Linear]], hessian: torch.Tensor, gr
         row += rows
 
 
-def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], progress: bool | None = None) -> dict[str, Any]:
+def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], progress: bool | None = None,
+                   variants: Sequence[Variant] = ()) -> dict[str, Any]:
     """GPTQ of every linear weight `grids` names (HF names) of a transformers decoder, layer by layer on `windows`.
 
+    `variants` are LoRA adapters the rounded base will also run with (kept apart from it, switched on at run
+    time): the shared base must serve every adapter's activations as well as its own, so each Hessian sums
+    X^T X over the base's stream and each variant's (its LoRA on, through the layers already rounded), divided
+    by the tokens of all streams. Without variants, only the base's stream.
+
     Returns {HF weight name: grid.encode(...)}; the model's weights are left as they were. Memory: the
-    calibration activations of one layer and the Hessians of its linears (not the whole model's).
+    calibration activations of one layer per stream and the Hessians of its linears (not the whole model's).
     """
     layers = model.model.layers
-    tokens = sum(len(window) for window in windows)
+    loras = [None, *(_Lora(variant) for variant in variants)]  # None: the base's own stream
+    tokens = sum(len(window) for window in windows) * len(loras)
     results: dict[str, Any] = {}
     with torch.no_grad(), bar(len(layers) + 1, "GPTQ", "layer", progress) as pbar:
-        inputs = _layer_inputs(model, windows)
-        hidden = [_hidden_of(window[0]) for window in inputs]
+        inputs = _layer_inputs(model, windows)  # masks and RoPE tables: the same for every stream
+        first = [_hidden_of(window[0]) for window in inputs]
+        hidden = [first if lora is None else lora.first_hidden(model, windows, first) for lora in loras]
         for i, layer in enumerate(layers):
-            calls = [_with_hidden(window[i], h) for window, h in zip(inputs, hidden)]
-            modules = {f"model.layers.{i}.{n}": m for n, m in layer.named_modules()
-                       if isinstance(m, nn.Linear) and f"model.layers.{i}.{n}.weight" in grids}
+            streams = [[_with_hidden(window[i], h) for window, h in zip(inputs, states)] for states in hidden]
+            linears = {f"model.layers.{i}.{n}.weight": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+            modules = {name.removesuffix(".weight"): m for name, m in linears.items() if name in grids}
             hooks = _HessianHooks(modules)
             try:
-                for args, kwargs in calls:
-                    layer(*args, **kwargs)
+                for lora, calls in zip(loras, streams):
+                    with _switched(lora, linears):
+                        for args, kwargs in calls:
+                            layer(*args, **kwargs)
             finally:
                 hessians, groups = hooks.close()
             originals = {name: m.weight.data for name, m in modules.items()}
@@ -204,12 +285,16 @@ def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], prog
                 for grid in {grids[f"{n}.weight"] for n in names}:  # one GPTQ per grid among the group
                     alike = [(n, modules[n]) for n in names if grids[f"{n}.weight"] == grid]
                     _round_group(alike, hessians[leader] / tokens, grid, results)
-            hidden = [_hidden(layer(*call[0], **call[1])) for call in calls]
+            hidden = []
+            for lora, calls in zip(loras, streams):
+                with _switched(lora, linears):
+                    hidden.append([_hidden(layer(*call[0], **call[1])) for call in calls])
             for name, weight in originals.items():
                 modules[name].weight.data = weight
             pbar.update(1)
         if "lm_head.weight" in grids:  # its input is the final norm's output: no need to compute the logits
-            hessian = sum(_gram(model.model.norm(h)) for h in hidden)
+            # a LoRA on lm_head changes its output, not its input: each stream's final states are all it needs
+            hessian = sum(_gram(model.model.norm(h)) for states in hidden for h in states)
             original = model.lm_head.weight.data
             _round_group([("lm_head", model.lm_head)], hessian / tokens, grids["lm_head.weight"], results)
             model.lm_head.weight.data = original

@@ -9,10 +9,16 @@ two functions share the state, so an app prefills with `prefill` and generates w
 
 Memory: the decoder is traced with float32 parameters. coremltools' torch frontend computes in
 float32 until its float16 pass, so float16 parameters each got a float32 copy beside them; float32
-ones it uses in place, and the pass adds one float16 copy. That pass is `lean_fp16_cast`, whose
-overflow check does not index whole weights. Each function is converted and saved before the
-next, and compression works on one saved function at a time: the peak is a function's conversion,
-about 6 bytes per parameter (float32 + float16 weights) plus 1 GiB (measured peaks: bench/README.md).
+ones it uses in place (its consts are views of the parameters). So each function is converted in two
+steps: the frontend alone (`convert_to="milinternal"`), then, once the traced module and the decoder
+are gone and the program's consts hold the only references to the float32 weights, the passes and
+the ML program. The float16 pass is `lean_fp16_cast`: its overflow check does not index whole
+weights, and it folds each weight's float16 cast into a const and drops the float32 const at once,
+so each float32 weight is freed as its float16 copy is made. Each function therefore builds its own
+decoder from the checkpoint (one shared decoder would hold every float32 weight through every
+function's pass), and is saved before the next; compression works on one saved function at a time.
+The peak of a function's conversion is about 4 bytes per parameter (the float32 decoder) plus 1 GiB,
+where it was 6 (float32 + float16 weights; measured peaks: bench/README.md).
 """
 from __future__ import annotations
 
@@ -25,7 +31,9 @@ from pathlib import Path
 import coremltools as ct
 import numpy as np
 import torch
+from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil.passes.defs.quantization import add_fp16_cast
+from coremltools.converters.mil.mil.passes.helper import block_context_manager
 from coremltools.converters.mil.mil.passes.pass_registry import register_pass
 
 from edgeq.decoder import DecoderSpec, build_decoder
@@ -69,9 +77,16 @@ def precision_plan(spec: DecoderSpec, shapes: dict, precision: str, overrides: d
 
 @register_pass(namespace="edgeq", override=True)
 class lean_fp16_cast(add_fp16_cast):
-    """coremltools' float16 compute pass with an overflow check that scans each float32 weight in
-    slices: theirs builds np.where indices of the whole weight, 33 bytes per element with its
-    absolute values (7.7 GB for the embedding of a 1.5B model), which was the peak of the export."""
+    """coremltools' float16 compute pass, leaner in two ways.
+
+    Its overflow check scans each float32 weight in slices: theirs builds np.where indices of the whole weight,
+    33 bytes per element with its absolute values (7.7 GB for the embedding of a 1.5B model).
+
+    A weight's float16 cast is folded into a float16 const as soon as the last op using the weight is cast, and the
+    float32 const is removed (theirs leaves every float32 const beside its float16 cast until the next
+    `const_elimination` and `dead_code_elimination`, and its loop's list of ops keeps them all alive to the end). The
+    folding is what `const_elimination` does next anyway (same name, same value, same place), so the program is the
+    same; once nothing else holds the float32 arrays, each is freed as its float16 copy is made."""
 
     @staticmethod
     def fp16_overflow(op) -> bool:
@@ -85,6 +100,58 @@ class lean_fp16_cast(add_fp16_cast):
                             return True
         return False
 
+    def apply(self, prog):
+        """Theirs (op_selector / skip_ops_by_type), over a list of the block's ops that lets go of each op once
+        visited: a transformed op, removed from the block, still holds its float32 inputs."""
+
+        @block_context_manager
+        def apply_block(block):
+            self._cache_vars.append({})
+            ops = list(block.operations)
+            for index in range(len(ops)):
+                op, ops[index] = ops[index], None
+                for inner in op.blocks:
+                    apply_block(inner)
+                if self.is_valid_op(op) and (self.op_selector(op) if self.op_selector is not None
+                                             else op.op_type not in self.skip_ops_by_type):
+                    self.transform_op(op)
+            self._cache_vars.pop()
+
+        for function in prog.functions.values():
+            apply_block(function)
+
+    def transform_op(self, op) -> None:
+        weights = [var for inputs in op.inputs.values() for var in (inputs if isinstance(inputs, (list, tuple)) else (inputs,))
+                   if var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32")]
+        super().transform_op(op)
+        for var in weights:
+            self._fold(var)
+
+    def _fold(self, var) -> None:
+        """Replaces the float16 casts of const `var` by consts (as `const_elimination` would) and removes `var`'s
+        const, if casts are all that use it now."""
+        const, casts = var.op, list(var.child_ops)
+        if const.enclosing_block is None or not casts or any(
+                cast.op_type != "cast" or cast.dtype.val != "fp16" or not cast.outputs[0].can_be_folded_to_const() for cast in casts):
+            return
+        block, folded = const.enclosing_block, []
+        for cast in casts:
+            out = cast.outputs[0]
+            folded_const = mb.const(val=out.val, before_op=cast, name=out.name)
+            if block.try_replace_uses_of_var_after_op(anchor_op=cast, old_var=out, new_var=folded_const):
+                if self.current_cache_vars().get(out.name) is out:
+                    del self.current_cache_vars()[out.name]
+                out.set_name(out.name + "_ignored")
+                folded.append(cast)
+        if len(folded) < len(casts):
+            block.remove_ops(folded)
+            return
+        block.remove_ops(folded + [const])
+        # A removed op and its output var refer to each other: only a full gc would free that cycle, and the float32
+        # value with it. Nothing in the program refers to either any more, so let go of the value now.
+        for dead in (var, const.val):
+            dead._sym_val = None
+
 
 def fp16_pipeline():
     """coremltools' default passes with `lean_fp16_cast` in place of `add_fp16_cast`."""
@@ -93,8 +160,15 @@ def fp16_pipeline():
     return pipeline
 
 
-def convert_function(decoder, tokens: int):
-    """Traces the decoder for `tokens` inputs per call and converts it with the cache as state."""
+def frontend_pipeline():
+    """A main stage that runs only what the torch frontend's own stage runs (dead code and loop invariants): coremltools
+    drops from the frontend stage every default pass the main stage leaves out, so an empty one would change it."""
+    return ct.PassPipeline(["common::dead_code_elimination", "common::loop_invariant_elimination"], "edgeq_frontend")
+
+
+def trace_function(decoder, tokens: int):
+    """Traces the decoder for `tokens` inputs per call and converts it with the cache as state, as far as the MIL
+    program coremltools' torch frontend makes: its float32 consts are views of the decoder's parameters."""
     ids = torch.zeros(1, tokens, dtype=torch.int32)
     positions = torch.arange(tokens, dtype=torch.int32).view(1, -1)
     with torch.no_grad():
@@ -108,11 +182,33 @@ def convert_function(decoder, tokens: int):
         outputs=[ct.TensorType("logits", dtype=np.float16)],
         states=states,
         minimum_deployment_target=ct.target.iOS18,
+        convert_to="milinternal",
+        compute_precision=ct.precision.FLOAT16,
+        pass_pipeline=frontend_pipeline(),
+    )
+
+
+def lower_function(program):
+    """The rest of the conversion: coremltools' passes with float16 compute (`lean_fp16_cast`), then the ML program."""
+    return ct.convert(
+        program,
+        minimum_deployment_target=ct.target.iOS18,
         convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT16,
         pass_pipeline=fp16_pipeline(),
         skip_model_load=True,
     )
+
+
+def frontend(spec: DecoderSpec, source: SourceModel, tokens: int, adapter, progress):
+    """(the MIL program of one function, HF names of the decoder's weights), from a decoder of its own, which dies
+    here: the program's float32 consts are then the only holders of its parameters."""
+    from .coreml_adapters import applied
+
+    decoder = build_decoder(spec, source.tensor, dtype=torch.float32, cache_dtype=torch.float16, progress=progress)
+    names = decoder.weight_names()
+    with applied(decoder, adapter) as traced:
+        return trace_function(traced, tokens), names
 
 
 def compress(model_path: Path, out: Path, plan: dict[str, str], op_names: dict[str, str]) -> None:
@@ -144,19 +240,18 @@ def merge(work: Path, out: Path, names: list[str]) -> None:
 
 
 def convert_functions(spec: DecoderSpec, source: SourceModel, work: Path, progress, adapters=()) -> dict[str, dict[str, str]]:
-    """Converts every function from one float32 decoder (float16 cache), saving each before the next (an adapter's
-    with its LoRA branches over the same base parameters); returns, per function, HF weight name → the op name
-    coremltools gave that weight (what compression targets)."""
-    from .coreml_adapters import applied
-
-    decoder = build_decoder(spec, source.tensor, dtype=torch.float32, cache_dtype=torch.float16, progress=progress)
-    names = decoder.weight_names()
+    """Converts every function (an adapter's with its LoRA branches over the same base parameters), saving each before
+    the next; returns, per function, HF weight name → the op name coremltools gave that weight (what compression
+    targets). Each function gets a float32 decoder of its own (float16 cache), built from `source` again: one shared
+    decoder would hold every float32 weight through each function's float16 pass."""
     op_names = {}
     todo = functions(adapters)
     with bar(len(todo), "Core ML convert", "function", progress) as pbar:
         for function, tokens, adapter in todo:
-            with applied(decoder, adapter) as traced:
-                model = _step(f"convert the {function} function", convert_function, traced, tokens)
+            program, names = _step(f"convert the {function} function", frontend, spec, source, tokens, adapter, progress)
+            gc.collect()  # the traced module and the decoder: their parameters now live only as the program's consts
+            model = _step(f"convert the {function} function", lower_function, program)
+            del program
             ops = weight_ops(model._mil_program.functions["main"], names)
             op_names[function] = {name: op.name for name, op in ops.items()}
             model.save(str(work / f"{function}-fp16.mlpackage"))

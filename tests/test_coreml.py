@@ -252,14 +252,14 @@ def test_cli_runs_evaluates_and_inspects_off_macos(bundle):
 
 
 def test_failed_conversion_leaves_nothing(tmp_path, tiny_llama, monkeypatch):
-    real = coreml_converter.convert_function
+    real = coreml_converter.trace_function
 
     def fail_on_prefill(decoder, tokens):
         if tokens > 1:  # decode has been converted and saved by now
             raise RuntimeError("simulated coremltools failure")
         return real(decoder, tokens)
 
-    monkeypatch.setattr(coreml_converter, "convert_function", fail_on_prefill)
+    monkeypatch.setattr(coreml_converter, "trace_function", fail_on_prefill)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(edgeq.EdgeqError, match="simulated coremltools failure"):

@@ -176,25 +176,16 @@ def switch_cost(bundle: Path, names: list[str], threads: int) -> dict:
     return {"load_s": load, "switch_first_token_s": float(np.median(switches))}
 
 
-def export(base: Path, out: Path, **options) -> Path:
-    """`base` exported into `out` once (reused while its manifest is there)."""
-    if not (out / "edgeq.json").is_file():
-        start = time.perf_counter()
-        edgeq.export(base, output=out, overwrite=True, progress=False, **options)
-        harness.Verdicts.info(f"exported {out.name} in {time.perf_counter() - start:.0f} s")
-    return out
-
-
 def float_bars(verdicts: harness.Verdicts, fmt: str, base: Path, work: Path, adapters: dict, data: dict, threads: int) -> dict:
     """The float base with each adapter switched on vs that adapter's merged float export; then back to the base."""
-    floating = export(base, work / f"{fmt}-float-kept", format=fmt, precision=FLOAT[fmt], adapters=adapters,
+    floating = harness.export_once(base, work / f"{fmt}-float-kept", format=fmt, precision=FLOAT[fmt], adapters=adapters,
                       keep_adapters=True, eval_tokens=0)
     switched = edgeq.load(floating, threads=threads)
     probe = held_out_ids(switched, next(iter(data.values())), 1)[0]
     before = switched.engine.score(probe).copy()
     result = {}
     for name in adapters:
-        merged_bundle = export(base, work / f"{fmt}-float-merged-{name}", format=fmt, precision=FLOAT[fmt],
+        merged_bundle = harness.export_once(base, work / f"{fmt}-float-merged-{name}", format=fmt, precision=FLOAT[fmt],
                                adapter=adapters[name], eval_tokens=0)
         merged = edgeq.load(merged_bundle, threads=threads)
         kl = kl_between(switched, merged, data[name], name)
@@ -288,9 +279,9 @@ def main() -> None:
         if fmt == "onnx":
             options["rounding"] = args.onnx_rounding
             tag += f"-{args.onnx_rounding}" + (f"-{args.calibration_tokens}" if args.onnx_rounding == "gptq" else "")
-        kept = export(args.model, work / f"{tag}-kept", format=fmt, precision=quantized[fmt], adapters=adapters,
+        kept = harness.export_once(args.model, work / f"{tag}-kept", format=fmt, precision=quantized[fmt], adapters=adapters,
                       keep_adapters=True, adapter_data=data, compare_merged=True, eval_tokens=256, **options)
-        plain = export(args.model, work / f"{tag}-base", format=fmt, precision=quantized[fmt], eval_tokens=0, **options)
+        plain = harness.export_once(args.model, work / f"{tag}-base", format=fmt, precision=quantized[fmt], eval_tokens=0, **options)
         manifest = edgeq.inspect(kept)
         entries = {e["name"]: e for e in manifest["adapters"]}
         result["quantized"] = quantized_bars(verdicts, fmt, quantized[fmt], entries)

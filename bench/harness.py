@@ -321,13 +321,33 @@ def timed_process(argv: list[str], env: dict | None = None, log: Path | None = N
     return Run(wall_s=wall, peak_rss_mib=rss_kib / 1024)
 
 
-def exported(model: Path, work: Path, format: str, precision: str) -> Path:
-    """`model` exported once into `work` and reused while its manifest is there: for benches that time
-    running a bundle, not making it."""
-    bundle = work / f"{model.name}-{format}-{precision.lower()}"
-    if not (bundle / "edgeq.json").is_file():
-        edgeq.export(model, format=format, precision=precision, output=bundle, overwrite=True, eval_tokens=0, progress=False)
+def code_stamp() -> str:
+    """A hash of edgeq's own sources (sdk, converters, runtimes): a bundle another version of them exported is made again."""
+    import importlib.util
+
+    h = hashlib.sha256()
+    for package in ("edgeq", "edgeq.converters", "edgeq.runtimes"):
+        for folder in importlib.util.find_spec(package).submodule_search_locations:
+            for file in sorted(Path(folder).rglob("*.py")):
+                h.update(file.read_bytes())
+    return h.hexdigest()[:24]
+
+
+def export_once(model: Path, bundle: Path, **options) -> Path:
+    """`model` exported into `bundle`, reused while its manifest is there and edgeq's code has not changed since
+    (its stamp beside the bundle), so a bench never reports a bundle older code made."""
+    stamp = bundle.parent / f"{bundle.name}.code"
+    if not ((bundle / "edgeq.json").is_file() and stamp.is_file() and stamp.read_text() == code_stamp()):
+        start = time.perf_counter()
+        edgeq.export(model, output=bundle, overwrite=True, progress=False, **{"eval_tokens": 0, **options})
+        Verdicts.info(f"exported {bundle.name} in {time.perf_counter() - start:.0f} s")
+        stamp.write_text(code_stamp())
     return bundle
+
+
+def exported(model: Path, work: Path, format: str, precision: str) -> Path:
+    """`model` exported once into `work` at `precision` (`export_once`): for benches that time running a bundle, not making it."""
+    return export_once(model, work / f"{model.name}-{format}-{precision.lower()}", format=format, precision=precision)
 
 
 def export_command(model: Path, bundle: Path, **options) -> list[str]:

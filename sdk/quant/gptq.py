@@ -5,8 +5,9 @@ near its own value. GPTQ rounds one input column at a time and moves that column
 onto the columns not rounded yet, in the proportions the inverse Hessian of the layer's calibration
 inputs (X^T X) gives, so what the layer *outputs* on that text moves as little as possible.
 
-Layers go in order, each measured on the activations coming out of the layers already rounded, so
-later layers also absorb what earlier ones lost; the model's own weights are restored afterwards.
+Layers go in order, and a layer's linears in the order it calls them: each is measured on the activations
+coming out of the linears already rounded, so later ones also absorb what earlier ones lost, and one forward
+pass per layer both measures and rounds it. The model's own weights are restored afterwards.
 (What it buys over nearest rounding is measured in bench/README.md, ONNX section.)
 
 With LoRA adapters kept apart from the base (`variants`), one rounded base serves every adapter: at run time
@@ -22,7 +23,7 @@ columns at it, and encodes the result, so what GPTQ optimized is exactly what th
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -63,29 +64,32 @@ def _inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
 
     With P the order-reversing permutation and L the lower Cholesky factor of PHP, U = P·L⁻¹·P (UᵀU = P(LLᵀ)⁻¹P = H⁻¹):
     one Cholesky and one triangular inverse, 2n³/3 flops, where factor → inverse → factor again costs 4n³/3. float32,
-    as the GPTQ reference does: the damping keeps the condition number small. (At 1.5B the 8960-wide down_proj's
-    factor in float64 was the largest cost of the layer: bench/README.md.)
+    as the GPTQ reference does: the damping keeps the condition number small. Only H's upper triangle is read (PHP's
+    lower), which is all BLAS's syrk computes. (At 1.5B the 8960-wide down_proj's factor in float64 was the largest
+    cost of the layer: bench/README.md.)
     """
     from scipy.linalg import lapack
 
-    h = hessian.float().flip(0, 1).contiguous()
-    dead = torch.diag(h) == 0  # inputs never active in the calibration text: nothing to compensate through them
-    h[dead, dead] = 1.0
-    damp = DAMPING * torch.diag(h).mean()
+    reversed_ = np.asfortranarray(hessian.detach().float().numpy()[::-1, ::-1])
+    diagonal = np.arange(len(reversed_))
+    dead = diagonal[reversed_[diagonal, diagonal] == 0]  # inputs never active in the calibration text: nothing to compensate through them
+    reversed_[dead, dead] = 1.0
+    damp = DAMPING * reversed_[diagonal, diagonal].mean()
     for _ in range(5):
-        damped = h.clone()
-        damped.diagonal().add_(damp)
-        lower, info = torch.linalg.cholesky_ex(damped)
+        damped = reversed_.copy(order="F")
+        damped[diagonal, diagonal] += damp
+        lower, info = lapack.spotrf(damped, lower=1, clean=1, overwrite_a=1)
         if not info:
-            inverse, info = lapack.strtri(lower.numpy(), lower=1, overwrite_c=1)
+            inverse, info = lapack.strtri(lower, lower=1, overwrite_c=1)
             if not info:
-                return torch.from_numpy(inverse).flip(0, 1)
+                return torch.from_numpy(np.ascontiguousarray(inverse[::-1, ::-1]))
         damp *= 10
     raise ValueError("the calibration Hessian is not positive definite even after damping")
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rounds a (rows, cols) weight column by column; returns (rounded weight, scales (rows, cols / block)).
+    Of `hessian` only the upper triangle is read. `factor` is `_inverse_hessian_factor(hessian)`, given when weights that share an input share it.
 
     The work is transposed, so each weight column is a contiguous row, and the error of each column reaches the
     later ones at three distances: column by column within its grid block, by one matrix product per block within
@@ -96,7 +100,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid) -> tuple[torch
     if cols % block:
         raise ValueError(f"width {cols} is not a multiple of the block {block}")
     w = weight.detach().float().T.contiguous()  # (cols, rows)
-    factor = _inverse_hessian_factor(hessian)
+    factor = _inverse_hessian_factor(hessian) if factor is None else factor
     importance = torch.diag(hessian).float()
     rounded = torch.empty_like(w)
     scales = torch.empty(cols // block, rows)
@@ -139,36 +143,50 @@ class _Gram:
         return self
 
     def value(self) -> torch.Tensor:
-        upper = torch.from_numpy(self._upper).triu()
-        return upper + upper.T - torch.diag(upper.diagonal())
+        """The sum's upper triangle (zeros below): all that GPTQ reads of a Hessian."""
+        return torch.from_numpy(self._upper)
 
 
-class _HessianHooks:
-    """Sums X^T X of the hooked linears' inputs, once per distinct input: linears fed the same tensor
-    (q/k/v, gate/up) form a group under the first of them, and share its Hessian."""
+class _RoundingHooks:
+    """Rounds each linear of a layer as the layer's one forward pass reaches it, with the Hessian of the input it is
+    called with, then lets it compute with its rounded weight ("true sequential" GPTQ): a linear's Hessian is taken
+    on what the linears rounded before it produce, and the pass that measures the Hessians also gives the next
+    layer its input. Linears fed the same tensor (q/k/v, gate/up) share its Hessian and inverse factor.
 
-    def __init__(self, modules: dict[str, nn.Linear]):
-        self.sums: dict[str, _Gram] = {}
-        self.groups: dict[str, list[str]] = {}
-        self._last: tuple[torch.Tensor, str] | None = None
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+    Pre-hooks go first (before `edgeq.float_model`'s 16-bit casts) and leave a float32 rounded weight in place;
+    `restore` puts the model's own weights back."""
+
+    def __init__(self, modules: dict[str, nn.Linear], grids: dict[str, Grid], real: torch.Tensor, results: dict[str, Any]):
+        self.grids, self.real, self.results = grids, real, results
+        self.originals = {name: m.weight.data for name, m in modules.items()}
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (input, Hessian, factor)
+        self._handles = [m.register_forward_pre_hook(self._hook(name), prepend=True) for name, m in modules.items()]
+
+    def _hessian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens = x[self.real] if not bool(self.real.all()) else x  # padding after a window is no input to round for
+        hessian = _Gram().add(tokens).value() / int(self.real.sum())
+        return x, hessian, _inverse_hessian_factor(hessian)
 
     def _hook(self, name: str):
-        def hook(module, inputs, output):
-            x = inputs[0]
-            if self._last is None or self._last[0] is not x:  # holding x keeps its identity from being reused
-                self._last = (x, name)
-                self.sums.setdefault(name, _Gram()).add(x)
-            group = self.groups.setdefault(self._last[1], [])
-            if name not in group:
-                group.append(name)
+        def hook(module, inputs):
+            self.round(name, module, inputs[0])
         return hook
 
-    def close(self) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    def round(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
+        """GPTQ of `module` for its input `x` (batch, tokens, width); its rounded weight takes its place."""
+        if self._last is None or self._last[0] is not x:  # holding x keeps its identity from being reused
+            self._last = self._hessian(x)
+        grid = self.grids[f"{name}.weight"]
+        rounded, scales = gptq(module.weight, self._last[1], grid, self._last[2])
+        self.results[f"{name}.weight"] = grid.encode(rounded, scales)
+        module.weight.data = rounded  # float32: the model's 16-bit weights would round it again
+
+    def restore(self, modules: dict[str, nn.Linear]) -> None:
         for handle in self._handles:
             handle.remove()
         self._last = None
-        return {name: gram.value() for name, gram in self.sums.items()}, self.groups
+        for name, weight in self.originals.items():
+            modules[name].weight.data = weight
 
 
 class _Catcher(nn.Module):
@@ -190,20 +208,29 @@ class _Catcher(nn.Module):
         return hidden
 
 
-def _layer_inputs(model, windows: list[list[int]]) -> list[list[tuple[tuple, dict]]]:
-    """Per window, the (args, kwargs) the model passes each decoder layer: the mask and RoPE tables of that layer
-    (Gemma gives sliding and global layers their own). Hidden states are kept for the first layer only; the
+def _batch(windows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows as one batch of ids padded on the right, (windows, longest), and which positions are real: under a
+    causal mask a token never sees the padding after it, so its activations are those of its window alone."""
+    ids = torch.zeros(len(windows), max(map(len, windows)), dtype=torch.long)
+    real = torch.zeros(ids.shape, dtype=torch.bool)
+    for row, window in enumerate(windows):
+        ids[row, :len(window)] = torch.tensor(window)
+        real[row, :len(window)] = True
+    return ids, real
+
+
+def _layer_inputs(model, ids: torch.Tensor) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) the model passes each decoder layer for a batch of ids: the mask and RoPE tables of that
+    layer (Gemma gives sliding and global layers their own). Hidden states are kept for the first layer only; the
     others get theirs from the layer before, rounded."""
-    inputs: list[list[tuple[tuple, dict]]] = []
+    calls: list[tuple[tuple, dict]] = []
     layers = model.model.layers
     try:
-        for window in windows:
-            inputs.append([])
-            model.model.layers = nn.ModuleList(_Catcher(layer, inputs[-1], i == 0) for i, layer in enumerate(layers))
-            model(input_ids=torch.tensor([window]), use_cache=False, logits_to_keep=1)
+        model.model.layers = nn.ModuleList(_Catcher(layer, calls, i == 0) for i, layer in enumerate(layers))
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
     finally:
         model.model.layers = layers
-    return inputs
+    return calls
 
 
 def _hidden(output) -> torch.Tensor:
@@ -233,56 +260,45 @@ class _Lora:
         self.factors = {name: variant.factors(name) for name in variant.targets()}
 
     @staticmethod
-    def _linear(b: torch.Tensor, a: torch.Tensor, scaling: float):
+    def _linear(b: torch.Tensor, a: torch.Tensor, scaling: float, rows: slice):
         def hook(module, inputs, output):
-            return output + (scaling * ((inputs[0].float() @ a.T) @ b.T)).to(output.dtype)
+            output[rows] += (scaling * ((inputs[0][rows].float() @ a.T) @ b.T)).to(output.dtype)
+            return output
         return hook
 
     @staticmethod
-    def _embedding(b: torch.Tensor, a: torch.Tensor, scaling: float):
+    def _embedding(b: torch.Tensor, a: torch.Tensor, scaling: float, rows: slice):
         def hook(module, inputs, output):
-            rows = scaling * (nn.functional.embedding(inputs[0], b) @ a)
+            delta = scaling * (nn.functional.embedding(inputs[0][rows], b) @ a)
             scale = getattr(module, "embed_scale", None)  # Gemma scales its lookup inside the module
             if isinstance(scale, torch.Tensor):
-                rows = rows * scale.to(module.weight.dtype).float()
-            return output + rows.to(output.dtype)
+                delta = delta * scale.to(module.weight.dtype).float()
+            output[rows] += delta.to(output.dtype)
+            return output
         return hook
 
     @contextmanager
-    def on(self, modules: dict[str, nn.Module]) -> Iterator[None]:
-        """The LoRA of those of `modules` ({HF weight name: module}) this variant adapts, switched on."""
+    def on(self, modules: dict[str, nn.Module], rows: slice = slice(None)) -> Iterator[None]:
+        """The LoRA of those of `modules` ({HF weight name: module}) this variant adapts, switched on for the batch's
+        `rows` (its stream's)."""
         handles = []
         try:
             for name, module in modules.items():
                 if name in self.factors:
                     make = self._embedding if isinstance(module, nn.Embedding) else self._linear
-                    handles.append(module.register_forward_hook(make(*self.factors[name])))
+                    handles.append(module.register_forward_hook(make(*self.factors[name], rows)))
             yield
         finally:
             for handle in handles:
                 handle.remove()
 
-    def first_hidden(self, model, windows: list[list[int]], base: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per window, the first decoder layer's hidden states with this variant on: the base's, unless it adapts the embedding."""
+    def first_hidden(self, model, ids: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """The first decoder layer's hidden states for the batch `ids` with this variant on: the base's, unless it
+        adapts the embedding."""
         if self.EMBEDDING not in self.factors:
             return base
         with self.on({self.EMBEDDING: model.model.embed_tokens}):
-            return [_hidden_of(window[0]) for window in _layer_inputs(model, windows)]
-
-
-def _switched(lora: _Lora | None, modules: dict[str, nn.Module]):
-    return nullcontext() if lora is None else lora.on(modules)
-
-
-def _round_group(modules: list[tuple[str, nn.Linear]], hessian: torch.Tensor, grid: Grid, results: dict[str, Any]) -> None:
-    """GPTQ of linears that share an input and a grid, as one matrix (their rows stacked: the same result, one pass)."""
-    rounded, scales = gptq(torch.cat([m.weight for _, m in modules]), hessian, grid)
-    row = 0
-    for name, module in modules:
-        rows = module.weight.shape[0]
-        results[f"{name}.weight"] = grid.encode(rounded[row:row + rows], scales[row:row + rows])
-        module.weight.data = rounded[row:row + rows]  # float32, as the next layer must see it (the model may store 16 bits)
-        row += rows
+            return _hidden_of(_layer_inputs(model, ids)[0])
 
 
 def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], progress: bool | None = None,
@@ -292,52 +308,41 @@ def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], prog
     `variants` are LoRA adapters the rounded base will also run with (kept apart from it, switched on at run
     time): the shared base must serve every adapter's activations as well as its own, so each Hessian sums
     X^T X over the base's stream and each variant's (its LoRA on, through the layers already rounded), divided
-    by the tokens of all streams. Without variants, only the base's stream.
+    by the tokens of all streams. Without variants, only the base's stream. The streams run as one batch, each
+    variant's LoRA on its own rows, so one forward pass per layer both measures and rounds it.
 
-    Returns {HF weight name: grid.encode(...)}; the model's weights are left as they were. Memory: the
-    calibration activations of one layer per stream and the Hessians of its linears (not the whole model's).
+    Returns {HF weight name: grid.encode(...)}; the model's weights are left as they were. Memory: one layer's
+    activations for every token of every stream, and the Hessian of the input being rounded.
     """
     layers = model.model.layers
     loras = [None, *(_Lora(variant) for variant in variants)]  # None: the base's own stream
-    tokens = sum(len(window) for window in windows) * len(loras)
+    ids, real = _batch(windows)
+    rows = [slice(i * len(windows), (i + 1) * len(windows)) for i in range(len(loras))]
+    real = real.repeat(len(loras), 1)
     results: dict[str, Any] = {}
     with torch.no_grad(), bar(len(layers) + 1, "GPTQ", "layer", progress) as pbar:
-        inputs = _layer_inputs(model, windows)  # masks and RoPE tables: the same for every stream
-        first = [_hidden_of(window[0]) for window in inputs]
-        hidden = [first if lora is None else lora.first_hidden(model, windows, first) for lora in loras]
+        calls = _layer_inputs(model, ids.repeat(len(loras), 1))  # masks and RoPE tables for the whole batch
+        first = _hidden_of(calls[0])
+        hidden = torch.cat([first[rows[0]] if lora is None else lora.first_hidden(model, ids, first[rows[0]]) for lora in loras])
         for i, layer in enumerate(layers):
-            streams = [[_with_hidden(window[i], h) for window, h in zip(inputs, states)] for states in hidden]
             linears = {f"model.layers.{i}.{n}.weight": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
             modules = {name.removesuffix(".weight"): m for name, m in linears.items() if name in grids}
-            hooks = _HessianHooks(modules)
+            hooks = _RoundingHooks(modules, grids, real, results)
             try:
-                for lora, calls in zip(loras, streams):
-                    with _switched(lora, linears):
-                        for args, kwargs in calls:
-                            layer(*args, **kwargs)
+                with ExitStack() as stack:
+                    for lora, part in zip(loras[1:], rows[1:]):
+                        stack.enter_context(lora.on(linears, part))
+                    args, kwargs = _with_hidden(calls[i], hidden)
+                    hidden = _hidden(layer(*args, **kwargs))
             finally:
-                hessians, groups = hooks.close()
-            originals = {name: m.weight.data for name, m in modules.items()}
-            for leader, names in groups.items():
-                for grid in {grids[f"{n}.weight"] for n in names}:  # one GPTQ per grid among the group
-                    alike = [(n, modules[n]) for n in names if grids[f"{n}.weight"] == grid]
-                    _round_group(alike, hessians[leader] / tokens, grid, results)
-            hidden = []
-            for lora, calls in zip(loras, streams):
-                with _switched(lora, linears):
-                    hidden.append([_hidden(layer(*call[0], **call[1])) for call in calls])
-            for name, weight in originals.items():
-                modules[name].weight.data = weight
+                hooks.restore(modules)
             pbar.update(1)
         if "lm_head.weight" in grids:  # its input is the final norm's output: no need to compute the logits
             # a LoRA on lm_head changes its output, not its input: each stream's final states are all it needs
-            gram = _Gram()
-            for states in hidden:
-                for h in states:
-                    gram.add(model.model.norm(h))
-            hessian = gram.value()
-            original = model.lm_head.weight.data
-            _round_group([("lm_head", model.lm_head)], hessian / tokens, grids["lm_head.weight"], results)
-            model.lm_head.weight.data = original
+            hooks = _RoundingHooks({"lm_head": model.lm_head}, grids, real, results)
+            try:
+                hooks.round("lm_head", model.lm_head, model.model.norm(hidden))
+            finally:
+                hooks.restore({"lm_head": model.lm_head})
         pbar.update(1)
     return results

@@ -160,3 +160,36 @@ def test_llama_cpp_tokenizes_gemma_like_hf_and_carries_its_turn_markers(tmp_path
     assert fields["tokenizer.ggml.eot_token_id"] == tok.token_id("<end_of_turn>") in tok.spec.stop_token_ids
     assert fields["gemma3.attention.sliding_window_pattern"] == [True, False]
     assert (fields["gemma3.rope.freq_base"], fields["gemma3.rope.freq_base_swa"]) == (1000000.0, 10000.0)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_sensitivity_replays_the_layers_before_a_tensor_as_a_full_forward_computes_them(tmp_path, name):
+    """A planner's measured KL replays the layers before the rounded tensor's own from the reference pass; it must
+    equal the KL of the whole model run with that tensor rounded, in every family (Gemma's logit cap included), for
+    the embedding, a layer's weights and the head."""
+    import torch
+
+    from edgeq.float_model import load_float_model
+    from edgeq.quant.sensitivity import _measure_sample, tensor_kind
+
+    source = open_model(_model(tmp_path, name, **({"final_logit_softcapping": 2.0} if name == "gemma3" else {}),
+                               **({} if name == "gemma3" else {"tie_word_embeddings": False})))
+    model = load_float_model(source)
+    space = registry.formats.get("gguf").space()
+    names = [n for n, p in model.named_parameters() if p.ndim == 2 and (".layers.1." in n or ".layers." not in n)]
+    tensors = {n: {"kind": tensor_kind(n), "measured": None, "options": {space.candidates(tuple(model.get_parameter(n).shape))[0]: {}}}
+               for n in names}
+    window = list(range(3, 40))
+    assert _measure_sample(model, tensors, space, {}, window, len(tensors), False) == len(tensors)
+
+    ids = torch.tensor([window])
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        for n, info in tensors.items():
+            param = model.get_parameter(n)
+            saved = param.data
+            param.data = torch.from_numpy(space.round_trip(saved.float().numpy(), next(iter(info["options"])), None))
+            out = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            param.data = saved
+            assert info["measured"] == pytest.approx(max(float((ref.exp() * (ref - out)).sum(-1).mean()), 1e-9), rel=1e-4), n
+    assert any(n.startswith("lm_head") for n in names) != (name == "gemma3")  # an untied head, replayed to the end

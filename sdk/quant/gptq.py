@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..progress import bar
+from .stand_in import StandIn, layers_replaced
 
 DAMPING = 0.01  # of the mean Hessian diagonal, added to it: keeps the inverse stable (the paper's value)
 LAZY_COLUMNS = 128  # columns updated together before the rest of the matrix sees their error
@@ -189,14 +190,12 @@ class _RoundingHooks:
             modules[name].weight.data = weight
 
 
-class _Catcher(nn.Module):
+class _Catcher(StandIn):
     """Stands in for a decoder layer while the model runs once: records what the layer is called with and hands the
-    hidden states on unchanged, so catching every layer's inputs costs the embedding lookup, not a forward pass.
-    The layer's plain attributes (Gemma's attention_type, which the model loop reads) are carried over."""
+    hidden states on unchanged, so catching every layer's inputs costs the embedding lookup, not a forward pass."""
 
     def __init__(self, layer: nn.Module, calls: list, keep_hidden: bool):
-        super().__init__()
-        self.__dict__.update({k: v for k, v in vars(layer).items() if not k.startswith("_") and k != "training"})
+        super().__init__(layer)
         self.calls, self.keep_hidden = calls, keep_hidden
 
     def forward(self, *args, **kwargs):
@@ -224,12 +223,8 @@ def _layer_inputs(model, ids: torch.Tensor) -> list[tuple[tuple, dict]]:
     layer (Gemma gives sliding and global layers their own). Hidden states are kept for the first layer only; the
     others get theirs from the layer before, rounded."""
     calls: list[tuple[tuple, dict]] = []
-    layers = model.model.layers
-    try:
-        model.model.layers = nn.ModuleList(_Catcher(layer, calls, i == 0) for i, layer in enumerate(layers))
+    with layers_replaced(model, [_Catcher(layer, calls, i == 0) for i, layer in enumerate(model.model.layers)]):
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    finally:
-        model.model.layers = layers
     return calls
 
 

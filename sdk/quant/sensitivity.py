@@ -24,6 +24,7 @@ from .. import registry
 from ..progress import bar
 from .calibration import WINDOW, calibration_windows
 from .importance import compute_importance
+from .stand_in import Replay, layers_replaced
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 4  # bump when a precision space changes its bytes or round trip
@@ -178,11 +179,21 @@ def _spread(names: list[str]) -> list[str]:
 
 
 def _measure_sample(model, tensors, space, importance, window, sample, progress) -> int:
+    """KL of the model with each sampled tensor rounded alone. The layers before a tensor's own compute what they did
+    in the reference pass, so they are replayed from it (`Replay`): a measurement costs the layers from its tensor's
+    on, half the model on average, through the model's own forward (its norm, head and any logit scaling)."""
     import torch
 
     ids = torch.tensor([window])
-    with torch.inference_mode():
-        ref = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+    layers = model.model.layers
+    outputs = []
+    handles = [layer.register_forward_hook(lambda module, args, output: outputs.append(output)) for layer in layers]
+    try:
+        with torch.inference_mode():
+            ref = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+    finally:
+        for handle in handles:
+            handle.remove()
     done = 0
     order = _measurement_order(tensors)[:sample]
     with bar(len(order), "sensitivity: measured KL", "tensor", progress) as pbar, torch.inference_mode():
@@ -193,14 +204,26 @@ def _measure_sample(model, tensors, space, importance, window, sample, progress)
             saved = param.data
             weight = saved.float().numpy()
             param.data = torch.from_numpy(space.round_trip(weight, smallest, None if "embed" in name else importance.get(name)))
+            first = _first_changed_layer(model, name)
             try:
-                out = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+                with layers_replaced(model, [*map(Replay, layers[:first], outputs[:first]), *layers[first:]]):
+                    out = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
             finally:
                 param.data = saved
             info["measured"] = max(float((ref.exp() * (ref - out)).sum(-1).mean()), 1e-9)
             done += 1
             pbar.update(1)
     return done
+
+
+def _first_changed_layer(model, name: str) -> int:
+    """The first decoder layer whose output rounding `name` changes: a layer's own tensors change it, an untied head
+    none (all replayed), the embedding (and a head tied to it) the first."""
+    if _layer(name) >= 0:
+        return _layer(name)
+    if name.startswith("lm_head") and model.get_parameter(name) is not model.get_input_embeddings().weight:
+        return len(model.model.layers)
+    return 0
 
 
 def _layer(name: str) -> int:

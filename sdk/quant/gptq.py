@@ -125,27 +125,14 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, factor: torch.
     return rounded.T.contiguous(), scales.T.contiguous()
 
 
-class _Gram:
-    """Σ XᵀX over every token of the (..., width) activations added, by BLAS's syrk: it computes one triangle of
-    the symmetric sum, half the flops of a matrix product (at 1.5B, the 8960-wide down_proj's sum costs nearly as
-    much as the layer's forward passes)."""
+def _upper_gram(x: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (zeros below) of XᵀX over every token of a (tokens, width) activation: all GPTQ reads of a
+    Hessian, and all BLAS's syrk computes, at half the flops of a matrix product (at 1.5B, the 8960-wide down_proj's
+    sum costs nearly as much as the layer's forward pass)."""
+    from scipy.linalg import blas
 
-    def __init__(self):
-        self._upper: np.ndarray | None = None  # Fortran-ordered (width, width); its upper triangle is the sum
-
-    def add(self, x: torch.Tensor) -> "_Gram":
-        from scipy.linalg import blas
-
-        rows = x.detach().reshape(-1, x.shape[-1]).float().contiguous().numpy()  # (tokens, width), read as Xᵀ by BLAS
-        if self._upper is None:
-            self._upper = blas.ssyrk(1.0, rows.T, trans=0, lower=0)
-        else:
-            self._upper = blas.ssyrk(1.0, rows.T, beta=1.0, c=self._upper, trans=0, lower=0, overwrite_c=1)
-        return self
-
-    def value(self) -> torch.Tensor:
-        """The sum's upper triangle (zeros below): all that GPTQ reads of a Hessian."""
-        return torch.from_numpy(self._upper)
+    rows = x.detach().float().contiguous().numpy()  # read by BLAS as the Fortran-ordered Xᵀ
+    return torch.from_numpy(blas.ssyrk(1.0, rows.T, trans=0, lower=0))
 
 
 class _RoundingHooks:
@@ -164,8 +151,8 @@ class _RoundingHooks:
         self._handles = [m.register_forward_pre_hook(self._hook(name), prepend=True) for name, m in modules.items()]
 
     def _hessian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens = x[self.real] if not bool(self.real.all()) else x  # padding after a window is no input to round for
-        hessian = _Gram().add(tokens).value() / int(self.real.sum())
+        tokens = x[self.real] if not bool(self.real.all()) else x.reshape(-1, x.shape[-1])  # padding is no input to round for
+        hessian = _upper_gram(tokens) / len(tokens)
         return x, hessian, _inverse_hessian_factor(hessian)
 
     def _hook(self, name: str):

@@ -2,10 +2,15 @@
 
 edgeq's own torch decoder (`edgeq.decoder`) is traced twice, for a prefill chunk of
 `PREFILL_TOKENS` and for one decode token, and converted with the KV cache as Core ML state and
-float16 compute. Each function is compressed with coremltools.optimize (int8 per channel, int4 in
-blocks of 32 (or 16/64/128), 4/6-bit k-means palettes; per-weight exceptions from the precision plan by op name),
-then both are merged into one multifunction package: identical weights are stored once and the
+float16 compute; both are merged into one multifunction package: identical weights are stored once and the
 two functions share the state, so an app prefills with `prefill` and generates with `decode`.
+
+Weights: int8 per channel and int4 in blocks of 32 (or 16/64/128) are written by edgeq while each function is
+lowered (`coreml_codes`): every function holds the same weights, so their codes are computed once and shared,
+where coremltools' quantizer ran once per function on packages saved, reloaded and saved again to run it (the
+largest share of a 1.5B export's time). The codes are coremltools' bit for bit: weight.bin is the same. 4/6-bit k-means
+palettes stay coremltools' (`palettize`, on each saved function, only when the plan has any); per-weight
+exceptions come from the precision plan, by op name.
 
 Memory: the decoder is traced with float32 parameters. coremltools' torch frontend computes in
 float32 until its float16 pass, so float16 parameters each got a float32 copy beside them; float32
@@ -16,9 +21,10 @@ the ML program. The float16 pass is `lean_fp16_cast`: its overflow check does no
 weights, and it folds each weight's float16 cast into a const and drops the float32 const at once,
 so each float32 weight is freed as its float16 copy is made. Each function therefore builds its own
 decoder from the checkpoint (one shared decoder would hold every float32 weight through every
-function's pass), and is saved before the next; compression works on one saved function at a time.
-The peak of a function's conversion is about 4 bytes per parameter (the float32 decoder) plus 1 GiB,
-where it was 6 (float32 + float16 weights; measured peaks: bench/README.md).
+function's pass), and is saved before the next. The peak of a function's conversion is about 4 bytes
+per parameter (the float32 decoder) plus 1 GiB, where it was 6 (float32 + float16 weights; measured
+peaks: bench/README.md). The shared codes (a byte per quantized weight) live from the first function's lowering
+to the last's; the peak of a SmolLM2-135M int4 export did not move with them (1.58 GB before and after).
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ import torch
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil.passes.defs.quantization import add_fp16_cast
 from coremltools.converters.mil.mil.passes.helper import block_context_manager
-from coremltools.converters.mil.mil.passes.pass_registry import register_pass
+from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass
 
 from edgeq.decoder import DecoderSpec, build_decoder
 from edgeq.errors import EdgeqError
@@ -42,7 +48,8 @@ from edgeq.formats import warn_mismatches
 from edgeq.intake import SourceModel
 from edgeq.progress import bar
 
-from .coreml_format import COREML, INT4_BLOCKS
+from .coreml_codes import SharedCodes, compressor
+from .coreml_format import COREML
 from .coreml_package import describe, weight_ops
 
 log = logging.getLogger(__name__)
@@ -50,21 +57,6 @@ MODEL_FILE = "model.mlpackage"
 PREFILL_TOKENS = 64     # one prefill call processes this many prompt tokens (the last chunk is padded)
 MAX_CONTEXT = 4096      # KV cache slots in the package (capped by the model's trained context)
 FUNCTIONS = (("decode", 1), ("prefill", PREFILL_TOKENS))
-
-
-def compressor(precision: str):
-    """The coremltools op config of a precision name (None: stays float16)."""
-    import coremltools.optimize.coreml as cto
-
-    if precision == "int8":
-        return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0)
-    if precision in INT4_BLOCKS:
-        return cto.OpLinearQuantizerConfig(mode="linear", dtype="int4", granularity="per_block", block_size=INT4_BLOCKS[precision],
-                                           weight_threshold=0)
-    if precision.startswith("palettize"):
-        return cto.OpPalettizerConfig(mode="kmeans", nbits=int(precision[-1]), granularity="per_grouped_channel",
-                                      group_size=16, weight_threshold=0)
-    return None
 
 
 def precision_plan(spec: DecoderSpec, shapes: dict, precision: str, overrides: dict[str, str] | None) -> dict[str, str]:
@@ -188,16 +180,17 @@ def trace_function(decoder, tokens: int):
     )
 
 
-def lower_function(program):
-    """The rest of the conversion: coremltools' passes with float16 compute (`lean_fp16_cast`), then the ML program."""
-    return ct.convert(
-        program,
-        minimum_deployment_target=ct.target.iOS18,
-        convert_to="mlprogram",
-        compute_precision=ct.precision.FLOAT16,
-        pass_pipeline=fp16_pipeline(),
-        skip_model_load=True,
-    )
+def lower_function(program, codes: SharedCodes):
+    """The rest of the conversion: coremltools' passes with float16 compute (`lean_fp16_cast`), then the plan's int8 /
+    int4 codes in place of their weights (`shared_codes`), then the ML program."""
+    pipeline = fp16_pipeline()
+    pipeline.append_pass("edgeq::shared_codes")
+    pipeline.set_options("edgeq::shared_codes", {"codes": codes})
+    try:
+        return ct.convert(program, minimum_deployment_target=ct.target.iOS18, convert_to="mlprogram",
+                          compute_precision=ct.precision.FLOAT16, pass_pipeline=pipeline, skip_model_load=True)
+    finally:
+        PASS_REGISTRY["edgeq::shared_codes"].codes = None
 
 
 def frontend(spec: DecoderSpec, source: SourceModel, tokens: int, adapter, progress):
@@ -211,16 +204,14 @@ def frontend(spec: DecoderSpec, source: SourceModel, tokens: int, adapter, progr
         return trace_function(traced, tokens), names
 
 
-def compress(model_path: Path, out: Path, plan: dict[str, str], op_names: dict[str, str]) -> None:
-    """Applies the plan by op name: palettes first, then linear quantization (one pass each)."""
+def palettize(path: Path, plan: dict[str, str], op_names: dict[str, str]) -> None:
+    """coremltools' k-means palettes for the plan's palettized weights, by op name, in the saved function at `path`."""
     import coremltools.optimize.coreml as cto
 
-    model = ct.models.MLModel(str(model_path), skip_model_load=True)
-    for kind, apply in (("palettize", cto.palettize_weights), ("int", cto.linear_quantize_weights)):
-        configs = {op_names[name]: compressor(p) for name, p in plan.items() if p.startswith(kind) and name in op_names}
-        if configs:
-            model = apply(model, cto.OptimizationConfig(op_name_configs=configs))
-    model.save(str(out))
+    configs = {op_names[name]: compressor(p) for name, p in plan.items() if name in op_names}
+    model = cto.palettize_weights(ct.models.MLModel(str(path), skip_model_load=True), cto.OptimizationConfig(op_name_configs=configs))
+    shutil.rmtree(path)  # the palettized model lives in a package of its own
+    model.save(str(path))
 
 
 def functions(adapters=()) -> list[tuple[str, int, object]]:
@@ -239,22 +230,24 @@ def merge(work: Path, out: Path, names: list[str]) -> None:
     ct.utils.save_multifunction(desc, str(out))
 
 
-def convert_functions(spec: DecoderSpec, source: SourceModel, work: Path, progress, adapters=()) -> dict[str, dict[str, str]]:
-    """Converts every function (an adapter's with its LoRA branches over the same base parameters), saving each before
-    the next; returns, per function, HF weight name → the op name coremltools gave that weight (what compression
-    targets). Each function gets a float32 decoder of its own (float16 cache), built from `source` again: one shared
-    decoder would hold every float32 weight through each function's float16 pass."""
-    op_names = {}
+def convert_functions(spec: DecoderSpec, source: SourceModel, work: Path, plan: dict[str, str], progress,
+                      adapters=()) -> dict[str, dict[str, str]]:
+    """Converts every function (an adapter's with its LoRA branches over the same base parameters) with the plan's
+    int8 / int4 codes, saving each before the next; returns, per function, HF weight name → the op name coremltools
+    gave that weight (what palettization targets). Each function gets a float32 decoder of its own (float16 cache),
+    built from `source` again: one shared decoder would hold every float32 weight through each function's float16
+    pass. The codes are computed in the first function and shared by the others."""
+    op_names, codes = {}, SharedCodes(plan)
     todo = functions(adapters)
     with bar(len(todo), "Core ML convert", "function", progress) as pbar:
         for function, tokens, adapter in todo:
             program, names = _step(f"convert the {function} function", frontend, spec, source, tokens, adapter, progress)
             gc.collect()  # the traced module and the decoder: their parameters now live only as the program's consts
-            model = _step(f"convert the {function} function", lower_function, program)
+            model = _step(f"convert the {function} function", lower_function, program, codes)
             del program
             ops = weight_ops(model._mil_program.functions["main"], names)
             op_names[function] = {name: op.name for name, op in ops.items()}
-            model.save(str(work / f"{function}-fp16.mlpackage"))
+            model.save(str(work / f"{function}.mlpackage"))
             del model, ops
             gc.collect()
             pbar.update(1)
@@ -279,8 +272,9 @@ class CoreMLConverter:
 
     def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
                 calibration=None, progress: bool | None = None, adapters=None) -> dict:
-        """coremltools' quantizers take no calibration data, so `calibration` is not used. `adapters`
-        (`edgeq.adapter_set.KeptAdapter`s) each get a prefill/decode function pair over the shared base weights."""
+        """The int8 / int4 codes are coremltools' nearest rounding and the palettes its k-means: `calibration` is not
+        used. `adapters` (`edgeq.adapter_set.KeptAdapter`s) each get a prefill/decode function pair over the shared
+        base weights."""
         precision = self.spec.normalize(precision)
         if adapters:
             from .coreml_adapters import check_names
@@ -293,18 +287,13 @@ class CoreMLConverter:
         plan = precision_plan(stored, shapes, precision, overrides)
         work = stage / ".coreml-work"
         work.mkdir()
-        op_names = convert_functions(spec, source, work, progress, adapters or ())
-        compressed = any(p != "fp16" for p in plan.values())
+        op_names = convert_functions(spec, source, work, plan, progress, adapters or ())
         names = [function for function, _, _ in functions(adapters or ())]
-        with bar(len(names) + 2, "Core ML compress + merge", "step", progress) as pbar:
-            for function in names:
-                fp16, target = work / f"{function}-fp16.mlpackage", work / f"{function}.mlpackage"
-                if compressed:
-                    _step(f"compress the {function} function", compress, fp16, target, plan, op_names[function])
-                    shutil.rmtree(fp16)
-                    gc.collect()
-                else:
-                    fp16.rename(target)
+        palettes = {name: p for name, p in plan.items() if p.startswith("palettize")}
+        with bar(len(names) * bool(palettes) + 2, "Core ML palettize + merge" if palettes else "Core ML merge", "step", progress) as pbar:
+            for function in names if palettes else ():
+                _step(f"palettize the {function} function", palettize, work / f"{function}.mlpackage", palettes, op_names[function])
+                gc.collect()
                 pbar.update(1)
             _step("merge the functions into one package", merge, work, stage / MODEL_FILE, names)
             shutil.rmtree(work)

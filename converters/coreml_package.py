@@ -39,13 +39,14 @@ def _is_weight_op(op) -> bool:
 
 
 def weight_ops(function, names: list[str]) -> dict[str, object]:
-    """HF name → the op that yields that weight: the last op of a decompression chain, or the const."""
+    """HF name → the op that yields that weight: the last op of a decompression chain, or the const. The names keep
+    their dots until coremltools' ML program backend makes them identifiers."""
     wanted = {name.replace(".", "_"): name for name in names}
     found = {}
     for op in function.operations:
         if not _is_weight_op(op) or any(_is_weight_op(child) for child in op.outputs[0].child_ops):
             continue  # not a weight, or only an input (data, scale, LUT) of a decompression op
-        match = WEIGHT_NAME.match(op.name)
+        match = WEIGHT_NAME.match(op.name.replace(".", "_"))
         if match and match.group(1) in wanted:
             found[wanted[match.group(1)]] = op
     return found
@@ -127,7 +128,7 @@ def describe(path: Path, shapes: dict[str, tuple], plan: dict[str, str]) -> dict
         if got != asked:
             width, block = shapes[name][-1], INT4_BLOCKS.get(asked)
             why = (f"input width {width} is not a multiple of {block}" if block and width % block
-                   else "coremltools left it as it was")
+                   else "left as it was (the export log says why)")
             mismatches.append({"tensor": name, "asked": asked, "got": got, "why": why})
     weights_file = Path(path) / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
     return {

@@ -17,7 +17,9 @@ import edgeq
 from edgeq.bundle import staged_bundle, write_manifest
 from edgeq.cli import main
 from edgeq.converters import coreml as coreml_converter
+from edgeq.converters import coreml_codes
 from edgeq.converters.coreml import CoreMLConverter, precision_plan
+from edgeq.converters.coreml_format import COREML, LINEAR_BLOCKS, linear_codes
 from edgeq.converters.coreml_package import describe, read_weights
 from edgeq.decoder import DecoderSpec, build_decoder
 from edgeq.quality import QualityAccumulator
@@ -185,6 +187,64 @@ def test_weights_read_back_within_half_a_step(bundle):
         step = {"int8": _int8_step, "int4": _int4_step, "fp16": torch.zeros_like}[precision](ref)
         # half a step, plus float16 rounding (weight, scale, coremltools' division); a wrong axis or zero point is steps off
         assert (error <= 0.55 * step + ref.abs() / 1024 + 1e-7).all(), name
+
+
+def test_weights_are_the_planners_round_trip_bit_for_bit(bundle):
+    """int8, int4 and fp16 weights of a mixed plan are what the planner's space computes from the float16 weights."""
+    source, out = bundle
+    stored, space = read_weights(out / "model.mlpackage", list(source.shapes())), COREML.space()
+    for name, precision in _plan(source).items():
+        expected = space.round_trip(source.tensor(name).float().numpy(), precision, None)
+        assert stored[name].dtype == expected.dtype and np.array_equal(stored[name], expected), (name, precision)
+
+
+def test_linear_codes_are_coremltools_quantizer_bit_for_bit():
+    """The codes, scales and zero points edgeq writes are those of coremltools' quantizer (its own function, on the
+    same float16 weights): ties everywhere, all-zero rows and blocks, blocks on one side of 0, subnormal weights,
+    more rows than one slice."""
+    from coremltools.converters.mil.mil import types
+    from coremltools.optimize._utils import compute_qparams_by_dtype
+
+    generator = np.random.default_rng(0)
+    weights = [(generator.standard_normal((3000, 512)) * 0.05).astype(np.float16),
+               (generator.integers(-3, 4, (64, 128)) * 0.25).astype(np.float16)]
+    for scale in (1e-6, 0.02, 300.0):
+        weight = (generator.standard_normal((96, 256)) * scale).astype(np.float16)
+        weight[3, :64] = weight[5] = 0
+        weight[7, :32], weight[9, 32:64], weight[11, :16] = np.abs(weight[7, :32]), -np.abs(weight[9, 32:64]), 6e-8
+        weights.append(weight)
+    for weight in weights:
+        for precision, block in LINEAR_BLOCKS.items():
+            kind, mode = (types.int8, "LINEAR_SYMMETRIC") if precision == "int8" else (types.int4, "LINEAR")
+            with np.errstate(all="ignore"):
+                want = compute_qparams_by_dtype(weight, kind, mode, [1, block])
+            got = linear_codes(weight, precision)
+            assert got[1].dtype == want[1].dtype == np.float16 and np.array_equal(got[1], want[1]), (precision, weight.shape)
+            assert np.array_equal(got[0], want[0]) and (got[2] is want[2] is None or np.array_equal(got[2], want[2])), precision
+
+
+def test_codes_are_computed_once_for_every_function(tmp_path, tiny_llama, tiny_lora, monkeypatch):
+    """A kept adapter makes four functions over the same base: each weight's codes are computed once, in the first,
+    and written into all four without saving and reloading any (palettization, which still does, is not run)."""
+    computed = []
+
+    def counted(weight, precision):
+        computed.append(precision)
+        return linear_codes(weight, precision)
+
+    monkeypatch.setattr(coreml_codes, "linear_codes", counted)
+    monkeypatch.setattr(coreml_converter, "palettize", None)  # a linear plan never reloads a function
+    overrides = {"model.layers.0.self_attn.q_proj.weight": "int4-block16", "model.layers.0.mlp.down_proj.weight": "int4-block64",
+                 "model.layers.1.self_attn.o_proj.weight": "int8", "model.layers.1.mlp.down_proj.weight": "fp16"}
+    bundle = edgeq.export(tiny_llama, adapters={"a": tiny_lora}, keep_adapters=True, format="coreml", precision="int4",
+                          tensor_types=overrides, output=tmp_path / "kept", eval_tokens=0)
+    manifest = edgeq.inspect(bundle)
+    assert len(manifest["coreml"]["functions"]) == 4 and manifest["mismatches"] == []
+    quantized = {name: t["type"] for name, t in manifest["tensors"].items() if t["type"] != "fp16"}
+    assert sorted(computed) == sorted(quantized.values()) and len(set(quantized.values())) == 4
+    stored, space = read_weights(bundle / "model.mlpackage", list(quantized)), COREML.space()
+    for name, precision in quantized.items():
+        assert np.array_equal(stored[name], space.round_trip(open_model(tiny_llama).tensor(name).float().numpy(), precision, None))
 
 
 def _plan(source):

@@ -50,6 +50,25 @@ def test_gptq_survives_inputs_the_calibration_never_activates():
     assert torch.isfinite(rounded).all() and (rounded - weight).abs().max() < 0.05
 
 
+def test_a_tall_weight_rounded_in_row_chunks_is_rounded_as_well(monkeypatch):
+    """Rows are independent given the Hessian, so a head of 128-262k rows goes in chunks (its float32 copies are a
+    chunk's); the float sums' order changes a near tie here and there, not the quality."""
+    import edgeq.quant.gptq as module
+
+    x = _correlated_inputs(128)
+    weight = torch.randn(300, 128, generator=torch.Generator().manual_seed(2)) * 0.05
+    hessian = x.T @ x / len(x)
+    whole, _ = gptq(weight, hessian, BlockGrid(4, 32))
+    monkeypatch.setattr(module, "ROW_CHUNK", 64)
+    chunked, scales = gptq(weight, hessian, BlockGrid(4, 32))
+    assert scales.shape == (300, 4)
+
+    def output_error(w):
+        return float(((x @ (weight - w).T) ** 2).mean())
+
+    assert output_error(chunked) == pytest.approx(output_error(whole), rel=0.02)
+
+
 def test_quantize_model_covers_what_was_asked_and_leaves_the_model_as_it_was(tiny_llama):
     source = open_model(tiny_llama)
     model = load_float_model(source)

@@ -35,6 +35,7 @@ from .stand_in import StandIn, layers_replaced
 
 DAMPING = 0.01  # of the mean Hessian diagonal, added to it: keeps the inverse stable (the paper's value)
 LAZY_COLUMNS = 128  # columns updated together before the rest of the matrix sees their error
+ROW_CHUNK = 16384  # rows rounded together: a 1536-wide chunk's float32 copies are 100 MB
 
 
 class Grid(Protocol):
@@ -90,25 +91,34 @@ def _inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rounds a (rows, cols) weight column by column; returns (rounded weight, scales (rows, cols / block)).
-    Of `hessian` only the upper triangle is read. `factor` is `_inverse_hessian_factor(hessian)`, given when weights that share an input share it.
+    Of `hessian` only the upper triangle is read. `factor` is `_inverse_hessian_factor(hessian)`, given when weights
+    that share an input share it. Rows are independent given the Hessian, so a tall weight (a head of 128-262k
+    rows) goes `ROW_CHUNK` rows at a time: its float32 working copies are a chunk's, not the whole matrix's."""
+    rows, cols = weight.shape
+    if cols % grid.block:
+        raise ValueError(f"width {cols} is not a multiple of the block {grid.block}")
+    factor = _inverse_hessian_factor(hessian) if factor is None else factor
+    importance = torch.diag(hessian).float()
+    rounded = torch.empty(rows, cols)
+    scales = torch.empty(rows, cols // grid.block)
+    for top in range(0, rows, ROW_CHUNK):
+        rounded[top:top + ROW_CHUNK], scales[top:top + ROW_CHUNK] = _gptq_rows(weight[top:top + ROW_CHUNK], factor, importance, grid)
+    return rounded, scales
 
-    The work is transposed, so each weight column is a contiguous row, and the error of each column reaches the
+
+def _gptq_rows(weight: torch.Tensor, factor: torch.Tensor, importance: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ of some rows, transposed so each weight column is a contiguous row. The error of each column reaches the
     later ones at three distances: column by column within its grid block, by one matrix product per block within
     the lazy batch, and by one per batch for the rest of the matrix. The same arithmetic as one rank-1 update per
     column, with most of it in matrix products that keep the rows in cache."""
-    rows, cols = weight.shape
-    block = grid.block
-    if cols % block:
-        raise ValueError(f"width {cols} is not a multiple of the block {block}")
+    cols, block = weight.shape[1], grid.block
     w = weight.detach().float().T.contiguous()  # (cols, rows)
-    factor = _inverse_hessian_factor(hessian) if factor is None else factor
-    importance = torch.diag(hessian).float()
     rounded = torch.empty_like(w)
-    scales = torch.empty(cols // block, rows)
+    scales = torch.empty(cols // block, w.shape[1])
     step = max(LAZY_COLUMNS, block) // block * block
     for start in range(0, cols, step):
         end = min(start + step, cols)
-        errors = torch.empty(end - start, rows)
+        errors = torch.empty(end - start, w.shape[1])
         for first in range(start, end, block):
             last = first + block
             part, f = w[first:last], factor[first:last, first:last]
@@ -122,7 +132,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, factor: torch.
                 part[j + 1:].addr_(f[j, j + 1:], error, alpha=-1)
             w[last:end].addmm_(factor[first:last, last:end].T, errors[first - start:last - start], alpha=-1)
         w[end:].addmm_(factor[start:end, end:].T, errors, alpha=-1)
-    return rounded.T.contiguous(), scales.T.contiguous()
+    return rounded.T, scales.T
 
 
 def _upper_gram(x: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,11 @@ two functions share the state, so an app prefills with `prefill` and generates w
 Weights: int8 per channel and int4 in blocks of 32 (or 16/64/128) are written by edgeq while each function is
 lowered (`coreml_codes`): every function holds the same weights, so their codes are computed once and shared,
 where coremltools' quantizer ran once per function on packages saved, reloaded and saved again to run it (the
-largest share of a 1.5B export's time). The codes are coremltools' bit for bit: weight.bin is the same. 4/6-bit k-means
-palettes stay coremltools' (`palettize`, on each saved function, only when the plan has any); per-weight
-exceptions come from the precision plan, by op name.
+largest share of a 1.5B export's time), in coremltools' layout and ops. int8 is coremltools' rounding bit for bit;
+int4 is rounded to each block's least (importance-weighted) squared error, where coremltools' min/max rounding lost
+to llama.cpp's Q4_0 at more bits per weight (`coreml_format.linear_codes`). 4/6-bit k-means palettes stay
+coremltools' (`palettize`, on each saved function, only when the plan has any); per-weight exceptions come from the
+precision plan, by op name.
 
 Memory: the decoder is traced with float32 parameters. coremltools' torch frontend computes in
 float32 until its float16 pass, so float16 parameters each got a float32 copy beside them; float32
@@ -49,7 +51,7 @@ from edgeq.intake import SourceModel
 from edgeq.progress import bar
 
 from .coreml_codes import SharedCodes, compressor
-from .coreml_format import COREML
+from .coreml_format import COREML, INT4_BLOCKS
 from .coreml_package import describe, weight_ops
 
 log = logging.getLogger(__name__)
@@ -231,13 +233,14 @@ def merge(work: Path, out: Path, names: list[str]) -> None:
 
 
 def convert_functions(spec: DecoderSpec, source: SourceModel, work: Path, plan: dict[str, str], progress,
-                      adapters=()) -> dict[str, dict[str, str]]:
+                      adapters=(), importance: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, str]]:
     """Converts every function (an adapter's with its LoRA branches over the same base parameters) with the plan's
     int8 / int4 codes, saving each before the next; returns, per function, HF weight name → the op name coremltools
     gave that weight (what palettization targets). Each function gets a float32 decoder of its own (float16 cache),
     built from `source` again: one shared decoder would hold every float32 weight through each function's float16
-    pass. The codes are computed in the first function and shared by the others."""
-    op_names, codes = {}, SharedCodes(plan)
+    pass. The codes are computed in the first function and shared by the others; int4 rounding is weighted by
+    `importance` where it has the weight."""
+    op_names, codes = {}, SharedCodes(plan, importance)
     todo = functions(adapters)
     with bar(len(todo), "Core ML convert", "function", progress) as pbar:
         for function, tokens, adapter in todo:
@@ -272,9 +275,10 @@ class CoreMLConverter:
 
     def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
                 calibration=None, progress: bool | None = None, adapters=None) -> dict:
-        """The int8 / int4 codes are coremltools' nearest rounding and the palettes its k-means: `calibration` is not
-        used. `adapters` (`edgeq.adapter_set.KeptAdapter`s) each get a prefill/decode function pair over the shared
-        base weights."""
+        """int4 blocks are rounded to their least squared error, weighted by the calibration's importance matrix when
+        it has one (as ONNX's and llama.cpp's nearest rounding are); int8 is coremltools' per-channel rounding and the
+        palettes its k-means. `adapters` (`edgeq.adapter_set.KeptAdapter`s) each get a prefill/decode function pair
+        over the shared base weights."""
         precision = self.spec.normalize(precision)
         if adapters:
             from .coreml_adapters import check_names
@@ -285,9 +289,11 @@ class CoreMLConverter:
         shapes = {n: tuple(s) for n, s in source.shapes().items()}
         stored = dataclasses.replace(spec, tied=True) if head_is_embedding(source) else spec
         plan = precision_plan(stored, shapes, precision, overrides)
+        int4 = any(p in INT4_BLOCKS for p in plan.values())
+        importance = calibration.importance(progress) if int4 and calibration is not None else None
         work = stage / ".coreml-work"
         work.mkdir()
-        op_names = convert_functions(spec, source, work, plan, progress, adapters or ())
+        op_names = convert_functions(spec, source, work, plan, progress, adapters or (), importance)
         names = [function for function, _, _ in functions(adapters or ())]
         palettes = {name: p for name, p in plan.items() if p.startswith("palettize")}
         with bar(len(names) * bool(palettes) + 2, "Core ML palettize + merge" if palettes else "Core ML merge", "step", progress) as pbar:
@@ -307,7 +313,9 @@ class CoreMLConverter:
             from .coreml_adapters import records
 
             report["adapters"] = records(stage, MODEL_FILE, adapters)
-        return {"model_file": MODEL_FILE, "precision": precision, **report}
+        weighted = any(name in (importance or {}) for name, p in plan.items() if p in INT4_BLOCKS)
+        return {"model_file": MODEL_FILE, "precision": precision, **report,
+                "rounding": ("importance-weighted" if weighted else "nearest") if int4 else None}
 
 
 def head_is_embedding(source: SourceModel) -> bool:

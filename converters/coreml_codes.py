@@ -3,10 +3,10 @@
 Every function of the package (decode, prefill, and a pair per kept adapter) is traced from the same checkpoint and
 holds the same float16 weights. coremltools' `linear_quantize_weights` quantized them again in each function (2 × 128 s
 at 1.5B parameters), in numpy's element-by-element float16 arithmetic, on packages saved, reloaded and saved again to
-run it. Here the codes are computed once per weight (`coreml_format.linear_codes`, bit for bit coremltools' values) and
-shared: each function gets them while it is lowered, as the very ops and dtypes coremltools' pass writes, so the
-stored weights (weight.bin, byte for byte), their reader and their sharing across functions are unchanged. Palettes
-are still coremltools' own.
+run it. Here the codes are computed once per weight (`coreml_format.linear_codes`: int8 bit for bit coremltools'
+values, int4 a least-squares search that min/max rounding loses to) and shared: each function gets them while it is
+lowered, as the very ops and dtypes coremltools' pass writes, so the stored layout, its reader and the sharing of
+weights across functions are coremltools'. Palettes are still coremltools' own.
 """
 from __future__ import annotations
 
@@ -42,10 +42,12 @@ def compressor(precision: str):
 
 class SharedCodes:
     """The plan's int8 / int4 codes, computed once per HF weight for every function of the export (each holds the
-    same float16 weights); `shared_codes` writes them into each function."""
+    same float16 weights); `shared_codes` writes them into each function. int4 rounding is weighted by `importance`
+    (HF name → mean squared input per column) for the weights it has."""
 
-    def __init__(self, plan: dict[str, str]):
+    def __init__(self, plan: dict[str, str], importance: dict[str, np.ndarray] | None = None):
         self.plan = {name: p for name, p in plan.items() if p in LINEAR_BLOCKS}
+        self.importance = importance or {}
         self.done: dict[str, tuple] = {}  # HF name → (a sample of the float16 weight, codes, scales, zero points)
 
     def apply(self, prog) -> None:
@@ -62,7 +64,7 @@ class SharedCodes:
         sample = value.reshape(-1)[::max(1, value.size // 4096)].copy()  # a view would keep the whole weight alive
         known = self.done.get(name)
         if known is None or known[1].shape != value.shape or not np.array_equal(known[0], sample):
-            self.done[name] = (sample, *linear_codes(value, self.plan[name]))
+            self.done[name] = (sample, *linear_codes(value, self.plan[name], self.importance.get(name)))
         return self.done[name][1:]
 
 

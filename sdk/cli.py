@@ -99,7 +99,7 @@ def main(ctx, debug, verbose, progress):
 @click.option("--size", type=types.SIZE, help="Plan within this size instead of the device's, e.g. 95MB or 1.2GiB.")
 @click.option("--bits-per-weight", type=types.BITS_PER_WEIGHT, help="Plan within this many bits per weight on average (0-32].")
 @click.option("--calibration", type=types.TextFile("calibration text"),
-              help="UTF-8 text like the model's real input. gguf: importance matrix; onnx: the text GPTQ rounds on "
+              help="UTF-8 text like the model's real input. gguf, coreml int4: importance matrix; onnx: the text GPTQ rounds on "
                    "(default: a built-in text); with a plan: the sensitivity measurement.")
 @click.option("--calibration-tokens", default=8192, show_default=True, type=types.TOKENS, help="Tokens of --calibration to use (windows of 512).")
 @click.option("-o", "--output", type=click.Path(), help="Bundle folder to create (default: MODEL-DEVICE-PRECISION).")

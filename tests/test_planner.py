@@ -98,17 +98,22 @@ def test_planned_coreml_export_writes_the_planned_type_of_every_weight(tiny_llam
     assert len(set(planned.values())) > 1 and manifest["mismatches"] == []
     assert len(set(planned) & set(written)) >= len(planned) - 1  # a tied lm_head is the embedding
     assert {n: written[n] for n in planned if n in written} == {n: p for n, p in planned.items() if n in written}
-    # the planner's Core ML space prices and rounds each weight exactly as the package stores it
+    # the planner's Core ML space prices and rounds each weight exactly as the package stores it, int4 weighted by the
+    # importance matrix the plan was measured with (the converter is given it)
     from edgeq.converters.coreml_package import read_weights
     from edgeq.intake import open_model
     from edgeq import registry
+    from edgeq.quant.calibration import CALIBRATION_TEXT
+    from edgeq.quant.sensitivity import measure_sensitivity
 
     space, source = registry.formats.get("coreml").space(), open_model(tiny_llama)
+    importance = measure_sensitivity(source, "coreml", CALIBRATION_TEXT, progress=False).importance  # cached by the export
+    assert manifest["rounding"] == "importance-weighted"
     stored = read_weights(bundle / "model.mlpackage", list(written))
     for name, precision in planned.items():
         if name not in written:
             continue
         weight = source.tensor(name).float().numpy()
         assert manifest["tensors"][name]["bytes"] == space.nbytes(precision, weight.shape), name
-        expected = space.round_trip(weight, precision, None)
+        expected = space.round_trip(weight, precision, importance.get(name))
         assert (stored[name] == expected).all(), (name, precision)

@@ -24,10 +24,9 @@ from .. import registry
 from ..progress import bar
 from .calibration import WINDOW, calibration_windows
 from .importance import compute_importance
-from .stand_in import Replay, layers_replaced
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 4  # bump when a precision space changes its bytes or round trip
+CACHE_VERSION = 5  # bump when a precision space changes its bytes or round trip
 SAMPLE_ROWS = 128
 
 
@@ -183,6 +182,8 @@ def _measure_sample(model, tensors, space, importance, window, sample, progress)
     in the reference pass, so they are replayed from it (`Replay`): a measurement costs the layers from its tensor's
     on, half the model on average, through the model's own forward (its norm, head and any logit scaling)."""
     import torch
+
+    from .stand_in import Replay, layers_replaced
 
     ids = torch.tensor([window])
     layers = model.model.layers

@@ -150,18 +150,19 @@ class Service:
 
 
 async def _next(job: Job, request=None) -> Any:
-    """The job's next chunk; while it waits, the deadline is watched, and the client too when `request` is
-    given (a streaming response learns of a client gone from its own failed send instead)."""
+    """The job's next chunk; the deadline is checked at every chunk and while it waits (a fast stream never waits
+    long, so a check only on waiting let it run past its timeout), and the client too when `request` is given (a
+    streaming response learns of a client gone from its own failed send instead)."""
     getter = asyncio.ensure_future(job.chunks.get())
     try:
         while True:
+            if time.monotonic() > job.deadline:
+                job.timed_out = True
+                job.cancel()
             done, _ = await asyncio.wait({getter}, timeout=0.25)
             if done:
                 return getter.result()
             if request is not None and await request.is_disconnected():
-                job.cancel()
-            if time.monotonic() > job.deadline:
-                job.timed_out = True
                 job.cancel()
     finally:
         getter.cancel()  # no-op once it has its item; a pending get takes nothing from the queue

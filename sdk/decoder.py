@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import EdgeqError
 from .model_shape import ModelShape
 
 MASKED = 65504.0  # the largest float16: added to a masked score, its softmax weight is exactly zero

@@ -91,13 +91,14 @@ def quantize(src: Path, dst: Path, precision: str, *, overrides: dict[str, str] 
 
 def read_tensor_types(path: Path, precision: str, overrides: dict[str, str] | None = None) -> dict:
     """Tensor types as written, real bits per weight, and every place the file differs from the request."""
-    reader = gguf.GGUFReader(path)
+    from .ggml_quants import tensor_table
+
     tensors, mismatches = {}, []
     k_mix = precision.startswith("Q") and "_K" in precision
-    for t in reader.tensors:
-        got = gguf.GGMLQuantizationType(t.tensor_type)
-        shape = [int(x) for x in reversed(t.shape.tolist())]
-        tensors[t.name] = {"type": got.name, "shape": shape, "bytes": int(t.n_bytes)}
+    for t in tensor_table(path):
+        got = gguf.GGMLQuantizationType[t.type_name]
+        shape = list(t.shape)
+        tensors[t.name] = {"type": got.name, "shape": shape, "bytes": t.nbytes}
         asked = (overrides or {}).get(t.name)
         if asked and ggml_type(asked) != got:
             mismatches.append({"tensor": t.name, "asked": asked.upper(), "got": got.name, "why": f"row width {shape[-1]}"})

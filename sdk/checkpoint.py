@@ -119,13 +119,15 @@ def check_weights(config: dict, shapes: dict[str, tuple[int, ...]], dtypes: dict
 
 def check_finite(name: str, tensor, where: Path) -> None:
     """NaN or inf in a weight (a diverged fine-tune, a bad merge) would export "successfully" with a KL of nan.
-    Checked in slices, so the check adds no copy of a large embedding to the peak memory."""
+    A slice's sum is finite unless some element is not (or the sum overflows, which `isfinite` then settles):
+    one pass without a mask, a tenth of `isfinite`'s time, and in slices, so no copy of a large embedding."""
     import torch
 
     if not tensor.is_floating_point():
         return
     flat = tensor.reshape(-1)
     for start in range(0, flat.numel(), 1 << 24):
-        if not torch.isfinite(flat[start:start + (1 << 24)]).all():
+        part = flat[start:start + (1 << 24)]
+        if not part.sum().isfinite() and not torch.isfinite(part).all():
             raise EdgeqError(f"{name} in {where} holds NaN or infinite values; the checkpoint is damaged (a diverged "
                              "fine-tune or a bad merge?): export a healthy one")

@@ -502,6 +502,7 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
                   adapters=adapters, keep_adapters=keep_adapters, adapter_data=adapter_data, compare_merged=compare_merged)
     try:
         check_memory(job)
+        job.source.hash_in_background()
         score_base(job)
         calibrate(job)
         if not any(_build(job, retry=attempt < RETRIES) for attempt in range(RETRIES + 1)):

@@ -7,6 +7,7 @@ as it streams, so a damaged checkpoint fails in one line before any conversion w
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -129,15 +130,32 @@ class SourceModel:
         return self.shapes()["model.embed_tokens.weight"][0]
 
     def fingerprint(self) -> dict:
-        """Hashes of the weight files (and adapter), recorded in the manifest."""
-        digest = sha256_files
-        weights = sorted({info.file for info in self.index.values()})
-        info = {"path": str(self.path), "architecture": self.architecture, "sha256": digest(weights)}
+        """Hashes of the weight files (and adapter), recorded in the manifest and keying the sensitivity cache."""
+        weights, adapter = self._digests.result()
+        info = {"path": str(self.path), "architecture": self.architecture, "sha256": weights}
         if self.dropped:
             info["dropped"] = self.dropped
         if self.adapter:
-            info["adapter"] = {"path": str(self.adapter.path), "sha256": digest(sorted({i.file for i in self.adapter.index.values()}))}
+            info["adapter"] = {"path": str(self.adapter.path), "sha256": adapter}
         return info
+
+    def hash_in_background(self) -> None:
+        """Starts hashing the weight files on a thread of their own (hashlib lets go of the GIL), so the seconds a
+        multi-GB checkpoint takes overlap the export's own work instead of adding to it."""
+        self._digests
+
+    def __getstate__(self) -> dict:
+        """A child process (the GGUF float writer) gets the model without the hashing thread's future."""
+        return {k: v for k, v in self.__dict__.items() if k != "_digests"}
+
+    @cached_property
+    def _digests(self) -> Future:
+        files = sorted({info.file for info in self.index.values()})
+        adapter_files = sorted({i.file for i in self.adapter.index.values()}) if self.adapter else []
+        pool = ThreadPoolExecutor(1, thread_name_prefix="edgeq-hash")
+        future = pool.submit(lambda: (sha256_files(files), sha256_files(adapter_files) if adapter_files else None))
+        pool.shutdown(wait=False)
+        return future
 
     def tokenizer_spec(self) -> TokenizerSpec:
         folder = self.tokenizer_folder

@@ -99,3 +99,21 @@ def test_modules_to_save_with_resized_embeddings(tmp_path, tiny_llama):
     base_vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
     assert source.config["vocab_size"] == base_vocab + 8
     assert source.tensor("lm_head.weight").shape[0] == base_vocab + 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weight_found_anywhere(tmp_path, dtype, bad):
+    from edgeq.checkpoint import check_finite
+
+    weight = torch.randn(3 << 23).to(dtype)  # more than one slice of 2**24
+    weight[(1 << 24) + 7] = bad
+    with pytest.raises(EdgeqError, match="NaN or infinite"):
+        check_finite("w", weight, tmp_path)
+
+
+def test_large_finite_weights_whose_sum_overflows_pass(tmp_path):
+    from edgeq.checkpoint import check_finite
+
+    check_finite("w", torch.full((1 << 12,), 60000.0, dtype=torch.float16), tmp_path)  # its float16 sum is inf
+    check_finite("w", torch.tensor([torch.finfo(torch.float32).max, torch.finfo(torch.float32).max, -1.0]), tmp_path)

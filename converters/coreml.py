@@ -25,8 +25,8 @@ so each float32 weight is freed as its float16 copy is made. Each function there
 decoder from the checkpoint (one shared decoder would hold every float32 weight through every
 function's pass), and is saved before the next. The peak of a function's conversion is about 4 bytes
 per parameter (the float32 decoder) plus 1 GiB, where it was 6 (float32 + float16 weights; measured
-peaks: bench/README.md). The shared codes (a byte per quantized weight) live from the first function's lowering
-to the last's; the peak of a SmolLM2-135M int4 export did not move with them (1.58 GB before and after).
+peaks: bench/README.md). The shared codes (a byte per quantized weight) wait on disk between functions
+(`SharedCodes`), so they never sit beside a float32 decoder.
 """
 from __future__ import annotations
 
@@ -240,7 +240,7 @@ def convert_functions(spec: DecoderSpec, source: SourceModel, work: Path, plan: 
     built from `source` again: one shared decoder would hold every float32 weight through each function's float16
     pass. The codes are computed in the first function and shared by the others; int4 rounding is weighted by
     `importance` where it has the weight."""
-    op_names, codes = {}, SharedCodes(plan, importance)
+    op_names, codes = {}, SharedCodes(plan, work / "codes", importance)
     todo = functions(adapters)
     with bar(len(todo), "Core ML convert", "function", progress) as pbar:
         for function, tokens, adapter in todo:

@@ -11,6 +11,7 @@ weights across functions are coremltools'. Palettes are still coremltools' own.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 from coremltools.converters.mil import Builder as mb
@@ -43,12 +44,18 @@ def compressor(precision: str):
 class SharedCodes:
     """The plan's int8 / int4 codes, computed once per HF weight for every function of the export (each holds the
     same float16 weights); `shared_codes` writes them into each function. int4 rounding is weighted by `importance`
-    (HF name → mean squared input per column) for the weights it has."""
+    (HF name → mean squared input per column) for the weights it has.
 
-    def __init__(self, plan: dict[str, str], importance: dict[str, np.ndarray] | None = None):
+    The codes weigh a byte per weight (3.2 GB at 3B), and each later function is traced from a float32 decoder of
+    its own (4 bytes per weight): held in memory between functions, they raised a 3B export's peak from 14 to
+    18.6 GB. So they are written to `spill` (a folder) as they are computed and memory-mapped only while a function
+    is lowered and saved, when its float32 weights are already gone."""
+
+    def __init__(self, plan: dict[str, str], spill: Path, importance: dict[str, np.ndarray] | None = None):
         self.plan = {name: p for name, p in plan.items() if p in LINEAR_BLOCKS}
         self.importance = importance or {}
-        self.done: dict[str, tuple] = {}  # HF name → (a sample of the float16 weight, codes, scales, zero points)
+        self.spill = spill
+        self.done: dict[str, tuple] = {}  # HF name → (a sample of the float16 weight, its shape, the codes' files)
 
     def apply(self, prog) -> None:
         """Replaces each planned weight's const by `constexpr_blockwise_shift_scale` as coremltools' pass does (same op,
@@ -60,12 +67,19 @@ class SharedCodes:
                         replace_by_codes(op, *self.codes(name, op.outputs[0].val), self.plan[name])
 
     def codes(self, name: str, value: np.ndarray) -> tuple:
-        """The weight's codes, computed on its first function; a cheap sample checks a later function holds the same."""
+        """(codes, scales, zero points or None) of the weight, computed on its first function and memory-mapped from
+        then on; a cheap sample checks a later function holds the same weight."""
         sample = value.reshape(-1)[::max(1, value.size // 4096)].copy()  # a view would keep the whole weight alive
         known = self.done.get(name)
-        if known is None or known[1].shape != value.shape or not np.array_equal(known[0], sample):
-            self.done[name] = (sample, *linear_codes(value, self.plan[name], self.importance.get(name)))
-        return self.done[name][1:]
+        if known is None or known[1] != value.shape or not np.array_equal(known[0], sample):
+            self.spill.mkdir(exist_ok=True)
+            files = []
+            for part, array in zip(("codes", "scales", "offsets"), linear_codes(value, self.plan[name], self.importance.get(name))):
+                files.append(None if array is None else self.spill / f"{len(self.done)}-{part}.npy")
+                if array is not None:
+                    np.save(files[-1], array)
+            self.done[name] = (sample, value.shape, files)
+        return tuple(None if f is None else np.load(f, mmap_mode="r") for f in self.done[name][2])
 
 
 @register_pass(namespace="edgeq", override=True)

@@ -472,3 +472,20 @@ def test_palettized_weights_hold_their_palette(tmp_path, tiny_llama):
         groups = stored[name].reshape(-1, 16, stored[name].shape[1])
         assert max(len(np.unique(g)) for g in groups) <= 2 ** bits
         assert np.abs(stored[name] - source.tensor(name).float().numpy()).max() < 0.5 * np.abs(stored[name]).max()
+
+
+def test_shared_codes_wait_on_disk_and_are_computed_once_per_weight(tmp_path):
+    """Between functions the codes are files, memory-mapped while a function is lowered, not arrays held beside the
+    next function's float32 decoder; the same weight in a later function reuses them, a different one does not."""
+    weight = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float16)
+    shared = coreml_codes.SharedCodes({"w": "int4", "v": "int8"}, tmp_path / "codes")
+    first = shared.codes("w", weight)
+    assert all(isinstance(part, np.memmap) for part in first)
+    np.testing.assert_array_equal(first[0], linear_codes(weight, "int4")[0])
+    files = sorted(p.name for p in (tmp_path / "codes").iterdir())
+    again = shared.codes("w", weight.copy())
+    assert sorted(p.name for p in (tmp_path / "codes").iterdir()) == files
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(shared.codes("w", -weight)[0], first[0])
+    assert shared.codes("v", weight)[2] is None  # int8 is symmetric: no zero points

@@ -52,6 +52,7 @@ from edgeq.progress import bar
 
 from .coreml_codes import SharedCodes, compressor
 from .coreml_format import COREML, INT4_BLOCKS
+from .coreml_merge import merge_packages
 from .coreml_package import describe, weight_ops
 
 log = logging.getLogger(__name__)
@@ -225,11 +226,7 @@ def functions(adapters=()) -> list[tuple[str, int, object]]:
 
 
 def merge(work: Path, out: Path, names: list[str]) -> None:
-    desc = ct.utils.MultiFunctionDescriptor()
-    for function in names:
-        desc.add_function(str(work / f"{function}.mlpackage"), src_function_name="main", target_function_name=function)
-    desc.default_function_name = "decode"
-    ct.utils.save_multifunction(desc, str(out))
+    merge_packages({function: work / f"{function}.mlpackage" for function in names}, out, default="decode")
 
 
 def convert_functions(spec: DecoderSpec, source: SourceModel, work: Path, plan: dict[str, str], progress,

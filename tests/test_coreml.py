@@ -489,3 +489,42 @@ def test_shared_codes_wait_on_disk_and_are_computed_once_per_weight(tmp_path):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(shared.codes("w", -weight)[0], first[0])
     assert shared.codes("v", weight)[2] is None  # int8 is symmetric: no zero points
+
+
+def test_merged_package_equals_coremltools_save_multifunction(tmp_path, tiny_llama):
+    """edgeq's streamed merge writes the package coremltools' `save_multifunction` writes: the same functions,
+    inputs, outputs and states, the same weights in every function, each distinct blob stored once."""
+    import coremltools as ct
+
+    from edgeq.converters.coreml_merge import merge_packages
+    from edgeq.converters.coreml_package import load_program, structure, weight_ops
+
+    source = open_model(tiny_llama)
+    spec = DecoderSpec.from_source(source, 256)
+    plan = {**precision_plan(spec, source.shapes(), "int4", None), "model.layers.1.mlp.up_proj.weight": "int8"}
+    work = tmp_path / "work"
+    work.mkdir()
+    names = [name for name, _, _ in coreml_converter.functions()]
+    coreml_converter.convert_functions(spec, source, work, plan, False)
+    packages = {name: work / f"{name}.mlpackage" for name in names}
+    merge_packages(packages, tmp_path / "edgeq.mlpackage", default="decode")
+    desc = ct.utils.MultiFunctionDescriptor()
+    for name in names:
+        desc.add_function(str(packages[name]), src_function_name="main", target_function_name=name)
+    desc.default_function_name = "decode"
+    ct.utils.save_multifunction(desc, str(tmp_path / "coremltools.mlpackage"))
+
+    (ours, ours_program), (theirs, theirs_program) = (load_program(tmp_path / f"{who}.mlpackage") for who in ("edgeq", "coremltools"))
+    assert structure(ours) == structure(theirs)
+    weights = list(source.shapes())
+    for name in names:
+        mine, reference = (weight_ops(p.functions[name], weights) for p in (ours_program, theirs_program))
+        assert set(mine) == set(reference) and len(mine) > 10
+        for weight, op in mine.items():
+            assert op.op_type == reference[weight].op_type
+            np.testing.assert_array_equal(op.outputs[0].val if op.op_type == "const" else op.materialized_val_inference(),
+                                          reference[weight].outputs[0].val if op.op_type == "const" else reference[weight].materialized_val_inference())
+    offsets = _blob_offsets(ours)
+    assert offsets["prefill"] == offsets["decode"]
+    size = lambda who: (tmp_path / f"{who}.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").stat().st_size
+    assert size("edgeq") <= size("coremltools")

@@ -19,6 +19,7 @@ import llama_cpp
 import numpy as np
 
 import edgeq
+from edgeq.runtimes.llamacpp_amx import extra_buffers_usable
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a goldsmith "
           "from Mainz, combined movable metal type, oil-based ink and a wooden press adapted from wine making. "
@@ -29,7 +30,9 @@ class BareLoop:
     """llama-cpp-python's low-level API and nothing else."""
 
     def __init__(self, path: Path, threads: int, n_ctx: int):
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+        params = llama_cpp.llama_model_default_params()
+        params.use_extra_bufts = extra_buffers_usable(path)  # as edgeq's engine does: off only where AMX faults
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = cparams.n_ubatch = 512

@@ -16,6 +16,8 @@ from edgeq.engine import AdapterSwitch, default_threads
 from edgeq.errors import EdgeqError
 from edgeq.llama_native import llama_cpp  # the binding, with llama.cpp's logs routed and its backend up
 
+from .llamacpp_amx import extra_buffers_usable
+
 
 class LlamaCppEngine(AdapterSwitch):
     """A GGUF file in llama.cpp. `forward` returns a view of llama.cpp's logits buffer (valid until the next call)."""
@@ -28,6 +30,7 @@ class LlamaCppEngine(AdapterSwitch):
         self._adapters: dict[str, object] = {}
         mparams = llama_cpp.llama_model_default_params()
         mparams.vocab_only = vocab_only
+        mparams.use_extra_bufts = vocab_only or extra_buffers_usable(Path(path))
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not self._model:
             raise EdgeqError(f"llama.cpp could not load {path}; the file is not a valid GGUF for this llama.cpp (re-export it)")

@@ -82,3 +82,25 @@ def test_quantized_export_reads_the_checkpoint_in_a_child_when_torch_is_not_load
     manifest = edgeq.inspect(tmp_path / "b")
     assert manifest["precision"] == "Q8_0" and not manifest["mismatches"]
     assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.suffix in (".job", ".gguf")) == ["model.gguf"]
+
+
+def test_amx_that_faults_is_found_once_and_llama_cpp_runs_without_it(tmp_path, tiny_llama, monkeypatch):
+    """A CPU that advertises AMX gets one probe decode in a child; a child killed by a signal turns llama.cpp's extra
+    buffer types off on this machine from then on, without probing again. F16 weights never reach AMX's kernels."""
+    from edgeq.runtimes import llamacpp_amx
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(llamacpp_amx, "amx_advertised", lambda: True)
+    quantized = edgeq.export(tiny_llama, format="gguf", precision="Q8_0", output=tmp_path / "q8", eval_tokens=0) / "model.gguf"
+    float16 = edgeq.export(tiny_llama, format="gguf", precision="F16", output=tmp_path / "f16", eval_tokens=0) / "model.gguf"
+    monkeypatch.setattr(llamacpp_amx, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    assert llamacpp_amx.extra_buffers_usable(float16)
+    llamacpp_amx._amx_runs.cache_clear()
+    assert not llamacpp_amx.extra_buffers_usable(quantized)
+    monkeypatch.setattr(llamacpp_amx, "_PROBE", "raise SystemExit(0)")  # would say it works: not asked again
+    llamacpp_amx._amx_runs.cache_clear()
+    assert not llamacpp_amx.extra_buffers_usable(quantized)
+    (tmp_path / "cache" / llamacpp_amx.VERDICTS).unlink()
+    llamacpp_amx._amx_runs.cache_clear()
+    assert llamacpp_amx.extra_buffers_usable(quantized)
+    llamacpp_amx._amx_runs.cache_clear()

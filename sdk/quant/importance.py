@@ -2,8 +2,9 @@
 
 For every linear layer, the mean of the squared input activations per input column, over all
 calibration tokens. Names are the HF weight names; each converter maps them to its own. The head's input
-is the final norm's output, read there: the logits themselves (every position times a vocabulary of up to
-262k rows, the largest product of the pass) are never computed.
+is the final norm's output, read there, and the head itself never runs: neither its logits (every position
+times a vocabulary of up to 262k rows, the largest product of the pass) nor, for a 16-bit model computing in
+float32, its weight's float32 copy (1.6 GB at Llama-3.2-3B, a fifth of a calibrated GGUF export's peak).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def compute_importance(model, windows: list[list[int]], progress: bool | None = 
     try:
         with torch.inference_mode(), bar(len(windows), "importance", "window", progress) as pbar:
             for window in windows:
-                model(input_ids=torch.tensor([window]), use_cache=False, logits_to_keep=1)
+                model.model(input_ids=torch.tensor([window]), use_cache=False)
                 pbar.update(1)
     finally:
         for h in hooks:

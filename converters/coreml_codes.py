@@ -46,10 +46,10 @@ class SharedCodes:
     same float16 weights); `shared_codes` writes them into each function. int4 rounding is weighted by `importance`
     (HF name → mean squared input per column) for the weights it has.
 
-    The codes weigh a byte per weight (3.2 GB at 3B), and each later function is traced from a float32 decoder of
-    its own (4 bytes per weight): held in memory between functions, they raised a 3B export's peak from 14 to
-    18.6 GB. So they are written to `spill` (a folder) as they are computed and memory-mapped only while a function
-    is lowered and saved, when its float32 weights are already gone."""
+    The codes weigh a byte per weight, and each later function is traced from a float32 decoder of its own (4 bytes
+    per weight): held in memory between functions, they set a 3B export's peak (bench/README.md). So they are
+    written to `spill` (a folder) as they are computed and memory-mapped only while a function is lowered and
+    saved, when its float32 weights are already gone."""
 
     def __init__(self, plan: dict[str, str], spill: Path, importance: dict[str, np.ndarray] | None = None):
         self.plan = {name: p for name, p in plan.items() if p in LINEAR_BLOCKS}

@@ -1,8 +1,8 @@
 """Single-function `.mlpackage`s merged into one multifunction package, weights shared by content, streamed.
 
 coremltools' `save_multifunction` loads every function's program with all its weights as numpy arrays, deduplicates
-them and serializes the whole program again: at 3B parameters, 16.5 GB resident for a package of 1.8 GB, the
-peak of the whole Core ML export. Merging needs none of that. A package is a protobuf spec whose weights are
+them and serializes the whole program again: several times the package's size in memory, the peak of a 3B
+Core ML export (bench/README.md). Merging needs none of that. A package is a protobuf spec whose weights are
 references (`blobFileValue`: file, offset) into one weight file; so each function's program is taken over as it
 is, and each blob it references is copied into the merged weight file once per distinct content (the functions
 of an export hold the same weights, so the second function's blobs point at the first's). Memory: the specs and

@@ -4,7 +4,7 @@ For every linear layer, the mean of the squared input activations per input colu
 calibration tokens. Names are the HF weight names; each converter maps them to its own. The head's input
 is the final norm's output, read there, and the head itself never runs: neither its logits (every position
 times a vocabulary of up to 262k rows, the largest product of the pass) nor, for a 16-bit model computing in
-float32, its weight's float32 copy (1.6 GB at Llama-3.2-3B, a fifth of a calibrated GGUF export's peak).
+float32, its weight's float32 copy (a tied 128k-row head's is gigabytes at 3B).
 """
 from __future__ import annotations
 

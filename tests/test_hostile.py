@@ -413,8 +413,15 @@ def _stage(folder: Path, pid: int) -> Path | None:
     return next((p for p in folder.iterdir() if f".partial-{pid}-" in p.name), None)
 
 
+def _has_files(stage: Path | None) -> bool:
+    try:
+        return stage is not None and any(stage.iterdir())
+    except FileNotFoundError:  # the export removed it since it was found: its output says why
+        return False
+
+
 POINTS = {  # where an export is killed: mid-conversion, and with the model file written (llama.cpp loads it for eval next)
-    "converting": lambda stage: stage is not None and any(stage.iterdir()),
+    "converting": _has_files,
     "model-written": lambda stage: stage is not None and (stage / "model.gguf").is_file(),
 }
 

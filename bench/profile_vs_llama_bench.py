@@ -24,6 +24,7 @@ import anchors
 import harness
 
 import edgeq
+from edgeq.runtimes.llamacpp_amx import extra_buffers_usable
 
 BARS = {"decode": 0.05, "prefill": 0.10, "peak memory": 0.05, "estimate": 0.15}
 DEPTH = 64   # edgeq decodes after its shortest prompt; llama-bench measures tg128 at the same depth
@@ -32,8 +33,9 @@ DEPTH = 64   # edgeq decodes after its shortest prompt; llama-bench measures tg1
 def llama_bench(binary: Path, gguf: Path, threads: int, repeat: int) -> dict:
     """llama-bench's own pp512 (empty context) and tg128 (at DEPTH) tokens/s."""
     out = {}
+    repack = ["--repack", "1" if extra_buffers_usable(gguf) else "0"]  # as edgeq's engine runs it (off where AMX faults)
     for name, args in (("prefill", ["-p", "512", "-n", "0"]), ("decode", ["-p", "0", "-n", "128", "-d", str(DEPTH)])):
-        done = subprocess.run([str(binary), "-m", str(gguf), "-t", str(threads), "-r", str(repeat), "-o", "json", *args],
+        done = subprocess.run([str(binary), "-m", str(gguf), "-t", str(threads), "-r", str(repeat), "-o", "json", *repack, *args],
                               capture_output=True, text=True, check=True)
         (test,) = json.loads(done.stdout)
         out[name] = test["avg_ts"]

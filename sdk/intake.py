@@ -17,7 +17,7 @@ from .adapter import LoraAdapter, check_against_base, merge_weight, read_adapter
 from .architectures import ARCHITECTURES, BY_CLASS, Architecture, check_options, check_tensors, for_config, text_config, text_tensor_name
 from .checkpoint import check_config, check_finite, check_weights
 from .errors import EdgeqError
-from .hashing import sha256_files
+from .hashing import checkpoint_digest
 from .model_shape import ModelShape
 from .safetensors_index import TensorInfo, index_folder, load_pickle_tensors
 from .tokenizer import ChatTokenizer, TokenizerSpec, load_tokenizer, read_chat_template, spec_from_hf_folder
@@ -153,7 +153,7 @@ class SourceModel:
         files = sorted({info.file for info in self.index.values()})
         adapter_files = sorted({i.file for i in self.adapter.index.values()}) if self.adapter else []
         pool = ThreadPoolExecutor(1, thread_name_prefix="edgeq-hash")
-        future = pool.submit(lambda: (sha256_files(files), sha256_files(adapter_files) if adapter_files else None))
+        future = pool.submit(lambda: (checkpoint_digest(files), checkpoint_digest(adapter_files) if adapter_files else None))
         pool.shutdown(wait=False)
         return future
 

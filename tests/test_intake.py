@@ -117,3 +117,19 @@ def test_large_finite_weights_whose_sum_overflows_pass(tmp_path):
 
     check_finite("w", torch.full((1 << 12,), 60000.0, dtype=torch.float16), tmp_path)  # its float16 sum is inf
     check_finite("w", torch.tensor([torch.finfo(torch.float32).max, torch.finfo(torch.float32).max, -1.0]), tmp_path)
+
+
+def test_checkpoint_digest_is_read_once_until_a_file_changes(tmp_path, monkeypatch):
+    import os
+
+    from edgeq import hashing
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights" * 1000)
+    reads = []
+    monkeypatch.setattr(hashing, "sha256_files", lambda paths: reads.append(paths) or f"digest-{len(reads)}")
+    assert hashing.checkpoint_digest([weights]) == hashing.checkpoint_digest([weights]) == "digest-1"
+    weights.write_bytes(b"WEIGHTS" * 1000)  # same size, rewritten: a new modification time
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert hashing.checkpoint_digest([weights]) == "digest-2" and len(reads) == 2

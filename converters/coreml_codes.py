@@ -55,6 +55,7 @@ class SharedCodes:
         self.plan = {name: p for name, p in plan.items() if p in LINEAR_BLOCKS}
         self.importance = importance or {}
         self.spill = spill
+        self.spilled = 0  # files are numbered, never rewritten: a function may still map an earlier weight's
         self.done: dict[str, tuple] = {}  # HF name → (a sample of the float16 weight, its shape, the codes' files)
 
     def apply(self, prog) -> None:
@@ -75,9 +76,10 @@ class SharedCodes:
             self.spill.mkdir(exist_ok=True)
             files = []
             for part, array in zip(("codes", "scales", "offsets"), linear_codes(value, self.plan[name], self.importance.get(name))):
-                files.append(None if array is None else self.spill / f"{len(self.done)}-{part}.npy")
+                files.append(None if array is None else self.spill / f"{self.spilled}-{part}.npy")
                 if array is not None:
                     np.save(files[-1], array)
+            self.spilled += 1
             self.done[name] = (sample, value.shape, files)
         return tuple(None if f is None else np.load(f, mmap_mode="r") for f in self.done[name][2])
 

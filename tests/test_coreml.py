@@ -487,8 +487,11 @@ def test_shared_codes_wait_on_disk_and_are_computed_once_per_weight(tmp_path):
     assert sorted(p.name for p in (tmp_path / "codes").iterdir()) == files
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(shared.codes("w", -weight)[0], first[0])
+    changed = shared.codes("w", -weight)  # another weight under the same name: computed anew, into new files
+    assert not np.array_equal(changed[0], first[0])
     assert shared.codes("v", weight)[2] is None  # int8 is symmetric: no zero points
+    np.testing.assert_array_equal(changed[0], linear_codes(-weight, "int4")[0])  # not overwritten by v's
+    np.testing.assert_array_equal(first[0], linear_codes(weight, "int4")[0])  # still mapped, still whole
 
 
 def test_merged_package_equals_coremltools_save_multifunction(tmp_path, tiny_llama):

@@ -44,6 +44,7 @@ sys.exit(0 if llama_cpp.llama_decode(ctx, batch) == 0 else 2)
 """
 
 
+@cache
 def amx_advertised() -> bool:
     try:
         return "amx_tile" in Path("/proc/cpuinfo").read_text()

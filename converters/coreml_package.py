@@ -5,11 +5,17 @@ Core ML only predicts on Apple platforms, but the package is a protobuf spec plu
 that coremltools parses anywhere; the compressed weights are `constexpr_*` ops of the MIL program
 whose dense value coremltools can compute. Weight ops keep the HF parameter name with dots turned
 into underscores (`model_layers_3_mlp_down_proj_weight…`), which is how they map back.
+
+Describing a package reads its spec alone: the type and shape of every constant are written there beside the
+reference into the weight file, so the stored types and bytes need none of the weights coremltools' program loader
+reads into numpy (~8.6 GB at 3B). Reading values (`read_weights`) loads the program.
 """
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -21,30 +27,72 @@ from .coreml_format import INT4_BLOCKS
 WEIGHT_NAME = re.compile(r"^(.*?_(?:weight|bias))(?:_|$)")
 
 
-def load_program(path: Path):
-    """(spec, MIL program) of a package, without compiling or loading it into Core ML."""
-    import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
-
+@contextmanager
+def _reading(path: Path):
     try:
-        model = ct.models.MLModel(str(path), skip_model_load=True)
-        spec = model.get_spec()
-        return spec, milproto_load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
+        yield
     except Exception as exc:  # coremltools raises many types for a damaged package
         raise EdgeqError(f"{path} is not a readable Core ML package ({exc}); re-export the bundle") from exc
 
 
-def _is_weight_op(op) -> bool:
-    return op.op_type == "const" or op.op_type.startswith("constexpr_")
+def load_program(path: Path):
+    """(spec, MIL program) of a package, without compiling or loading it into Core ML: every weight read into numpy."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    with _reading(path):
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+        spec = model.get_spec()
+        return spec, milproto_load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
+
+
+def _default(spec) -> str:
+    return spec.description.defaultFunctionName or next(iter(spec.mlProgram.functions))
+
+
+def _is_weight(op_type: str) -> bool:
+    return op_type == "const" or op_type.startswith("constexpr_")
+
+
+def _spec_op(op_type: str, name: str, value_types: list) -> SimpleNamespace:
+    """As much of the MIL op `load_program` makes as `weight_ops`, `_inputs`, `stored_type` and `_bytes` read: type,
+    name, inputs and outputs with their dtype, shape, producer and consumers."""
+    from coremltools.converters.mil.mil import types
+
+    op = SimpleNamespace(op_type=op_type, name=name, inputs={})
+    op.outputs = [SimpleNamespace(dtype=types.PROTO_TO_BUILTIN_TYPE[t.tensorType.dataType], op=op, child_ops=[],
+                                  shape=tuple(d.constant.size for d in t.tensorType.dimensions)) for t in value_types]
+    return op
+
+
+def _spec_function(function) -> SimpleNamespace:
+    """The const and constexpr ops of a spec function, wired to one another, as `weight_ops` reads a MIL function:
+    types and shapes only, no weight read. A value bound inline is a const of its own, as coremltools' loader makes it."""
+    outputs, operations = {}, []
+    for spec in function.block_specializations[function.opset].operations:
+        if not _is_weight(spec.type):
+            continue
+        op = _spec_op(spec.type, spec.attributes["name"].immediateValue.tensor.strings.values[0], [o.type for o in spec.outputs])
+        for key, argument in spec.inputs.items():
+            binding = argument.arguments[0]
+            var = (outputs.get(binding.name) if binding.WhichOneof("binding") == "name"
+                   else _spec_op("const", "", [binding.value.type]).outputs[0])
+            if var is not None:
+                op.inputs[key] = var
+                var.child_ops.append(op)
+        outputs.update(zip((o.name for o in spec.outputs), op.outputs))
+        operations.append(op)
+    return SimpleNamespace(operations=operations)
 
 
 def weight_ops(function, names: list[str]) -> dict[str, object]:
     """HF name → the op that yields that weight: the last op of a decompression chain, or the const. The names keep
-    their dots until coremltools' ML program backend makes them identifiers."""
+    their dots until coremltools' ML program backend makes them identifiers. `function`: a MIL function or the
+    typed view `_spec_function` makes of a spec's."""
     wanted = {name.replace(".", "_"): name for name in names}
     found = {}
     for op in function.operations:
-        if not _is_weight_op(op) or any(_is_weight_op(child) for child in op.outputs[0].child_ops):
+        if not _is_weight(op.op_type) or any(_is_weight(child.op_type) for child in op.outputs[0].child_ops):
             continue  # not a weight, or only an input (data, scale, LUT) of a decompression op
         match = WEIGHT_NAME.match(op.name.replace(".", "_"))
         if match and match.group(1) in wanted:
@@ -58,7 +106,7 @@ def _inputs(op) -> list:
         return [op.outputs[0]]
     leaves = []
     for var in op.inputs.values():
-        if var.op is not None and _is_weight_op(var.op):
+        if var.op is not None and _is_weight(var.op.op_type):
             leaves.extend(_inputs(var.op))
     return leaves
 
@@ -77,13 +125,14 @@ def stored_type(op) -> str:
     if kind == "const":
         return types.builtin_to_string(op.outputs[0].dtype)
     if kind == "constexpr_blockwise_shift_scale":
-        bits = op.data.dtype.get_bitwidth()
-        width, groups = op.data.shape[-1], op.scale.shape[-1]
+        data, scale = op.inputs["data"], op.inputs["scale"]
+        bits = data.dtype.get_bitwidth()
+        width, groups = data.shape[-1], scale.shape[-1]
         if (bits, groups) == (8, 1) or (bits, width // groups) == (4, 32):
             return f"int{bits}"
         return f"int{bits}-{'channel' if groups == 1 else f'block{width // groups}'}"
     if kind == "constexpr_lut_to_dense":
-        return f"palettize{op.indices.dtype.get_bitwidth()}"
+        return f"palettize{op.inputs['indices'].dtype.get_bitwidth()}"
     return kind
 
 
@@ -115,10 +164,12 @@ def structure(spec) -> dict:
 
 def describe(path: Path, shapes: dict[str, tuple], plan: dict[str, str]) -> dict:
     """Manifest fields read back from the package: tensor types and bytes, real bits per weight,
-    every weight that differs from the plan, and the package's structure."""
-    spec, program = load_program(path)
-    default = spec.description.defaultFunctionName or next(iter(program.functions))
-    ops = weight_ops(program.functions[default], list(shapes))
+    every weight that differs from the plan, and the package's structure. From the spec alone: no weight is read."""
+    from coremltools.models.utils import load_spec
+
+    with _reading(path):
+        spec = load_spec(str(path))
+        ops = weight_ops(_spec_function(spec.mlProgram.functions[_default(spec)]), list(shapes))
     tensors, mismatches = {}, []
     for name, op in ops.items():
         nbytes = sum(_bytes(var) for var in _inputs(op))
@@ -140,5 +191,4 @@ def describe(path: Path, shapes: dict[str, tuple], plan: dict[str, str]) -> dict
 def read_weights(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     """Dequantized float32 weights of the package's default function, by HF name (those it stores)."""
     spec, program = load_program(path)
-    default = spec.description.defaultFunctionName or next(iter(program.functions))
-    return {name: dense(op) for name, op in weight_ops(program.functions[default], names).items()}
+    return {name: dense(op) for name, op in weight_ops(program.functions[_default(spec)], names).items()}

@@ -474,6 +474,31 @@ def test_palettized_weights_hold_their_palette(tmp_path, tiny_llama):
         assert np.abs(stored[name] - source.tensor(name).float().numpy()).max() < 0.5 * np.abs(stored[name]).max()
 
 
+def test_describe_reads_from_the_spec_what_the_loaded_program_holds(tmp_path, tiny_llama, monkeypatch):
+    """describe() reads every weight's type, shape, bytes and op from the spec alone, reading no weight (coremltools'
+    program loader holds them all in numpy: ~8.6 GB at 3B), and finds what the loaded program says, for every type."""
+    from coremltools.converters.mil.frontend.milproto import load as milproto
+
+    from edgeq.converters.coreml_package import _bytes, _inputs, load_program, stored_type, weight_ops
+
+    source = open_model(tiny_llama)
+    overrides = {"model.layers.0.mlp.down_proj.weight": "int4", "model.layers.0.mlp.up_proj.weight": "int4-block16",
+                 "model.layers.0.mlp.gate_proj.weight": "palettize4", "model.layers.1.mlp.up_proj.weight": "palettize6",
+                 "model.layers.1.self_attn.q_proj.weight": "fp16",
+                 "model.layers.1.mlp.gate_proj.weight": "int4-block64"}  # 64 inputs: one block a row, stored int4-channel
+    CoreMLConverter().convert(source, tmp_path, precision="int8", overrides=overrides, progress=False)
+    package, shapes = tmp_path / "model.mlpackage", {n: tuple(s) for n, s in source.shapes().items()}
+    spec, program = load_program(package)
+    ops = weight_ops(program.functions[spec.description.defaultFunctionName], list(shapes))
+    expected = {name: {"type": stored_type(op), "shape": list(shapes[name]), "bytes": sum(_bytes(v) for v in _inputs(op)),
+                       "op": op.name} for name, op in ops.items()}
+    monkeypatch.setattr(milproto, "BlobReader", None)  # from here, reading a weight fails
+    report = describe(package, shapes, overrides)
+    assert list(report["tensors"].items()) == list(expected.items())
+    assert {t["type"] for t in expected.values()} == {"fp16", "int8", "int4", "int4-block16", "int4-channel", "palettize4", "palettize6"}
+    assert [(m["tensor"], m["got"]) for m in report["mismatches"]] == [("model.layers.1.mlp.gate_proj.weight", "int4-channel")]
+
+
 def test_shared_codes_wait_on_disk_and_are_computed_once_per_weight(tmp_path):
     """Between functions the codes are files, memory-mapped while a function is lowered, not arrays held beside the
     next function's float32 decoder; the same weight in a later function reuses them, a different one does not."""

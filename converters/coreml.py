@@ -51,7 +51,7 @@ from edgeq.intake import SourceModel
 from edgeq.progress import bar
 
 from .coreml_codes import SharedCodes, compressor
-from .coreml_format import COREML, INT4_BLOCKS
+from .coreml_format import COREML, INT4_BLOCKS, gptq_grid
 from .coreml_merge import merge_packages
 from .coreml_package import describe, weight_ops
 
@@ -62,10 +62,18 @@ MAX_CONTEXT = 4096      # KV cache slots in the package (capped by the model's t
 FUNCTIONS = (("decode", 1), ("prefill", PREFILL_TOKENS))
 
 
-def precision_plan(spec: DecoderSpec, shapes: dict, precision: str, overrides: dict[str, str] | None) -> dict[str, str]:
-    """HF weight name → precision for every matrix the decoder uses; checks the overrides."""
+def precision_plan(spec: DecoderSpec, shapes: dict, precision: str, overrides: dict[str, str] | None,
+                   gptq: bool = False) -> dict[str, str]:
+    """HF weight name → precision for every matrix the decoder uses; checks the overrides.
+
+    At int4 the head keeps int8, as llama.cpp's Q4 types keep their output at 6-8 bits, unless GPTQ rounds it: a
+    4-bit head rounded alone cost Qwen2.5-Coder-0.5B a fifth of its int4 KL (bench/README.md, Core ML). A tied head
+    is the embedding's one constant, which GPTQ cannot round for both uses, so it is int8 either way."""
     matrices = [n for n, s in shapes.items() if len(s) == 2 and not (spec.tied and n == "lm_head.weight")]
     plan = dict.fromkeys(matrices, precision)
+    head = "model.embed_tokens.weight" if spec.tied else None if gptq else "lm_head.weight"
+    if precision in INT4_BLOCKS and head in plan:
+        plan[head] = "int8"
     plan.update(COREML.check_overrides(overrides, matrices, shapes))
     return plan
 
@@ -229,15 +237,14 @@ def merge(work: Path, out: Path, names: list[str]) -> None:
     merge_packages({function: work / f"{function}.mlpackage" for function in names}, out, default="decode")
 
 
-def convert_functions(spec: DecoderSpec, source: SourceModel, work: Path, plan: dict[str, str], progress,
-                      adapters=(), importance: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, str]]:
+def convert_functions(spec: DecoderSpec, source: SourceModel, work: Path, codes: SharedCodes, progress,
+                      adapters=()) -> dict[str, dict[str, str]]:
     """Converts every function (an adapter's with its LoRA branches over the same base parameters) with the plan's
     int8 / int4 codes, saving each before the next; returns, per function, HF weight name → the op name coremltools
     gave that weight (what palettization targets). Each function gets a float32 decoder of its own (float16 cache),
     built from `source` again: one shared decoder would hold every float32 weight through each function's float16
-    pass. The codes are computed in the first function and shared by the others; int4 rounding is weighted by
-    `importance` where it has the weight."""
-    op_names, codes = {}, SharedCodes(plan, work / "codes", importance)
+    pass. The codes (`SharedCodes`) are computed in the first function, or given by GPTQ, and shared by the others."""
+    op_names = {}
     todo = functions(adapters)
     with bar(len(todo), "Core ML convert", "function", progress) as pbar:
         for function, tokens, adapter in todo:
@@ -271,12 +278,15 @@ class CoreMLConverter:
     spec = COREML
 
     def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
-                calibration=None, progress: bool | None = None, adapters=None) -> dict:
-        """int4 blocks are rounded to their least squared error, weighted by the calibration's importance matrix when
-        it has one (as ONNX's and llama.cpp's nearest rounding are); int8 is coremltools' per-channel rounding and the
-        palettes its k-means. `adapters` (`edgeq.adapter_set.KeptAdapter`s) each get a prefill/decode function pair
-        over the shared base weights."""
+                calibration=None, progress: bool | None = None, rounding: str = "nearest", adapters=None) -> dict:
+        """`rounding` "nearest" rounds int4 blocks to their least squared error, weighted by the calibration's
+        importance matrix when it has one (as ONNX's and llama.cpp's nearest rounding are); "gptq" (needs
+        `calibration`) rounds every int4 linear by GPTQ on its text, the head too. int8 is coremltools' per-channel
+        rounding and the palettes its k-means. `adapters` (`edgeq.adapter_set.KeptAdapter`s) each get a
+        prefill/decode function pair over the shared base weights, which GPTQ rounds for every adapter's stream."""
         precision = self.spec.normalize(precision)
+        if rounding not in self.spec.roundings:
+            raise EdgeqError(f"rounding {rounding!r} is not one of {', '.join(self.spec.roundings)}")
         if adapters:
             from .coreml_adapters import check_names
 
@@ -285,12 +295,16 @@ class CoreMLConverter:
         spec = DecoderSpec.from_source(source, context)
         shapes = {n: tuple(s) for n, s in source.shapes().items()}
         stored = dataclasses.replace(spec, tied=True) if head_is_embedding(source) else spec
-        plan = precision_plan(stored, shapes, precision, overrides)
+        use_gptq = rounding == "gptq" and calibration is not None
+        plan = precision_plan(stored, shapes, precision, overrides, gptq=use_gptq)
         int4 = any(p in INT4_BLOCKS for p in plan.values())
-        importance = calibration.importance(progress) if int4 and calibration is not None else None
+        rounded = gptq_rounding(calibration, plan, shapes, progress, adapters) if use_gptq and int4 else {}
+        importance = calibration.importance(progress) if int4 and calibration is not None and not rounded else None
         work = stage / ".coreml-work"
         work.mkdir()
-        op_names = convert_functions(spec, source, work, plan, progress, adapters or (), importance)
+        codes = SharedCodes(plan, work / "codes", importance, rounded)
+        del rounded  # on disk now, as the codes of every function
+        op_names = convert_functions(spec, source, work, codes, progress, adapters or ())
         names = [function for function, _, _ in functions(adapters or ())]
         palettes = {name: p for name, p in plan.items() if p.startswith("palettize")}
         with bar(len(names) * bool(palettes) + 2, "Core ML palettize + merge" if palettes else "Core ML merge", "step", progress) as pbar:
@@ -310,9 +324,21 @@ class CoreMLConverter:
             from .coreml_adapters import records
 
             report["adapters"] = records(stage, MODEL_FILE, adapters)
-        weighted = any(name in (importance or {}) for name, p in plan.items() if p in INT4_BLOCKS)
-        return {"model_file": MODEL_FILE, "precision": precision, **report,
-                "rounding": ("importance-weighted" if weighted else "nearest") if int4 else None}
+        return {"model_file": MODEL_FILE, "precision": precision, **report, "rounding": codes.rounding() if int4 else None}
+
+
+def gptq_rounding(calibration, plan: dict[str, str], shapes: dict, progress, adapters) -> dict[str, tuple]:
+    """GPTQ's codes of every int4 linear of the plan, on the calibration text (the embedding is a lookup: no inputs to
+    compensate; a width the block does not divide stays float16, as `quantizable` says). The float model is let go
+    after: the conversion builds float32 decoders of its own."""
+    from edgeq.quant.gptq import quantize_model
+
+    grids = {name: gptq_grid(p) for name, p in plan.items()
+             if p in INT4_BLOCKS and name != "model.embed_tokens.weight" and shapes[name][-1] % INT4_BLOCKS[p] == 0}
+    try:
+        return quantize_model(calibration.model, calibration.windows, grids, progress, variants=adapters or ()) if grids else {}
+    finally:
+        calibration.release()
 
 
 def head_is_embedding(source: SourceModel) -> bool:

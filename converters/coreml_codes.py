@@ -44,19 +44,31 @@ def compressor(precision: str):
 class SharedCodes:
     """The plan's int8 / int4 codes, computed once per HF weight for every function of the export (each holds the
     same float16 weights); `shared_codes` writes them into each function. int4 rounding is weighted by `importance`
-    (HF name → mean squared input per column) for the weights it has.
+    (HF name → mean squared input per column) for the weights it has; `rounded` (HF name → codes, scales, zero points)
+    are GPTQ's, taken as they are.
 
     The codes weigh a byte per weight, and each later function is traced from a float32 decoder of its own (4 bytes
     per weight): held in memory between functions, they set a 3B export's peak (bench/README.md). So they are
     written to `spill` (a folder) as they are computed and memory-mapped only while a function is lowered and
     saved, when its float32 weights are already gone."""
 
-    def __init__(self, plan: dict[str, str], spill: Path, importance: dict[str, np.ndarray] | None = None):
+    def __init__(self, plan: dict[str, str], spill: Path, importance: dict[str, np.ndarray] | None = None,
+                 rounded: dict[str, tuple] | None = None):
         self.plan = {name: p for name, p in plan.items() if p in LINEAR_BLOCKS}
         self.importance = importance or {}
         self.spill = spill
         self.spilled = 0  # files are numbered, never rewritten: a function may still map an earlier weight's
-        self.done: dict[str, tuple] = {}  # HF name → (a sample of the float16 weight, its shape, the codes' files)
+        self.done: dict[str, tuple] = {}  # HF name → (a sample of the float16 weight or None, its shape, the codes' files)
+        self.gptq: set[str] = set()  # HF names whose codes are GPTQ's
+        for name, arrays in (rounded or {}).items():
+            self.done[name] = (None, arrays[0].shape, self._save(arrays))
+            self.gptq.add(name)
+
+    def rounding(self) -> str:
+        """How the int4 weights were rounded, for the manifest: by GPTQ, weighted by importance, or to the nearest."""
+        int4 = [name for name, p in self.plan.items() if p in INT4_BLOCKS]
+        return ("gptq" if self.gptq & set(int4) else "importance-weighted" if set(self.importance) & set(int4)
+                else "nearest")
 
     def apply(self, prog) -> None:
         """Replaces each planned weight's const by `constexpr_blockwise_shift_scale` as coremltools' pass does (same op,
@@ -72,16 +84,21 @@ class SharedCodes:
         then on; a cheap sample checks a later function holds the same weight."""
         sample = value.reshape(-1)[::max(1, value.size // 4096)].copy()  # a view would keep the whole weight alive
         known = self.done.get(name)
-        if known is None or known[1] != value.shape or not np.array_equal(known[0], sample):
-            self.spill.mkdir(exist_ok=True)
-            files = []
-            for part, array in zip(("codes", "scales", "offsets"), linear_codes(value, self.plan[name], self.importance.get(name))):
-                files.append(None if array is None else self.spill / f"{self.spilled}-{part}.npy")
-                if array is not None:
-                    np.save(files[-1], array)
-            self.spilled += 1
-            self.done[name] = (sample, value.shape, files)
+        from_gptq = known is not None and known[0] is None and known[1] == value.shape  # rounded from this weight
+        if not from_gptq and (known is None or known[1] != value.shape or not np.array_equal(known[0], sample)):
+            self.done[name] = (sample, value.shape, self._save(linear_codes(value, self.plan[name], self.importance.get(name))))
+            self.gptq.discard(name)
         return tuple(None if f is None else np.load(f, mmap_mode="r") for f in self.done[name][2])
+
+    def _save(self, arrays: tuple) -> list[Path | None]:
+        self.spill.mkdir(exist_ok=True)
+        files = []
+        for part, array in zip(("codes", "scales", "offsets"), arrays):
+            files.append(None if array is None else self.spill / f"{self.spilled}-{part}.npy")
+            if array is not None:
+                np.save(files[-1], array)
+        self.spilled += 1
+        return files
 
 
 @register_pass(namespace="edgeq", override=True)

@@ -181,6 +181,24 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None) 
     return (blocks * scales[..., None].astype(np.float32)).astype(scales.dtype).astype(np.float32).reshape(rows, cols)
 
 
+def gptq_grid(precision: str):
+    """GPTQ's grid for an int4 precision (`edgeq.quant.gptq.Grid`): symmetric levels -8..7 at an fp16 scale per block,
+    stored as `linear_codes`' layout with every zero point 0, so what GPTQ rounds to is what the package holds."""
+    import torch
+
+    from edgeq.quant.grid import SymmetricGrid
+
+    class CoreMLGrid(SymmetricGrid):
+        scale_dtype = torch.float16
+
+        def encode(self, rounded, scales) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            rows, cols = rounded.shape
+            codes = self.codes(rounded.view(rows, -1, self.block), scales.view(rows, -1, 1)).view(rows, cols)
+            return codes.char().numpy(), scales.half().numpy(), np.zeros(scales.shape, dtype=np.int8)
+
+    return CoreMLGrid(4, INT4_BLOCKS[precision])
+
+
 class CoreMLFormat(FormatSpec):
     name = "coreml"
     runtime = "coreml"
@@ -191,6 +209,9 @@ class CoreMLFormat(FormatSpec):
     planned_precision = "int4"  # the base of a planned export; the plan names every weight
     nominal_bpw = {"int4": 5.0, **{p: int4_bits(b) for p, b in INT4_BLOCKS.items() if p != "int4"},
                    "int8": 8.0, "palettize4": 4.0, "palettize6": 6.0, "fp16": 16.0}
+    options = ("rounding",)
+    roundings = ("nearest", "gptq")  # GPTQ's pass over the float model takes several times the conversion (bench/README.md)
+    gptq_precisions = tuple(INT4_BLOCKS)
     kv_element_bytes = 2  # the package's key/value state is float16
     kept_adapters = "functions prefill_NAME / decode_NAME of the multifunction package, over the base's shared weights"
     export_bytes_per_weight = 10  # a traced float32 decoder plus coremltools' float16 copy

@@ -73,6 +73,7 @@ class ONNXFormat(FormatSpec):
     nominal_bpw = {"int4": 5.0, "int8": 8.0, "fp16": 16.0, "fp32": 32.0}
     options = ("mobile", "block_size", "rounding")
     roundings = ("gptq", "nearest")
+    gptq_precisions = ("int4", "int8")
     kv_element_bytes = 4  # onnxruntime's GroupQueryAttention cache is float32 in this graph
     kept_adapters = "onnxruntime adapter files (.onnx_adapter) over LoRA inputs of the graph"
     export_bytes_per_weight = 12  # the float model for GPTQ beside the graph being written

@@ -4,11 +4,9 @@ Every weight is named after its Hugging Face tensor, so a precision plan (keyed 
 checked against the written file: `read_back` rebuilds each tensor's type from the node that consumes
 it (MatMulNBits bits/block_size, GatherBlockQuantized bits, float dtype), not from what was asked.
 
-Quantization is symmetric, as onnxruntime's kernels expect when no zero points are given (zero point
-2^(bits-1)). Block scales are chosen per block by a small search over candidate scales with a
-least-squares refit (weighted by the calibration importance when there is one): plain absmax rounding
-wastes part of the 16 levels. `BlockGrid` offers the same encoding to GPTQ (`edgeq.quant.gptq`), which
-exports use by default; `quantize_blocks` alone is `rounding="nearest"`.
+Quantization is symmetric (`edgeq.quant.grid`), as onnxruntime's kernels expect when no zero points are
+given (zero point 2^(bits-1)). `BlockGrid` is that grid with MatMulNBits' packing, for GPTQ
+(`edgeq.quant.gptq`), which exports use by default; `quantize_blocks` alone is `rounding="nearest"`.
 """
 from __future__ import annotations
 
@@ -23,6 +21,8 @@ from onnx import TensorProto, helper
 
 from edgeq.formats import readback
 
+from edgeq.quant.grid import SymmetricGrid, search
+
 from .onnx_format import ALIGN as _ALIGN
 
 
@@ -32,17 +32,6 @@ class Quantized:
     scales: np.ndarray  # float32 (rows, blocks)
     bits: int
     block_size: int
-
-
-# Where each block's scale search starts (divisors of the block's signed absmax; -2^(b-1) puts the largest
-# value on the one-sided extra level) and how often the scale is refit to the codes from each start.
-# Nearest rounding is the quick path, and the planner's proxy: three starts and one refit, a few percent more
-# weighted error than twenty starts and two refits at a sixth of the time (bench/README.md, ONNX export cost).
-NEAREST = {4: (torch.tensor([-8.0, -7.0, 7.0]), 1), 8: (torch.tensor([-128.0, -127.0, 127.0]), 1)}
-# GPTQ compensates rounding error itself, and rounds on scales searched once per block of a layer: five
-# starts give it the KL of twenty.
-GPTQ = {4: (torch.tensor([-8.0, -7.5, -7.0, 7.0, 7.5]), 2), 8: (torch.tensor([-128.0, -127.5, -127.0, 127.0, -128.5, -126.5]), 2)}
-SEARCH_CHUNK = 1 << 19  # weights searched together: 2 MiB of float32 per array, so the many passes run in cache
 
 
 def _padded_blocks(weight: torch.Tensor, importance: np.ndarray | None, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,43 +48,6 @@ def _padded_blocks(weight: torch.Tensor, importance: np.ndarray | None, block_si
     return w.view(rows, n_blocks, block_size), imp.view(1, n_blocks, block_size)
 
 
-def _search(w: torch.Tensor, imp: torch.Tensor, bits: int, starts: dict = NEAREST) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes (rows, blocks, block) and scales (rows, blocks, 1) of least importance-weighted error.
-
-    From each start scale, codes are rounded and the scale refit to them by least squares (`starts[bits]`).
-    A candidate's error follows from the sums the refit already has (Σ iw² − s·Σ iqw at the refit scale),
-    and only the best scale is kept: the codes are rounded once at the end (at least as good as the
-    candidate's own, since nearest rounding at a fixed scale is optimal per weight). Rows go in chunks that
-    stay in cache through the many passes of the search, which is what makes it cheap at 1-3B.
-    """
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    divisors, refits = starts[bits]
-    scales = torch.empty(w.shape[:-1] + (1,))
-    chunk = max(1, SEARCH_CHUNK // max(1, w[0].numel()))
-    for start in range(0, w.shape[0], chunk):
-        part = w[start:start + chunk]
-        extreme = part.gather(-1, part.abs().argmax(-1, keepdim=True))  # signed value of largest magnitude
-        weighted = imp * part
-        total = (weighted * part).sum(-1, keepdim=True)
-        best_err, best = torch.full(extreme.shape, float("inf")), torch.zeros_like(extreme)
-        for divisor in divisors:
-            scale = extreme / divisor
-            for _ in range(refits + 1):
-                q = (part * _inverse(scale)).round_().clamp_(lo, hi)
-                qw = (q * weighted).sum(-1, keepdim=True)
-                qq = (q.square_() * imp).sum(-1, keepdim=True)
-                scale = torch.where(qq > 0, qw / qq.clamp_min(1e-30), torch.zeros_like(qq))
-            err = total - scale * qw
-            better = err < best_err
-            best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
-        scales[start:start + chunk] = best
-    return (w * _inverse(scales)).round_().clamp_(lo, hi), scales
-
-
-def _inverse(scale: torch.Tensor) -> torch.Tensor:
-    return torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
-
-
 def _pack(q: torch.Tensor, scales: torch.Tensor, bits: int, block_size: int) -> Quantized:
     codes = (q + 2 ** (bits - 1)).to(torch.uint8).numpy()
     if bits == 4:
@@ -106,42 +58,19 @@ def _pack(q: torch.Tensor, scales: torch.Tensor, bits: int, block_size: int) -> 
 def quantize_blocks(weight: torch.Tensor, bits: int, block_size: int, importance: np.ndarray | None = None) -> Quantized:
     """Symmetric block-wise quantization of a (rows, cols) weight along its columns (the input dimension)."""
     w, imp = _padded_blocks(weight, importance, block_size)
-    q, scales = _search(w, imp, bits)
+    q, scales = search(w, imp, bits)
     return _pack(q, scales, bits, block_size)
 
 
 @dataclass(frozen=True)
-class BlockGrid:
-    """The same encoding as GPTQ's grid (`edgeq.quant.gptq.Grid`): a block's scale comes from the search above,
-    run on the error-updated weights of that block; columns are then rounded one by one at it."""
-
-    bits: int
-    block: int
-
-    @property
-    def lo(self) -> int:
-        return -(2 ** (self.bits - 1))
-
-    @property
-    def hi(self) -> int:
-        return 2 ** (self.bits - 1) - 1
-
-    def scales(self, weights: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
-        imp = importance.clamp_min(1e-12)
-        _, scale = _search(weights.unsqueeze(1), (imp / imp.mean()).view(1, 1, -1), self.bits, GPTQ)
-        return scale.view(-1)
-
-    def round(self, column: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return self._codes(column, scale) * scale
-
-    def _codes(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return (w / torch.where(scale == 0, torch.ones_like(scale), scale)).round().clamp(self.lo, self.hi)
+class BlockGrid(SymmetricGrid):
+    """ONNX's encoding of what GPTQ rounded on the grid (`edgeq.quant.grid`): MatMulNBits' packed codes and float32 scales."""
 
     def encode(self, rounded: torch.Tensor, scales: torch.Tensor) -> Quantized:
         rows, cols = rounded.shape
         blocks = rounded.view(rows, cols // self.block, self.block)
         scales = scales.view(rows, -1, 1)
-        return _pack(self._codes(blocks, scales), scales, self.bits, self.block)
+        return _pack(self.codes(blocks, scales), scales, self.bits, self.block)
 
 
 def dequantize(q: Quantized, cols: int) -> np.ndarray:

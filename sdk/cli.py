@@ -99,7 +99,7 @@ def main(ctx, debug, verbose, progress):
 @click.option("--size", type=types.SIZE, help="Plan within this size instead of the device's, e.g. 95MB or 1.2GiB.")
 @click.option("--bits-per-weight", type=types.BITS_PER_WEIGHT, help="Plan within this many bits per weight on average (0-32].")
 @click.option("--calibration", type=types.TextFile("calibration text"),
-              help="UTF-8 text like the model's real input. gguf, coreml int4: importance matrix; onnx: the text GPTQ rounds on "
+              help="UTF-8 text like the model's real input. gguf, coreml int4: importance matrix; onnx, coreml --rounding gptq: the text GPTQ rounds on "
                    "(default: a built-in text); with a plan: the sensitivity measurement.")
 @click.option("--calibration-tokens", default=8192, show_default=True, type=types.TOKENS, help="Tokens of --calibration to use (windows of 512).")
 @click.option("-o", "--output", type=click.Path(), help="Bundle folder to create (default: MODEL-DEVICE-PRECISION).")
@@ -110,8 +110,9 @@ def main(ctx, debug, verbose, progress):
 @click.option("--block-size", type=click.IntRange(min=1), help="onnx int4: input columns per quantization block (16, 32, 64, 128 or 256; "
                                               "default: 64 where it divides a tensor's width, else 32 or 16).")
 @click.option("--rounding", type=click.Choice(["gptq", "nearest"]),
-              help="onnx int4/int8: gptq (default) rounds with error feedback on calibration text, so a 4-bit lm_head "
-                   "keeps quality (minutes on 1B+ models); nearest rounds each block alone (seconds; lm_head stays 8-bit).")
+              help="gptq rounds with error feedback on calibration text, so a 4-bit lm_head keeps quality (minutes on "
+                   "1B+ models); nearest rounds each block alone (seconds; the lm_head stays 8-bit). onnx int4/int8: gptq "
+                   "by default; coreml int4: nearest by default.")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="NAME=TYPE",
               help="With --precision: give one tensor (HF name) another type, e.g. lm_head.weight=int4 (repeatable).")
 @click.option("--eval-data", type=types.TextFile("eval data"),

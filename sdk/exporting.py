@@ -221,8 +221,7 @@ def check_memory(job: ExportJob) -> None:
 
     reasons = [why for why, needed in (
         ("a precision plan", job.planned), ("the quality check (--eval-tokens)", job.eval_tokens > 0),
-        ("--eval-data", job.data is not None), ("GPTQ rounding", "rounding" in job.spec.options and job.options.get("rounding") != "nearest"
-                                                 and job.precision in ("int4", "int8")),
+        ("--eval-data", job.data is not None), ("GPTQ rounding", job.spec.rounds_by_gptq(job.precision, job.options.get("rounding"))),
         ("the importance matrix of --calibration", job.calibration.given)) if needed]
     if not reasons:
         return
@@ -486,7 +485,8 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
     `min_agreement`: without a size, the smallest plan predicted to meet them; a measured miss fails the
     export (nothing is written) unless `allow_quality_miss`. `tensor_types` (HF tensor name → precision)
     makes exceptions to a forced precision. Format options: `mobile` (onnx: also the ORT format),
-    `block_size` (onnx int4), `rounding` (onnx int4/int8: "gptq", the default, or "nearest", seconds instead of minutes).
+    `block_size` (onnx int4), `rounding` (onnx int4/int8: "gptq", the default, or "nearest", seconds instead of minutes; coreml int4:
+    "nearest", the default, or "gptq").
     `adapters` ({name: folder}) with `keep_adapters`: the base is converted once and each LoRA adapter written as
     its own file in the engine's adapter form, switched per request (`generate(adapter=name)`); each is measured
     separate (and, with `compare_merged`, merged then quantized) against its float merged model, on

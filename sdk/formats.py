@@ -57,6 +57,8 @@ class FormatSpec:
     planned_precision: str            # base type of a planned export (the plan names every weight)
     nominal_bpw: dict[str, float]     # bits per weight of a uniform export: the size a device's precision implies
     options: tuple[str, ...] = ()     # keyword options `convert()` accepts beyond the common ones
+    roundings: tuple[str, ...] = ()   # what its `rounding` option accepts, the default first
+    gptq_precisions: tuple[str, ...] = ()  # the precisions `rounding="gptq"` rounds by GPTQ
     kept_adapters: str | None = None  # the engine's own adapter form, when `convert(adapters=)` writes LoRAs apart from the base
     kept_adapters_refusal = "edgeq does not write adapter files for it"  # why not, when it cannot
     kv_element_bytes: int = 2         # bytes per KV-cache element as the runtime allocates it
@@ -69,6 +71,10 @@ class FormatSpec:
             if known == precision or (not self.case_sensitive and known.lower() == str(precision).lower()):
                 return known
         raise EdgeqError(f"{self.name} precision {precision!r} is not supported; choose one of {', '.join(self.precisions)}")
+
+    def rounds_by_gptq(self, precision: str, rounding: str | None) -> bool:
+        """Whether an export at `precision` rounds by GPTQ, and so loads the float model (`rounding` None: the default)."""
+        return (rounding or next(iter(self.roundings), None)) == "gptq" and precision in self.gptq_precisions
 
     def device_precisions(self) -> tuple[str, ...]:
         """What a device profile may list for this format: the uniform precisions with a nominal size."""

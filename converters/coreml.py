@@ -298,12 +298,12 @@ class CoreMLConverter:
         use_gptq = rounding == "gptq" and calibration is not None
         plan = precision_plan(stored, shapes, precision, overrides, gptq=use_gptq)
         int4 = any(p in INT4_BLOCKS for p in plan.values())
-        rounded = gptq_rounding(calibration, plan, shapes, progress, adapters) if use_gptq and int4 else {}
-        importance = calibration.importance(progress) if int4 and calibration is not None and not rounded else None
         work = stage / ".coreml-work"
         work.mkdir()
-        codes = SharedCodes(plan, work / "codes", importance, rounded)
-        del rounded  # on disk now, as the codes of every function
+        gptq = use_gptq and int4
+        codes = SharedCodes(plan, work / "codes", calibration.importance(progress) if int4 and calibration is not None and not gptq else None)
+        if gptq:
+            gptq_rounding(calibration, plan, shapes, progress, adapters, codes)
         op_names = convert_functions(spec, source, work, codes, progress, adapters or ())
         names = [function for function, _, _ in functions(adapters or ())]
         palettes = {name: p for name, p in plan.items() if p.startswith("palettize")}
@@ -327,16 +327,17 @@ class CoreMLConverter:
         return {"model_file": MODEL_FILE, "precision": precision, **report, "rounding": codes.rounding() if int4 else None}
 
 
-def gptq_rounding(calibration, plan: dict[str, str], shapes: dict, progress, adapters) -> dict[str, tuple]:
-    """GPTQ's codes of every int4 linear of the plan, on the calibration text (the embedding is a lookup: no inputs to
-    compensate; a width the block does not divide stays float16, as `quantizable` says). The float model is let go
-    after: the conversion builds float32 decoders of its own."""
+def gptq_rounding(calibration, plan: dict[str, str], shapes: dict, progress, adapters, codes: SharedCodes) -> None:
+    """GPTQ's codes of every int4 linear of the plan, on the calibration text, into `codes` (the embedding is a lookup:
+    no inputs to compensate; a width the block does not divide stays float16, as `quantizable` says). The float model
+    is let go after: the conversion builds float32 decoders of its own."""
     from edgeq.quant.gptq import quantize_model
 
     grids = {name: gptq_grid(p) for name, p in plan.items()
              if p in INT4_BLOCKS and name != "model.embed_tokens.weight" and shapes[name][-1] % INT4_BLOCKS[p] == 0}
     try:
-        return quantize_model(calibration.model, calibration.windows, grids, progress, variants=adapters or ()) if grids else {}
+        if grids:
+            quantize_model(calibration.model, calibration.windows, grids, progress, variants=adapters or (), into=codes)
     finally:
         calibration.release()
 

@@ -44,25 +44,26 @@ def compressor(precision: str):
 class SharedCodes:
     """The plan's int8 / int4 codes, computed once per HF weight for every function of the export (each holds the
     same float16 weights); `shared_codes` writes them into each function. int4 rounding is weighted by `importance`
-    (HF name → mean squared input per column) for the weights it has; `rounded` (HF name → codes, scales, zero points)
-    are GPTQ's, taken as they are.
+    (HF name → mean squared input per column) for the weights it has. GPTQ's codes are set into it
+    (`codes[name] = (codes, scales, zero points)`, as `quantize_model` rounds each weight) and taken as they are.
 
     The codes weigh a byte per weight, and each later function is traced from a float32 decoder of its own (4 bytes
     per weight): held in memory between functions, they set a 3B export's peak (bench/README.md). So they are
     written to `spill` (a folder) as they are computed and memory-mapped only while a function is lowered and
     saved, when its float32 weights are already gone."""
 
-    def __init__(self, plan: dict[str, str], spill: Path, importance: dict[str, np.ndarray] | None = None,
-                 rounded: dict[str, tuple] | None = None):
+    def __init__(self, plan: dict[str, str], spill: Path, importance: dict[str, np.ndarray] | None = None):
         self.plan = {name: p for name, p in plan.items() if p in LINEAR_BLOCKS}
         self.importance = importance or {}
         self.spill = spill
         self.spilled = 0  # files are numbered, never rewritten: a function may still map an earlier weight's
         self.done: dict[str, tuple] = {}  # HF name → (a sample of the float16 weight or None, its shape, the codes' files)
         self.gptq: set[str] = set()  # HF names whose codes are GPTQ's
-        for name, arrays in (rounded or {}).items():
-            self.done[name] = (None, arrays[0].shape, self._save(arrays))
-            self.gptq.add(name)
+
+    def __setitem__(self, name: str, arrays: tuple) -> None:
+        """GPTQ's codes of a weight, written to disk at once: a 3B model's would be 3 GB beside its float model."""
+        self.done[name] = (None, arrays[0].shape, self._save(arrays))
+        self.gptq.add(name)
 
     def rounding(self) -> str:
         """How the int4 weights were rounded, for the manifest: by GPTQ, weighted by importance, or to the nearest."""

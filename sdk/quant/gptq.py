@@ -24,7 +24,7 @@ columns at it, and encodes the result, so what GPTQ optimized is exactly what th
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, MutableMapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -294,7 +294,7 @@ class _Lora:
 
 
 def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], progress: bool | None = None,
-                   variants: Sequence[Variant] = ()) -> dict[str, Any]:
+                   variants: Sequence[Variant] = (), into: MutableMapping[str, Any] | None = None) -> MutableMapping[str, Any]:
     """GPTQ of every linear weight `grids` names (HF names) of a transformers decoder, layer by layer on `windows`.
 
     `variants` are LoRA adapters the rounded base will also run with (kept apart from it, switched on at run
@@ -303,7 +303,8 @@ def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], prog
     by the tokens of all streams. Without variants, only the base's stream. The streams run as one batch, each
     variant's LoRA on its own rows, so one forward pass per layer both measures and rounds it.
 
-    Returns {HF weight name: grid.encode(...)}; the model's weights are left as they were. Memory: one layer's
+    Returns {HF weight name: grid.encode(...)}, set into `into` as each weight is rounded when given (a mapping that
+    writes them to disk keeps them out of memory); the model's weights are left as they were. Memory: one layer's
     activations for every token of every stream, and the Hessian of the input being rounded.
     """
     layers = model.model.layers
@@ -311,7 +312,7 @@ def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], prog
     ids, real = _batch(windows)
     rows = [slice(i * len(windows), (i + 1) * len(windows)) for i in range(len(loras))]
     real = real.repeat(len(loras), 1)
-    results: dict[str, Any] = {}
+    results: MutableMapping[str, Any] = {} if into is None else into
     with torch.no_grad(), bar(len(layers) + 1, "GPTQ", "layer", progress) as pbar:
         calls = _layer_inputs(model, ids.repeat(len(loras), 1))  # masks and RoPE tables for the whole batch
         first = _hidden_of(calls[0])

@@ -66,9 +66,9 @@ def precision_plan(spec: DecoderSpec, shapes: dict, precision: str, overrides: d
                    gptq: bool = False) -> dict[str, str]:
     """HF weight name → precision for every matrix the decoder uses; checks the overrides.
 
-    At int4 the head keeps int8, as llama.cpp's Q4 types keep their output at 6-8 bits, unless GPTQ rounds it: a
-    4-bit head rounded alone cost Qwen2.5-Coder-0.5B a fifth of its int4 KL (bench/README.md, Core ML). A tied head
-    is the embedding's one constant, which GPTQ cannot round for both uses, so it is int8 either way."""
+    At int4 the head keeps int8, as llama.cpp's Q4 types keep their output at 6-8 bits, unless GPTQ rounds it: with a
+    4-bit head rounded alone, Core ML int4 lost to llama.cpp's Q4_0 on Qwen2.5-Coder-0.5B (bench/README.md, Core ML).
+    A tied head is the embedding's one constant, which GPTQ cannot round for both uses, so it is int8 either way."""
     matrices = [n for n, s in shapes.items() if len(s) == 2 and not (spec.tied and n == "lm_head.weight")]
     plan = dict.fromkeys(matrices, precision)
     head = "model.embed_tokens.weight" if spec.tied else None if gptq else "lm_head.weight"
@@ -295,14 +295,14 @@ class CoreMLConverter:
         spec = DecoderSpec.from_source(source, context)
         shapes = {n: tuple(s) for n, s in source.shapes().items()}
         stored = dataclasses.replace(spec, tied=True) if head_is_embedding(source) else spec
-        use_gptq = rounding == "gptq" and calibration is not None
-        plan = precision_plan(stored, shapes, precision, overrides, gptq=use_gptq)
+        gptq = rounding == "gptq" and calibration is not None
+        plan = precision_plan(stored, shapes, precision, overrides, gptq=gptq)
         int4 = any(p in INT4_BLOCKS for p in plan.values())
+        importance = calibration.importance(progress) if int4 and calibration is not None and not gptq else None
         work = stage / ".coreml-work"
         work.mkdir()
-        gptq = use_gptq and int4
-        codes = SharedCodes(plan, work / "codes", calibration.importance(progress) if int4 and calibration is not None and not gptq else None)
-        if gptq:
+        codes = SharedCodes(plan, work / "codes", importance)
+        if gptq and int4:
             gptq_rounding(calibration, plan, shapes, progress, adapters, codes)
         op_names = convert_functions(spec, source, work, codes, progress, adapters or ())
         names = [function for function, _, _ in functions(adapters or ())]

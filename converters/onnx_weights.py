@@ -20,7 +20,6 @@ import torch
 from onnx import TensorProto, helper
 
 from edgeq.formats import readback
-
 from edgeq.quant.grid import SymmetricGrid, search
 
 from .onnx_format import ALIGN as _ALIGN

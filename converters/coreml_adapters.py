@@ -186,15 +186,15 @@ def records(stage: Path, model_file: str, adapters: list[KeptAdapter]) -> list[d
     factors are stored in, and what each adds to the package (its factors in weight.bin, its functions' program)."""
     from coremltools.converters.mil.mil import types
 
-    from .coreml_package import load_program
+    from .coreml_package import read_spec, spec_function
 
-    spec, program = load_program(stage / model_file)
+    spec = read_spec(stage / model_file)  # types and shapes: no weight of any function is read
     described = {f.name: f for f in spec.description.functions}
     entries = []
     for adapter in adapters:
         names = {base: function_name(base, adapter.name) for base in ("prefill", "decode")}
         modules = [w.removesuffix(".weight") for w in adapter.targets()]
-        ops = [op for pair in lora_ops(program.functions[names["decode"]], modules).values() for op in pair.values()]
+        ops = [op for pair in lora_ops(spec_function(spec.mlProgram.functions[names["decode"]]), modules).values() for op in pair.values()]
         if len(ops) != 2 * len(modules):
             raise EdgeqError(f"adapter {adapter.name!r}: coremltools did not keep its LoRA factors as constants of their own "
                              f"({len(ops)} of {2 * len(modules)} found); rerun with --debug and report it")

@@ -46,6 +46,14 @@ def load_program(path: Path):
         return spec, milproto_load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
 
 
+def read_spec(path: Path):
+    """The package's protobuf spec alone: what `spec_function` views without reading a weight."""
+    from coremltools.models.utils import load_spec
+
+    with _reading(path):
+        return load_spec(str(path))
+
+
 def _default(spec) -> str:
     return spec.description.defaultFunctionName or next(iter(spec.mlProgram.functions))
 
@@ -65,7 +73,7 @@ def _spec_op(op_type: str, name: str, value_types: list) -> SimpleNamespace:
     return op
 
 
-def _spec_function(function) -> SimpleNamespace:
+def spec_function(function) -> SimpleNamespace:
     """The const and constexpr ops of a spec function, wired to one another, as `weight_ops` reads a MIL function:
     types and shapes only, no weight read. A value bound inline is a const of its own, as coremltools' loader makes it."""
     outputs, operations = {}, []
@@ -88,7 +96,7 @@ def _spec_function(function) -> SimpleNamespace:
 def weight_ops(function, names: list[str]) -> dict[str, object]:
     """HF name → the op that yields that weight: the last op of a decompression chain, or the const. The names keep
     their dots until coremltools' ML program backend makes them identifiers. `function`: a MIL function or the
-    typed view `_spec_function` makes of a spec's."""
+    typed view `spec_function` makes of a spec's."""
     wanted = {name.replace(".", "_"): name for name in names}
     found = {}
     for op in function.operations:
@@ -165,11 +173,9 @@ def structure(spec) -> dict:
 def describe(path: Path, shapes: dict[str, tuple], plan: dict[str, str]) -> dict:
     """Manifest fields read back from the package: tensor types and bytes, real bits per weight,
     every weight that differs from the plan, and the package's structure. From the spec alone: no weight is read."""
-    from coremltools.models.utils import load_spec
-
+    spec = read_spec(path)
     with _reading(path):
-        spec = load_spec(str(path))
-        ops = weight_ops(_spec_function(spec.mlProgram.functions[_default(spec)]), list(shapes))
+        ops = weight_ops(spec_function(spec.mlProgram.functions[_default(spec)]), list(shapes))
     tensors, mismatches = {}, []
     for name, op in ops.items():
         nbytes = sum(_bytes(var) for var in _inputs(op))

@@ -30,7 +30,7 @@ import torch
 
 import edgeq
 from edgeq import registry
-from edgeq.converters.gguf_quantize import read_tensor_types
+from edgeq.converters.gguf.quantize import read_tensor_types
 from edgeq.decoder import DecoderSpec, build_decoder
 from edgeq.default_model import cache_dir, default_model_path
 from edgeq.intake import open_model

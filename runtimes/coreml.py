@@ -10,7 +10,7 @@ stored (int8 / int4 / palettes / float16), computing in float32. It measures wha
 costs, not Core ML's float16 arithmetic or speed.
 
 A bundle's LoRA adapters kept apart are functions of the same package (`prefill_NAME` / `decode_NAME`, sharing
-the base's weights; `edgeq.converters.coreml_adapters`). `CoreMLEngine` loads every adapter's pair when it opens
+the base's weights; `edgeq.converters.coreml.adapters`). `CoreMLEngine` loads every adapter's pair when it opens
 and switches by running the other pair on a fresh state; `CoreMLTorchEngine` reads each adapter function's LoRA
 factors back and switches them on the torch decoder's LoRA branches (None: the branches are off, and the decoder
 computes exactly what it computes for a bundle without adapters).
@@ -136,7 +136,7 @@ class CoreMLTorchEngine(AdapterSwitch):
 
         import torch
 
-        from edgeq.converters.coreml_package import read_weights
+        from edgeq.converters.coreml.package import read_weights
         from edgeq.decoder import Decoder, build_decoder
 
         if threads:
@@ -167,7 +167,7 @@ class CoreMLTorchEngine(AdapterSwitch):
         import torch
         from torch import nn
 
-        from edgeq.converters.coreml_adapters import lora_modules, read_lora
+        from edgeq.converters.coreml.adapters import lora_modules, read_lora
 
         self._factors: dict[str, dict] = {}
         self._lora: dict = {}
@@ -184,7 +184,7 @@ class CoreMLTorchEngine(AdapterSwitch):
 
     def _switch(self, name: str | None) -> None:
         """The decoder's LoRA branches take adapter `name`'s factors (None: off, the base alone)."""
-        from edgeq.converters.coreml_adapters import set_factors
+        from edgeq.converters.coreml.adapters import set_factors
 
         set_factors(self._lora, self._factors[name] if name is not None else None)
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from edgeq.engine import AdapterSwitch, default_threads
 from edgeq.errors import EdgeqError
-from edgeq.llama_native import llama_cpp  # the binding, with llama.cpp's logs routed and its backend up
+from edgeq.converters.gguf.native import llama_cpp  # the binding, with llama.cpp's logs routed and its backend up
 
 from .llamacpp_amx import extra_buffers_usable
 

@@ -57,7 +57,7 @@ def extra_buffers_usable(model_path: Path) -> bool:
     has weights AMX would take, and a decode with them died by a signal (here, or once before on this machine)."""
     if not amx_advertised():
         return True
-    from edgeq.converters.ggml_quants import tensor_table
+    from edgeq.converters.gguf.ggml_quants import tensor_table
     from edgeq.errors import EdgeqError
 
     try:

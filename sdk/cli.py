@@ -262,7 +262,7 @@ def serve(bundles, host, port, api_key, queue_size, timeout, threads, backend):
     switched per request on the one loaded base. Each model generates one request at a time; tools,
     response_format (JSON schema, regex, grammar) and streaming work as in OpenAI's API.
     """
-    from .serving import serve as run_server
+    from .serving.server import serve as run_server
 
     server = run_server(list(bundles), host=host, port=port, api_key=api_key, queue_size=queue_size, timeout=timeout,
                         threads=threads, backend=backend, block=False, log_level="warning")
@@ -454,7 +454,7 @@ def release(release_file, ray):
     Cells whose inputs are unchanged since the last run are reused. A cell that fails or misses its
     quality target leaves no bundle, is named in the report, and makes the command exit with 1.
     """
-    from .release_run import release as run_release
+    from .releasing.run import release as run_release
 
     result = run_release(release_file, ray=ray, progress=_progress())
     click.echo(result.table())

@@ -340,7 +340,7 @@ def test_core_ml_adapters_are_functions_over_one_copy_of_the_base(engines, loras
     are the adapter's, scaling folded in, in float16."""
     _, kept, _, plain, _ = engines
     from edgeq.adapter_set import open_adapters
-    from edgeq.converters.coreml_adapters import factors, read_lora
+    from edgeq.converters.coreml.adapters import factors, read_lora
     from edgeq.intake import open_model
 
     blobs = _coreml_blobs(kept.path / "model.mlpackage")
@@ -406,7 +406,7 @@ def test_core_ml_engine_switches_function_pairs(engines, monkeypatch):
 def test_core_ml_function_names_are_identifiers():
     from types import SimpleNamespace
 
-    from edgeq.converters.coreml_adapters import check_names, function_name
+    from edgeq.converters.coreml.adapters import check_names, function_name
 
     assert function_name("decode", "sum.v2-b") == "decode_sum_v2_b"  # MIL names: letters, digits, '_'
     with pytest.raises(EdgeqError, match=r"^adapters 'a-b' and 'a_b' would both be Core ML function 'decode_a_b'"):

@@ -19,9 +19,9 @@ from edgeq.bundle import staged_bundle, write_manifest
 from edgeq.cli import main
 from edgeq.converters import coreml as coreml_converter
 from edgeq.converters import coreml_codes
-from edgeq.converters.coreml import CoreMLConverter, precision_plan
-from edgeq.converters.coreml_format import COREML, INT4_BLOCKS, dequantize, linear_codes
-from edgeq.converters.coreml_package import describe, read_weights
+from edgeq.converters.coreml.convert import CoreMLConverter, precision_plan
+from edgeq.converters.coreml.spec import COREML, INT4_BLOCKS, dequantize, linear_codes
+from edgeq.converters.coreml.package import describe, read_weights
 from edgeq.decoder import DecoderSpec, build_decoder
 from edgeq.quality import QualityAccumulator
 from edgeq.intake import open_model
@@ -252,7 +252,7 @@ def test_int4_weights_are_the_round_trip_weighted_by_the_calibrations_importance
 def test_gptq_grid_rounds_to_the_levels_the_package_stores():
     """What GPTQ rounds a weight to is what `constexpr_blockwise_shift_scale` computes from the stored codes: fp16
     scales (products rounded to fp16, as Core ML computes them), codes -8..7, zero points 0."""
-    from edgeq.converters.coreml_format import gptq_grid
+    from edgeq.converters.coreml.spec import gptq_grid
     from edgeq.quant.gptq import gptq
 
     generator = torch.Generator().manual_seed(5)
@@ -548,7 +548,7 @@ def test_describe_reads_from_the_spec_what_the_loaded_program_holds(tmp_path, ti
     program loader holds them all in numpy: ~8.6 GB at 3B), and finds what the loaded program says, for every type."""
     from coremltools.converters.mil.frontend.milproto import load as milproto
 
-    from edgeq.converters.coreml_package import _bytes, _inputs, load_program, stored_type, weight_ops
+    from edgeq.converters.coreml.package import _bytes, _inputs, load_program, stored_type, weight_ops
 
     source = open_model(tiny_llama)
     overrides = {"model.layers.0.mlp.down_proj.weight": "int4", "model.layers.0.mlp.up_proj.weight": "int4-block16",
@@ -593,8 +593,8 @@ def test_merged_package_equals_coremltools_save_multifunction(tmp_path, tiny_lla
     inputs, outputs and states, the same weights in every function, each distinct blob stored once."""
     import coremltools as ct
 
-    from edgeq.converters.coreml_merge import merge_packages
-    from edgeq.converters.coreml_package import load_program, structure, weight_ops
+    from edgeq.converters.coreml.merge import merge_packages
+    from edgeq.converters.coreml.package import load_program, structure, weight_ops
 
     source = open_model(tiny_llama)
     spec = DecoderSpec.from_source(source, 256)

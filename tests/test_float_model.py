@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import build_model
 from edgeq import float_model
-from edgeq.converters.onnx_weights import BlockGrid
+from edgeq.converters.onnx.weights import BlockGrid
 from edgeq.intake import open_model
 from edgeq.quant.gptq import quantize_model
 from edgeq.quant.importance import compute_importance

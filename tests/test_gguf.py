@@ -7,8 +7,8 @@ import numpy as np
 
 import edgeq
 from edgeq.bundle import MANIFEST
-from edgeq.converters.gguf import GGUFConverter
-from edgeq.converters.gguf_quantize import read_tensor_types
+from edgeq.converters.gguf.convert import GGUFConverter
+from edgeq.converters.gguf.quantize import read_tensor_types
 from edgeq.quality import QualityAccumulator
 from edgeq.intake import open_model
 from edgeq.runtimes.llamacpp import LlamaCppEngine

@@ -11,8 +11,8 @@ import gguf
 import pytest
 
 import edgeq
-from edgeq.converters.gguf import GGUFConverter
-from edgeq.converters.gguf_vocab import write_vocab
+from edgeq.converters.gguf.convert import GGUFConverter
+from edgeq.converters.gguf.vocab import write_vocab
 from edgeq.intake import open_model
 from edgeq.runtimes.llamacpp import LlamaCppEngine
 

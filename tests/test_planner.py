@@ -100,7 +100,7 @@ def test_planned_coreml_export_writes_the_planned_type_of_every_weight(tiny_llam
     assert {n: written[n] for n in planned if n in written} == {n: p for n, p in planned.items() if n in written}
     # the planner's Core ML space prices and rounds each weight exactly as the package stores it, int4 weighted by the
     # importance matrix the plan was measured with (the converter is given it)
-    from edgeq.converters.coreml_package import read_weights
+    from edgeq.converters.coreml.package import read_weights
     from edgeq.intake import open_model
     from edgeq import registry
     from edgeq.quant.calibration import CALIBRATION_TEXT

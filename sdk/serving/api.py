@@ -18,10 +18,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import EdgeqError
-from .generate import ChatChunk, LanguageModel
-from .serving import MAX_BODY_BYTES, ApiError, Service, now, collect, new_id, stream_events
-from .validate import where
+from ..errors import EdgeqError
+from ..generate import ChatChunk, LanguageModel
+from .server import MAX_BODY_BYTES, ApiError, Service, now, collect, new_id, stream_events
+from ..validate import where
 
 log = logging.getLogger(__name__)
 

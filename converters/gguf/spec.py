@@ -21,18 +21,18 @@ class GGUFSpace:
     types = ("Q4_0", "IQ4_NL", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0", "F16")
 
     def candidates(self, shape):
-        from edgeq.converters.ggml_quants import fits, tensor_bytes
+        from edgeq.converters.gguf.ggml_quants import fits, tensor_bytes
 
         usable = [t for t in self.types if fits(t, shape)]
         return sorted(usable, key=lambda t: (tensor_bytes(t, shape), self.types.index(t)))
 
     def nbytes(self, precision, shape):
-        from edgeq.converters.ggml_quants import tensor_bytes
+        from edgeq.converters.gguf.ggml_quants import tensor_bytes
 
         return tensor_bytes(precision, shape)
 
     def round_trip(self, weight, precision, importance):
-        from edgeq.converters.ggml_quants import round_trip
+        from edgeq.converters.gguf.ggml_quants import round_trip
 
         return round_trip(weight, precision, importance)
 
@@ -40,7 +40,7 @@ class GGUFSpace:
 class GGUFFormat(FormatSpec):
     name = "gguf"
     runtime = "llamacpp"
-    converter_target = "edgeq.converters.gguf:GGUFConverter"
+    converter_target = "edgeq.converters.gguf.convert:GGUFConverter"
     precisions = FLOAT_TYPES + QUANT_TYPES
     default_precision = "Q4_K_M"
     float_precision = "F32"

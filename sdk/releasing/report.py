@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import EdgeqError
-from .profile_report import MB, PromptEstimate, _num, _rows, require_matplotlib
+from ..errors import EdgeqError
+from ..profile_report import MB, PromptEstimate, _num, _rows, require_matplotlib
 
 PROMPT_TOKENS = 64   # the shortest prompt `edgeq profile` times by default
 GEN_TOKENS = 128     # and the tokens it decodes after it
@@ -30,7 +30,7 @@ STATUS_TEXT = {"pass": "pass", "miss": "missed target", "error": "failed"}
 
 def roofline(bundle: Path, profile) -> dict:
     """Decode and TTFT of `bundle` on `profile` at full bandwidth and compute (see the module docstring)."""
-    from .profiling import _describe
+    from ..profiling import _describe
 
     info = _describe(bundle)
     kv = info["kv_bytes_per_token"] or 0
@@ -75,7 +75,7 @@ def build_report(graph, executor: dict, started: float) -> dict:
         cells.append({"model": cell.model, "device": cell.device, "key": cell.key, "reused": bool(result.pop("reused", False)),
                       "changed": cell.changed, **result})
     counts = {s: sum(c["status"] == s for c in cells) for s in STATUS_TEXT}
-    from . import __version__
+    from .. import __version__
 
     return {"release": str(graph.release.source), "output": str(graph.output), "edgeq_version": __version__,
             "executor": executor, "started": started, "seconds": round(time.time() - started, 3),
@@ -93,7 +93,7 @@ def write_report(report: dict, output: Path) -> ReleaseResult:
 def cached_chart(report: dict, output: Path) -> str:
     """The chart, drawn again only when what it shows changed: drawing it (and importing matplotlib) would
     otherwise be most of a second run's time."""
-    from .release_graph import STATE
+    from .graph import STATE
 
     shown = [{k: c.get(k) for k in ("model", "device", "status", "precision", "planned", "size_bytes", "quality", "finetune_quality", "estimate")}
              for c in report["cells"]]

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 from edgeq.formats import readback
 from edgeq.quant.grid import SymmetricGrid, search
 
-from .onnx_format import ALIGN as _ALIGN
+from .spec import ALIGN as _ALIGN
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class ONNXSpace:
             return weight.astype(np.float16).astype(np.float32)
         import torch
 
-        from edgeq.converters.onnx_weights import dequantize, quantize_blocks
+        from edgeq.converters.onnx.weights import dequantize, quantize_blocks
 
         block = self._block(precision, weight.shape)
         q = quantize_blocks(torch.from_numpy(np.ascontiguousarray(weight)), int(precision[3:]), block, importance)
@@ -65,7 +65,7 @@ class ONNXSpace:
 class ONNXFormat(FormatSpec):
     name = "onnx"
     runtime = "ort"
-    converter_target = "edgeq.converters.onnx:ONNXConverter"
+    converter_target = "edgeq.converters.onnx.convert:ONNXConverter"
     precisions = ("int4", "int8", "fp16", "fp32")
     default_precision = "int4"
     float_precision = "fp32"

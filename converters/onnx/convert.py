@@ -33,8 +33,8 @@ from edgeq.intake import SourceModel
 from edgeq.model_shape import ModelShape
 from edgeq.progress import bar
 
-from .onnx_format import BLOCK_SIZES, INT_TYPES, INT8_BLOCK, ONNX, int4_block
-from .onnx_weights import BlockGrid, ExternalData, Quantized, quantize_blocks, read_back
+from .spec import BLOCK_SIZES, INT_TYPES, INT8_BLOCK, ONNX, int4_block
+from .weights import BlockGrid, ExternalData, Quantized, quantize_blocks, read_back
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
@@ -439,7 +439,7 @@ class ONNXConverter:
         importance = calibration.importance(progress) if integer and not use_gptq and calibration is not None else None
         slots = None
         if adapters:
-            from .onnx_adapters import LoraSlots
+            from .adapters import LoraSlots
 
             slots = LoraSlots(adapters, source.shapes())
         model = DecoderGraph(source, stage, plan, blocks, accuracy_level, importance, rounded, slots).build(progress)
@@ -454,7 +454,7 @@ class ONNXConverter:
         warn_mismatches(log, report["mismatches"])
         int4_blocks = sorted({blocks[n] for n, kind in plan.items() if kind == "int4"})
         if adapters:
-            from .onnx_adapters import write_adapter
+            from .adapters import write_adapter
 
             report["adapters"] = [{**adapter.record(), **write_adapter(adapter, stage)} for adapter in adapters]
         return {"model_file": MODEL_FILE, "precision": precision, "block_size": int4_blocks[0] if len(int4_blocks) == 1 else int4_blocks or None,

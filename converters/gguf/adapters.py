@@ -22,7 +22,7 @@ from edgeq.adapter_set import KeptAdapter
 from edgeq.errors import EdgeqError
 from edgeq.intake import SourceModel
 
-from .gguf import FAMILIES, _interleave_rope_rows, tensor_plan
+from .convert import FAMILIES, _interleave_rope_rows, tensor_plan
 
 ADAPTER_DIR = "adapters"
 DTYPE = np.float16

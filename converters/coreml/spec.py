@@ -202,7 +202,7 @@ def gptq_grid(precision: str):
 class CoreMLFormat(FormatSpec):
     name = "coreml"
     runtime = "coreml"
-    converter_target = "edgeq.converters.coreml:CoreMLConverter"
+    converter_target = "edgeq.converters.coreml.convert:CoreMLConverter"
     precisions = PRECISIONS
     default_precision = "int4"
     float_precision = "fp16"  # the package computes in float16

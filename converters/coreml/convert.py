@@ -50,10 +50,10 @@ from edgeq.formats import warn_mismatches
 from edgeq.intake import SourceModel
 from edgeq.progress import bar
 
-from .coreml_codes import SharedCodes, compressor
-from .coreml_format import COREML, INT4_BLOCKS, gptq_grid
-from .coreml_merge import merge_packages
-from .coreml_package import describe, weight_ops
+from .codes import SharedCodes, compressor
+from .spec import COREML, INT4_BLOCKS, gptq_grid
+from .merge import merge_packages
+from .package import describe, weight_ops
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.mlpackage"
@@ -207,7 +207,7 @@ def lower_function(program, codes: SharedCodes):
 def frontend(spec: DecoderSpec, source: SourceModel, tokens: int, adapter, progress):
     """(the MIL program of one function, HF names of the decoder's weights), from a decoder of its own, which dies
     here: the program's float32 consts are then the only holders of its parameters."""
-    from .coreml_adapters import applied
+    from .adapters import applied
 
     decoder = build_decoder(spec, source.tensor, dtype=torch.float32, cache_dtype=torch.float16, progress=progress)
     names = decoder.weight_names()
@@ -227,7 +227,7 @@ def palettize(path: Path, plan: dict[str, str], op_names: dict[str, str]) -> Non
 
 def functions(adapters=()) -> list[tuple[str, int, object]]:
     """(function name, tokens per call, the kept adapter it runs or None) of every function the package holds."""
-    from .coreml_adapters import function_name
+    from .adapters import function_name
 
     return [(name, tokens, None) for name, tokens in FUNCTIONS] + [
         (function_name(name, adapter.name), tokens, adapter) for adapter in adapters for name, tokens in FUNCTIONS]
@@ -288,7 +288,7 @@ class CoreMLConverter:
         if rounding not in self.spec.roundings:
             raise EdgeqError(f"rounding {rounding!r} is not one of {', '.join(self.spec.roundings)}")
         if adapters:
-            from .coreml_adapters import check_names
+            from .adapters import check_names
 
             check_names(adapters)
         context = min(source.config.get("max_position_embeddings", MAX_CONTEXT), MAX_CONTEXT)
@@ -321,7 +321,7 @@ class CoreMLConverter:
         report["coreml"].update({"context": context, "prefill_tokens": PREFILL_TOKENS, "deployment_target": "iOS18 / macOS15",
                                  "decoder": spec.to_dict()})
         if adapters:
-            from .coreml_adapters import records
+            from .adapters import records
 
             report["adapters"] = records(stage, MODEL_FILE, adapters)
         return {"model_file": MODEL_FILE, "precision": precision, **report, "rounding": codes.rounding() if int4 else None}

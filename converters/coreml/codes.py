@@ -20,8 +20,8 @@ from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 from coremltools.converters.mil.mil.passes.pass_registry import register_pass
 from coremltools.optimize._utils import infer_block_sizes  # how coremltools' own pass lays a weight's blocks out
 
-from .coreml_format import INT4_BLOCKS, LINEAR_BLOCKS, linear_codes
-from .coreml_package import weight_ops
+from .spec import INT4_BLOCKS, LINEAR_BLOCKS, linear_codes
+from .package import weight_ops
 
 log = logging.getLogger(__name__)
 

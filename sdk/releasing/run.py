@@ -25,12 +25,12 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .errors import EdgeqError
-from .progress import bar
+from ..errors import EdgeqError
+from ..progress import bar
 
 if TYPE_CHECKING:  # the release modules (and pydantic) load on the first release, not with `import edgeq`
-    from .release_graph import Task
-    from .release_report import ReleaseResult
+    from .graph import Task
+    from .report import ReleaseResult
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 3  # a task whose worker is lost (killed, out of memory) runs again, up to this many times in all
@@ -45,9 +45,9 @@ def release(release_file: str | Path, *, ray: str | None = None, progress: bool 
     (a Ray address, or "auto" for the cluster this machine belongs to) the tasks run on Ray; when Ray
     is already initialised in this process, that instance is used. Check `result.ok`.
     """
-    from .release_file import load_release, local_workers, memory_budget
-    from .release_graph import build_graph
-    from .release_report import build_report, write_report
+    from .file import load_release, local_workers, memory_budget
+    from .graph import build_graph
+    from .report import build_report, write_report
 
     started = time.time()
     spec = load_release(release_file)
@@ -85,7 +85,7 @@ class LocalExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
 
     def run(self, tasks: list[Task], settings: dict, done: Done) -> None:
-        from .release_graph import run_task
+        from .graph import run_task
 
         waiting, running, results = list(tasks), {}, {}
         attempts = {task.id: 0 for task in tasks}
@@ -159,7 +159,7 @@ class RayExecutor:
         return self.info
 
     def run(self, tasks: list[Task], settings: dict, done: Done) -> None:
-        from .release_graph import run_task
+        from .graph import run_task
 
         ray = self.ray
         self._connect()

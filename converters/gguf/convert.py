@@ -24,9 +24,9 @@ from edgeq.model_shape import ModelShape
 from edgeq.intake import SourceModel
 from edgeq.progress import bar
 
-from .gguf_format import GGUF
-from .gguf_quantize import FLOAT_TYPES, quantize, read_tensor_types
-from .gguf_vocab import general_name, write_vocab
+from .spec import GGUF
+from .quantize import FLOAT_TYPES, quantize, read_tensor_types
+from .vocab import general_name, write_vocab
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.gguf"
@@ -201,7 +201,7 @@ _WRITE_JOB = """
 import errno, pickle, sys
 from edgeq.errors import EdgeqError
 from edgeq.formats import warn_mismatches
-from edgeq.converters.gguf import write_float_gguf
+from edgeq.converters.gguf.convert import write_float_gguf
 with open(sys.argv[1], "rb") as f:
     job = pickle.load(f)
 try:
@@ -254,7 +254,7 @@ class GGUFConverter:
         warn_mismatches(log, report["mismatches"])
         fields = {"model_file": MODEL_FILE, "precision": precision, **report}
         if adapters:
-            from .gguf_adapters import write_adapter
+            from .adapters import write_adapter
 
             fields["adapters"] = [{**adapter.record(), **write_adapter(source, adapter, stage)} for adapter in adapters]
         return fields

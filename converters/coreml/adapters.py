@@ -159,7 +159,7 @@ def lora_ops(function, modules) -> dict[str, dict[str, object]]:
 def read_lora(path: Path, functions: dict[str, str], modules: list[str]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Adapter name → module → (lora_A, lora_B) as float32, read from each adapter's function (`functions`: adapter
     name → function name) as the package stores them; `modules` are the decoder's candidate module names."""
-    from .coreml_package import load_program
+    from .package import load_program
 
     _, program = load_program(path)
     out = {}
@@ -186,7 +186,7 @@ def records(stage: Path, model_file: str, adapters: list[KeptAdapter]) -> list[d
     factors are stored in, and what each adds to the package (its factors in weight.bin, its functions' program)."""
     from coremltools.converters.mil.mil import types
 
-    from .coreml_package import read_spec, spec_function
+    from .package import read_spec, spec_function
 
     spec = read_spec(stage / model_file)  # types and shapes: no weight of any function is read
     described = {f.name: f for f in spec.description.functions}

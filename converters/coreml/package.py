@@ -22,7 +22,7 @@ import numpy as np
 from edgeq.errors import EdgeqError
 from edgeq.formats import readback
 
-from .coreml_format import INT4_BLOCKS
+from .spec import INT4_BLOCKS
 
 WEIGHT_NAME = re.compile(r"^(.*?_(?:weight|bias))(?:_|$)")
 

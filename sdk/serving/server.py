@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import EdgeqError
-from .generate import ChatChunk, LanguageModel
+from ..errors import EdgeqError
+from ..generate import ChatChunk, LanguageModel
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "the server needs fastapi and uvicorn: pip install 'edgeq[serve]'"
@@ -220,7 +220,7 @@ def new_id(prefix: str) -> str:
 
 
 def load_models(bundles, *, backend: str | None = None, threads: int | None = None, n_ctx: int | None = None) -> list[LanguageModel]:
-    from .loading import load
+    from ..loading import load
 
     return [b if isinstance(b, LanguageModel) else load(b, backend=backend, threads=threads, n_ctx=n_ctx) for b in bundles]
 
@@ -291,7 +291,7 @@ def serve(bundles, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     apps; port 0 picks a free port. `queue_size` requests may wait per model; `timeout` seconds bound each.
     """
     try:
-        from .serving_api import create_app
+        from .api import create_app
     except ImportError:
         raise EdgeqError(INSTALL_HINT) from None
     if isinstance(bundles, (str, Path, LanguageModel)):

@@ -23,9 +23,9 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import registry
-from .errors import EdgeqError
-from .release_file import DeviceEntry, ModelEntry, Release
+from .. import registry
+from ..errors import EdgeqError
+from .file import DeviceEntry, ModelEntry, Release
 
 log = logging.getLogger(__name__)
 STATE = ".release"          # OUTPUT/.release: records of cells, the file-hash memo, staging folders
@@ -119,7 +119,7 @@ def _cell_format(device: DeviceEntry, profile) -> str:
 
 
 def _weights(model: ModelEntry) -> int:
-    from .intake import open_model
+    from ..intake import open_model
 
     return sum(math.prod(shape) for shape in open_model(model.path, adapter=model.adapter).shapes().values())
 
@@ -195,7 +195,7 @@ def build_graph(release: Release) -> Graph:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -294,7 +294,7 @@ def _build_cell(spec: dict) -> dict:
     import edgeq
     from edgeq.devices import load_device
 
-    from .release_report import roofline
+    from .report import roofline
 
     output = Path(spec["output"])
     if not output.is_dir():
@@ -334,7 +334,7 @@ def _cell_result(manifest: dict, bundle: Path, spec: dict, estimate: dict) -> di
 
 def _move_into_place(stage: Path, final: Path) -> None:
     """Lands the measured bundle the way `edgeq export` lands one: an old bundle is swapped out in one step."""
-    from .bundle import _land
+    from ..bundle import _land
 
     final.parent.mkdir(parents=True, exist_ok=True)
     _land(stage, final)

@@ -18,7 +18,7 @@ from edgeq.errors import EdgeqError
 from edgeq.formats import readback
 from edgeq.progress import bar
 
-from . import gguf_format
+from . import spec as gguf_format
 
 FLOAT_TYPES = {name: gguf.LlamaFileType["ALL_F32" if name == "F32" else f"MOSTLY_{name}"] for name in gguf_format.FLOAT_TYPES}
 QUANT_TYPES = {name: gguf.LlamaFileType[f"MOSTLY_{name}"] for name in gguf_format.QUANT_TYPES}
@@ -60,7 +60,7 @@ def quantize(src: Path, dst: Path, precision: str, *, overrides: dict[str, str] 
     """Runs llama_model_quantize; `overrides` maps exact GGUF tensor names to ggml type names."""
     import llama_cpp
 
-    from edgeq.llama_native import llama_log_lines
+    from edgeq.converters.gguf.native import llama_log_lines
 
     base = FLOAT_TYPES.get(precision) or QUANT_TYPES[precision]
     params = llama_cpp.llama_model_quantize_default_params()

@@ -10,6 +10,6 @@ from .quality import evaluate  # noqa: E402
 from .bundle import read_manifest as inspect  # noqa: E402
 from .profiling import profile  # noqa: E402
 from .releasing.run import release  # noqa: E402
-from .serving.server import serve  # noqa: E402
+from .serving.listener import serve  # noqa: E402
 
 __all__ = ["EdgeqError", "load", "export", "evaluate", "compare", "inspect", "plan", "profile", "release", "serve", "__version__"]

@@ -1,10 +1,10 @@
 """Every supported model family in one table: what its checkpoint holds and how its block computes.
 
 A family's facts that are not in its config.json live here, once: the tensor names its checkpoint
-uses, the norm and activation of its block, what llama.cpp calls it, the end-of-turn token its chat
-template writes. The torch decoder (Core ML), the ONNX graph and the GGUF writer read them from the
-entry, so adding a family is one entry plus whatever computation is truly new; what changes attention
-geometry or RoPE per layer (windows, local/global bases, partial rotary, LongRoPE, NoPE layers) is read
+uses, the norm and activation of its block, the end-of-turn token its chat template writes. The torch
+decoder (Core ML), the ONNX graph and the GGUF writer read them from the entry (what one runtime's graph
+hard-codes for a family lives with that format: llama.cpp's in `edgeq.converters.gguf.layout`), so adding
+a family is one entry plus whatever computation is truly new; what changes attention geometry or RoPE per layer (windows, local/global bases, partial rotary, LongRoPE, NoPE layers) is read
 from the config by `edgeq.model_shape`. Families edgeq cannot export whole are refused here by reason.
 Pure Python: intake, the CLI and the tokenizer import it cheaply.
 """
@@ -19,7 +19,6 @@ from .errors import EdgeqError
 class Architecture:
     family: str                     # edgeq's name for it (manifests, converters)
     classes: tuple[str, ...]        # config.json `architectures` entries of this family
-    gguf_arch: str                  # llama.cpp's architecture name (gguf-py's MODEL_ARCH_NAMES)
     # block
     activation: str = "silu"        # the GLU's gate: "silu", or "gelu_tanh" (GELU, tanh approximation)
     activation_key: str = "hidden_act"  # config field naming it, checked against `activation`
@@ -32,11 +31,6 @@ class Architecture:
     text_config: str | None = None
     text_prefixes: tuple[tuple[str, str], ...] = ()
     dropped: tuple[str, ...] = ()
-    # llama.cpp
-    gguf_interleave_rope: bool = False  # its graph rotates adjacent pairs (HF: halves), so q/k rows are reordered
-    gguf_sliding: bool = False      # its graph runs sliding-window layers (a per-layer pattern)
-    gguf_nope_every: int = 0        # its graph skips RoPE on every n-th layer (hard-coded), not on a list
-    gguf_norm_shift: bool = False   # llama.cpp stores Gemma's norm gains as 1 + weight
     # tokenizer
     turn_end: tuple[str, ...] = ()  # tokens the chat template ends a turn with (stop ids, llama.cpp's EOT)
 
@@ -52,25 +46,24 @@ class Architecture:
 
 
 _GEMMA3 = dict(
-    gguf_arch="gemma3", activation="gelu_tanh", activation_key="hidden_activation", norm_offset=1.0, sandwich_norms=True,
-    embed_scale=True, gguf_sliding=True, gguf_norm_shift=True, turn_end=("<end_of_turn>",),
+    activation="gelu_tanh", activation_key="hidden_activation", norm_offset=1.0, sandwich_norms=True,
+    embed_scale=True, turn_end=("<end_of_turn>",),
 )
 
 ARCHITECTURES: dict[str, Architecture] = {a.family: a for a in (
-    Architecture("llama", ("LlamaForCausalLM",), "llama", gguf_interleave_rope=True,
+    Architecture("llama", ("LlamaForCausalLM",),
                  turn_end=("<|eot_id|>", "<|im_end|>")),  # Llama 2/3.x, SmolLM/SmolLM2, TinyLlama
-    Architecture("qwen2", ("Qwen2ForCausalLM",), "qwen2", turn_end=("<|im_end|>",)),    # Qwen2, Qwen2.5
-    Architecture("qwen3", ("Qwen3ForCausalLM",), "qwen3", turn_end=("<|im_end|>",)),    # Qwen3 dense
+    Architecture("qwen2", ("Qwen2ForCausalLM",), turn_end=("<|im_end|>",)),    # Qwen2, Qwen2.5
+    Architecture("qwen3", ("Qwen3ForCausalLM",), turn_end=("<|im_end|>",)),    # Qwen3 dense
     Architecture("gemma3", ("Gemma3ForCausalLM",), **_GEMMA3),                          # Gemma 3 270M, 1B (text only)
     Architecture("gemma3-multimodal", ("Gemma3ForConditionalGeneration",), **_GEMMA3,   # Gemma 3 4B+: its text model
                  text_config="text_config",
                  text_prefixes=(("language_model.model.", "model."), ("model.language_model.", "model."),
                                 ("language_model.lm_head.", "lm_head.")),
                  dropped=("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")),
-    Architecture("phi3", ("Phi3ForCausalLM",), "phi3", fused_qkv=True, fused_gate_up=True,  # Phi-3/3.5-mini, Phi-4-mini
+    Architecture("phi3", ("Phi3ForCausalLM",), fused_qkv=True, fused_gate_up=True,  # Phi-3/3.5-mini, Phi-4-mini
                  turn_end=("<|end|>",)),
-    Architecture("smollm3", ("SmolLM3ForCausalLM",), "smollm3", gguf_interleave_rope=True, gguf_nope_every=4,
-                 turn_end=("<|im_end|>",)),
+    Architecture("smollm3", ("SmolLM3ForCausalLM",), turn_end=("<|im_end|>",)),
 )}
 
 BY_CLASS = {cls: arch for arch in ARCHITECTURES.values() for cls in arch.classes}

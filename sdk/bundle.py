@@ -31,6 +31,8 @@ from .validate import read_json_object
 
 MANIFEST = "edgeq.json"
 TEMPLATE_FILE = "chat_template.jinja"  # opened by the tokenizer when the bundle has one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+SIDE_FILES = (*TOKENIZER_FILES, TEMPLATE_FILE)  # every format's bundle holds these beside its model files
 MAX_MANIFEST_BYTES = 64 << 20  # a real manifest is a few hundred KiB even with a plan for every tensor
 _STAGE = re.compile(r"\..+\.partial-(?P<pid>\d+)-[a-z0-9_]+")
 
@@ -144,7 +146,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _land(stage: Path, out: Path) -> None:
+def land(stage: Path, out: Path) -> None:
     """`stage` becomes `out`. An old bundle is swapped out atomically and its files leave under the stage's
     pid-tagged name, so neither a failure nor a kill ever leaves a `.old-*` folder or no bundle at all."""
     if not out.exists():
@@ -212,7 +214,7 @@ def staged_bundle(out: Path, overwrite: bool = False, inputs: Iterable[str | Pat
             if not (stage / MANIFEST).is_file():
                 raise EdgeqError("internal: bundle staged without a manifest")
             _publish_modes(stage)
-            _land(stage, out)
+            land(stage, out)
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 interrupt_seen()  # a second Ctrl-C or SIGTERM must not cut the cleanup short
@@ -239,14 +241,16 @@ def write_manifest(folder: Path, manifest: dict) -> dict:
     return full
 
 
-def update_manifest(folder: Path, **fields) -> dict:
-    """Rewrites top-level manifest fields (e.g. measured quality) without touching the files table."""
-    manifest = read_manifest(folder, verify=False)
-    manifest.update(fields)
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(folder / MANIFEST)
-    return manifest
+def copy_tokenizer(source, stage: Path) -> None:
+    """The source's tokenizer files and its chat template (what every engine's `generate()` reads) into `stage`."""
+    for name in TOKENIZER_FILES:
+        for folder in (source.tokenizer_folder, source.path):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, stage / name)
+                break
+    template = source.chat_template()
+    if template:
+        (stage / TEMPLATE_FILE).write_text(template)
 
 
 # ---- reading: the trust boundary -----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A checkpoint's config.json checked against a schema, and its weights against the config.
 
 Every converter, the decoder and planning read the config as plain numbers; a config with a string
-where a number belongs, zero heads or more layers than the weights hold used to fail deep inside one
+where a number belongs, zero heads or more layers than the weights hold would fail deep inside one
 of them as a KeyError or ZeroDivisionError. Here it fails once, in one line naming the field, and so do
 weights that are missing, shaped for another config, or not floating point at all.
 """

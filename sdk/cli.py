@@ -9,6 +9,8 @@ import time
 import click
 
 from . import cli_types as types
+from .cli_measure import compare, evaluate, profile
+from .cli_types import progress_flag
 from .errors import EdgeqError
 
 
@@ -59,11 +61,6 @@ class Group(click.Group):
             click.echo(f"error: unexpected {type(exc).__name__}: {detail} — a bug in edgeq; rerun with --debug "
                        "and report the traceback", err=True)
             sys.exit(1)
-
-
-def _progress() -> bool | None:
-    """--progress / --no-progress of the whole command line; None shows bars only on a terminal."""
-    return click.get_current_context().find_root().obj.get("progress")
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -138,16 +135,17 @@ def export(model, device, adapters, keep_adapters, adapter_data, compare_merged,
     With --device (or --size / --bits-per-weight) and no --precision, edgeq measures how much each
     tensor's quantization costs on calibration text and picks a precision per tensor that fits.
     """
-    from .exporting import export as run_export
+    from .export_options import ExportOptions
+    from .exporting import run
 
-    out = run_export(model, device=device, adapters=list(adapters) or None, keep_adapters=keep_adapters,
-                     adapter_data=_pairs(adapter_data, "--adapter-data", "NAME=FILE, e.g. summarizer=held_out.jsonl"),
-                     compare_merged=compare_merged, format=format_, precision=precision, calibration=calibration,
-                     calibration_tokens=calibration_tokens, output=output, overwrite=overwrite, trust_pickle=trust_pickle, eval_tokens=eval_tokens,
-                     size=size, bits_per_weight=bits_per_weight, mobile=mobile, block_size=block_size, rounding=rounding,
-                     tensor_types=_name_types(tensor_types), eval_data=eval_data, base=base, max_kl=max_kl,
-                     min_retention=min_retention, min_agreement=min_agreement, allow_quality_miss=allow_quality_miss,
-                     progress=_progress())
+    out = run(ExportOptions(model, device=device, adapters=list(adapters) or None, keep_adapters=keep_adapters,
+                            adapter_data=_pairs(adapter_data, "--adapter-data", "NAME=FILE, e.g. summarizer=held_out.jsonl"),
+                            compare_merged=compare_merged, format=format_, precision=precision, calibration=calibration,
+                            calibration_tokens=calibration_tokens, output=output, overwrite=overwrite, trust_pickle=trust_pickle,
+                            eval_tokens=eval_tokens, size=size, bits_per_weight=bits_per_weight, mobile=mobile, block_size=block_size,
+                            rounding=rounding, tensor_types=_name_types(tensor_types), eval_data=eval_data, base=base, max_kl=max_kl,
+                            min_retention=min_retention, min_agreement=min_agreement, allow_quality_miss=allow_quality_miss,
+                            progress=progress_flag()))
     click.echo(out)
     _print_summary(out)
 
@@ -262,7 +260,7 @@ def serve(bundles, host, port, api_key, queue_size, timeout, threads, backend):
     switched per request on the one loaded base. Each model generates one request at a time; tools,
     response_format (JSON schema, regex, grammar) and streaming work as in OpenAI's API.
     """
-    from .serving.server import serve as run_server
+    from .serving.listener import serve as run_server
 
     server = run_server(list(bundles), host=host, port=port, api_key=api_key, queue_size=queue_size, timeout=timeout,
                         threads=threads, backend=backend, block=False, log_level="warning")
@@ -313,7 +311,7 @@ def plan(model, device, format_, size, bits_per_weight, adapter, calibration, as
     from .planning import plan as run_plan
 
     result = run_plan(model, device=device, format=format_, size=size, bits_per_weight=bits_per_weight,
-                      adapter=adapter, calibration=calibration, progress=_progress())
+                      adapter=adapter, calibration=calibration, progress=progress_flag())
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -344,106 +342,6 @@ def devices(as_json):
                    f"{p.bandwidth_gbps:>6.1f} GB/s  {', '.join(p.formats)}")
 
 
-@main.command("eval")
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--text", type=types.TextFile("eval text"), help="UTF-8 text to measure on (default: a built-in sample).")
-@click.option("--tokens", default=4096, show_default=True, type=types.TOKENS, help="Tokens to measure on.")
-@click.option("--ctx", default=512, show_default=True, type=types.CONTEXT, help="Window length: the text is cut into non-overlapping windows of this many tokens.")
-@click.option("--reference", type=click.Path(file_okay=False), help="Reference HF folder (default: the source the manifest names).")
-@click.option("--backend", help="Runtime to use instead of the one the bundle names.")
-@click.option("--threads", type=types.THREADS, help="CPU threads.")
-@click.option("--eval-data", type=types.TextFile("eval data"),
-              help="Judge on the fine-tune's own data instead (JSONL chats or prompt/completion, or text): KL and top-1 on "
-                   "assistant tokens, greedy-reply agreement (exact match, tokens to divergence, chrF) and, with a base "
-                   "model, flip retention and noise-to-shift (see `edgeq export --help`).")
-@click.option("--base", type=click.Path(file_okay=False), help="The model before fine-tuning (default: the model under the bundle's adapter).")
-@click.option("--adapter", help="Measure this LoRA adapter of the bundle, switched on over its base, against the float merged model.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (kl, top1, ppl, ppl_ref, tokens, ctx; with --eval-data: "
-                                                         "kl, top1, agreement, flip_retention, noise_to_shift).")
-def evaluate(bundle, text, tokens, ctx, reference, backend, threads, eval_data, base, adapter, as_json):
-    """Measure BUNDLE against the torch reference on the same tokens: mean KL, top-1 agreement, perplexity.
-
-    With --eval-data: how much of the fine-tune the export keeps. Flip retention is, at the positions where the
-    fine-tune's most likely token differs from the base model's, the share where the export's is still the
-    fine-tune's; noise-to-shift is mean KL(fine-tune ‖ export) ÷ mean KL(fine-tune ‖ base) on the same tokens.
-    """
-    from .quality import evaluate as run_eval
-
-    if text and eval_data:
-        raise click.UsageError("pass --text or --eval-data, not both")
-    quality = run_eval(bundle, text=text, tokens=tokens, ctx=ctx, reference=reference, backend=backend, threads=threads,
-                       eval_data=eval_data, base=base, adapter=adapter, progress=_progress())
-    if as_json:
-        click.echo(json.dumps(quality.to_dict()))
-    elif eval_data:
-        q = quality.to_dict()
-        agreement = q["agreement"] or {}
-        click.echo(f"KL {q['kl']:.5f}  top-1 {q['top1']:.4f}  on {q['tokens']} assistant tokens")
-        if agreement:
-            click.echo(f"replies: exact {agreement['exact_match']:.3f}  tokens to divergence {agreement['tokens_to_divergence']:.1f}  "
-                       f"chrF {agreement['chrf']:.1f}  ({agreement['replies']} prompts)")
-        if q["flip_retention"] is not None or q["noise_to_shift"] is not None:
-            click.echo(f"fine-tune: flip retention {q['flip_retention']}  noise-to-shift {q['noise_to_shift']}  ({q['flips']} flipped positions)")
-    else:
-        click.echo(f"KL {quality.kl:.5f}  top-1 {quality.top1:.4f}  ppl {quality.ppl:.3f}  reference ppl {quality.ppl_ref:.3f}  ({quality.tokens} tokens, ctx {quality.ctx})")
-
-
-@main.command()
-@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--prompt-tokens", default="64,512", show_default=True, type=types.TokenCounts(), help="Prompt lengths to time, comma-separated.")
-@click.option("--gen", default=128, show_default=True, type=types.TOKENS, help="Tokens decoded greedily after each prompt.")
-@click.option("--repeat", default=5, show_default=True, type=types.TOKENS, help="Measured repeats after one warm-up (median and spread).")
-@click.option("--threads", type=types.THREADS, help="CPU threads (default: the runtime's, all cores for llama.cpp).")
-@click.option("--device", "-d", help="Add an ESTIMATE for this device profile (a built-in name or a .toml file).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full result as JSON to this file.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG chart of size × KL × decode speed.")
-def profile(bundles, prompt_tokens, gen, repeat, threads, device, json_path, plot_path):
-    """Measure BUNDLES on this machine: load time, time to first token, prefill and decode tokens/s, peak memory, size,
-    and decode against the memory-bandwidth roofline."""
-    from .profiling import profile as run_profile
-
-    _check_outputs(json_path, plot_path)
-    _report(run_profile(bundles, prompt_tokens=prompt_tokens, gen=gen, repeat=repeat, threads=threads, device=device), json_path, plot_path)
-
-
-def _check_outputs(json_path, plot_path) -> None:
-    """Output paths (and matplotlib for a chart) checked before minutes of measuring."""
-    from .profile_report import check_output, require_matplotlib
-
-    for path in filter(None, (json_path, plot_path)):
-        check_output(path)
-    if plot_path:
-        require_matplotlib()
-
-
-def _report(result, json_path, plot_path) -> None:
-    click.echo(result.table())
-    if json_path:
-        click.echo(f"wrote {result.save_json(json_path)}")
-    if plot_path:
-        click.echo(f"wrote {result.plot(plot_path)}")
-
-
-@main.command()
-@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--eval-data", required=True, type=types.TextFile("eval data"),
-              help="The fine-tune's data: JSONL chats or prompt/completion (assistant tokens are scored), or text.")
-@click.option("--base", type=click.Path(file_okay=False), help="The model before fine-tuning (default: the model under the bundles' adapter).")
-@click.option("--tokens", default=2048, show_default=True, type=types.TOKENS, help="Assistant tokens of --eval-data to score.")
-@click.option("--gen", default=64, show_default=True, type=types.TOKENS, help="Tokens decoded greedily to time decode.")
-@click.option("--repeat", default=3, show_default=True, type=types.TOKENS, help="Timed repeats after one warm-up.")
-@click.option("--threads", type=types.THREADS, help="CPU threads.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full result as JSON to this file.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG chart of size × KL on the data × decode speed.")
-def compare(bundles, eval_data, base, tokens, gen, repeat, threads, json_path, plot_path):
-    """Compare BUNDLES of one fine-tune: size, quality on its own data (KL, retention, reply agreement) and decode speed."""
-    from .comparing import compare as run_compare
-
-    _check_outputs(json_path, plot_path)
-    _report(run_compare(bundles, eval_data=eval_data, base=base, tokens=tokens, gen=gen, repeat=repeat, threads=threads,
-                        progress=_progress()), json_path, plot_path)
-
-
 @main.command()
 @click.argument("release_file", type=click.Path(dir_okay=False))
 @click.option("--ray", metavar="ADDRESS", help="Run the tasks on a Ray cluster: its address, or `auto` for the cluster this "
@@ -456,9 +354,14 @@ def release(release_file, ray):
     """
     from .releasing.run import release as run_release
 
-    result = run_release(release_file, ray=ray, progress=_progress())
+    result = run_release(release_file, ray=ray, progress=progress_flag())
     click.echo(result.table())
     click.echo(f"report: {result.html_path}")
     if not result.ok:
         bad = [f"{c['model']}/{c['device']}" for c in result.failures()]
         raise EdgeqError(f"{len(bad)} of {len(result.cells)} cells did not pass ({', '.join(bad)}); see {result.html_path}")
+
+
+main.add_command(evaluate)
+main.add_command(profile)
+main.add_command(compare)

@@ -95,3 +95,8 @@ TOKENS = Checked(validate.TOKENS, click.INT)
 TOKENS_OR_ZERO = Checked(validate.TOKENS_OR_ZERO, click.INT)
 BITS_PER_WEIGHT = Checked(validate.BITS_PER_WEIGHT, click.FLOAT)
 SIZE = Size()
+
+
+def progress_flag() -> bool | None:
+    """--progress / --no-progress of the whole command line; None shows bars only on a terminal."""
+    return click.get_current_context().find_root().obj.get("progress")

@@ -85,3 +85,27 @@ class AdapterSwitch:
         self._switch(name)
         self.adapter = name
         self.reset()
+
+
+class PinnedAdapter:
+    """An engine seen with one adapter always on, for code that runs engines without naming adapters (quality
+    measurement): it has no `adapters` of its own, so a `LanguageModel` over it never switches."""
+
+    def __init__(self, engine, name: str | None):
+        engine.set_adapter(name)
+        self.engine = engine
+
+    def __getattr__(self, attr):
+        if attr in ("adapters", "adapter", "set_adapter"):
+            raise AttributeError(attr)
+        return getattr(self.engine, attr)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.engine.tokens
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        return self.engine.forward(tokens)
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        return self.engine.score(tokens)

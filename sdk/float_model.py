@@ -132,3 +132,40 @@ def _text_model(source: SourceModel, dtype):
         model = AutoModelForCausalLM.from_config(text)
     model.model, model.lm_head = full.model.language_model, full.lm_head
     return model
+
+
+class FloatReference:
+    """The float model of one export, opened once on first use and shared: the calibration's importance matrix,
+    sensitivity and GPTQ run its torch model, and the quality check scores against its engine. It is as large
+    as the model in float32, so nothing loads it until a step needs it, and `release()` lets it go while a
+    converter writes (it loads again if a later step asks)."""
+
+    def __init__(self, source: SourceModel):
+        self.source = source
+        self._engine = None
+
+    @property
+    def engine(self):
+        """The reference runtime's engine over the float model."""
+        if self._engine is None:
+            from . import registry
+
+            self._engine = registry.runtimes.get(registry.REFERENCE_RUNTIME)(self.source)
+        return self._engine
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def model(self):
+        """The torch model under the engine."""
+        return self.engine.model
+
+    def release(self) -> None:
+        if self._engine is not None:
+            import gc
+
+            self._engine.close()
+            self._engine = None
+            gc.collect()

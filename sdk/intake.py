@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .adapter import LoraAdapter, check_against_base, merge_weight, read_adapter
-from .architectures import ARCHITECTURES, BY_CLASS, Architecture, check_options, check_tensors, for_config, text_config, text_tensor_name
+from .architectures import ARCHITECTURES, Architecture, check_options, check_tensors, for_config, text_config, text_tensor_name
 from .checkpoint import check_config, check_finite, check_weights
 from .errors import EdgeqError
 from .hashing import checkpoint_digest
@@ -24,7 +24,6 @@ from .tokenizer import ChatTokenizer, TokenizerSpec, load_tokenizer, read_chat_t
 from .validate import read_json_object
 
 # HF architecture class → edgeq family; each family's facts are one entry of `edgeq.architectures.ARCHITECTURES`.
-SUPPORTED_ARCHITECTURES = {cls: arch.family for cls, arch in BY_CLASS.items()}
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -234,3 +233,19 @@ def _keep_text_model(model: SourceModel) -> None:
     if dropped:
         parts = sorted({".".join(n.split(".")[:2] if n.startswith("model.") else n.split(".")[:1]) for n in dropped})
         model.dropped = f"exported the text model only; dropped {len(dropped)} tensors of {', '.join(parts)} (images are not supported)"
+
+
+def open_base(source, base, trust_pickle: bool = False):
+    """The model before fine-tuning: `base` given, else the model under the adapter; refused when it is not
+    the same architecture and vocabulary (retention compares token by token)."""
+    if base is None and source.adapter is None:
+        return None
+    base_source = open_model(base if base is not None else source.path, trust_pickle=trust_pickle)
+    for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
+        if base_source.config.get(key) != source.config.get(key) and not (key == "vocab_size" and source.adapter):
+            raise EdgeqError(f"--base {base_source.path} has {key} {base_source.config.get(key)!r} but the model has "
+                             f"{source.config.get(key)!r}; pass the model this one was fine-tuned from")
+    if base_source.vocab_size != source.vocab_size:
+        raise EdgeqError(f"--base {base_source.path} has a vocabulary of {base_source.vocab_size} tokens, the model {source.vocab_size}; "
+                         "retention compares token by token, so the base must share the vocabulary")
+    return base_source

@@ -1,6 +1,6 @@
 """SIGTERM, SIGHUP and Ctrl-C all become one KeyboardInterrupt that reaches edgeq's cleanup.
 
-`kill PID` (SIGTERM) used to end an export on the spot, leaving its staging folder behind; inside
+Left alone, `kill PID` (SIGTERM) ends an export on the spot and leaves its staging folder behind; inside
 `terminate_as_interrupt()` it raises KeyboardInterrupt like Ctrl-C, so the stage is removed and the CLI
 says "interrupted". One more trap: a signal handled while C code is calling back into Python (llama.cpp
 logs through a ctypes callback while it loads a model) raises there, and ctypes prints the exception as

@@ -4,18 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import registry
-from .bundle import MANIFEST, read_manifest
+from .bundle import MANIFEST, TEMPLATE_FILE, read_manifest
 from .engine import default_threads
 from .errors import EdgeqError
 from .generate import LanguageModel
 from .tokenizer import ChatTokenizer, TokenizerSpec
 from .validate import check_engine_args
 
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def bundle_tokenizer(folder: Path, manifest: dict) -> ChatTokenizer:
-    template = folder / CHAT_TEMPLATE_FILE
+    template = folder / TEMPLATE_FILE
     return ChatTokenizer(
         folder / "tokenizer.json",
         TokenizerSpec.from_dict(manifest["tokenizer"]),

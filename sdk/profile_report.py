@@ -152,17 +152,17 @@ class ProfileResult:
         return plot(self, path)
 
 
-def _num(x: float) -> str:
+def fmt_num(x: float) -> str:
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
 
 
 def _spread(s: Spread | None, scale: float = 1.0) -> str:
     if s is None:
         return "-"
-    return f"{_num(s.median * scale)} ({_num(s.min * scale)}–{_num(s.max * scale)})"
+    return f"{fmt_num(s.median * scale)} ({fmt_num(s.min * scale)}–{fmt_num(s.max * scale)})"
 
 
-def _rows(header: list[str], rows: list[list[str]]) -> list[str]:
+def text_rows(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows]]
 
@@ -171,9 +171,9 @@ def table(result: ProfileResult) -> str:
     """One summary row per bundle, then one row per bundle and prompt length; medians with (min–max)."""
     lines = [f"measured on {result.machine['cpu']} ({result.machine['cpus']} CPUs); median (min–max) of "
              f"{result.repeat} repeats after a warm-up; decode = {result.gen} greedy tokens after the prompt", ""]
-    lines += _rows(["bundle", "format", "precision", "size MB", "KL", "cold load s", "load s", "peak RSS MB", "threads", "context"], [
-        [b.name, b.format, b.precision, _num(b.size_bytes / MB), "-" if b.kl is None else f"{b.kl:.4f}",
-         _num(b.first_load_s), _spread(b.load_s), _num(b.peak_rss_bytes / MB), str(b.threads), str(b.n_ctx)] for b in result.bundles])
+    lines += text_rows(["bundle", "format", "precision", "size MB", "KL", "cold load s", "load s", "peak RSS MB", "threads", "context"], [
+        [b.name, b.format, b.precision, fmt_num(b.size_bytes / MB), "-" if b.kl is None else f"{b.kl:.4f}",
+         fmt_num(b.first_load_s), _spread(b.load_s), fmt_num(b.peak_rss_bytes / MB), str(b.threads), str(b.n_ctx)] for b in result.bundles])
     lines.append("")
     rows = []
     for b in result.bundles:
@@ -183,13 +183,13 @@ def table(result: ProfileResult) -> str:
             else:
                 rows.append([b.name, str(p.prompt_tokens), _spread(p.ttft_s, 1e3), _spread(p.prefill_tokens_per_s),
                              _spread(p.decode_tokens_per_s)])
-    lines += _rows(["bundle", "prompt", "TTFT ms", "prefill tok/s", "decode tok/s"], rows)
+    lines += text_rows(["bundle", "prompt", "TTFT ms", "prefill tok/s", "decode tok/s"], rows)
     bound = [b for b in result.bundles if b.roofline]
     if bound:
         lines += ["", "decode vs the memory-bandwidth roofline (bytes read per token ÷ this machine's measured bandwidth):"]
-        lines += _rows(["bundle", "MB per token", "bandwidth GB/s", "roofline tok/s", "decode / roofline"], [
-            [b.name, _num(b.roofline["bytes_per_token"] / MB), _num(b.roofline["bandwidth_gbps"]),
-             _num(b.roofline["bound_tokens_per_s"]), f"{b.roofline['fraction']:.0%}"] for b in bound])
+        lines += text_rows(["bundle", "MB per token", "bandwidth GB/s", "roofline tok/s", "decode / roofline"], [
+            [b.name, fmt_num(b.roofline["bytes_per_token"] / MB), fmt_num(b.roofline["bandwidth_gbps"]),
+             fmt_num(b.roofline["bound_tokens_per_s"]), f"{b.roofline['fraction']:.0%}"] for b in bound])
     estimates = [b for b in result.bundles if b.estimate]
     if estimates:
         e = estimates[0].estimate
@@ -202,22 +202,22 @@ def table(result: ProfileResult) -> str:
                 if p.skipped:
                     rows.append([b.name, str(p.prompt_tokens), f"skipped: {p.skipped}", "", "", ""])
                 else:
-                    rows.append([b.name, str(p.prompt_tokens), _num(p.ttft_s * 1e3), _num(p.prefill_tokens_per_s),
-                                 _num(p.decode_tokens_per_s), f"{fits} {b.estimate.budget_bytes / 2**30:g} GiB budget"])
-        lines += _rows(["bundle", "prompt", "est. TTFT ms", "est. prefill tok/s", "est. decode tok/s", "memory"], rows)
+                    rows.append([b.name, str(p.prompt_tokens), fmt_num(p.ttft_s * 1e3), fmt_num(p.prefill_tokens_per_s),
+                                 fmt_num(p.decode_tokens_per_s), f"{fits} {b.estimate.budget_bytes / 2**30:g} GiB budget"])
+        lines += text_rows(["bundle", "prompt", "est. TTFT ms", "est. prefill tok/s", "est. decode tok/s", "memory"], rows)
         lines += [f"note: {n}" for n in e.notes]
     judged = [b for b in result.bundles if b.finetune]
     if judged:
         data = judged[0].finetune.get("data") or {}
         lines += ["", f"on {data.get('path', 'the eval data')}: {data.get('scored_tokens', '?')} assistant tokens, "
                       f"{(judged[0].finetune.get('agreement') or {}).get('replies', 0)} greedy replies"]
-        lines += _rows(["bundle", "size MB", "KL", "top-1", "flip retention", "noise/shift", "reply exact", "chrF"], [
-            [b.name, _num(b.size_bytes / MB), f"{b.finetune['kl']:.4f}", f"{b.finetune['top1']:.3f}",
+        lines += text_rows(["bundle", "size MB", "KL", "top-1", "flip retention", "noise/shift", "reply exact", "chrF"], [
+            [b.name, fmt_num(b.size_bytes / MB), f"{b.finetune['kl']:.4f}", f"{b.finetune['top1']:.3f}",
              _opt(b.finetune.get("flip_retention")), _opt(b.finetune.get("noise_to_shift")),
              _opt((b.finetune.get("agreement") or {}).get("exact_match")), _opt((b.finetune.get("agreement") or {}).get("chrf"))]
             for b in judged])
-    lines += [f"note: {b.name}: peak RSS {_num(b.base_peak_rss_bytes / MB)} MB running the base, {_num(b.peak_rss_bytes / MB)} MB "
-              f"after each of its {b.adapters_run} adapters ran (+{_num((b.peak_rss_bytes - b.base_peak_rss_bytes) / MB)} MB)"
+    lines += [f"note: {b.name}: peak RSS {fmt_num(b.base_peak_rss_bytes / MB)} MB running the base, {fmt_num(b.peak_rss_bytes / MB)} MB "
+              f"after each of its {b.adapters_run} adapters ran (+{fmt_num((b.peak_rss_bytes - b.base_peak_rss_bytes) / MB)} MB)"
               for b in result.bundles if b.base_peak_rss_bytes]
     lines += [f"note: {b.name}: {n}" for b in result.bundles for n in b.notes]
     return "\n".join(lines)

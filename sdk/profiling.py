@@ -11,12 +11,9 @@ import gc
 import json
 import logging
 import os
-import pickle
 import platform
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +23,7 @@ import numpy as np
 from . import registry
 from .engine import usable_cores
 from .errors import EdgeqError
+from .fresh_process import call_in_fresh_process
 from .model_shape import ModelShape
 from .profile_report import BundleProfile, DeviceEstimate, ProfileResult, PromptEstimate, PromptProfile, Spread
 
@@ -51,13 +49,13 @@ def profile(bundles: str | Path | Sequence[str | Path], prompt_tokens: Sequence[
     prompt_tokens = [prompt_tokens] if isinstance(prompt_tokens, int) else prompt_tokens
     prompts = _check_args(paths, prompt_tokens, gen, repeat, threads)
     target = load_device(device) if device else None
-    infos = [_describe(p) for p in paths]
+    infos = [describe(p) for p in paths]
     names = [p.name for p in paths]
     names = names if len(set(names)) == len(names) else [str(p) for p in paths]
     results = []
     for path, name, info in zip(paths, names, infos):
         log.info("profiling %s in a fresh process", path)
-        raw = _in_fresh_process(_measure, str(path), prompts, gen, repeat, threads, progress)
+        raw = call_in_fresh_process(_measure, str(path), prompts, gen, repeat, threads, progress, doing=f"profiling {path}")
         results.append(_assemble(name, path, info, raw, prompts, gen))
     local: dict[int, dict] = {}
     for b in results:
@@ -81,17 +79,14 @@ def _check_args(paths, prompt_tokens, gen, repeat, threads) -> list[int]:
     return prompts
 
 
-def _describe(path: Path) -> dict:
+def describe(path: Path) -> dict:
     """Size, parameters and KV cache cost of a bundle (checksums verified) or of an HF folder."""
-    from .bundle import MANIFEST, read_manifest
-    from .exporting import COPIED_FILES
-    from .loading import CHAT_TEMPLATE_FILE
+    from .bundle import MANIFEST, SIDE_FILES, read_manifest
 
     if not (path / MANIFEST).is_file() and (path / "config.json").is_file():
         return _describe_hf(path)
     m = read_manifest(path)
-    side_files = {*COPIED_FILES, CHAT_TEMPLATE_FILE}
-    size = sum(f["bytes"] for name, f in m["files"].items() if name not in side_files)
+    size = sum(f["bytes"] for name, f in m["files"].items() if name not in SIDE_FILES)
     tensors = m.get("tensors") or {}
     weight_bytes = sum(t.get("bytes", 0) for t in tensors.values()) or size
     params = sum(int(np.prod(t["shape"])) for t in tensors.values()) or int(weight_bytes * 8 / m.get("bits_per_weight", 16))
@@ -128,37 +123,6 @@ def _kv_per_token(tensors: dict, config: dict, element: int) -> int | None:
     return None
 
 
-def _in_fresh_process(fn, *args):
-    """`fn(*args)` in a new interpreter. A plain subprocess rather than multiprocessing's spawn, which re-runs
-    the caller's script as `__mp_main__` and so breaks (or profiles twice) a script without a main guard."""
-    with tempfile.TemporaryDirectory(prefix="edgeq-profile-") as tmp:
-        job = Path(tmp) / "job.pickle"
-        job.write_bytes(pickle.dumps((fn.__module__, fn.__name__, args)))
-        status = subprocess.run([sys.executable, "-c", _JOB, str(job)]).returncode  # its progress bar shows
-        if status == 3:
-            raise EdgeqError(job.read_text())
-        if status != 0:
-            raise EdgeqError(f"the process profiling {args[0]} died (exit {status}: out of memory or a backend crash); "
-                             "try fewer or shorter prompts, or profile it alone")
-        return pickle.loads(job.read_bytes())
-
-
-_JOB = """
-import importlib, pickle, sys
-from edgeq.errors import EdgeqError
-with open(sys.argv[1], "rb") as f:
-    module, name, args = pickle.load(f)
-try:
-    result = getattr(importlib.import_module(module), name)(*args)
-except EdgeqError as exc:
-    with open(sys.argv[1], "w") as f:
-        f.write(str(exc))
-    sys.exit(3)
-with open(sys.argv[1], "wb") as f:
-    pickle.dump(result, f)
-"""
-
-
 def _measure(path: str, prompts: list[int], gen: int, repeat: int, threads: int | None, progress: bool | None) -> dict:
     """Runs in the fresh process: a cold load (the runtime imported on the way, as an app starts), `repeat`
     timed warm loads, then a warm-up pass and `repeat` measured passes over the prompt lengths."""
@@ -166,7 +130,7 @@ def _measure(path: str, prompts: list[int], gen: int, repeat: int, threads: int 
     from .progress import bar
 
     logging.basicConfig(level=logging.WARNING)
-    baseline = _rss("VmRSS")
+    baseline = rss("VmRSS")
     model, loads = None, []
     for _ in range(repeat + 1):
         if model is not None:
@@ -187,7 +151,7 @@ def _measure(path: str, prompts: list[int], gen: int, repeat: int, threads: int 
                 if rep:
                     runs[p].append(timing)
                 progress_bar.update()
-    base_peak, adapters = _rss("VmHWM"), list(getattr(engine, "adapters", ()))
+    base_peak, adapters = rss("VmHWM"), list(getattr(engine, "adapters", ()))
     for name in adapters:  # each kept adapter runs once, so the peak covers them all loaded and used
         engine.set_adapter(name)
         _run_once(engine, ids[:fits[0]] if fits else ids[:1], min(gen, WARMUP_DECODE_STEPS))
@@ -195,7 +159,7 @@ def _measure(path: str, prompts: list[int], gen: int, repeat: int, threads: int 
     n_ctx = engine.n_ctx
     engine.close()
     return {"threads": used_threads, "n_ctx": n_ctx, "first_load_s": loads[0], "load_s": loads[1:], "runs": runs,
-            "peak_rss": _rss("VmHWM"), "baseline_rss": baseline, "adapters_run": len(adapters),
+            "peak_rss": rss("VmHWM"), "baseline_rss": baseline, "adapters_run": len(adapters),
             "base_peak_rss": base_peak if adapters else None}
 
 
@@ -226,7 +190,7 @@ def _assemble(name: str, path: Path, info: dict, raw: dict, prompts: list[int], 
                          adapters_run=raw["adapters_run"], prompts=rows, notes=list(info["notes"]))
 
 
-def _rss(key: str) -> int:
+def rss(key: str) -> int:
     """VmHWM (peak) or VmRSS (now) of this process in bytes; where /proc is missing, the peak from getrusage."""
     try:
         with open("/proc/self/status") as f:
@@ -256,17 +220,11 @@ def measure_machine(threads: int, probes: int = 3) -> dict:
     arrays count towards no bundle's peak memory). One process alone varies by ±10% on a shared
     machine, as memory placement changes from process to process."""
     env = {**os.environ, **{var: str(threads) for var in BLAS_THREAD_VARS}}
-    code = "import json, sys; from edgeq.profiling import _probe; print(json.dumps(_probe(int(sys.argv[1]))))"
-    runs = []
-    for _ in range(probes):
-        done = subprocess.run([sys.executable, "-c", code, str(threads)], env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise EdgeqError(f"measuring this machine's bandwidth failed: {done.stderr.strip().splitlines()[-1:]}")
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    runs = [call_in_fresh_process(probe, threads, doing="measuring this machine's bandwidth", env=env) for _ in range(probes)]
     return {"threads": threads, **{key: float(np.median([run[key] for run in runs])) for key in ("bandwidth_gbps", "gflops")}}
 
 
-def _probe(threads: int, reps: int = 20) -> dict:
+def probe(threads: int, reps: int = 20) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     n = PROBE_ARRAY_BYTES // 8
@@ -296,13 +254,38 @@ def _typical(fn, reps: int) -> float:
     return float(np.median(times))
 
 
+def decode_bytes_per_token(weight_bytes: int, kv_bytes_per_token: int | None, context: float) -> float:
+    """Bytes one decoded token reads: every weight once, and the KV cache of `context` tokens (the typical
+    context over a reply: its prompt plus half its length)."""
+    return weight_bytes + (kv_bytes_per_token or 0) * context
+
+
+def device_roofline(bundle: Path, device, prompt_tokens: int, gen: int) -> dict:
+    """Decode and TTFT of `bundle` on `device` at the profile's full bandwidth and compute, without running it
+    (what a release reports per cell): decode cannot beat bandwidth ÷ bytes per token, and the first token
+    needs 2 × params × prompt FLOPs at the profile's peak GFLOPS."""
+    from dataclasses import asdict
+
+    info = describe(bundle)
+    kv = info["kv_bytes_per_token"] or 0
+    bytes_per_token = decode_bytes_per_token(info["weight_bytes"], kv, prompt_tokens + gen / 2)
+    flops = 2.0 * info["params"] * prompt_tokens
+    ttft = flops / (device.cpu_gflops * 1e9)
+    estimate = PromptEstimate(prompt_tokens, ttft, prompt_tokens / ttft, device.bandwidth_gbps * 1e9 / bytes_per_token,
+                              int(bytes_per_token), flops, bandwidth_efficiency=1.0, compute_efficiency=1.0)
+    resident = info["weight_bytes"] + kv * device.context_length
+    return {"method": "roofline", "profile": device.id, "bandwidth_gbps": device.bandwidth_gbps, "cpu_gflops": device.cpu_gflops,
+            **asdict(estimate), "resident_bytes": int(resident), "budget_bytes": device.budget_bytes,
+            "fits_budget": resident <= device.budget_bytes}
+
+
 def roofline(bundle: BundleProfile, local: dict) -> dict | None:
     """How close decode runs to what memory bandwidth allows: each decoded token reads every weight and the KV
     cache so far, so bandwidth ÷ bytes per token is the most tokens/s this machine can give."""
     row = next((p for p in bundle.prompts if p.decode_tokens_per_s), None)
     if row is None:
         return None
-    bytes_per_token = bundle.weight_bytes + (bundle.kv_bytes_per_token or 0) * (row.prompt_tokens + bundle.gen / 2)
+    bytes_per_token = decode_bytes_per_token(bundle.weight_bytes, bundle.kv_bytes_per_token, row.prompt_tokens + bundle.gen / 2)
     bound = local["bandwidth_gbps"] * 1e9 / bytes_per_token
     return {"bandwidth_gbps": round(local["bandwidth_gbps"], 2), "bytes_per_token": int(bytes_per_token),
             "bound_tokens_per_s": round(bound, 2), "fraction": round(row.decode_tokens_per_s.median / bound, 3)}
@@ -319,7 +302,7 @@ def estimate(bundle: BundleProfile, device, local: dict) -> DeviceEstimate:
             why = row.skipped or f"needs {p} + {bundle.gen} tokens of context; {device.id} runs {device.context_length}"
             rows.append(PromptEstimate(p, skipped=why))
             continue
-        bytes_per_token = bundle.weight_bytes + (bundle.kv_bytes_per_token or 0) * (p + bundle.gen / 2)
+        bytes_per_token = decode_bytes_per_token(bundle.weight_bytes, bundle.kv_bytes_per_token, p + bundle.gen / 2)
         flops = 2.0 * bundle.params * p
         bw_eff = bytes_per_token * row.decode_tokens_per_s.median / (local["bandwidth_gbps"] * 1e9)
         compute_eff = flops * row.prefill_tokens_per_s.median / p / (local["gflops"] * 1e9)

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from . import registry
-from .engine import Engine
+from .engine import Engine, PinnedAdapter
 from .errors import EdgeqError
+from .metrics import finetune_metrics, greedy_agreement, greedy_pairs, kl_rows, log_softmax
 from .progress import bar
 
 DEFAULT_TEXT = Path(__file__).with_name("eval_text.txt")
@@ -31,12 +32,6 @@ class Quality:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def _log_softmax(logits: np.ndarray):
-    import torch  # vectorized and threaded: numpy takes ~1 s per 256 × 49k window
-
-    return torch.log_softmax(torch.from_numpy(np.asarray(logits, dtype=np.float32)), dim=-1)
-
-
 class QualityAccumulator:
     """Sums per-position statistics over windows; `result()` averages them."""
 
@@ -45,8 +40,8 @@ class QualityAccumulator:
         self.positions = self.predicted = 0
 
     def add(self, ref_logits: np.ndarray, logits: np.ndarray, window: list[int]) -> None:
-        ref, cand = _log_softmax(ref_logits), _log_softmax(logits)
-        self.kl += float((ref.exp() * (ref - cand)).sum(-1).double().sum())
+        ref, cand = log_softmax(ref_logits), log_softmax(logits)
+        self.kl += float(kl_rows(ref, cand).sum())
         self.agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
         self.positions += len(window)
         targets = window[1:]
@@ -89,7 +84,7 @@ def evaluate(bundle: str | Path, *, text: str | Path | None = None, tokens: int 
     import tempfile
 
     from .bundle import read_manifest
-    from .intake import open_model
+    from .intake import open_base, open_model
     from .loading import bundle_tokenizer, open_engine
     from .quant.calibration import calibration_windows
 
@@ -117,7 +112,6 @@ def evaluate(bundle: str | Path, *, text: str | Path | None = None, tokens: int 
         data = base_scores = None
         if eval_data is not None:
             from .eval_data import read_dataset
-            from .exporting import open_base
 
             data = read_dataset(eval_data, tokenizer, tokens=tokens, ctx=min(ctx * 2, manifest.get("context_length") or ctx * 2))
             base_source = open_base(source, base)
@@ -133,8 +127,6 @@ def evaluate(bundle: str | Path, *, text: str | Path | None = None, tokens: int 
         backend = backend or registry.formats.get(manifest["format"]).eval_runtime
         candidate = open_engine(bundle, manifest, backend, threads, n_ctx=max(ctx * 2, manifest.get("context_length") or 0))
         if adapter is not None:
-            from .adapter_quality import PinnedAdapter
-
             candidate = PinnedAdapter(candidate, adapter)
         try:
             if data is not None:
@@ -196,7 +188,7 @@ class BaseScores:
 def _scored(engine: Engine, sample):
     import torch
 
-    return _log_softmax(engine.score(sample.ids))[torch.from_numpy(np.append(sample.targets, False))]
+    return log_softmax(engine.score(sample.ids))[torch.from_numpy(np.append(sample.targets, False))]
 
 
 def finetune_quality(reference: Engine, candidate: Engine, data, *, tokenizer, base: BaseScores | None = None,
@@ -213,23 +205,15 @@ def finetune_quality(reference: Engine, candidate: Engine, data, *, tokenizer, b
         for sample in data.samples:
             ref, cand = _scored(reference, sample), _scored(candidate, sample)
             n = ref.shape[0]
-            noise[row:row + n] = (ref.exp() * (ref - cand)).sum(-1).double().numpy()
+            noise[row:row + n] = kl_rows(ref, cand).numpy()
             if base is not None:
-                before = torch.from_numpy(np.asarray(base.logprobs[row:row + n]))
-                shift[row:row + n] = (ref.exp() * (ref - before)).sum(-1).double().numpy()
+                shift[row:row + n] = kl_rows(ref, torch.from_numpy(np.asarray(base.logprobs[row:row + n]))).numpy()
             ref_top[row:row + n], cand_top[row:row + n] = ref.argmax(-1).numpy(), cand.argmax(-1).numpy()
             row += n
             pbar.update(1)
-    result = FinetuneQuality(kl=float(noise.mean()), top1=float((ref_top == cand_top).mean()), tokens=scored,
-                             agreement=reply_agreement(reference, candidate, tokenizer, data, replies, reply_tokens),
-                             data=data.describe())
-    if base is not None:
-        flips = ref_top != base.top
-        result.flips = int(flips.sum())
-        result.flip_retention = float((cand_top[flips] == ref_top[flips]).mean()) if flips.any() else None
-        result.shift_kl = float(shift.mean())
-        result.noise_to_shift = float(noise.mean() / shift.mean()) if shift.mean() > 0 else None
-    return result
+    metrics = finetune_metrics(noise, ref_top, cand_top, *((shift, base.top) if base is not None else ()))
+    return FinetuneQuality(**metrics, tokens=scored, data=data.describe(),
+                           agreement=reply_agreement(reference, candidate, tokenizer, data, replies, reply_tokens))
 
 
 def reply_agreement(reference: Engine, candidate: Engine, tokenizer, data, replies: int, reply_tokens: int) -> dict:
@@ -241,17 +225,9 @@ def reply_agreement(reference: Engine, candidate: Engine, tokenizer, data, repli
     prompts = [s.prompt for s in data.samples if s.prompt][:replies]
     if not prompts:
         return {}
-    ref_lm, cand_lm = LanguageModel(reference, tokenizer), LanguageModel(candidate, tokenizer)
-    exact, until, hyps, refs = 0, [], [], []
-    for messages in prompts:
-        ids = tokenizer.encode_chat(messages)
-        want = ref_lm.generate_ids(ids, reply_tokens)
-        got = cand_lm.generate_ids(ids, reply_tokens)
-        same = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
-        exact += want == got
-        until.append(same)
-        refs.append(tokenizer.decode(want, skip_special_tokens=True))
-        hyps.append(tokenizer.decode(got, skip_special_tokens=True))
-    chrf = CHRF().corpus_score(hyps, [refs]).score
-    return {"replies": len(prompts), "exact_match": exact / len(prompts), "tokens_to_divergence": float(np.mean(until)),
-            "chrf": round(chrf, 3), "max_tokens": reply_tokens}
+    pairs = greedy_pairs(LanguageModel(reference, tokenizer), LanguageModel(candidate, tokenizer),
+                         [tokenizer.encode_chat(messages) for messages in prompts], reply_tokens)
+    refs = [tokenizer.decode(want, skip_special_tokens=True) for want, _ in pairs]
+    hyps = [tokenizer.decode(got, skip_special_tokens=True) for _, got in pairs]
+    agreement = greedy_agreement(pairs, reply_tokens)
+    return {**agreement, "chrf": round(CHRF().corpus_score(hyps, [refs]).score, 3), "max_tokens": reply_tokens}

@@ -37,12 +37,30 @@ class Registry:
         try:
             obj = getattr(import_module(module_name), attr)
         except ImportError as exc:
-            raise EdgeqError(
-                f"{self.kind} {name!r} needs a package that is not installed ({exc.name}); "
-                f"install it with: pip install 'edgeq[{name}]'"
-            ) from exc
+            extra = extra_for(exc.name or "")
+            how = f"pip install 'edgeq[{extra}]'" if extra else f"pip install {exc.name}"
+            raise EdgeqError(f"{self.kind} {name!r} needs a package that is not installed ({exc.name}); install it with: {how}") from exc
         self._loaded[name] = obj
         return obj
+
+
+def extra_for(module: str) -> str | None:
+    """The extra of edgeq's own metadata (pyproject's optional-dependencies) whose requirements name the
+    distribution of `module` (a top-level import name such as onnxruntime); None when no extra does."""
+    import re
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        wanted = requires("edgeq") or []
+    except PackageNotFoundError:
+        return None
+    top = module.partition(".")[0].replace("_", "-").lower()
+    for line in wanted:
+        dist = re.split(r"[\s<>=!~;\[(]", line, maxsplit=1)[0].replace("_", "-").lower()
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", line)
+        if dist == top and extra and extra.group(1) not in ("all", "test"):
+            return extra.group(1)
+    return None
 
 
 formats = Registry("edgeq.formats", "format")

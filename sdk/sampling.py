@@ -7,7 +7,7 @@ import numpy as np
 
 from . import validate
 
-# Each field's valid range, checked on construction: a value outside it used to change meaning silently
+# Each field's valid range, checked on construction: unchecked, a value outside it would change meaning silently
 # (a negative temperature was greedy, a NaN top_p kept no token, a negative seed crashed numpy).
 RANGES = {"temperature": validate.TEMPERATURE, "top_p": validate.TOP_P, "top_k": validate.TOP_K,
           "repetition_penalty": validate.REPETITION_PENALTY, "seed": validate.SEED}

@@ -184,8 +184,8 @@ def check_engine_args(threads, n_ctx) -> None:
 def read_text_file(path: str | Path, what: str = "text file") -> str:
     """A user's text (calibration, eval): UTF-8, not binary, not empty, or one line saying which it is not.
 
-    Decoding with errors="replace" used to turn a PDF or a Latin-1 file into plausible-looking garbage
-    that calibrated or measured the model on nonsense without a word.
+    Decoding with errors="replace" would turn a PDF or a Latin-1 file into plausible-looking garbage
+    that calibrates or measures the model on nonsense without a word.
     """
     path = Path(path)
     if not path.is_file():

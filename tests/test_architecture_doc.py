@@ -17,7 +17,7 @@ FORMAT_NAMES = re.compile(r"""["'](gguf|onnx|coreml)["']""")
 def _module_of(name: str) -> str:
     """`edgeq.quant.calibration.Calibration` → the longest importable prefix."""
     parts = name.split(".")
-    for end in range(len(parts), 1, -1):
+    for end in range(len(parts), 0, -1):
         candidate = ".".join(parts[:end])
         try:
             importlib.import_module(candidate)

@@ -101,7 +101,7 @@ def test_tampered_bundle_refused(bundle, tmp_path):
 
 
 def test_interrupt_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
-    from edgeq.converters import gguf as gguf_converter
+    from edgeq.converters.gguf import convert as gguf_converter
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

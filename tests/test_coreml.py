@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 import edgeq
 from edgeq.bundle import staged_bundle, write_manifest
 from edgeq.cli import main
-from edgeq.converters import coreml as coreml_converter
-from edgeq.converters import coreml_codes
+from edgeq.converters.coreml import convert as coreml_converter
+from edgeq.converters.coreml import codes as coreml_codes
 from edgeq.converters.coreml.convert import CoreMLConverter, precision_plan
 from edgeq.converters.coreml.spec import COREML, INT4_BLOCKS, dequantize, linear_codes
 from edgeq.converters.coreml.package import describe, read_weights

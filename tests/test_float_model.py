@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import build_model
 from edgeq import float_model
-from edgeq.converters.onnx.weights import BlockGrid
+from edgeq.converters.onnx.blocks import BlockGrid
 from edgeq.intake import open_model
 from edgeq.quant.gptq import quantize_model
 from edgeq.quant.importance import compute_importance
@@ -83,7 +83,7 @@ def test_the_importance_matrix_lets_the_float_model_go_and_the_export_records_it
     text.write_text("Calibration notes about kettles and lamps. " * 80)
     calibration = Calibration(open_model(tiny_llama), text, tokens=256)
     importance = calibration.importance()
-    assert calibration.loaded_engine is None and len(importance) == 2 * 7 + 1  # 7 linears a layer and the head
+    assert not calibration.reference.loaded and len(importance) == 2 * 7 + 1  # 7 linears a layer and the head
     bundle = edgeq.export(tiny_llama, format="gguf", precision="Q8_0", calibration=text, eval_tokens=64, output=tmp_path / "out")
     manifest = json.loads((bundle / "edgeq.json").read_text())
     assert manifest["calibration"]["text"] == str(text)

@@ -48,7 +48,7 @@ def _llama_cpp_warnings():
     """llama.cpp's warning and error lines logged while the block runs."""
     import llama_cpp
 
-    from edgeq import llama_native
+    from edgeq.converters.gguf import native
 
     lines = []
 
@@ -61,7 +61,7 @@ def _llama_cpp_warnings():
     try:
         yield lines
     finally:
-        llama_cpp.llama_log_set(llama_native._route_log, ctypes.c_void_p(0))
+        llama_cpp.llama_log_set(native.route_log, ctypes.c_void_p(0))
 
 
 @pytest.mark.parametrize("published, tokenizer_model", [(True, True), (True, False), (False, True)],

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import edgeq
-from edgeq.converters.onnx.weights import BlockGrid, dequantize, quantize_blocks
+from edgeq.converters.onnx.blocks import BlockGrid, dequantize, quantize_blocks
 from edgeq.quality import DEFAULT_TEXT, QualityAccumulator
 from edgeq.quant.gptq import _Lora, gptq, quantize_model
 from edgeq.quant.calibration import calibration_windows

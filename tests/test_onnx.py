@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 import edgeq
 from edgeq.cli import main as cli
-from edgeq.converters.onnx.convert import DecoderGraph, ONNXConverter
+from edgeq.converters.onnx.convert import ONNXConverter
+from edgeq.converters.onnx.graph import DecoderGraph
 from edgeq.quality import QualityAccumulator
 from edgeq.intake import open_model
 from edgeq.runtimes.torch import TorchEngine
@@ -100,7 +101,7 @@ def test_block_packing_is_what_matmulnbits_reads(bits, block, cols):
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgeq.converters.onnx.weights import dequantize, quantize_blocks
+    from edgeq.converters.onnx.blocks import dequantize, quantize_blocks
 
     weight = torch.randn(24, cols, generator=torch.Generator().manual_seed(0))
     q = quantize_blocks(weight, bits, block)

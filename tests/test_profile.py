@@ -17,7 +17,7 @@ from edgeq.bundle import read_manifest
 from edgeq.cli import main
 from edgeq.devices import load_device
 from edgeq.profile_report import PLOT_SIZE_PX, chart
-from edgeq.profiling import _rss
+from edgeq.profiling import rss
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PROMPTS, GEN, REPEAT = (8, 300), 4, 3  # 300 + 4 tokens do not fit the tiny model's 256-token context
@@ -63,7 +63,7 @@ def test_every_bundle_measured_with_sane_numbers(result, bundles):
 def test_peak_memory_is_the_fresh_process_not_ours(result):
     # this test process holds torch and transformers; a llama.cpp process with a tiny GGUF is far smaller
     for b in result.bundles:
-        assert 0 < b.baseline_rss_bytes < b.peak_rss_bytes < _rss("VmRSS")
+        assert 0 < b.baselinerss_bytes < b.peakrss_bytes < rss("VmRSS")
 
 
 def test_device_estimate_is_labelled_and_scaled(result):

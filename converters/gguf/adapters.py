@@ -22,7 +22,7 @@ from edgeq.adapter_set import KeptAdapter
 from edgeq.errors import EdgeqError
 from edgeq.intake import SourceModel
 
-from .convert import FAMILIES, _interleave_rope_rows, tensor_plan
+from .layout import graph, rope_rows, tensor_plan
 
 ADAPTER_DIR = "adapters"
 DTYPE = np.float16
@@ -43,11 +43,7 @@ def _pair(source: SourceModel, adapter: KeptAdapter, hf_name: str, alpha: float)
     fold = scaling / (alpha / rank)
     if abs(fold - 1.0) > 1e-6:
         b = b * fold
-    family = FAMILIES[source.family]
-    if family.interleave_rope and hf_name.endswith("q_proj.weight"):
-        b = _interleave_rope_rows(b, source.config["num_attention_heads"])
-    elif family.interleave_rope and hf_name.endswith("k_proj.weight"):
-        b = _interleave_rope_rows(b, source.config.get("num_key_value_heads") or source.config["num_attention_heads"])
+    b = rope_rows(source, hf_name, b)
     if hf_name == "model.embed_tokens.weight":  # gathered by token: lora_a holds a row per token
         return b.numpy(), a.T.contiguous().numpy()
     return a.numpy(), b.numpy()
@@ -59,7 +55,7 @@ def write_adapter(source: SourceModel, adapter: KeptAdapter, stage: Path) -> dic
     (stage / ADAPTER_DIR).mkdir(exist_ok=True)
     file = f"{ADAPTER_DIR}/{adapter.name}.gguf"
     alpha = gguf_alpha(adapter)
-    writer = gguf.GGUFWriter(stage / file, gguf.MODEL_ARCH_NAMES[FAMILIES[source.family].arch])
+    writer = gguf.GGUFWriter(stage / file, graph(source).arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_name(adapter.name)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

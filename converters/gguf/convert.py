@@ -8,40 +8,26 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
-import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-from edgeq.architectures import ARCHITECTURES
 from edgeq.errors import EdgeqError
+from edgeq.fresh_process import call_in_fresh_process
 from edgeq.formats import warn_mismatches
 from edgeq.model_shape import ModelShape
 from edgeq.intake import SourceModel
 from edgeq.progress import bar
 
+from .layout import graph, rope_rows, tensor_plan
 from .spec import GGUF
 from .quantize import FLOAT_TYPES, quantize, read_tensor_types
 from .vocab import general_name, write_vocab
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.gguf"
-
-
-@dataclass(frozen=True)
-class Family:
-    arch: gguf.MODEL_ARCH
-    # llama.cpp's LLAMA graph rotates adjacent pairs (GPT-J style); HF Llama rotates the two halves
-    # of each head, so q/k rows are reordered. Qwen graphs use the halves layout as HF does.
-    interleave_rope: bool
-
-
-_ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
-FAMILIES = {a.family: Family(_ARCH_BY_NAME[a.gguf_arch], a.gguf_interleave_rope) for a in ARCHITECTURES.values()}
 
 
 def write_hparams(writer: gguf.GGUFWriter, config: dict, n_vocab: int, file_type: gguf.LlamaFileType) -> None:
@@ -97,30 +83,6 @@ def extra_tensors(shape: ModelShape) -> dict[str, np.ndarray]:
     return extra
 
 
-def _interleave_rope_rows(weight, n_heads: int):
-    """Reorders each head's rows from halves layout (i, i+d/2) to adjacent pairs (2i, 2i+1)."""
-    rows = weight.shape[0]
-    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-def tensor_plan(source: SourceModel) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(HF name, GGUF name, shape) of every tensor to write, in file order."""
-    config = source.config
-    family = FAMILIES[source.family]
-    names = gguf.get_tensor_name_map(family.arch, config["num_hidden_layers"])
-    plan = []
-    for hf_name, shape in source.shapes().items():
-        if hf_name.endswith("rotary_emb.inv_freq"):
-            continue
-        if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
-            continue
-        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise EdgeqError(f"tensor {hf_name} has no GGUF name for {source.architecture}; the checkpoint has layers edgeq does not know")
-        plan.append((hf_name, gguf_name, tuple(shape)))
-    return plan
-
-
 def _as_array(tensor, float_type: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     import torch
 
@@ -135,9 +97,9 @@ def write_float_gguf(source: SourceModel, path: Path, float_type: str, progress:
     """Writes the (merged) model as F32/F16/BF16 GGUF, streaming one tensor at a time."""
     import torch
 
-    config, family = source.config, FAMILIES[source.family]
+    config = source.config
     n_vocab = source.vocab_size
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[family.arch])
+    writer = gguf.GGUFWriter(path, graph(source).arch)
     writer.add_name(general_name(source.path.name, source.tokenizer_folder))
     write_hparams(writer, config, n_vocab, FLOAT_TYPES[float_type])
     tokenizer = source.chat_tokenizer()
@@ -157,15 +119,10 @@ def write_float_gguf(source: SourceModel, path: Path, float_type: str, progress:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     with bar(total=len(plan), desc=f"write {float_type} GGUF", unit="tensor", progress=progress) as pbar, torch.no_grad():
         for hf_name, gguf_name, _ in plan:
-            tensor = source.tensor(hf_name)
-            if family.interleave_rope and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                tensor = _interleave_rope_rows(tensor, n_head)
-            elif family.interleave_rope and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                tensor = _interleave_rope_rows(tensor, n_kv)
-            if source.arch.gguf_norm_shift and hf_name.endswith("norm.weight"):
+            tensor = rope_rows(source, hf_name, source.tensor(hf_name))
+            if graph(source).norm_shift and hf_name.endswith("norm.weight"):
                 tensor = tensor.float() + source.arch.norm_offset  # llama.cpp's Gemma graph multiplies by the gain itself
             array, _ = _as_array(tensor, float_type)
             writer.write_tensor_data(array)
@@ -181,43 +138,11 @@ def write_float_gguf_apart(source: SourceModel, path: Path, float_type: str, pro
     Reading the checkpoint needs torch, whose libraries alone take over 200 MB of resident memory
     that nothing gives back; the quantizer that runs next holds the largest tensor in float32. Apart,
     the two peaks never add up, as with llama.cpp's own convert script followed by llama-quantize.
-    (A plain subprocess, not multiprocessing: spawn would re-run a caller's script without a main guard.)
     """
     if "torch" in sys.modules:
         return write_float_gguf(source, path, float_type, progress)
-    job = path.with_suffix(".job")  # in the stage: the job, then the child's error message if it fails
-    job.write_bytes(pickle.dumps((source, path, float_type, progress)))
-    try:
-        status = subprocess.run([sys.executable, "-c", _WRITE_JOB, str(job)]).returncode  # its progress bar shows
-        if status == 3:
-            raise EdgeqError(job.read_text())
-        if status != 0:
-            raise EdgeqError(f"the process writing the float GGUF failed (exit {status}; out of memory?); free memory and export again")
-    finally:
-        job.unlink(missing_ok=True)
-
-
-_WRITE_JOB = """
-import errno, pickle, sys
-from edgeq.errors import EdgeqError
-from edgeq.formats import warn_mismatches
-from edgeq.converters.gguf.convert import write_float_gguf
-with open(sys.argv[1], "rb") as f:
-    job = pickle.load(f)
-try:
-    write_float_gguf(*job)
-except Exception as exc:  # the parent prints one line, never this process's traceback
-    if isinstance(exc, EdgeqError):
-        message = str(exc)
-    elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        message = f"the disk is full while writing {job[1]}; free space (the float GGUF is about 2 bytes per weight) and export again"
-    else:
-        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
-        message = f"writing the float GGUF failed ({type(exc).__name__}: {detail}); rerun with --debug and report it"
-    with open(sys.argv[1], "w") as f:
-        f.write(message)
-    sys.exit(3)
-"""
+    call_in_fresh_process(write_float_gguf, source, path, float_type, progress, doing=f"writing the float GGUF {path.name}",
+                          disk_hint=" (the float GGUF is about 2 bytes per weight)")
 
 
 class GGUFConverter:

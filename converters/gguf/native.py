@@ -17,7 +17,7 @@ _line_handlers: list[Callable[[str], None]] = []
 
 
 @llama_cpp.llama_log_callback
-def _route_log(level, text, user_data):
+def route_log(level, text, user_data):
     line = text.decode("utf-8", errors="replace").rstrip()
     if _line_handlers:
         _line_handlers[-1](line)
@@ -25,7 +25,7 @@ def _route_log(level, text, user_data):
         log.debug(line)
 
 
-llama_cpp.llama_log_set(_route_log, ctypes.c_void_p(0))
+llama_cpp.llama_log_set(route_log, ctypes.c_void_p(0))
 llama_cpp.llama_backend_init()
 
 

@@ -77,31 +77,33 @@ class GGUFFormat(FormatSpec):
         factors are read (Phi-3 only), that sliding windows exist at all (Gemma 3 only; Phi-3's is switched off)."""
         from edgeq.model_shape import ModelShape
 
-        arch, shape = source.arch, ModelShape.from_config(source.config)
-        name = f"llama.cpp's {arch.gguf_arch} graph"
+        from .layout import graph
+
+        arch, shape = graph(source), ModelShape.from_config(source.config)
+        name = f"llama.cpp's {arch.arch} graph"
 
         def refuse(option: str, why: str) -> None:
             raise EdgeqError(f"{source.architecture} with {option} cannot be exported to GGUF ({name} {why}); export ONNX or Core ML")
 
-        if shape.final_softcap and arch.gguf_arch != "gemma3":
+        if shape.final_softcap and arch.arch != "gemma3":
             refuse(f"final_logit_softcapping = {shape.final_softcap}", "does not cap logits")
-        if shape.sliding and not arch.gguf_sliding:
+        if shape.sliding and not arch.sliding:
             refuse(f"sliding_window = {source.config.get('sliding_window')}", "has no sliding-window attention")
         if shape.sliding:
             local = {shape.rope_at(i) for i, w in enumerate(shape.windows) if w is not None}
             if len({w for w in shape.windows if w is not None}) > 1 or any(r is None or r.kind != "default" for r in local):
                 refuse("per-layer windows or a scaled RoPE on the sliding layers", "has one window and an unscaled local RoPE")
-        expected = (shape.hidden / shape.heads) ** -0.5 if arch.gguf_arch == "gemma3" and shape.layers == 62 else shape.head_dim ** -0.5
+        expected = (shape.hidden / shape.heads) ** -0.5 if arch.arch == "gemma3" and shape.layers == 62 else shape.head_dim ** -0.5
         if abs(shape.attention_scale - expected) > 1e-9 * expected:
             refuse(f"query_pre_attn_scalar = {source.config.get('query_pre_attn_scalar')}", f"scales q·k by {expected:.6g}")
         nope = [i for i in range(shape.layers) if shape.rope_at(i) is None]
-        step = arch.gguf_nope_every
+        step = arch.nope_every
         if nope and (not step or nope != [i for i in range(shape.layers) if (i + 1) % step == 0]):
             refuse(f"no_rope_layers = {source.config.get('no_rope_layers')}",
                    f"skips RoPE on every {step}th layer only" if step else "rotates every layer")
-        if shape.longrope and arch.gguf_arch != "phi3":
+        if shape.longrope and arch.arch != "phi3":
             refuse("LongRoPE scaling", "reads LongRoPE factors only for Phi-3")
-        if shape.rotary_dim != shape.head_dim and arch.gguf_arch != "phi3":
+        if shape.rotary_dim != shape.head_dim and arch.arch != "phi3":
             refuse(f"partial_rotary_factor = {shape.rotary_dim / shape.head_dim}", "rotates whole heads")
 
 

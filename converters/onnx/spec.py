@@ -10,7 +10,6 @@ from edgeq.formats import FormatSpec
 
 INT_TYPES = ("int4", "int8")
 FLOAT_TYPES = ("fp32", "fp16")
-TYPES = FLOAT_TYPES + INT_TYPES
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 # INT4 block when none is asked: 64 where it divides the width, else the next that does (bench/README.md
 # has the KL and decode speed of 64 vs 32; mlx-lm's default group is 64 too).
@@ -55,7 +54,7 @@ class ONNXSpace:
             return weight.astype(np.float16).astype(np.float32)
         import torch
 
-        from edgeq.converters.onnx.weights import dequantize, quantize_blocks
+        from .blocks import dequantize, quantize_blocks
 
         block = self._block(precision, weight.shape)
         q = quantize_blocks(torch.from_numpy(np.ascontiguousarray(weight)), int(precision[3:]), block, importance)

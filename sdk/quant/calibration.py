@@ -1,8 +1,9 @@
 """Calibration data: the one route by which text reaches quantization, whatever the format.
 
 An export makes one `Calibration`; the planner's sensitivity, llama.cpp's importance matrix and ONNX's
-GPTQ all read the text, windows, float model and importance matrix from it, so nothing is loaded twice
-and the manifest can say which text shaped the weights.
+GPTQ all read the text, windows and importance matrix from it, and run the float model the export handed
+it (`edgeq.float_model.FloatReference`), so nothing is loaded twice and the manifest can say which text
+shaped the weights.
 """
 from __future__ import annotations
 
@@ -24,33 +25,23 @@ class Calibration:
     sensitivity, but not worth loading the float model only to weigh nearest rounding.
     """
 
-    def __init__(self, source, text: str | Path | None, tokens: int = 8192):
+    def __init__(self, source, text: str | Path | None, tokens: int = 8192, reference=None):
+        from ..float_model import FloatReference
+
         self.source, self.tokens = source, tokens
+        self.reference = reference or FloatReference(source)  # the export's float model, handed in when it has one
         self.given = text is not None
         self.text = Path(text) if text is not None else CALIBRATION_TEXT
         if self.given:
             read_text_file(self.text, "calibration text")  # UTF-8, not binary, not empty: checked before any work
         self.used = False       # set when anything shaped weights with it (recorded in the manifest)
-        self._engine = None
         self._importance: dict[str, np.ndarray] | None = None
 
     @property
-    def engine(self):
-        """The float reference engine, loaded on first use and kept for the export's quality check."""
-        if self._engine is None:
-            from edgeq import registry
-
-            self._engine = registry.runtimes.get(registry.REFERENCE_RUNTIME)(self.source)
-        return self._engine
-
-    @property
-    def loaded_engine(self):
-        return self._engine
-
-    @property
     def model(self):
+        """The float model that the text runs through (the reference's)."""
         self.used = True
-        return self.engine.model
+        return self.reference.model
 
     @cached_property
     def windows(self) -> list[list[int]]:
@@ -59,11 +50,7 @@ class Calibration:
 
     def release(self) -> None:
         """Drops the float model (a 3B one is gigabytes the rest of an export may need); it loads again on use."""
-        if self._engine is not None:
-            import gc
-
-            self._engine = None
-            gc.collect()
+        self.reference.release()
 
     def adopt_importance(self, importance: dict[str, np.ndarray]) -> None:
         """An importance matrix already measured on this text (a plan's sensitivity): reused, not recomputed."""
@@ -75,7 +62,7 @@ class Calibration:
         if self._importance is None and self.given:
             from .importance import compute_importance
 
-            loaded_for_it = self._engine is None
+            loaded_for_it = not self.reference.loaded
             self._importance = compute_importance(self.model, self.windows, progress)
             if loaded_for_it:  # the float model is let go before the converter writes: a later user loads it again
                 self.release()

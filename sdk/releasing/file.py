@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 
 from ..errors import EdgeqError
 
+STATE = ".release"          # OUTPUT/.release: records of cells, the file-hash memo, staging folders, the chart
+
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]  # becomes a folder name
 
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import registry
+from ..bundle import MANIFEST, land
 from ..errors import EdgeqError
-from .file import DeviceEntry, ModelEntry, Release
+from .file import STATE, DeviceEntry, ModelEntry, Release
 
 log = logging.getLogger(__name__)
-STATE = ".release"          # OUTPUT/.release: records of cells, the file-hash memo, staging folders
 # Expected peak resident bytes per weight of the model: a sensitivity task holds the float32 model (4 B/weight)
 # plus quantized copies and activations; a cell's export peak is its format spec's `export_bytes_per_weight`.
 # Deliberately high: too high only runs fewer tasks at once, too low can run out of memory.
@@ -216,7 +216,7 @@ def _key_cell(graph: Graph, cell: Cell, model: ModelEntry, device: DeviceEntry, 
     previous = json.loads(path.read_text()) if path.is_file() else None
     if previous and previous["key"] == cell.key:
         status = previous["result"]["status"]
-        if status == "miss" or (bundle_dir(graph.output, cell) / "edgeq.json").is_file():
+        if status == "miss" or (bundle_dir(graph.output, cell) / MANIFEST).is_file():
             cell.result = {**previous["result"], "reused": True}
             return None
     if previous:
@@ -294,6 +294,8 @@ def _build_cell(spec: dict) -> dict:
     import edgeq
     from edgeq.devices import load_device
 
+    from ..export_options import ExportOptions
+    from ..exporting import run as run_export
     from .report import roofline
 
     output = Path(spec["output"])
@@ -303,10 +305,10 @@ def _build_cell(spec: dict) -> dict:
     stage = output / STATE / "stage" / f"{spec['model_name']}--{spec['device_name']}"
     shutil.rmtree(stage, ignore_errors=True)  # left by an interrupted run
     stage.parent.mkdir(parents=True, exist_ok=True)
-    edgeq.export(spec["model"], adapter=spec["adapter"], base=spec["base"], device=spec["device"], format=spec["format"],
-                 precision=spec["precision"], size=spec["size"], calibration=spec["calibration"], output=stage,
-                 eval_tokens=spec["eval_tokens"], eval_ctx=spec["eval_ctx"], eval_data=spec["eval_data"],
-                 eval_data_tokens=spec["eval_data_tokens"], **spec["targets"], allow_quality_miss=True, progress=False)
+    run_export(ExportOptions(spec["model"], adapter=spec["adapter"], base=spec["base"], device=spec["device"], format=spec["format"],
+                             precision=spec["precision"], size=spec["size"], calibration=spec["calibration"], output=stage,
+                             eval_tokens=spec["eval_tokens"], eval_ctx=spec["eval_ctx"], eval_data=spec["eval_data"],
+                             eval_data_tokens=spec["eval_data_tokens"], **spec["targets"], allow_quality_miss=True, progress=False))
     try:
         manifest = edgeq.inspect(stage)
         result = _cell_result(manifest, stage, spec, roofline(stage, load_device(spec["device"])))
@@ -326,7 +328,7 @@ def _cell_result(manifest: dict, bundle: Path, spec: dict, estimate: dict) -> di
     return {"status": "pass" if passed else "miss", "bundle": f"{spec['model_name']}/{spec['device_name']}" if passed else None,
             "format": manifest["format"], "precision": manifest.get("precision"), "planned": manifest.get("plan") is not None,
             "bits_per_weight": manifest.get("bits_per_weight"),
-            "size_bytes": sum(f["bytes"] for f in manifest["files"].values()) + (bundle / "edgeq.json").stat().st_size,
+            "size_bytes": sum(f["bytes"] for f in manifest["files"].values()) + (bundle / MANIFEST).stat().st_size,
             "quality": manifest.get("quality"), "finetune_quality": manifest.get("finetune_quality"),
             "target": spec["targets"], "misses": checked.get("misses", []), "plan_check": manifest.get("plan_check"),
             "estimate": estimate}
@@ -334,10 +336,9 @@ def _cell_result(manifest: dict, bundle: Path, spec: dict, estimate: dict) -> di
 
 def _move_into_place(stage: Path, final: Path) -> None:
     """Lands the measured bundle the way `edgeq export` lands one: an old bundle is swapped out in one step."""
-    from ..bundle import _land
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    _land(stage, final)
+    land(stage, final)
 
 
 WORK = {"sensitivity": _measure_sensitivity, "cell": _build_cell}

@@ -13,11 +13,12 @@ import html
 import io
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EdgeqError
-from ..profile_report import MB, PromptEstimate, _num, _rows, require_matplotlib
+from ..profile_report import MB, fmt_num, require_matplotlib, text_rows
+from .file import STATE
 
 PROMPT_TOKENS = 64   # the shortest prompt `edgeq profile` times by default
 GEN_TOKENS = 128     # and the tokens it decodes after it
@@ -29,20 +30,11 @@ STATUS_TEXT = {"pass": "pass", "miss": "missed target", "error": "failed"}
 
 
 def roofline(bundle: Path, profile) -> dict:
-    """Decode and TTFT of `bundle` on `profile` at full bandwidth and compute (see the module docstring)."""
-    from ..profiling import _describe
+    """The cell's estimate on its device: `edgeq.profiling.device_roofline` at the prompt and reply lengths
+    `edgeq profile` times by default."""
+    from ..profiling import device_roofline
 
-    info = _describe(bundle)
-    kv = info["kv_bytes_per_token"] or 0
-    bytes_per_token = info["weight_bytes"] + kv * (PROMPT_TOKENS + GEN_TOKENS / 2)
-    flops = 2.0 * info["params"] * PROMPT_TOKENS
-    ttft = flops / (profile.cpu_gflops * 1e9)
-    estimate = PromptEstimate(PROMPT_TOKENS, ttft, PROMPT_TOKENS / ttft, profile.bandwidth_gbps * 1e9 / bytes_per_token,
-                              int(bytes_per_token), flops, bandwidth_efficiency=1.0, compute_efficiency=1.0)
-    resident = info["weight_bytes"] + kv * profile.context_length
-    return {"method": "roofline", "profile": profile.id, "bandwidth_gbps": profile.bandwidth_gbps, "cpu_gflops": profile.cpu_gflops,
-            **asdict(estimate), "resident_bytes": int(resident), "budget_bytes": profile.budget_bytes,
-            "fits_budget": resident <= profile.budget_bytes}
+    return device_roofline(bundle, profile, PROMPT_TOKENS, GEN_TOKENS)
 
 
 @dataclass
@@ -93,8 +85,6 @@ def write_report(report: dict, output: Path) -> ReleaseResult:
 def cached_chart(report: dict, output: Path) -> str:
     """The chart, drawn again only when what it shows changed: drawing it (and importing matplotlib) would
     otherwise be most of a second run's time."""
-    from .graph import STATE
-
     shown = [{k: c.get(k) for k in ("model", "device", "status", "precision", "planned", "size_bytes", "quality", "finetune_quality", "estimate")}
              for c in report["cells"]]
     key = hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()[:16]
@@ -138,7 +128,7 @@ def _target(cell: dict) -> str:
 
 def _estimate(cell: dict, key: str, scale: float = 1.0) -> str:
     value = (cell.get("estimate") or {}).get(key)
-    return "-" if value is None else _num(value * scale)
+    return "-" if value is None else fmt_num(value * scale)
 
 
 def _precision(cell: dict) -> str:
@@ -159,13 +149,13 @@ def _why(cell: dict) -> list[str]:
 
 
 def _size(cell: dict) -> str:
-    return "-" if cell.get("size_bytes") is None else _num(cell["size_bytes"] / MB)
+    return "-" if cell.get("size_bytes") is None else fmt_num(cell["size_bytes"] / MB)
 
 
 def table(report: dict) -> str:
     rows = [[c["model"], c["device"], c.get("format") or "-", _precision(c), _size(c), _quality(c), _target(c),
              _estimate(c, "decode_tokens_per_s"), _estimate(c, "ttft_s", 1e3), _status(c)] for c in report["cells"]]
-    lines = _rows(["model", "device", "format", "precision", "size MB", "quality", "target", "est. tok/s", "est. TTFT ms", "status"], rows)
+    lines = text_rows(["model", "device", "format", "precision", "size MB", "quality", "target", "est. tok/s", "est. TTFT ms", "status"], rows)
     lines += [f"{c['model']}/{c['device']}: {why}" for c in report["cells"] for why in _why(c)]
     s = report["summary"]
     lines.append(f"{s['pass']} of {s['cells']} cells passed, {s['miss']} missed their target, {s['error']} failed; "

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EdgeqError
 from ..generate import ChatChunk, LanguageModel
-from .server import MAX_BODY_BYTES, ApiError, Service, now, collect, new_id, stream_events
+from .scheduler import MAX_BODY_BYTES, ApiError, Service, now, collect, new_id, stream_events
 from ..validate import where
 
 log = logging.getLogger(__name__)

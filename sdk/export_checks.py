@@ -1,0 +1,137 @@
+"""An export's staged bundle measured before it lands, and what a miss of a quality target does.
+
+The bundle's engine is scored against the export's float reference on a built-in sample and on the user's
+eval data; a far-off perplexity is flagged, kept adapters are measured one by one (`edgeq.adapter_quality`),
+and a planned export's prediction is set beside the measurement (`plan_check`). A missed target re-plans with
+the gap between simulation and measurement as a margin, or fails the export naming the smallest passing size.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .errors import EdgeqError
+from .loading import open_engine
+from .quality import DEFAULT_TEXT, compare, finetune_quality
+from .export_planning import corrected_plan, passing_size_hint
+from .quant.calibration import calibration_windows
+
+log = logging.getLogger(__name__)
+PPL_GUARD = 1.5  # a perplexity this many times the original's is far past what any shipped precision gives
+
+
+def measure(job, stage: Path) -> None:
+    """Quality of the staged bundle against the float reference before it lands: on a built-in sample, and on the
+    user's eval data (fine-tune metrics) when given; kept adapters each against their own float merged model."""
+    opts = job.opts
+    if not opts.eval_tokens and job.data is None and not job.targets and not job.adapter_data:
+        return
+    reference = job.reference.engine  # loaded already if calibration used it
+    # a format may name the engine that can measure it here (Core ML on Linux: coreml-torch)
+    candidate = open_engine(stage, job.manifest, job.spec.eval_runtime)
+    try:
+        if opts.eval_tokens:
+            windows = calibration_windows(job.source.chat_tokenizer(), DEFAULT_TEXT, opts.eval_tokens, opts.eval_ctx)
+            job.manifest["quality"] = compare(reference, candidate, windows, job.progress, text="built-in sample").to_dict()
+            _guard(job.manifest)
+        if job.data is not None:
+            job.manifest["finetune_quality"] = finetune_quality(reference, candidate, job.data, tokenizer=job.source.chat_tokenizer(),
+                                                                base=job.base, progress=job.progress).to_dict()
+        if job.adapters and (opts.eval_tokens or job.adapter_data):
+            records = _measure_adapters(job, candidate)
+            for entry in job.manifest["adapters"]:
+                entry.update(records[entry["name"]])
+    finally:
+        candidate.close()
+    if job.plan and "quality" in job.manifest:
+        job.manifest["plan_check"] = _plan_check(job.plan, job.manifest["quality"]["kl"], job.manifest.get("rounding"))
+
+
+def _measure_adapters(job, candidate) -> dict[str, dict]:
+    from .adapter_quality import measure_kept
+    from .eval_data import read_dataset
+
+    opts, tokenizer = job.opts, job.source.chat_tokenizer()
+    windows = calibration_windows(tokenizer, DEFAULT_TEXT, opts.eval_tokens or 1024, opts.eval_ctx)
+    data = {name: read_dataset(path, tokenizer, tokens=opts.eval_data_tokens, ctx=opts.eval_ctx * 4)
+            for name, path in job.adapter_data.items()}
+    return measure_kept(candidate, job.adapters, tokenizer, reference_for=lambda adapter: _float_engine(job, adapter),
+                        merged_for=(lambda adapter, folder: _merged_engine(job, adapter, folder)) if opts.compare_merged else None,
+                        data_for=data, base_engine=job.reference.engine if data else None, windows=windows, progress=job.progress)
+
+
+def _float_engine(job, adapter):
+    """The float model with `adapter` merged: the fine-tune as trained, what a kept adapter is measured against."""
+    from . import registry
+    from .intake import open_model
+
+    source = open_model(job.source.path, adapter=adapter.path, trust_pickle=job.source.trust_pickle)
+    return registry.runtimes.get(registry.REFERENCE_RUNTIME)(source)
+
+
+def _merged_engine(job, adapter, folder: Path):
+    """The adapter merged into the float base and converted like the bundle's base (same precision or plan)."""
+    from .float_model import FloatReference
+    from .intake import open_model
+    from .quant.calibration import Calibration
+
+    merged = open_model(job.source.path, adapter=adapter.path, trust_pickle=job.source.trust_pickle)
+    if job.source.untied_head:
+        merged.untie_head()  # the bundle's plan (or overrides) names the head as a tensor of its own
+    reference = FloatReference(merged)
+    calibration = Calibration(merged, job.calibration.text if job.calibration.given else None, job.calibration.tokens, reference)
+    try:
+        fields = job.spec.converter().convert(merged, folder, precision=job.precision, overrides=job.overrides,
+                                              calibration=calibration, progress=job.progress, **job.options)
+    finally:
+        reference.release()
+    return open_engine(folder, {**job.manifest, **fields, "adapters": []}, job.spec.eval_runtime)
+
+
+def _guard(manifest: dict) -> None:
+    quality = manifest["quality"]
+    if quality["ppl"] > PPL_GUARD * quality["ppl_ref"]:
+        manifest["quality_warning"] = (f"perplexity {quality['ppl']:.2f} is over {PPL_GUARD}x the original's "
+                                       f"{quality['ppl_ref']:.2f} (KL {quality['kl']:.3f}): this export lost much of the model")
+        log.warning("%s; try a larger precision or --calibration with text like the model's input", manifest["quality_warning"])
+
+
+def check_targets(job, retry: bool) -> bool:
+    """True when the measured quality meets the targets (or a miss is allowed). On a miss of a plan made for
+    the targets, with `retry`, the plan is made again with the gap between simulation and measurement as a
+    margin and False says to convert it; otherwise a miss fails the export, naming the smallest passing size."""
+    measured = job.manifest.get("finetune_quality") or job.manifest.get("quality") or {}
+    if not measured:
+        raise EdgeqError("--max-kl needs a measurement; drop --eval-tokens 0 or pass --eval-data")
+    misses = job.targets.misses(measured)
+    job.manifest["targets"] = {**job.targets.to_dict(), "met": not misses}
+    if not misses:
+        return True
+    searched = job.sensitivity is not None and job.opts.size is None and job.opts.bits_per_weight is None
+    if searched and retry:
+        try:
+            job.plan = corrected_plan(job, measured)
+            job.overrides = job.plan.overrides()
+            log.info("measured %s; converting the next plan predicted to pass", "; ".join(misses))
+            return False
+        except EdgeqError:
+            pass
+    hint = passing_size_hint(job, measured)
+    if job.opts.allow_quality_miss:
+        job.manifest["targets"]["misses"] = misses
+        log.warning("the export misses its target (%s)%s; kept because of --allow-quality-miss", "; ".join(misses), hint)
+        return True
+    raise EdgeqError(f"the export misses its target: {'; '.join(misses)}{hint}; nothing was written "
+                     "(--allow-quality-miss keeps it anyway)")
+
+
+def _plan_check(plan, measured_kl: float, rounding: str | None) -> dict:
+    """The planner's prediction beside the measured KL; a gap of more than 2× either way is reported.
+    The prediction prices rounding each tensor alone: under GPTQ rounding it is an upper bound, so only
+    a measured KL above it by 2× is a surprise."""
+    ratio = measured_kl / plan.predicted_kl if plan.predicted_kl else float("inf")
+    check = {"predicted_kl": round(plan.predicted_kl, 6), "measured_kl": round(measured_kl, 6), "ratio": round(ratio, 3)}
+    if ratio > 2.0 or (ratio < 0.5 and rounding != "gptq"):
+        check["note"] = "measured KL differs from the prediction by more than 2x: the sensitivity sample or text may not fit this model"
+        log.warning("plan check: %s (predicted %.4f, measured %.4f)", check["note"], plan.predicted_kl, measured_kl)
+    return check

@@ -31,13 +31,15 @@ from .validate import read_json_object
 
 MANIFEST = "edgeq.json"
 TEMPLATE_FILE = "chat_template.jinja"  # opened by the tokenizer when the bundle has one
+CARD = "README.md"  # the model card (edgeq.model_card): made from the manifest after it, opened by nothing, editable before upload
 MAX_MANIFEST_BYTES = 64 << 20  # a real manifest is a few hundred KiB even with a plan for every tensor
 _STAGE = re.compile(r"\..+\.partial-(?P<pid>\d+)-[a-z0-9_]+")
 
 
 def _file_table(folder: Path) -> dict:
     table = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+    derived = {folder / MANIFEST, folder / CARD}  # both describe the files; neither is checksummed with them
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p not in derived):
         table[path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return table
 

@@ -149,7 +149,7 @@ def keep_adapters_for(source, spec: FormatSpec, pairs) -> list:
     return open_adapters(source, pairs, spec.name)
 
 
-def resolve(model, *, device, adapter, format, precision, calibration, calibration_tokens, output, overwrite, trust_pickle,
+def resolve(model, *, revision=None, device, adapter, format, precision, calibration, calibration_tokens, output, overwrite, trust_pickle,
             size, bits_per_weight, tensor_types, options, eval_tokens, eval_ctx, eval_data, eval_data_tokens, base, targets,
             allow_quality_miss, progress, adapters=None, keep_adapters=False, adapter_data=None,
             compare_merged=False) -> ExportJob:
@@ -178,12 +178,13 @@ def resolve(model, *, device, adapter, format, precision, calibration, calibrati
         raise EdgeqError("per-tensor types apply to a forced --precision; without one, the plan chooses every tensor's type")
     chosen = spec.planned_precision if planned else choose_precision(precision, profile, spec)
     adapter, kept = merged_or_kept(adapter, adapters, keep_adapters)
-    source = open_model(model, adapter=adapter, trust_pickle=trust_pickle)
+    source = open_model(model, adapter=adapter, trust_pickle=trust_pickle, revision=revision, progress=progress)
     spec.check_source(source)
     kept = keep_adapters_for(source, spec, kept) if kept else []
-    name = f"{Path(model).name}-{profile.id if profile else 'generic'}-{'planned' if planned else chosen.lower()}"
+    name = f"{source.name}-{profile.id if profile else 'generic'}-{'planned' if planned else chosen.lower()}"
     out = Path(output) if output else Path(name)
-    inputs = (model, adapter, calibration, eval_data, base)
+    inputs = (source.path, source.adapter.path if source.adapter else None, calibration, eval_data, base,
+              *filter(None, [(source.origin.get("gguf") or {}).get("file")]))
     check_writable(out, overwrite, inputs)
     job = ExportJob(source, spec, chosen, planned, profile, out, overwrite, options, tensor_types,
                     Calibration(source, calibration, calibration_tokens), eval_tokens, eval_ctx, progress,
@@ -304,6 +305,8 @@ def overhead_bytes(job: ExportJob) -> int:
 
 
 def convert(job: ExportJob, stage: Path) -> None:
+    from .model_card import source_facts
+
     converter = job.spec.converter()
     kept = {"adapters": job.adapters} if job.adapters else {}
     fields = converter.convert(job.source, stage, precision=job.precision, overrides=job.overrides,
@@ -315,7 +318,7 @@ def convert(job: ExportJob, stage: Path) -> None:
         "runtime": job.spec.runtime,
         **fields,
         "context_length": min(job.profile.context_length if job.profile else DEFAULT_CONTEXT, trained),
-        "source": job.source.fingerprint(),
+        "source": {**job.source.fingerprint(), **source_facts(job.source)},
         "base": job.base_source.fingerprint() if job.base_source else None,
         "device": job.profile.to_dict() if job.profile else None,
         "calibration": job.calibration.describe(),
@@ -360,7 +363,9 @@ def measure(job: ExportJob, stage: Path) -> None:
     finally:
         candidate.close()
     if job.plan and "quality" in job.manifest:
-        job.manifest["plan_check"] = _plan_check(job.plan, job.manifest["quality"]["kl"], job.manifest.get("rounding"))
+        job.manifest["plan_check"] = {**_plan_check(job.plan, job.manifest["quality"]["kl"], job.manifest.get("rounding")),
+                                      "predicted_on": f"{job.plan.sensitivity.get('calibration', 'calibration text')} (summed per-tensor sensitivity)",
+                                      "measured_on": job.manifest["quality"]["text"]}
     if job.adapters and (job.eval_tokens or job.adapter_data):
         from .adapter_quality import measure_kept
 
@@ -437,7 +442,9 @@ def _passing_size_hint(job: ExportJob, measured: dict) -> str:
 
 
 def land(job: ExportJob, stage: Path) -> None:
-    write_manifest(stage, job.manifest)
+    from .model_card import write_card
+
+    write_card(stage, write_manifest(stage, job.manifest), job.output.name)
 
 
 class _Again(Exception):
@@ -462,7 +469,7 @@ def _build(job: ExportJob, retry: bool) -> bool:
         return False
 
 
-def export(model: str | Path | None = None, *, device: str | Path | None = None, adapter: str | Path | None = None,
+def export(model: str | Path | None = None, *, revision: str | None = None, device: str | Path | None = None, adapter: str | Path | None = None,
            format: str | None = None, precision: str | None = None, calibration: str | Path | None = None,
            output: str | Path | None = None, overwrite: bool = False, trust_pickle: bool = False,
            size: str | int | None = None, bits_per_weight: float | None = None,
@@ -473,7 +480,10 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
            mobile: bool = False, block_size: int | None = None, rounding: str | None = None, tensor_types: dict[str, str] | None = None,
            adapters: dict | list | None = None, keep_adapters: bool = False, adapter_data: dict | None = None,
            compare_merged: bool = False, progress: bool | None = None) -> Path:
-    """Exports a Hugging Face model (and LoRA adapter) into a bundle for a device; returns the bundle path.
+    """Exports a model (and LoRA adapter) into a bundle for a device; returns the bundle path.
+
+    `model` is a Hugging Face folder, a hub id (`org/name` at `revision`, from the hub cache when offline;
+    `org/name:Q4_K_M` for a repo of GGUFs) or a GGUF file (dequantized; quality is measured against it).
 
     With no model, the built-in default (SmolLM2-135M-Instruct) is used. The format defaults to
     what the device runs best. Without `precision`, a device (or `size` / `bits_per_weight`, or a quality
@@ -493,7 +503,7 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
     `adapter_data[name]` when given.
     """
     targets = Targets(max_kl, min_retention, min_agreement)
-    job = resolve(model, device=device, adapter=adapter, format=format, precision=precision, calibration=calibration,
+    job = resolve(model, revision=revision, device=device, adapter=adapter, format=format, precision=precision, calibration=calibration,
                   calibration_tokens=calibration_tokens, output=output, overwrite=overwrite, trust_pickle=trust_pickle,
                   size=size, bits_per_weight=bits_per_weight, tensor_types=tensor_types,
                   options={"mobile": mobile, "block_size": block_size, "rounding": rounding},

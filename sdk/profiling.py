@@ -134,7 +134,8 @@ def _in_fresh_process(fn, *args):
     with tempfile.TemporaryDirectory(prefix="edgeq-profile-") as tmp:
         job = Path(tmp) / "job.pickle"
         job.write_bytes(pickle.dumps((fn.__module__, fn.__name__, args)))
-        status = subprocess.run([sys.executable, "-c", _JOB, str(job)]).returncode  # its progress bar shows
+        quiet = {"EDGEQ_QUIET_LIBRARIES": "1"} if logging.getLogger().getEffectiveLevel() > logging.INFO else {}
+        status = subprocess.run([sys.executable, "-c", _JOB, str(job)], env={**os.environ, **quiet}).returncode  # its progress bar shows
         if status == 3:
             raise EdgeqError(job.read_text())
         if status != 0:
@@ -144,8 +145,11 @@ def _in_fresh_process(fn, *args):
 
 
 _JOB = """
-import importlib, pickle, sys
+import importlib, os, pickle, sys
 from edgeq.errors import EdgeqError
+if os.environ.get("EDGEQ_QUIET_LIBRARIES"):  # the parent runs without -v: the libraries' warnings stay out of the results
+    from edgeq.progress import quiet_libraries
+    quiet_libraries()
 with open(sys.argv[1], "rb") as f:
     module, name, args = pickle.load(f)
 try:

@@ -176,7 +176,8 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
 
 
 def _error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    retry = {"Retry-After": "1"} if exc.status == 429 else {}  # a full queue drains within seconds: come back then
+    return JSONResponse(exc.body(), status_code=exc.status, headers=retry)
 
 
 def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue_size: int = 8, timeout: float = 600.0) -> FastAPI:
@@ -227,7 +228,8 @@ def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": {name: {"waiting": max(slot.held - 1, 0)} for name, slot in service.slots.items()}}
+        return {"status": "ok", "models": {name: {"waiting": max(slot.held - 1, 0), "running": min(slot.held, 1)}
+                                           for name, slot in service.slots.items()}}
 
     @app.get("/v1/models")
     async def list_models():

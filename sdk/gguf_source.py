@@ -15,11 +15,13 @@ which the warning on open says with the file's own precision.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import EdgeqError
@@ -147,21 +149,30 @@ def float_folder(path: Path, progress: bool | None = None) -> tuple[Path, dict]:
     return target, {**facts, "file": str(path)}
 
 
+@contextmanager
+def _bars_like_edgeqs(progress: bool | None):
+    """transformers' GGUF loader draws a bar of its own with a plain tqdm (deaf to TQDM_DISABLE, which tqdm reads at
+    import): for this step, which is edgeq's, it follows edgeq's rule instead (on a terminal, or when asked)."""
+    import transformers.modeling_gguf_pytorch_utils as loader
+    from tqdm.auto import tqdm
+
+    plain = loader.tqdm
+    loader.tqdm = functools.partial(tqdm, disable=None if progress is None else not progress, leave=False)
+    try:
+        yield
+    finally:
+        loader.tqdm = plain
+
+
 def _build(gguf: Path, out: Path, facts: dict, progress: bool | None) -> None:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    if not progress:
-        transformers.utils.logging.disable_progress_bar()
-    try:
+    with _bars_like_edgeqs(progress):
         dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **{dtype_kw: torch.float32})
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    finally:
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
     config = src.config
     for key in ("quantization_config", "_name_or_path"):
         if hasattr(config, key):

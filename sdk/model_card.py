@@ -21,7 +21,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 def sig4(value: float) -> str:
     """A measured number as the card shows it: 4 significant digits of the manifest's value."""
-    return f"{value:.4g}"
+    return f"{value + 0.0:.4g}"  # + 0.0: a KL stored as -0.0 (rounding of a tiny negative sum) shows as 0
 
 
 def source_facts(source) -> dict:
@@ -32,7 +32,7 @@ def source_facts(source) -> dict:
     gguf = source.origin.get("gguf") or {}
     hub = (source.origin.get("hub") or {}).get("hub_id")
     base = hub or (config_name if _HUB_ID.fullmatch(config_name) else None) or next(iter(gguf.get("base_model") or []), None)
-    facts = {"base_model": base or (Path(gguf["file"]).stem if gguf else source.path.name)}
+    facts = {"base_model": base or (Path(gguf["file"]).stem if gguf else source.path.name), "model_type": source.config.get("model_type")}
     license_ = gguf.get("license") or _front_matter(source.path / CARD_FILE).get("license")
     if license_:
         facts["license"] = license_
@@ -94,8 +94,8 @@ def front_matter(manifest: dict) -> dict:
     source = manifest.get("source") or {}
     fmt = manifest["format"]
     tags = ["edgeq", fmt, str(manifest["precision"]).lower(), "quantized"]
-    if source.get("architecture"):
-        tags.append(source["architecture"])
+    if source.get("model_type"):
+        tags.append(source["model_type"])
     if (manifest.get("device") or {}).get("id"):
         tags.append(manifest["device"]["id"])
     data = {"base_model": source.get("base_model") or "unknown", "base_model_relation": "quantized",

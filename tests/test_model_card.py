@@ -66,3 +66,22 @@ def test_planned_summary_names_its_mix_and_where_each_number_comes_from(planned)
     assert re.search(r"planned: (\w+ (\d+%|<1%)(, )?)+ of weights; [\d.]+ bits/weight", line), line
     check = next(line for line in output.splitlines() if line.strip().startswith("plan:"))
     assert "predicted KL" in check and "on the built-in calibration text" in check and "on the built-in sample" in check, check
+
+
+def test_library_warnings_stay_out_of_profile_output_unless_verbose(capfd):
+    """`edgeq profile` measures in a fresh process, where transformers' FutureWarnings used to reach the terminal."""
+    import logging
+    import warnings
+
+    from edgeq.profiling import _in_fresh_process
+
+    _in_fresh_process(warnings.warn, "`past_key_values` is deprecated", FutureWarning)
+    assert "past_key_values" not in capfd.readouterr().err
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.INFO)  # what -v sets
+    try:
+        _in_fresh_process(warnings.warn, "`past_key_values` is deprecated", FutureWarning)
+    finally:
+        root.setLevel(level)
+    assert "past_key_values" in capfd.readouterr().err

@@ -20,7 +20,7 @@ from pathlib import Path
 from .errors import EdgeqError
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+?)(?::(?P<tag>[A-Za-z0-9_.-]+))?$")
-CHECKPOINT_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]  # what intake reads; adapters are the same
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "README.md"]  # what intake and the card read
 DEFAULT_GGUF_TAG = "Q4_K_M"  # llama.cpp's and Ollama's choice when a GGUF repo is named without a tag
 PROBE_SECONDS = 3.0
 _SPLIT = re.compile(r"-\d{5}-of-\d{5}\.gguf$")

@@ -31,7 +31,8 @@ def place_in_cache(cache, repo: str, folder, commit: str = COMMIT, ref: str = "m
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch, tiny_llama, tiny_lora):
     cache = tmp_path / "hub"
-    place_in_cache(cache, "org/tiny", tiny_llama)
+    snapshot = place_in_cache(cache, "org/tiny", tiny_llama)
+    (snapshot / "README.md").write_text("---\nlicense: mit\nlanguage: en\n---\n# tiny\n")  # the repo's own card
     place_in_cache(cache, "org/tiny-lora", tiny_lora)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -51,7 +52,8 @@ def test_offline_export_of_a_hub_id_with_a_hub_adapter(hub_cache, tmp_path):
     assert source["hub"] == {"hub_id": "org/tiny", "revision": COMMIT}
     assert source["adapter"]["hub"] == {"hub_id": "org/tiny-lora", "revision": COMMIT}
     assert source["base_model"] == "org/tiny"
-    assert "base_model: org/tiny\n" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "base_model: org/tiny\n" in card and "license: mit\n" in card  # the license carried from the source's card
 
 
 def test_default_bundle_name_is_the_repos_name(hub_cache, tmp_path, monkeypatch):

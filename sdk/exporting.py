@@ -183,8 +183,7 @@ def resolve(model, *, revision=None, device, adapter, format, precision, calibra
     kept = keep_adapters_for(source, spec, kept) if kept else []
     name = f"{source.name}-{profile.id if profile else 'generic'}-{'planned' if planned else chosen.lower()}"
     out = Path(output) if output else Path(name)
-    inputs = (source.path, source.adapter.path if source.adapter else None, calibration, eval_data, base,
-              *filter(None, [(source.origin.get("gguf") or {}).get("file")]))
+    inputs = (*source.inputs, calibration, eval_data, base)
     check_writable(out, overwrite, inputs)
     job = ExportJob(source, spec, chosen, planned, profile, out, overwrite, options, tensor_types,
                     Calibration(source, calibration, calibration_tokens), eval_tokens, eval_ctx, progress,

@@ -115,7 +115,7 @@ def check_architecture(path: Path, facts: dict) -> None:
 
 
 def float_folder(path: Path, progress: bool | None = None) -> tuple[Path, dict]:
-    """The float32 HF folder of a GGUF file (built once, cached under $EDGEQ_CACHE/gguf by the file's hash) and its facts."""
+    """The float32 HF folder of a GGUF file (built once, cached under $EDGEQ_CACHE/dequantized by the file's hash) and its facts."""
     from .default_model import cache_dir
     from .hashing import checkpoint_digest
 
@@ -123,7 +123,7 @@ def float_folder(path: Path, progress: bool | None = None) -> tuple[Path, dict]:
     facts = read_facts(path)
     check_architecture(path, facts)
     digest = checkpoint_digest([path])
-    target = cache_dir() / "gguf" / f"{path.stem[:64]}-{digest[:16]}"
+    target = cache_dir() / "dequantized" / f"{path.stem[:64]}-{digest[:16]}"
     if not (target / FACTS_FILE).is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

@@ -45,7 +45,7 @@ class SourceModel:
     _finite: set = field(default_factory=set, repr=False)  # tensors already checked for NaN/inf
     stored: dict[str, str] = field(default_factory=dict, repr=False)  # edgeq's name → the file's, where they differ
     dropped: str | None = None  # what of a multimodal checkpoint is not exported (recorded in the manifest)
-    origin: dict = field(default_factory=dict)  # "hub": its hub id and revision; "gguf": the GGUF file it was dequantized from
+    origin: dict = field(default_factory=dict)  # "hub": its hub id and revision; "gguf_file": the GGUF it was dequantized from
 
     @property
     def arch(self) -> Architecture:
@@ -54,9 +54,15 @@ class SourceModel:
     @property
     def name(self) -> str:
         """What the user calls it (a default bundle is named after it): the GGUF file's stem, the hub repo's name, the folder's."""
-        if gguf := self.origin.get("gguf"):
+        if gguf := self.origin.get("gguf_file"):
             return Path(gguf["file"]).stem
         return self.origin["hub"]["hub_id"].rsplit("/", 1)[-1] if "hub" in self.origin else self.path.name
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """The files and folders the model is read from (an export's output may be none of them, nor hold one)."""
+        gguf = (self.origin.get("gguf_file") or {}).get("file")
+        return tuple(Path(p) for p in (self.path, self.adapter.path if self.adapter else None, gguf) if p)
 
     @property
     def architecture(self) -> str:
@@ -234,7 +240,7 @@ def locate_model(name: str | Path, revision: str | None = None, progress: bool |
     origin = {"hub": found.origin()} if found.hub_id else {}
     if is_gguf(found.path):
         folder, facts = float_folder(found.path, progress)
-        origin["gguf"] = {k: v for k, v in facts.items() if k not in ("chat_template", "output_tensor")}
+        origin["gguf_file"] = {k: v for k, v in facts.items() if k not in ("chat_template", "output_tensor")}
         if quantized(facts):
             log.warning("%s is %s: its dequantized weights are the source, so requantizing compounds the error, and the "
                         "quality measured is against this GGUF, not the model it was quantized from", found.path.name, facts["precision"])

@@ -15,7 +15,6 @@ from pathlib import Path
 from .errors import EdgeqError
 
 CARD_FILE = "README.md"
-LIBRARY = {"gguf": "gguf", "onnx": "onnx", "coreml": "coreml"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 
@@ -29,7 +28,7 @@ def source_facts(source) -> dict:
     of the base model (from the hub source, config's `_name_or_path`, or the GGUF's `general.base_model.*`) and the
     license (from the GGUF's metadata or the source folder's own card)."""
     config_name = source.config.get("_name_or_path") or ""
-    gguf = source.origin.get("gguf") or {}
+    gguf = source.origin.get("gguf_file") or {}
     hub = (source.origin.get("hub") or {}).get("hub_id")
     base = hub or (config_name if _HUB_ID.fullmatch(config_name) else None) or next(iter(gguf.get("base_model") or []), None)
     facts = {"base_model": base or (Path(gguf["file"]).stem if gguf else source.path.name), "model_type": source.config.get("model_type")}
@@ -98,8 +97,10 @@ def front_matter(manifest: dict) -> dict:
         tags.append(source["model_type"])
     if (manifest.get("device") or {}).get("id"):
         tags.append(manifest["device"]["id"])
+    from . import registry
+
     data = {"base_model": source.get("base_model") or "unknown", "base_model_relation": "quantized",
-            "library_name": LIBRARY.get(fmt, fmt), "pipeline_tag": "text-generation", "tags": tags}
+            "library_name": registry.formats.get(fmt).hub_library or fmt, "pipeline_tag": "text-generation", "tags": tags}
     if source.get("license"):
         data["license"] = source["license"]
     return data
@@ -136,7 +137,7 @@ def _exported(manifest: dict, name: str) -> list[str]:
         digest = f", sha256 `{cal['sha256'][:16]}…`" if cal.get("sha256") else ""
         lines.append(f"- **Calibration data**: {Path(str(cal['text'])).name}{digest}, {cal.get('tokens')} tokens")
     origin = source.get("base_model")
-    if gguf := source.get("gguf"):
+    if gguf := source.get("gguf_file"):
         lines.append(f"- **Source**: the GGUF `{Path(gguf['file']).name}` ({gguf['precision']}, sha256 `{gguf['sha256'][:16]}…`), "
                      "dequantized to float32; the quality below is measured against it, not against the model it was quantized from")
     elif hub := source.get("hub"):
@@ -152,22 +153,13 @@ def _exported(manifest: dict, name: str) -> list[str]:
 
 
 def _run_lines(manifest: dict, name: str) -> list[str]:
-    fmt, model_file = manifest["format"], manifest["model_file"]
+    from . import registry
+
+    spec = registry.formats.get(manifest["format"])
     lines = ["With edgeq (`pip install edgeq`), from this folder:", "", "```bash", f'edgeq run {name} "Hello!"',
              f"edgeq serve {name}   # OpenAI-compatible API on 127.0.0.1:8000", "```", ""]
-    if fmt == "gguf":
-        lines += ["With llama.cpp or Ollama (the chat template and stop tokens are in the file):", "", "```bash",
-                  f"llama-cli -m {model_file} -cnv", f"printf 'FROM ./{model_file}\\n' > Modelfile && ollama create {name} -f Modelfile "
-                  f"&& ollama run {name}", "```"]
-    elif fmt == "onnx":
-        lines += ["With onnxruntime: `model.onnx` is a decoder graph with a key/value cache (input ids, positions and the "
-                  "cache in, logits and the updated cache out); `edgeq.load()` drives it, and `tokenizer.json` with "
-                  "`chat_template.jinja` render the prompt. onnxruntime-genai needs a `genai_config.json` describing the "
-                  "graph, which edgeq does not write.", ""]
-    elif fmt == "coreml":
-        lines += ["With Core ML (macOS 15 / iOS 18): load `model.mlpackage` as an `MLModel` (Swift) or with "
-                  "`coremltools.models.MLModel` (Python); it is stateful (the key/value cache is an `MLState`) with "
-                  "`prefill` and `decode` functions.", ""]
+    if spec.run_elsewhere:
+        lines.append(spec.run_elsewhere.format(model_file=manifest["model_file"], name=name))
     return lines
 
 

@@ -40,7 +40,7 @@ def test_dequantized_weights_are_the_files_own(tiny_gguf, caplog):
     template = reader.fields["tokenizer.chat_template"].contents()
     assert source.chat_template() == template
     assert reader.fields["tokenizer.ggml.eos_token_id"].contents() in source.tokenizer_spec().stop_token_ids
-    assert source.origin["gguf"]["precision"] == "Q8_0" and source.origin["gguf"]["types"]["Q8_0"] > 0.9
+    assert source.origin["gguf_file"]["precision"] == "Q8_0" and source.origin["gguf_file"]["types"]["Q8_0"] > 0.9
 
 
 def test_a_gguf_export_of_a_gguf_records_where_it_came_from(tiny_gguf, tmp_path):
@@ -48,7 +48,7 @@ def test_a_gguf_export_of_a_gguf_records_where_it_came_from(tiny_gguf, tmp_path)
 
     bundle = edgeq.export(tiny_gguf, format="onnx", precision="fp32", output=tmp_path / "b", eval_tokens=64, eval_ctx=32)
     manifest = json.loads((bundle / "edgeq.json").read_text())
-    assert manifest["source"]["gguf"]["file"] == str(tiny_gguf) and manifest["source"]["gguf"]["precision"] == "Q8_0"
+    assert manifest["source"]["gguf_file"]["file"] == str(tiny_gguf) and manifest["source"]["gguf_file"]["precision"] == "Q8_0"
     assert manifest["quality"]["kl"] < 1e-4  # fp32 against the dequantized GGUF itself
     assert edgeq.evaluate(bundle, tokens=64, ctx=32).kl < 1e-4
 

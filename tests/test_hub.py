@@ -109,7 +109,7 @@ def test_gguf_repo_takes_a_file_by_its_type(hub_cache, tiny_gguf, tmp_path):
     place_in_cache(hub_cache, "org/tiny-GGUF", gguf_repo)
     source = open_model("org/tiny-GGUF:q8_0")  # types match case-insensitively, as llama.cpp's -hf does
     assert source.origin["hub"] == {"hub_id": "org/tiny-GGUF", "revision": COMMIT, "file": "tiny-Q8_0.gguf"}
-    assert source.origin["gguf"]["precision"] == "Q8_0"
+    assert source.origin["gguf_file"]["precision"] == "Q8_0"
     with pytest.raises(EdgeqError, match=r"no Q4_K_M GGUF file \(it has Q8_0\)"):
         open_model("org/tiny-GGUF:Q4_K_M")
     with pytest.raises(EdgeqError, match="org/tiny-GGUF:Q8_0"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -50,6 +51,8 @@ def test_a_gguf_export_of_a_gguf_records_where_it_came_from(tiny_gguf, tmp_path)
     manifest = json.loads((bundle / "edgeq.json").read_text())
     assert manifest["source"]["gguf_file"]["file"] == str(tiny_gguf) and manifest["source"]["gguf_file"]["precision"] == "Q8_0"
     assert manifest["quality"]["kl"] < 1e-4  # fp32 against the dequantized GGUF itself
+    assert edgeq.evaluate(bundle, tokens=64, ctx=32).kl < 1e-4
+    shutil.rmtree(manifest["source"]["path"])  # the dequantized copy leaves the cache: eval makes it again from the GGUF
     assert edgeq.evaluate(bundle, tokens=64, ctx=32).kl < 1e-4
 
 

@@ -247,7 +247,7 @@ def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue
                        max_new_tokens=max_tokens, adapter=service.target(body.model)[1], **body.sampling())
         cancel = threading.Event()
         chunks = model.chat(messages, **options, stream=True, cancel=cancel)  # checks everything (prompt fits, schema compiles) before queueing
-        job = await service.run(body.model, chunks, cancel)
+        job = await service.run(body.model, chunks, cancel, request)
         rid, created = new_id("chatcmpl"), now()
         base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
         if body.stream:
@@ -281,7 +281,7 @@ def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         options = dict(max_new_tokens=_max_tokens(model, body.max_tokens), adapter=service.target(body.model)[1], **body.sampling())
         cancel = threading.Event()
-        job = await service.run(body.model, model.complete(prompt, **options, stream=True, cancel=cancel), cancel)
+        job = await service.run(body.model, model.complete(prompt, **options, stream=True, cancel=cancel), cancel, request)
         rid, created = new_id("cmpl"), now()
         base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
         if body.stream:

@@ -134,9 +134,9 @@ class Service:
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "missing or wrong API key; send it as 'Authorization: Bearer KEY'", "authentication_error", "invalid_api_key")
 
-    async def run(self, name: str, chunks: Iterator[ChatChunk], cancel: threading.Event) -> Job:
+    async def run(self, name: str, chunks: Iterator[ChatChunk], cancel: threading.Event, request=None) -> Job:
         """Queues a generation (not started yet, made with `cancel=cancel`) on its model's worker; the caller
-        reads `job.chunks`."""
+        reads `job.chunks`. With `request`, the job is cancelled the moment its client goes."""
         slot = self.slot(name)
         try:
             slot.admit()
@@ -144,9 +144,25 @@ class Service:
             chunks.close()
             raise
         job = Job(asyncio.get_running_loop(), chunks, time.monotonic() + self.timeout, cancel)
+        watcher = asyncio.ensure_future(_cancel_when_gone(job, request)) if request is not None else None
         future = asyncio.get_running_loop().run_in_executor(slot.worker, job.run)
-        future.add_done_callback(lambda _: setattr(slot, "held", slot.held - 1))
+
+        def done(_):
+            slot.held -= 1
+            if watcher is not None:
+                watcher.cancel()
+
+        future.add_done_callback(done)
         return job
+
+
+async def _cancel_when_gone(job: Job, request) -> None:
+    """The server learns of a closed connection at once (uvicorn answers `receive()` with http.disconnect), but a
+    stream only when a later token fails to send and a whole reply not before it is done: cancelling here frees
+    the model after the token being decoded."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
 
 
 async def _next(job: Job, request=None) -> Any:

@@ -1,4 +1,5 @@
-"""A client that leaves frees its model at once, whether it streamed or waited for the whole reply."""
+"""A client that leaves frees its model at once, whether it streamed or waited for the whole reply; one beyond the queue
+is told when to come back."""
 from __future__ import annotations
 
 import http.client
@@ -42,3 +43,19 @@ def test_a_client_that_leaves_frees_the_model(bundle, stream):
             time.sleep(0.001)
         after = model.stats.generated_tokens - at_leave
         assert slot.held == 0 and after <= MORE_TOKENS, after
+
+
+def test_beyond_the_queue_a_429_says_when_to_come_back(bundle):
+    pytest.importorskip("fastapi")
+    with edgeq.load(bundle, threads=1) as model, edgeq.serve([model], port=0, block=False, queue_size=0, log_level="warning") as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        body = {"model": bundle.name, "messages": [{"role": "user", "content": "Hello fox"}], "max_tokens": 1500,
+                "response_format": LONG, "stream": True}
+        busy = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        busy.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        busy.getresponse().readline()  # it runs now, and nothing may wait beside it
+        extra = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        extra.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": False}), {"Content-Type": "application/json"})
+        answer = extra.getresponse()
+        assert answer.status == 429 and int(answer.getheader("Retry-After")) >= 1
+        busy.sock.close()

@@ -176,7 +176,7 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
 
 
 def _error_response(exc: ApiError) -> JSONResponse:
-    retry = {"Retry-After": "1"} if exc.status == 429 else {}  # a full queue drains within seconds: come back then
+    retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
     return JSONResponse(exc.body(), status_code=exc.status, headers=retry)
 
 

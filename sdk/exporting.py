@@ -28,6 +28,7 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
 DEFAULT_CONTEXT = 4096
 PPL_GUARD = 1.5  # a perplexity this many times the original's is far past what any shipped precision gives
 EVAL_DATA_CTX = 1024
+CARD_BYTES = 4 << 10  # room a --size plan leaves for the model card (README.md, 2-3 KiB), written as the bundle lands
 RETRIES = 2  # re-plans when a planned bundle comes out larger on disk than --size, or misses the target it was planned for
 
 
@@ -332,7 +333,7 @@ def fits_size(job: ExportJob, stage: Path) -> bool:
     """A planned export with --size: is the staged bundle within it on disk? If not, the budget shrinks by the excess."""
     if job.size is None or not job.planned:
         return True
-    on_disk = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file()) + 4096  # + the manifest's checksums
+    on_disk = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file()) + 4096 + CARD_BYTES  # + the manifest's checksums, the card
     if on_disk <= job.size:
         return True
     log.info("planned bundle is %d bytes on disk, over --size %d: planning again with %d bytes less", on_disk, job.size, on_disk - job.size)

@@ -326,7 +326,8 @@ def _cell_result(manifest: dict, bundle: Path, spec: dict, estimate: dict) -> di
     return {"status": "pass" if passed else "miss", "bundle": f"{spec['model_name']}/{spec['device_name']}" if passed else None,
             "format": manifest["format"], "precision": manifest.get("precision"), "planned": manifest.get("plan") is not None,
             "bits_per_weight": manifest.get("bits_per_weight"),
-            "size_bytes": sum(f["bytes"] for f in manifest["files"].values()) + (bundle / "edgeq.json").stat().st_size,
+            "size_bytes": sum(f["bytes"] for f in manifest["files"].values())  # + the manifest and the card it describes
+                          + sum((bundle / name).stat().st_size for name in ("edgeq.json", "README.md") if (bundle / name).is_file()),
             "quality": manifest.get("quality"), "finetune_quality": manifest.get("finetune_quality"),
             "target": spec["targets"], "misses": checked.get("misses", []), "plan_check": manifest.get("plan_check"),
             "estimate": estimate}

@@ -62,6 +62,7 @@ class LoraAdapter:
     pairs: dict[str, dict[str, str]] = field(default_factory=dict)   # base weight name → {"A": key, "B": key}
     replaced: dict[str, str] = field(default_factory=dict)           # base tensor name → adapter key (modules_to_save)
     base_copies: dict[str, str] = field(default_factory=dict)        # base tensor name → PEFT's saved copy of it
+    origin: dict | None = None                                       # hub id and revision, when named by one
 
     @property
     def dora(self) -> bool:
@@ -82,8 +83,12 @@ class LoraAdapter:
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
 
-def read_adapter(path: Path) -> LoraAdapter:
-    path = Path(path)
+def read_adapter(path: Path, progress: bool | None = None) -> LoraAdapter:
+    """A PEFT adapter folder, or a hub id (`org/lora`) resolved into the hub cache as models are."""
+    from .hub import resolve
+
+    found = resolve(path, what="adapter", progress=progress)
+    path = found.path
     config_path = path / "adapter_config.json"
     if not config_path.is_file():
         raise EdgeqError(f"{path} is not a PEFT adapter folder (no adapter_config.json)")
@@ -107,7 +112,7 @@ def read_adapter(path: Path) -> LoraAdapter:
         index = index_folder(path)
     except EdgeqError as exc:
         raise EdgeqError(f"adapter: {exc}") from exc
-    adapter = LoraAdapter(path, config, index)
+    adapter = LoraAdapter(path, config, index, origin=found.origin())
     for key, info in index.items():
         if info.dtype not in FLOAT_DTYPES:
             raise EdgeqError(f"adapter tensor {key} is stored as {info.dtype}, not floating point; export from the "

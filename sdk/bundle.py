@@ -33,13 +33,16 @@ MANIFEST = "edgeq.json"
 TEMPLATE_FILE = "chat_template.jinja"  # opened by the tokenizer when the bundle has one
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 SIDE_FILES = (*TOKENIZER_FILES, TEMPLATE_FILE)  # every format's bundle holds these beside its model files
+CARD = "README.md"  # the model card (edgeq.model_card): made from the manifest after it, opened by nothing, editable before upload
+CARD_BYTES = 4 << 10  # room a --size plan leaves for the card (2-3 KiB), written as the bundle lands
 MAX_MANIFEST_BYTES = 64 << 20  # a real manifest is a few hundred KiB even with a plan for every tensor
 _STAGE = re.compile(r"\..+\.partial-(?P<pid>\d+)-[a-z0-9_]+")
 
 
 def _file_table(folder: Path) -> dict:
     table = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+    derived = {folder / MANIFEST, folder / CARD}  # both describe the files; neither is checksummed with them
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p not in derived):
         table[path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return table
 

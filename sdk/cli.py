@@ -81,10 +81,11 @@ def main(ctx, debug, verbose, progress):
 
 
 @main.command()
-@click.argument("model", required=False, type=click.Path(file_okay=False))
+@click.argument("model", required=False)
+@click.option("--revision", help="With a hub id: the branch, tag or commit to use (default: main).")
 @click.option("--device", "-d", help="Device profile: a built-in name (see `edgeq devices`) or a .toml file.")
 @click.option("--adapter", "adapters", multiple=True, metavar="[NAME=]DIR",
-              help="PEFT LoRA adapter folder to merge into MODEL; with --keep-adapters, NAME=DIR once per adapter to keep apart.")
+              help="PEFT LoRA adapter folder (or hub id org/name) to merge into MODEL; with --keep-adapters, NAME=DIR once per adapter to keep apart.")
 @click.option("--keep-adapters", is_flag=True,
               help="Convert MODEL once and write each --adapter as its own file in the engine's adapter form (gguf, onnx), "
                    "switched per request (`edgeq run --adapter NAME`).")
@@ -127,10 +128,15 @@ def main(ctx, debug, verbose, progress):
 @click.option("--min-agreement", type=click.FloatRange(0, 1),
               help="Target: share of the eval data's prompts whose greedy reply equals the fine-tune's, at least this.")
 @click.option("--allow-quality-miss", is_flag=True, help="Write the bundle even when a target is missed (the miss is recorded in the manifest).")
-def export(model, device, adapters, keep_adapters, adapter_data, compare_merged, format_, precision, size, bits_per_weight,
+def export(model, revision, device, adapters, keep_adapters, adapter_data, compare_merged, format_, precision, size, bits_per_weight,
            calibration, calibration_tokens, output, overwrite, trust_pickle, eval_tokens, mobile, block_size, rounding, tensor_types,
            eval_data, base, max_kl, min_retention, min_agreement, allow_quality_miss):
-    """Export MODEL (a Hugging Face folder; default: SmolLM2-135M-Instruct) into a bundle for a device.
+    """Export MODEL (default: SmolLM2-135M-Instruct) into a bundle for a device.
+
+    \b
+    MODEL is a Hugging Face checkpoint folder, a hub id (org/name: from the hub cache when offline, downloaded
+    with your token otherwise; org/name:Q4_K_M picks that type from a repo of GGUFs) or a .gguf file, which is
+    dequantized first (quality is then measured against the GGUF). A local folder wins over a hub id.
 
     With --device (or --size / --bits-per-weight) and no --precision, edgeq measures how much each
     tensor's quantization costs on calibration text and picks a precision per tensor that fits.
@@ -138,7 +144,7 @@ def export(model, device, adapters, keep_adapters, adapter_data, compare_merged,
     from .export_options import ExportOptions
     from .exporting import run
 
-    out = run(ExportOptions(model, device=device, adapters=list(adapters) or None, keep_adapters=keep_adapters,
+    out = run(ExportOptions(model, revision=revision, device=device, adapters=list(adapters) or None, keep_adapters=keep_adapters,
                             adapter_data=_pairs(adapter_data, "--adapter-data", "NAME=FILE, e.g. summarizer=held_out.jsonl"),
                             compare_merged=compare_merged, format=format_, precision=precision, calibration=calibration,
                             calibration_tokens=calibration_tokens, output=output, overwrite=overwrite, trust_pickle=trust_pickle,
@@ -167,13 +173,21 @@ def _pairs(pairs: tuple[str, ...], option: str, form: str) -> dict[str, str] | N
 def _print_summary(bundle) -> None:
     from .bundle import read_manifest
 
+    from .model_card import weight_shares
+
     m = read_manifest(bundle, verify=False)
     size = sum(f["bytes"] for f in m["files"].values())
-    click.echo(f"  format {m['format']}  precision {m['precision']}  {m.get('bits_per_weight', '?')} bits/weight  {size / 2**20:.1f} MiB")
+    mix = ", ".join(f"{t} {share:.0%}" if share >= 0.005 else f"{t} <1%" for t, share, _ in weight_shares(m))
+    what = f"planned: {mix} of weights" if m.get("plan") else f"precision {m['precision']} ({mix} of weights)"
+    click.echo(f"  format {m['format']}  {what}; {m.get('bits_per_weight', '?')} bits/weight  {size / 2**20:.1f} MiB")
     if q := m.get("quality"):
-        click.echo(f"  vs reference: KL {q['kl']:.4f}  top-1 {q['top1']:.3f}  ppl {q['ppl']:.2f} (reference {q['ppl_ref']:.2f}) on {q['tokens']} tokens")
+        click.echo(f"  vs reference: KL {q['kl']:.4f}  top-1 {q['top1']:.3f}  ppl {q['ppl']:.2f} (reference {q['ppl_ref']:.2f}) "
+                   f"on {q['tokens']} tokens of the {q.get('text') or 'built-in sample'}")
     if check := m.get("plan_check"):
-        click.echo(f"  plan: predicted KL {check['predicted_kl']:.4f}, measured {check['measured_kl']:.4f}" + (f" — {check['note']}" if "note" in check else ""))
+        predicted_on = f" on the {check['predicted_on']}" if check.get("predicted_on") else ""
+        measured_on = f" on the {check['measured_on']}" if check.get("measured_on") else ""
+        click.echo(f"  plan: predicted KL {check['predicted_kl']:.4f}{predicted_on}, measured {check['measured_kl']:.4f}{measured_on}"
+                   + (f" — {check['note']}" if "note" in check else ""))
     if problems := m.get("mismatches"):  # one line however many tensors fell back; inspect --json lists them
         first = problems[0]
         click.echo(f"  note: {len(problems)} tensor(s) got another type than asked, e.g. {first['tensor']} asked "
@@ -298,19 +312,22 @@ def inspect(bundle, as_json):
 
 
 @main.command()
-@click.argument("model", required=False, type=click.Path(file_okay=False))
+@click.argument("model", required=False)
+@click.option("--revision", help="With a hub id: the branch, tag or commit to use (default: main).")
 @click.option("--device", "-d", help="Device profile whose budget and format to plan for.")
 @click.option("--format", "format_", default="gguf", show_default=True, help="Format whose precisions to choose from (gguf, onnx, coreml).")
 @click.option("--size", type=types.SIZE, help="Budget as a size, e.g. 95MB (instead of the device's).")
 @click.option("--bits-per-weight", type=types.BITS_PER_WEIGHT, help="Budget as average bits per weight (0-32].")
-@click.option("--adapter", type=click.Path(file_okay=False), help="PEFT LoRA adapter folder merged into MODEL first.")
+@click.option("--adapter", help="PEFT LoRA adapter folder (or hub id org/name) merged into MODEL first.")
 @click.option("--calibration", type=types.TextFile("calibration text"), help="UTF-8 text to measure sensitivity on (default: built-in text).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(model, device, format_, size, bits_per_weight, adapter, calibration, as_json):
-    """Show the precision edgeq would give each tensor of MODEL: tensor, precision, bytes, predicted ΔKL."""
+def plan(model, revision, device, format_, size, bits_per_weight, adapter, calibration, as_json):
+    """Show the precision edgeq would give each tensor of MODEL: tensor, precision, bytes, predicted ΔKL.
+
+    MODEL is a Hugging Face folder, a hub id (org/name, org/name:Q4_K_M) or a .gguf file, as for `edgeq export`."""
     from .planning import plan as run_plan
 
-    result = run_plan(model, device=device, format=format_, size=size, bits_per_weight=bits_per_weight,
+    result = run_plan(model, revision=revision, device=device, format=format_, size=size, bits_per_weight=bits_per_weight,
                       adapter=adapter, calibration=calibration, progress=progress_flag())
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))

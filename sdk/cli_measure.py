@@ -15,7 +15,7 @@ from .cli_types import progress_flag
 @click.option("--text", type=types.TextFile("eval text"), help="UTF-8 text to measure on (default: a built-in sample).")
 @click.option("--tokens", default=4096, show_default=True, type=types.TOKENS, help="Tokens to measure on.")
 @click.option("--ctx", default=512, show_default=True, type=types.CONTEXT, help="Window length: the text is cut into non-overlapping windows of this many tokens.")
-@click.option("--reference", type=click.Path(file_okay=False), help="Reference HF folder (default: the source the manifest names).")
+@click.option("--reference", help="Reference model: an HF folder, hub id or .gguf file (default: the source the manifest names).")
 @click.option("--backend", help="Runtime to use instead of the one the bundle names.")
 @click.option("--threads", type=types.THREADS, help="CPU threads.")
 @click.option("--eval-data", type=types.TextFile("eval data"),

@@ -44,7 +44,9 @@ def measure(job, stage: Path) -> None:
     finally:
         candidate.close()
     if job.plan and "quality" in job.manifest:
-        job.manifest["plan_check"] = _plan_check(job.plan, job.manifest["quality"]["kl"], job.manifest.get("rounding"))
+        job.manifest["plan_check"] = {**_plan_check(job.plan, job.manifest["quality"]["kl"], job.manifest.get("rounding")),
+                                      "predicted_on": f"{job.plan.sensitivity.get('calibration', 'calibration text')} (summed per-tensor sensitivity)",
+                                      "measured_on": job.manifest["quality"]["text"]}
 
 
 def _measure_adapters(job, candidate) -> dict[str, dict]:

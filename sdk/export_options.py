@@ -20,6 +20,7 @@ class ExportOptions:
     """Every option of `edgeq.export`; see its docstring (and `edgeq export --help`) for what each does."""
 
     model: str | Path | None = None
+    revision: str | None = None
     device: str | Path | None = None
     adapter: str | Path | None = None
     adapters: dict | list | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .bundle import TOKENIZER_FILES
+from .bundle import CARD_BYTES, TOKENIZER_FILES
 from .errors import EdgeqError
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def fits_size(job, stage: Path) -> bool:
     """A planned export with --size: is the staged bundle within it on disk? If not, the budget shrinks by the excess."""
     if job.opts.size is None or not job.planned:
         return True
-    on_disk = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file()) + 4096  # + the manifest's checksums
+    on_disk = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file()) + 4096 + CARD_BYTES  # + the manifest's checksums, the card
     if on_disk <= job.opts.size:
         return True
     log.info("planned bundle is %d bytes on disk, over --size %d: planning again with %d bytes less", on_disk, job.opts.size, on_disk - job.opts.size)

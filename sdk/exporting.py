@@ -21,6 +21,7 @@ from .export_checks import check_targets, measure
 from .export_options import ExportOptions
 from .export_planning import calibrate, fits_size
 from .formats import FormatSpec
+from .model_card import write_card
 from .quality import BaseScores
 from .quant.calibration import Calibration
 
@@ -149,12 +150,12 @@ def resolve(opts: ExportOptions) -> ExportJob:
         raise EdgeqError("per-tensor types apply to a forced --precision; without one, the plan chooses every tensor's type")
     chosen = spec.planned_precision if planned else choose_precision(opts.precision, profile, spec)
     adapter, kept = merged_or_kept(opts.adapter, opts.adapters, opts.keep_adapters)
-    source = open_model(model, adapter=adapter, trust_pickle=opts.trust_pickle)
+    source = open_model(model, adapter=adapter, trust_pickle=opts.trust_pickle, revision=opts.revision, progress=opts.progress)
     spec.check_source(source)
     kept = keep_adapters_for(source, spec, kept) if kept else []
-    name = f"{Path(model).name}-{profile.id if profile else 'generic'}-{'planned' if planned else chosen.lower()}"
+    name = f"{source.name}-{profile.id if profile else 'generic'}-{'planned' if planned else chosen.lower()}"
     out = Path(opts.output) if opts.output else Path(name)
-    inputs = (model, adapter, opts.calibration, opts.eval_data, opts.base)
+    inputs = (*source.inputs, opts.calibration, opts.eval_data, opts.base)
     check_writable(out, opts.overwrite, inputs)
     reference = FloatReference(source)
     job = ExportJob(opts, source, spec, chosen, planned, profile, out, options, opts.tensor_types, reference,
@@ -220,6 +221,8 @@ def score_base(job: ExportJob) -> None:
 
 
 def convert(job: ExportJob, stage: Path) -> None:
+    from .model_card import source_facts
+
     converter = job.spec.converter()
     kept = {"adapters": job.adapters} if job.adapters else {}
     fields = converter.convert(job.source, stage, precision=job.precision, overrides=job.overrides,
@@ -231,7 +234,7 @@ def convert(job: ExportJob, stage: Path) -> None:
         "runtime": job.spec.runtime,
         **fields,
         "context_length": min(job.profile.context_length if job.profile else DEFAULT_CONTEXT, trained),
-        "source": job.source.fingerprint(),
+        "source": {**job.source.fingerprint(), **source_facts(job.source)},
         "base": job.base_source.fingerprint() if job.base_source else None,
         "device": job.profile.to_dict() if job.profile else None,
         "calibration": job.calibration.describe(),
@@ -258,7 +261,7 @@ def _build(job: ExportJob, retry: bool) -> bool:
             measure(job, stage)
             if job.targets and not check_targets(job, retry):
                 raise _Again
-            write_manifest(stage, job.manifest)
+            write_card(stage, write_manifest(stage, job.manifest), job.output.name)
         return True
     except _Again:
         return False
@@ -283,8 +286,10 @@ def run(opts: ExportOptions) -> Path:
 
 
 def export(model: str | Path | None = None, **options) -> Path:
-    """Exports a Hugging Face model (and LoRA adapter) into a bundle for a device; returns the bundle path.
+    """Exports a model (and LoRA adapter) into a bundle for a device; returns the bundle path.
 
+    `model` is a Hugging Face folder, a hub id (`org/name` at `revision`, from the hub cache when offline;
+    `org/name:Q4_K_M` for a repo of GGUFs) or a GGUF file (dequantized; quality is measured against it).
     With no model, the built-in default (SmolLM2-135M-Instruct) is used. The format defaults to what the
     device runs best. Without `precision`, a `device` (or `size` / `bits_per_weight`, or a quality target)
     makes edgeq plan a precision per tensor from measured sensitivity; `precision` forces one type.

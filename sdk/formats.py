@@ -64,6 +64,9 @@ class FormatSpec:
     kv_element_bytes: int = 2         # bytes per KV-cache element as the runtime allocates it
     export_bytes_per_weight: float = 8  # peak resident memory of an export per weight (scheduling, up-front checks)
     case_sensitive: bool = False
+    hub_library: str = ""             # the model card's `library_name`: how the Hugging Face hub files this format
+    run_elsewhere: str = ""           # the model card's "how to run it" with the format's own runtime (Markdown;
+                                      # {model_file} and {name} are the bundle's)
 
     def normalize(self, precision: str) -> str:
         """The precision as this format spells it (GGUF upper case, ONNX and Core ML lower case), or a one-line refusal."""

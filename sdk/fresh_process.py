@@ -8,6 +8,8 @@ child's own progress bars show; its failures come back as one line, never its tr
 """
 from __future__ import annotations
 
+import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -19,8 +21,11 @@ from .errors import EdgeqError
 FAILED = 3  # the child's exit status when it wrote its one-line error into the job file
 
 _CHILD = """
-import errno, importlib, pickle, sys
+import errno, importlib, os, pickle, sys
 from edgeq.errors import EdgeqError
+if os.environ.get("EDGEQ_QUIET_LIBRARIES"):  # the parent runs without -v: the libraries' warnings stay quiet here too
+    from edgeq.progress import quiet_libraries
+    quiet_libraries()
 with open(sys.argv[1], "rb") as f:
     module, name, args, doing, disk_hint = pickle.load(f)
 try:
@@ -49,7 +54,8 @@ def call_in_fresh_process(fn, *args, doing: str, disk_hint: str = "", env: dict 
     with tempfile.TemporaryDirectory(prefix="edgeq-apart-") as tmp:
         job = Path(tmp) / "job.pickle"
         job.write_bytes(pickle.dumps((fn.__module__, fn.__name__, args, doing, disk_hint)))
-        status = subprocess.run([sys.executable, "-c", _CHILD, str(job)], env=env).returncode
+        quiet = {"EDGEQ_QUIET_LIBRARIES": "1"} if logging.getLogger().getEffectiveLevel() > logging.INFO else {}
+        status = subprocess.run([sys.executable, "-c", _CHILD, str(job)], env={**(env or os.environ), **quiet}).returncode
         if status == FAILED:
             raise EdgeqError(job.read_text())
         if status != 0:

@@ -7,6 +7,7 @@ as it streams, so a damaged checkpoint fails in one line before any conversion w
 """
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,6 +24,7 @@ from .safetensors_index import TensorInfo, index_folder, load_pickle_tensors
 from .tokenizer import ChatTokenizer, TokenizerSpec, load_tokenizer, read_chat_template, spec_from_hf_folder
 from .validate import read_json_object
 
+log = logging.getLogger(__name__)
 # HF architecture class → edgeq family; each family's facts are one entry of `edgeq.architectures.ARCHITECTURES`.
 
 
@@ -42,10 +44,24 @@ class SourceModel:
     _finite: set = field(default_factory=set, repr=False)  # tensors already checked for NaN/inf
     stored: dict[str, str] = field(default_factory=dict, repr=False)  # edgeq's name → the file's, where they differ
     dropped: str | None = None  # what of a multimodal checkpoint is not exported (recorded in the manifest)
+    origin: dict = field(default_factory=dict)  # "hub": its hub id and revision; "gguf_file": the GGUF it was dequantized from
 
     @property
     def arch(self) -> Architecture:
         return ARCHITECTURES[self.family]
+
+    @property
+    def name(self) -> str:
+        """What the user calls it (a default bundle is named after it): the GGUF file's stem, the hub repo's name, the folder's."""
+        if gguf := self.origin.get("gguf_file"):
+            return Path(gguf["file"]).stem
+        return self.origin["hub"]["hub_id"].rsplit("/", 1)[-1] if "hub" in self.origin else self.path.name
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """The files and folders the model is read from (an export's output may be none of them, nor hold one)."""
+        gguf = (self.origin.get("gguf_file") or {}).get("file")
+        return tuple(Path(p) for p in (self.path, self.adapter.path if self.adapter else None, gguf) if p)
 
     @property
     def architecture(self) -> str:
@@ -134,8 +150,10 @@ class SourceModel:
         info = {"path": str(self.path), "architecture": self.architecture, "sha256": weights}
         if self.dropped:
             info["dropped"] = self.dropped
+        info.update(self.origin)
         if self.adapter:
-            info["adapter"] = {"path": str(self.adapter.path), "sha256": adapter}
+            info["adapter"] = {"path": str(self.adapter.path), "sha256": adapter,
+                               **({"hub": self.adapter.origin} if self.adapter.origin else {})}
         return info
 
     def hash_in_background(self) -> None:
@@ -171,11 +189,11 @@ class SourceModel:
         return read_chat_template(self.tokenizer_folder) or read_chat_template(self.path)
 
 
-def open_model(path: str | Path, adapter: str | Path | None = None, trust_pickle: bool = False) -> SourceModel:
-    """Checks an HF folder (and adapter) and returns a streaming view of the merged model."""
-    path = Path(path)
-    if not path.is_dir():
-        raise EdgeqError(f"model folder {path} does not exist; pass a local Hugging Face checkpoint folder")
+def open_model(path: str | Path, adapter: str | Path | None = None, trust_pickle: bool = False, revision: str | None = None,
+               progress: bool | None = None) -> SourceModel:
+    """Checks a model (and adapter) and returns a streaming view of the merged model. The model is an HF folder, a
+    hub id (`org/name`, at `revision`; `org/name:Q4_K_M` for a GGUF repo) or a GGUF file (dequantized first)."""
+    path, origin = locate_model(path, revision, progress)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise EdgeqError(f"{path} has no config.json; pass the folder of a Hugging Face checkpoint (the one with config.json and *.safetensors)")
@@ -193,22 +211,44 @@ def open_model(path: str | Path, adapter: str | Path | None = None, trust_pickle
         raise EdgeqError(f"{path} is a {method} checkpoint; export from the full-precision base model (merge the adapter into that)")
     if not (path / "tokenizer.json").is_file():
         raise EdgeqError(f"{path} has no tokenizer.json (a fast tokenizer); save the tokenizer with transformers first")
-    model = SourceModel(path, config, arch.family, index_folder(path, trust_pickle), trust_pickle=trust_pickle)
+    model = SourceModel(path, config, arch.family, index_folder(path, trust_pickle), trust_pickle=trust_pickle, origin=origin)
     if arch.text_config:
         _keep_text_model(model)
     check_weights(config, model.base_shapes(), model.dtypes(), path, arch)
     check_tensors(arch, model.base_shapes())
     if adapter is not None:
-        model.adapter = read_adapter(Path(adapter))
+        model.adapter = read_adapter(adapter, progress)
         if "lm_head.weight" in {*model.adapter.pairs, *model.adapter.replaced}:
             model.untie_head()
         resized = check_against_base(model.adapter, model.base_shapes())
         if resized:
-            if not (Path(adapter) / "tokenizer.json").is_file():
+            if not (model.adapter.path / "tokenizer.json").is_file():
                 raise EdgeqError(f"the adapter resizes {', '.join(resized)} but ships no tokenizer.json; save the fine-tune's tokenizer into {adapter}")
             model.config = {**config, "vocab_size": next(iter(resized.values()))[0]}
     model.chat_tokenizer()  # a damaged tokenizer file or template fails here, before any work
     return model
+
+
+def locate_model(name: str | Path, revision: str | None = None, progress: bool | None = None) -> tuple[Path, dict]:
+    """The HF folder to read for `name` and where it came from: a local folder as is, a hub id from the hub cache,
+    a GGUF file (local or from a hub repo) dequantized into a float folder."""
+    from .gguf_source import float_folder, is_gguf, quantized
+    from .hub import resolve
+
+    found = resolve(name, revision=revision, progress=progress)
+    origin = {"hub": found.origin()} if found.hub_id else {}
+    if is_gguf(found.path):
+        folder, facts = float_folder(found.path, progress)
+        origin["gguf_file"] = {k: v for k, v in facts.items() if k not in ("chat_template", "output_tensor")}
+        if quantized(facts):
+            log.warning("%s is %s: its dequantized weights are the source, so requantizing compounds the error, and the "
+                        "quality measured is against this GGUF, not the model it was quantized from", found.path.name, facts["precision"])
+        return folder, origin
+    if found.path.is_file():
+        raise EdgeqError(f"{found.path} is a file but not a GGUF; pass a Hugging Face checkpoint folder, a .gguf file or a hub id (org/name)")
+    if not found.path.is_dir():
+        raise EdgeqError(f"model {found.path} does not exist; pass a Hugging Face checkpoint folder, a .gguf file or a hub id (org/name)")
+    return found.path, origin
 
 
 def _full_text_config(path: Path, arch: Architecture) -> dict:

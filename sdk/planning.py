@@ -10,10 +10,11 @@ from .quant.knapsack import Plan, plan_precisions
 from .quant.sensitivity import measure_sensitivity
 
 
-def plan(model: str | Path | None = None, *, device: str | Path | None = None, format: str = registry.DEFAULT_FORMAT,
+def plan(model: str | Path | None = None, *, revision: str | None = None, device: str | Path | None = None, format: str = registry.DEFAULT_FORMAT,
          size: str | int | None = None, bits_per_weight: float | None = None, adapter: str | Path | None = None,
          calibration: str | Path | None = None, progress: bool | None = None) -> Plan:
-    """Chooses a precision per tensor for `model` on `device` (or within `size` / `bits_per_weight`).
+    """Chooses a precision per tensor for `model` (a folder, hub id at `revision`, or GGUF file, as `export` takes)
+    on `device` (or within `size` / `bits_per_weight`).
 
     Sensitivity is measured once per model, calibration text and format, then cached, so planning
     the same model for another device takes seconds.
@@ -31,7 +32,7 @@ def plan(model: str | Path | None = None, *, device: str | Path | None = None, f
         from .validate import BITS_PER_WEIGHT
 
         BITS_PER_WEIGHT.check("bits_per_weight", bits_per_weight)
-    source = open_model(model, adapter=adapter)
+    source = open_model(model, adapter=adapter, revision=revision, progress=progress)
     profile = load_device(device) if device else None
     return plan_for(source, format, Calibration(source, calibration), profile=profile, size=size,
                     bits_per_weight=bits_per_weight, progress=progress)

@@ -20,7 +20,7 @@ def quiet_libraries() -> None:
 
     # tqdm reads TQDM_* as defaults: third-party bars are off, edgeq's own pass `disable` explicitly.
     for name, value in (("TQDM_DISABLE", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-                        ("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+                        ("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
         os.environ.setdefault(name, value)
     logging.captureWarnings(True)  # warnings.warn from any library becomes a record of the py.warnings logger
     for name in ("py.warnings", "transformers", "torch", "coremltools", "onnx", "onnxruntime", "huggingface_hub"):

@@ -97,7 +97,10 @@ def evaluate(bundle: str | Path, *, text: str | Path | None = None, tokens: int 
     manifest = read_manifest(bundle)
     src = manifest.get("source") or {}
     ref_path = Path(reference) if reference else Path(src.get("path", ""))
-    if not (ref_path / "config.json").is_file():
+    gguf = Path((src.get("gguf_file") or {}).get("file", ""))
+    if not reference and not (ref_path / "config.json").is_file() and gguf.suffix and gguf.is_file():
+        ref_path = gguf  # exported from a GGUF whose dequantized copy left the cache: made again from the file
+    elif not reference and not (ref_path / "config.json").is_file():
         raise EdgeqError(f"the reference model {ref_path} is not there; pass --reference with the source model folder")
     merged = None if reference else (src.get("adapter") or {}).get("path")
     if adapter is not None:

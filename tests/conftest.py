@@ -197,3 +197,12 @@ def _isolated_cache(tmp_path_factory):
         if models.is_dir():
             (tmp_path_factory.getbasetemp() / "edgeq-cache" / "models").symlink_to(models)
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_llama) -> Path:
+    """tiny_llama as a Q8_0 GGUF file, as a user would hold one (written by edgeq's converter, llama.cpp's quantizer)."""
+    import edgeq
+
+    bundle = edgeq.export(tiny_llama, format="gguf", precision="Q8_0", output=tmp_path_factory.mktemp("gguf") / "tiny", eval_tokens=0)
+    return bundle / "model.gguf"

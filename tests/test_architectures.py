@@ -193,3 +193,14 @@ def test_sensitivity_replays_the_layers_before_a_tensor_as_a_full_forward_comput
             param.data = saved
             assert info["measured"] == pytest.approx(max(float((ref.exp() * (ref - out)).sum(-1).mean()), 1e-9), rel=1e-4), n
     assert any(n.startswith("lm_head") for n in names) != (name == "gemma3")  # an untied head, replayed to the end
+
+
+def test_a_text_familys_name_is_llama_cpps_architecture_name():
+    """A GGUF source names its architecture as llama.cpp does; edgeq reads it as the family of that name."""
+    from edgeq.architectures import ARCHITECTURES
+    from edgeq.converters.gguf.layout import GRAPHS
+
+    assert set(GRAPHS) == set(ARCHITECTURES)
+    for family, arch in ARCHITECTURES.items():
+        if arch.text_config is None:
+            assert GRAPHS[family].arch == family

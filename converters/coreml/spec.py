@@ -213,6 +213,10 @@ class CoreMLFormat(FormatSpec):
     roundings = ("nearest", "gptq")  # GPTQ's pass over the float model takes several times the conversion (bench/README.md)
     gptq_precisions = tuple(INT4_BLOCKS)
     kv_element_bytes = 2  # the package's key/value state is float16
+    hub_library = "coreml"
+    run_elsewhere = ("With Core ML (macOS 15 / iOS 18): load `{model_file}` as an `MLModel` (Swift) or with "
+                     "`coremltools.models.MLModel` (Python); it is stateful (the key/value cache is an `MLState`), with "
+                     "`prefill` and `decode` functions.")
     kept_adapters = "functions prefill_NAME / decode_NAME of the multifunction package, over the base's shared weights"
     export_bytes_per_weight = 10  # a traced float32 decoder plus coremltools' float16 copy
 

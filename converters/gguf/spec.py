@@ -48,6 +48,10 @@ class GGUFFormat(FormatSpec):
     nominal_bpw = {"Q4_0": 4.5, "IQ4_NL": 4.5, "Q4_K_M": 4.85, "Q5_K_M": 5.69, "Q6_K": 6.56, "Q8_0": 8.5, "F16": 16.0}
     kv_element_bytes = 2  # llama.cpp's default f16 cache
     kept_adapters = "GGUF LoRA files (llama_adapter_lora_init)"
+    hub_library = "gguf"
+    run_elsewhere = ("With llama.cpp or Ollama (the chat template and stop tokens are in the file):\n\n```bash\n"
+                     "llama-cli -m {model_file} -cnv\n"
+                     "printf 'FROM ./{model_file}\\n' > Modelfile && ollama create {name} -f Modelfile && ollama run {name}\n```")
 
     def normalize(self, precision: str) -> str:
         return super().normalize(str(precision).upper())

@@ -76,6 +76,11 @@ class ONNXFormat(FormatSpec):
     kv_element_bytes = 4  # onnxruntime's GroupQueryAttention cache is float32 in this graph
     kept_adapters = "onnxruntime adapter files (.onnx_adapter) over LoRA inputs of the graph"
     export_bytes_per_weight = 12  # the float model for GPTQ beside the graph being written
+    hub_library = "onnx"
+    run_elsewhere = ("With onnxruntime: `{model_file}` is a decoder graph with a key/value cache (input ids, positions and "
+                     "the cache in; logits and the updated cache out), which `edgeq.load()` drives; `tokenizer.json` and "
+                     "`chat_template.jinja` render the prompt. onnxruntime-genai needs a `genai_config.json` describing the "
+                     "graph, which edgeq does not write.")
 
     def file_overhead(self, source, tensors):
         # tensors of 64 KiB or more start on a 64 KiB boundary in the external-data file (half a boundary on

@@ -73,7 +73,10 @@ class Calibration:
     def describe(self) -> dict | None:
         if not self.used:
             return None
-        return {"text": str(self.text) if self.given else "built-in calibration text", "tokens": self.tokens}
+        from ..hashing import sha256_file
+
+        return {"text": str(self.text) if self.given else "built-in calibration text", "sha256": sha256_file(Path(self.text)),
+                "tokens": self.tokens}
 
 
 def calibration_windows(tokenizer, data_path: Path, tokens: int, ctx: int) -> list[list[int]]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import registry
-from ..bundle import MANIFEST, land
+from ..bundle import CARD, MANIFEST, land
 from ..errors import EdgeqError
 from .file import STATE, DeviceEntry, ModelEntry, Release
 
@@ -328,7 +328,8 @@ def _cell_result(manifest: dict, bundle: Path, spec: dict, estimate: dict) -> di
     return {"status": "pass" if passed else "miss", "bundle": f"{spec['model_name']}/{spec['device_name']}" if passed else None,
             "format": manifest["format"], "precision": manifest.get("precision"), "planned": manifest.get("plan") is not None,
             "bits_per_weight": manifest.get("bits_per_weight"),
-            "size_bytes": sum(f["bytes"] for f in manifest["files"].values()) + (bundle / MANIFEST).stat().st_size,
+            "size_bytes": sum(f["bytes"] for f in manifest["files"].values())  # + the manifest and the card it describes
+                          + sum((bundle / name).stat().st_size for name in (MANIFEST, CARD) if (bundle / name).is_file()),
             "quality": manifest.get("quality"), "finetune_quality": manifest.get("finetune_quality"),
             "target": spec["targets"], "misses": checked.get("misses", []), "plan_check": manifest.get("plan_check"),
             "estimate": estimate}

@@ -176,7 +176,8 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
 
 
 def _error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
+    return JSONResponse(exc.body(), status_code=exc.status, headers=retry)
 
 
 def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue_size: int = 8, timeout: float = 600.0) -> FastAPI:
@@ -227,7 +228,8 @@ def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": {name: {"waiting": max(slot.held - 1, 0)} for name, slot in service.slots.items()}}
+        return {"status": "ok", "models": {name: {"waiting": max(slot.held - 1, 0), "running": min(slot.held, 1)}
+                                           for name, slot in service.slots.items()}}
 
     @app.get("/v1/models")
     async def list_models():
@@ -245,7 +247,7 @@ def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue
                        max_new_tokens=max_tokens, adapter=service.target(body.model)[1], **body.sampling())
         cancel = threading.Event()
         chunks = model.chat(messages, **options, stream=True, cancel=cancel)  # checks everything (prompt fits, schema compiles) before queueing
-        job = await service.run(body.model, chunks, cancel)
+        job = await service.run(body.model, chunks, cancel, request)
         rid, created = new_id("chatcmpl"), now()
         base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
         if body.stream:
@@ -279,7 +281,7 @@ def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         options = dict(max_new_tokens=_max_tokens(model, body.max_tokens), adapter=service.target(body.model)[1], **body.sampling())
         cancel = threading.Event()
-        job = await service.run(body.model, model.complete(prompt, **options, stream=True, cancel=cancel), cancel)
+        job = await service.run(body.model, model.complete(prompt, **options, stream=True, cancel=cancel), cancel, request)
         rid, created = new_id("cmpl"), now()
         base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
         if body.stream:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import threading
 import time
@@ -35,9 +36,11 @@ MAX_BODY_BYTES = 4 << 20
 class ApiError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None, param: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None, param: str | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.retry_after = retry_after  # seconds, sent as Retry-After (a full queue's estimate of when a place frees)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -51,12 +54,18 @@ class Slot:
     queue_size: int
     worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeq-model"))
     held: int = 0  # running + waiting
+    typical_s: float = 1.0  # a request's time on the worker, averaged over the last few: what a place in the queue waits
 
     def admit(self) -> None:
         if self.held > self.queue_size:  # one running and queue_size waiting
-            raise ApiError(429, f"model {self.model.name!r} is busy: {self.held - 1} requests already wait for it; retry later",
-                           "rate_limit_error", "queue_full")
+            wait = max(1, math.ceil(self.typical_s))  # a place frees when the running request ends
+            raise ApiError(429, f"model {self.model.name!r} is busy: {self.held - 1} requests already wait for it; retry in "
+                           f"{wait} s", "rate_limit_error", "queue_full", retry_after=wait)
         self.held += 1
+
+    def finished(self, seconds: float) -> None:
+        self.held -= 1
+        self.typical_s = 0.8 * self.typical_s + 0.2 * seconds
 
 
 class Job:
@@ -67,6 +76,7 @@ class Job:
         self.loop, self.source, self.deadline, self.cancelled = loop, chunks, deadline, cancelled
         self.chunks: asyncio.Queue = asyncio.Queue()
         self.timed_out = False
+        self.started: float | None = None  # when the worker took it up
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -74,6 +84,7 @@ class Job:
     def run(self) -> None:
         """Runs on the worker thread; ends with None on the queue (or the exception that stopped it)."""
         outcome: Any = None
+        self.started = time.monotonic()
         try:
             for chunk in self.source if not self.cancelled.is_set() else ():
                 self.loop.call_soon_threadsafe(self.chunks.put_nowait, chunk)
@@ -131,9 +142,9 @@ class Service:
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "missing or wrong API key; send it as 'Authorization: Bearer KEY'", "authentication_error", "invalid_api_key")
 
-    async def run(self, name: str, chunks: Iterator[ChatChunk], cancel: threading.Event) -> Job:
+    async def run(self, name: str, chunks: Iterator[ChatChunk], cancel: threading.Event, request=None) -> Job:
         """Queues a generation (not started yet, made with `cancel=cancel`) on its model's worker; the caller
-        reads `job.chunks`."""
+        reads `job.chunks`. With `request`, the job is cancelled the moment its client goes."""
         slot = self.slot(name)
         try:
             slot.admit()
@@ -141,9 +152,25 @@ class Service:
             chunks.close()
             raise
         job = Job(asyncio.get_running_loop(), chunks, time.monotonic() + self.timeout, cancel)
+        watcher = asyncio.ensure_future(_cancel_when_gone(job, request)) if request is not None else None
         future = asyncio.get_running_loop().run_in_executor(slot.worker, job.run)
-        future.add_done_callback(lambda _: setattr(slot, "held", slot.held - 1))
+
+        def done(_):
+            slot.finished(time.monotonic() - (job.started or time.monotonic()))  # its time on the worker, not in the queue
+            if watcher is not None:
+                watcher.cancel()
+
+        future.add_done_callback(done)
         return job
+
+
+async def _cancel_when_gone(job: Job, request) -> None:
+    """The server learns of a closed connection at once (uvicorn answers `receive()` with http.disconnect), but a
+    stream only when a later token fails to send and a whole reply not before it is done: cancelling here frees
+    the model after the token being decoded."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
 
 
 async def _next(job: Job, request=None) -> Any:

@@ -21,6 +21,7 @@ from .formats import FormatSpec
 from .loading import CHAT_TEMPLATE_FILE, open_engine
 from .quality import DEFAULT_TEXT, BaseScores, compare, finetune_quality
 from .quant.calibration import Calibration, calibration_windows
+from .quant.effort import rounding_for
 from .quant.targets import Targets
 
 log = logging.getLogger(__name__)
@@ -470,7 +471,8 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
            eval_data: str | Path | None = None, eval_data_tokens: int = 2048, base: str | Path | None = None,
            max_kl: float | None = None, min_retention: float | None = None, min_agreement: float | None = None,
            allow_quality_miss: bool = False,
-           mobile: bool = False, block_size: int | None = None, rounding: str | None = None, tensor_types: dict[str, str] | None = None,
+           mobile: bool = False, block_size: int | None = None, rounding: str | None = None, effort: str | None = None,
+           tensor_types: dict[str, str] | None = None,
            adapters: dict | list | None = None, keep_adapters: bool = False, adapter_data: dict | None = None,
            compare_merged: bool = False, progress: bool | None = None) -> Path:
     """Exports a Hugging Face model (and LoRA adapter) into a bundle for a device; returns the bundle path.
@@ -486,7 +488,9 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
     export (nothing is written) unless `allow_quality_miss`. `tensor_types` (HF tensor name → precision)
     makes exceptions to a forced precision. Format options: `mobile` (onnx: also the ORT format),
     `block_size` (onnx int4), `rounding` (onnx int4/int8: "gptq", the default, or "nearest", seconds instead of minutes; coreml int4:
-    "nearest", the default, or "gptq").
+    "nearest" or "gptq", the default; gguf: "gptq", the default with `calibration`, or "nearest", llama.cpp's own).
+    `effort` ("fast", "standard", the default, or "max") chooses the rounding the same way for every format
+    (`edgeq.quant.effort`); give it or `rounding`, not both.
     `adapters` ({name: folder}) with `keep_adapters`: the base is converted once and each LoRA adapter written as
     its own file in the engine's adapter form, switched per request (`generate(adapter=name)`); each is measured
     separate (and, with `compare_merged`, merged then quantized) against its float merged model, on
@@ -496,7 +500,7 @@ def export(model: str | Path | None = None, *, device: str | Path | None = None,
     job = resolve(model, device=device, adapter=adapter, format=format, precision=precision, calibration=calibration,
                   calibration_tokens=calibration_tokens, output=output, overwrite=overwrite, trust_pickle=trust_pickle,
                   size=size, bits_per_weight=bits_per_weight, tensor_types=tensor_types,
-                  options={"mobile": mobile, "block_size": block_size, "rounding": rounding},
+                  options={"mobile": mobile, "block_size": block_size, "rounding": rounding_for(effort, rounding)},
                   eval_tokens=eval_tokens, eval_ctx=eval_ctx, eval_data=eval_data, eval_data_tokens=eval_data_tokens,
                   base=base, targets=targets, allow_quality_miss=allow_quality_miss, progress=progress,
                   adapters=adapters, keep_adapters=keep_adapters, adapter_data=adapter_data, compare_merged=compare_merged)

@@ -1,8 +1,9 @@
-"""HF checkpoint → GGUF: our own streaming writer on gguf-py, then llama.cpp's quantizer.
+"""HF checkpoint → GGUF: our own streaming writer on gguf-py, then llama.cpp's quantizer, then GPTQ.
 
 The float file is written one tensor at a time (header first, from shapes alone), so peak memory
 follows the largest tensor. Quantized types go through `llama_model_quantize`, the same code
-llama-quantize runs, with per-tensor overrides and an importance matrix.
+llama-quantize runs, with per-tensor overrides and an importance matrix; with GPTQ rounding, the
+linear weights' blocks are then rewritten in the types llama.cpp chose (`rounding`).
 """
 from __future__ import annotations
 
@@ -101,6 +102,22 @@ def _interleave_rope_rows(weight, n_heads: int):
     """Reorders each head's rows from halves layout (i, i+d/2) to adjacent pairs (2i, 2i+1)."""
     rows = weight.shape[0]
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _rows_as_written(source: SourceModel):
+    """Puts a weight's rows (of any dtype) in the order `write_float_gguf` writes them: q/k interleaved for Llama."""
+    import torch
+
+    family, config = FAMILIES[source.family], source.config
+    heads = {"q_proj.weight": config["num_attention_heads"],
+             "k_proj.weight": config.get("num_key_value_heads") or config["num_attention_heads"]}
+
+    def arrange(hf_name: str, rows: np.ndarray) -> np.ndarray:
+        n_head = next((n for suffix, n in heads.items() if hf_name.endswith(suffix)), None)
+        if not family.interleave_rope or n_head is None:
+            return rows
+        return _interleave_rope_rows(torch.from_numpy(rows), n_head).numpy()
+    return arrange
 
 
 def tensor_plan(source: SourceModel) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -226,10 +243,13 @@ class GGUFConverter:
     spec = GGUF
 
     def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
-                calibration=None, progress: bool | None = None, adapters=None) -> dict:
+                calibration=None, progress: bool | None = None, adapters=None, rounding: str | None = None) -> dict:
         """`overrides` are keyed by HF weight name, as every converter's are; the calibration's importance
-        matrix (when the user gave text, or a plan measured one) weighs llama.cpp's rounding. `adapters`
-        (`edgeq.adapter_set.KeptAdapter`s) are each written as a GGUF LoRA file beside the base."""
+        matrix (when the user gave text, or a plan measured one) weighs llama.cpp's rounding. `rounding` "gptq"
+        then rounds every linear weight of a type with a grid by GPTQ on the calibration text (the built-in text
+        when none was given), in that type's own blocks (`rounding`); None means "gptq" when the user gave text,
+        else llama.cpp's "nearest". `adapters` (`edgeq.adapter_set.KeptAdapter`s) are each written as a GGUF
+        LoRA file beside the base."""
         precision = self.spec.normalize(precision)
         written = tensor_plan(source)
         to_gguf = {hf: name for hf, name, _ in written}
@@ -250,9 +270,16 @@ class GGUFConverter:
                 quantize(intermediate, out, precision, overrides=gguf_overrides, importance=gguf_importance, progress=progress)
             finally:
                 intermediate.unlink(missing_ok=True)
+        rounded = []
+        if calibration is not None and (rounding == "gptq" or (rounding is None and calibration.given)):
+            from .rounding import round_in_place
+
+            rounded = round_in_place(out, written, calibration, _rows_as_written(source), progress, adapters)
         report = read_tensor_types(out, precision, gguf_overrides)
         warn_mismatches(log, report["mismatches"])
-        fields = {"model_file": MODEL_FILE, "precision": precision, **report}
+        fields = {"model_file": MODEL_FILE, "precision": precision, **report,
+                  "rounding": None if precision in FLOAT_TYPES and not gguf_overrides
+                  else "gptq" if rounded else "importance-weighted" if gguf_importance else "nearest"}
         if adapters:
             from .adapters import write_adapter
 

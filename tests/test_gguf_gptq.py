@@ -117,3 +117,18 @@ def test_effort_chooses_the_rounding_and_refuses_in_one_line_what_it_cannot_do(t
     with pytest.raises(edgeq.EdgeqError, match=r"needs at least 1024 calibration tokens; .*short.txt gave \d+: give more text"):
         export("short", calibration=short)
     assert not any((tmp_path / name).exists() for name in ("max", "both", "short"))
+
+
+def test_types_without_a_grid_keep_llama_cpps_importance_weighted_bytes(tmp_path, tiny_llama):
+    """Q5_K_M on 64-wide rows falls back to Q5_1, which has no grid: those tensors are llama.cpp's, with the
+    importance matrix (measured for them), and the Q8_0 / Q6_K ones are GPTQ's."""
+    common = dict(format="gguf", precision="Q5_K_M", calibration=DEFAULT_TEXT, calibration_tokens=2048, eval_tokens=0, progress=False)
+    ours = edgeq.export(tiny_llama, output=tmp_path / "gptq", **common)
+    theirs = edgeq.export(tiny_llama, output=tmp_path / "nearest", rounding="nearest", **common)
+    manifest = edgeq.inspect(ours)
+    assert manifest["rounding"] == "gptq" and manifest["gptq_tensors"] > 0
+    types = {n: t["type"] for n, t in manifest["tensors"].items()}
+    a, b = ({t.name: t.data for t in gguf.GGUFReader(bundle / "model.gguf").tensors} for bundle in (ours, theirs))
+    q51 = [n for n, t in types.items() if t == "Q5_1"]
+    assert q51 and all(np.array_equal(a[n], b[n]) for n in q51)
+    assert any(not np.array_equal(a[n], b[n]) for n, t in types.items() if t in ("Q8_0", "Q6_K", "Q5_0"))

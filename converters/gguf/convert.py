@@ -242,6 +242,13 @@ class GGUFConverter:
 
     spec = GGUF
 
+    @staticmethod
+    def _importance(importance: dict | None, to_gguf: dict[str, str]) -> dict:
+        gguf_importance = {to_gguf[hf]: v for hf, v in (importance or {}).items() if hf in to_gguf}
+        if importance and not gguf_importance:
+            raise EdgeqError("the importance matrix matches no tensor of this model; recompute it from this model")
+        return gguf_importance
+
     def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
                 calibration=None, progress: bool | None = None, adapters=None, rounding: str | None = None) -> dict:
         """`overrides` are keyed by HF weight name, as every converter's are; the calibration's importance
@@ -255,29 +262,38 @@ class GGUFConverter:
         to_gguf = {hf: name for hf, name, _ in written}
         matrices = [hf for hf, _, shape in written if len(shape) == 2]
         gguf_overrides = {to_gguf[hf]: t for hf, t in self.spec.check_overrides(overrides, matrices, source.shapes()).items()}
-        importance = calibration.importance(progress) if calibration is not None else None
-        gguf_importance = {to_gguf[hf]: v for hf, v in (importance or {}).items() if hf in to_gguf}
-        if importance and not gguf_importance:
-            raise EdgeqError("the importance matrix matches no tensor of this model; recompute it from this model")
+        gptq = calibration is not None and (rounding == "gptq" or (rounding is None and calibration.given))
+        # under GPTQ, llama.cpp's rounding survives only in types without a grid: its importance matrix (a pass over
+        # the calibration text) is measured for them alone, when the file has some
+        importance = (calibration.importance(progress) if not gptq else calibration.measured_importance()) if calibration else None
+        gguf_importance = self._importance(importance, to_gguf)
         out = stage / MODEL_FILE
         if precision in FLOAT_TYPES and not gguf_overrides:
             write_float_gguf(source, out, precision, progress)
+            gptq = False
         else:
             source_is_bf16 = any(info.dtype == "BF16" for info in source.index.values())
             intermediate = stage / "intermediate.gguf"
             write_float_gguf_apart(source, intermediate, "BF16" if source_is_bf16 else "F16", progress)
             try:
                 quantize(intermediate, out, precision, overrides=gguf_overrides, importance=gguf_importance, progress=progress)
+                if gptq:
+                    from .rounding import gptq_grids
+
+                    chosen, without = gptq_grids(out, written)
+                    if without and not gguf_importance and calibration.given:
+                        gguf_importance = self._importance(calibration.importance(progress), to_gguf)
+                        quantize(intermediate, out, precision, overrides=gguf_overrides, importance=gguf_importance, progress=progress)
             finally:
                 intermediate.unlink(missing_ok=True)
         rounded = []
-        if calibration is not None and (rounding == "gptq" or (rounding is None and calibration.given)):
+        if gptq:
             from .rounding import round_in_place
 
-            rounded = round_in_place(out, written, calibration, _rows_as_written(source), progress, adapters)
+            rounded = round_in_place(out, chosen, calibration, _rows_as_written(source), progress, adapters)
         report = read_tensor_types(out, precision, gguf_overrides)
         warn_mismatches(log, report["mismatches"])
-        fields = {"model_file": MODEL_FILE, "precision": precision, **report,
+        fields = {"model_file": MODEL_FILE, "precision": precision, **report, "gptq_tensors": len(rounded),
                   "rounding": None if precision in FLOAT_TYPES and not gguf_overrides
                   else "gptq" if rounded else "importance-weighted" if gguf_importance else "nearest"}
         if adapters:

@@ -3,7 +3,8 @@
 llama.cpp's quantizer chooses each tensor's type (the file type's mix, the fallback of a K-quant where a row width is
 not a multiple of 256, a plan's overrides) and writes the header. Then every linear weight whose type has a grid
 (`blocks.GRIDS`) is rounded by GPTQ (`edgeq.quant.gptq`) on the calibration text, layer by layer, and its bytes, of the
-same type and size, are written over the quantizer's as each is rounded. The header is not touched, so the file is as
+same type and size, are written over the quantizer's as each is rounded. (The quantizer's importance matrix is
+measured only when some linear's type has no grid: its bytes are llama.cpp's.) The header is not touched, so the file is as
 standard as llama.cpp's own, and the report reads the types back from it as for any export.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from edgeq.errors import EdgeqError
 
 from .blocks import grid_for
 from .ggml_quants import TensorEntry, tensor_table
+from .spec import FLOAT_TYPES
 
 
 class BlocksInPlace:
@@ -40,27 +42,29 @@ class BlocksInPlace:
         self._file.close()
 
 
-def gptq_grids(path: Path, written: list[tuple[str, str, tuple[int, ...]]]) -> dict[str, tuple]:
-    """{HF name: (grid, its tensor entry)} for every linear weight of the decoder layers and the head whose type, as
-    the file holds it, has a grid; the others keep the quantizer's bytes."""
+def gptq_grids(path: Path, written: list[tuple[str, str, tuple[int, ...]]]) -> tuple[dict[str, tuple], list[str]]:
+    """({HF name: (grid, its tensor entry)}, [HF names]): the linear weights of the decoder layers and the head whose
+    type, as the file holds it, has a grid, and the quantized ones whose type has none (they keep the quantizer's bytes)."""
     entries = {e.name: e for e in tensor_table(path)}
-    chosen = {}
+    chosen, without = {}, []
     for hf, name, shape in written:
-        linear = len(shape) == 2 and hf.endswith(".weight") and (hf.startswith("model.layers.") or hf == "lm_head.weight")
-        grid = grid_for(entries[name].type_name, shape[-1]) if linear else None
+        if not (len(shape) == 2 and hf.endswith(".weight") and (hf.startswith("model.layers.") or hf == "lm_head.weight")):
+            continue
+        grid = grid_for(entries[name].type_name, shape[-1])
         if grid is not None:
             chosen[hf] = (grid, entries[name])
-    return chosen
+        elif entries[name].type_name not in FLOAT_TYPES:
+            without.append(hf)
+    return chosen, without
 
 
-def round_in_place(path: Path, written: list[tuple[str, str, tuple[int, ...]]], calibration,
-                   arrange: Callable[[str, np.ndarray], np.ndarray], progress: bool | None, adapters=()) -> list[str]:
-    """GPTQ of the quantized file at `path` (`written`: `convert.tensor_plan`), on `calibration`'s text and float
+def round_in_place(path: Path, chosen: dict[str, tuple], calibration, arrange: Callable[[str, np.ndarray], np.ndarray],
+                   progress: bool | None, adapters=()) -> list[str]:
+    """GPTQ of the quantized file at `path`, for the weights `gptq_grids` chose, on `calibration`'s text and float
     model, for the base and every kept adapter's activations; returns the HF names it rounded."""
     from edgeq.quant.effort import require_tokens
     from edgeq.quant.gptq import quantize_model
 
-    chosen = gptq_grids(path, written)
     if not chosen:
         return []
     require_tokens(calibration)

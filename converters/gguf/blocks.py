@@ -119,21 +119,23 @@ def _asymmetric(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tens
     are rounded and (a, m) refit to them by weighted least squares (m held at 0 where the fit would make it negative)."""
     lo = x.amin(-1, keepdim=True).clamp(max=0)
     span = x.amax(-1, keepdim=True) - lo
-    sw, swx = w.sum(-1, keepdim=True).expand_as(span), (w * x).sum(-1, keepdim=True)
+    wx = w * x
+    sw, swx, swxx = w.sum(-1, keepdim=True).expand_as(span), wx.sum(-1, keepdim=True), (wx * x).sum(-1, keepdim=True)
     best_a, best_b = span / nmax, lo.clone()
     best_err = (w * ((x - lo) * _inverse(best_a)).round().clamp(0, nmax).mul(best_a).add(lo).sub(x).square()).sum(-1, keepdim=True)
     unit = (x - lo) * _inverse(span)
     for k in range(ASYMMETRIC_STEPS + 1):
-        q = (unit * (nmax - 1 + 2 * k / ASYMMETRIC_STEPS)).round().clamp(0, nmax)
+        q = (unit * (nmax - 1 + 2 * k / ASYMMETRIC_STEPS)).round_().clamp_(0, nmax)
         wq = w * q
-        swq, swqq, swqx = wq.sum(-1, keepdim=True), (wq * q).sum(-1, keepdim=True), (wq * x).sum(-1, keepdim=True)
+        swq, swqq, swqx = wq.sum(-1, keepdim=True), (wq * q).sum(-1, keepdim=True), (q * wx).sum(-1, keepdim=True)
         det = sw * swqq - swq * swq
         a = (sw * swqx - swq * swx) * _inverse(det)
         b = (swqq * swx - swq * swqx) * _inverse(det)
         positive = b > 0
         a = torch.where(positive, swqx * _inverse(swqq), a)
         b = torch.where(positive, torch.zeros_like(b), b)
-        err = (w * (q * a + b - x).square()).sum(-1, keepdim=True)
+        # Σ w (a·q + b - x)² from the sums the fit already has
+        err = swxx - 2 * (a * swqx + b * swx) + a * a * swqq + 2 * a * b * swq + b * b * sw
         better = (err < best_err) & (a >= 0)
         best_err, best_a, best_b = err.where(better, best_err), a.where(better, best_a), b.where(better, best_b)
     return best_a.squeeze(-1), (-best_b).squeeze(-1)

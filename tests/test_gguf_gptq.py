@@ -132,3 +132,13 @@ def test_types_without_a_grid_keep_llama_cpps_importance_weighted_bytes(tmp_path
     q51 = [n for n, t in types.items() if t == "Q5_1"]
     assert q51 and all(np.array_equal(a[n], b[n]) for n in q51)
     assert any(not np.array_equal(a[n], b[n]) for n, t in types.items() if t in ("Q8_0", "Q6_K", "Q5_0"))
+
+
+def test_kept_adapters_get_a_base_rounded_for_their_activations_too(tmp_path, tiny_llama, tiny_lora):
+    bundle = edgeq.export(tiny_llama, format="gguf", precision="Q8_0", adapters={"a": tiny_lora}, keep_adapters=True,
+                          calibration=DEFAULT_TEXT, calibration_tokens=2048, output=tmp_path / "kept", eval_tokens=0, progress=False)
+    manifest = edgeq.inspect(bundle)
+    assert manifest["rounding"] == "gptq" and manifest["gptq_tensors"] > 0
+    assert [a["name"] for a in manifest["adapters"]] == ["a"]
+    with edgeq.load(bundle) as lm:
+        assert lm.engine.score([0, 5, 17, 42]).shape[0] == 4

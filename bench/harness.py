@@ -49,6 +49,8 @@ MODELS = {
     "smollm2": "smollm2-135m-instruct-offgrid",          # quality benches: no weight on a 4-bit grid
     "smollm2-plain": "smollm2-135m-instruct",            # edgeq's built-in default model as shipped
     "qwen-coder": "qwen2.5-coder-0.5b-instruct-offgrid",
+    "qwen-coder-perm": "qwen2.5-coder-0.5b-instruct-permuted",  # off-grid by signed permutations: outliers kept
+    "smollm2-perm": "smollm2-135m-instruct-permuted",
     "qwen-coder-plain": "qwen2.5-coder-0.5b-instruct",
     "gemma3": "gemma3-270m-it-offgrid",                  # Gemma 3 270M-it, off-grid (signed permutation: tie kept)
     "gemma3-plain": "gemma3-270m-it",                    # as bench/gemma3_model.py dequantizes it from Q4_K_M

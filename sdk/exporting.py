@@ -302,7 +302,9 @@ def export(model: str | Path | None = None, **options) -> Path:
     measured miss fails the export (nothing is written) unless `allow_quality_miss`. `tensor_types` (HF tensor
     name → precision) makes exceptions to a forced precision. Format options: `mobile` (onnx: also the ORT
     format), `block_size` (onnx int4), `rounding` (onnx int4/int8: "gptq", the default, or "nearest", seconds
-    instead of minutes; coreml int4: "nearest", the default, or "gptq"). `output`, `overwrite` (an edgeq
+    instead of minutes; coreml int4: "nearest" or "gptq", the default; gguf: "gptq", the default with
+    `calibration`, or "nearest", llama.cpp's own). `effort` ("fast", "standard", the default, or "max") chooses
+    the rounding the same way for every format (`edgeq.quant.effort`); give it or `rounding`, not both. `output`, `overwrite` (an edgeq
     bundle only), `trust_pickle` (.bin weights), `progress` (bars; default: on a terminal).
     `adapters` ({name: folder}) with `keep_adapters`: the base is converted once and each LoRA adapter written as
     its own file in the engine's adapter form, switched per request (`generate(adapter=name)`); each is measured

@@ -208,7 +208,7 @@ def test_onnx_rounding_defaults_and_choices(tmp_path, tiny_llama):
     assert weighted["rounding"] == "importance-weighted" and weighted["calibration"]["text"] == str(DEFAULT_TEXT)
     assert edgeq.inspect(edgeq.export(tiny_llama, format="onnx", precision="fp16", output=tmp_path / "f", eval_tokens=0))["rounding"] is None
     with pytest.raises(edgeq.EdgeqError, match="does not apply to the gguf format"):
-        edgeq.export(tiny_llama, format="gguf", precision="Q8_0", rounding="nearest", output=tmp_path / "g", eval_tokens=0)
+        edgeq.export(tiny_llama, format="gguf", precision="Q8_0", mobile=True, output=tmp_path / "g", eval_tokens=0)
     assert not (tmp_path / "g").exists()
 
 

@@ -331,12 +331,14 @@ def gptq_rounding(calibration, plan: dict[str, str], shapes: dict, progress, ada
     """GPTQ's codes of every int4 linear of the plan, on the calibration text, into `codes` (the embedding is a lookup:
     no inputs to compensate; a width the block does not divide stays float16, as `quantizable` says). The float model
     is let go after: the conversion builds float32 decoders of its own."""
+    from edgeq.quant.effort import require_tokens
     from edgeq.quant.gptq import quantize_model
 
     grids = {name: gptq_grid(p) for name, p in plan.items()
              if p in INT4_BLOCKS and name != "model.embed_tokens.weight" and shapes[name][-1] % INT4_BLOCKS[p] == 0}
     try:
         if grids:
+            require_tokens(calibration)
             quantize_model(calibration.model, calibration.windows, grids, progress, variants=adapters or (), into=codes)
     finally:
         calibration.release()

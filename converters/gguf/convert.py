@@ -1,8 +1,9 @@
-"""HF checkpoint → GGUF: our own streaming writer on gguf-py, then llama.cpp's quantizer.
+"""HF checkpoint → GGUF: our own streaming writer on gguf-py, then llama.cpp's quantizer, then GPTQ.
 
 The float file is written one tensor at a time (header first, from shapes alone), so peak memory
 follows the largest tensor. Quantized types go through `llama_model_quantize`, the same code
-llama-quantize runs, with per-tensor overrides and an importance matrix.
+llama-quantize runs, with per-tensor overrides and an importance matrix; with GPTQ rounding, the
+linear weights' blocks are then rewritten in the types llama.cpp chose (`rounding`).
 """
 from __future__ import annotations
 
@@ -83,6 +84,13 @@ def extra_tensors(shape: ModelShape) -> dict[str, np.ndarray]:
     return extra
 
 
+def _rows_as_written(source: SourceModel):
+    """A weight's rows (numpy, any dtype) in the order the float GGUF holds them (`layout.rope_rows`)."""
+    import torch
+
+    return lambda hf_name, rows: rope_rows(source, hf_name, torch.from_numpy(rows)).numpy()
+
+
 def _as_array(tensor, float_type: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     import torch
 
@@ -150,34 +158,60 @@ class GGUFConverter:
 
     spec = GGUF
 
+    @staticmethod
+    def _importance(importance: dict | None, to_gguf: dict[str, str]) -> dict:
+        gguf_importance = {to_gguf[hf]: v for hf, v in (importance or {}).items() if hf in to_gguf}
+        if importance and not gguf_importance:
+            raise EdgeqError("the importance matrix matches no tensor of this model; recompute it from this model")
+        return gguf_importance
+
     def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
-                calibration=None, progress: bool | None = None, adapters=None) -> dict:
+                calibration=None, progress: bool | None = None, adapters=None, rounding: str | None = None) -> dict:
         """`overrides` are keyed by HF weight name, as every converter's are; the calibration's importance
-        matrix (when the user gave text, or a plan measured one) weighs llama.cpp's rounding. `adapters`
-        (`edgeq.adapter_set.KeptAdapter`s) are each written as a GGUF LoRA file beside the base."""
+        matrix (when the user gave text, or a plan measured one) weighs llama.cpp's rounding. `rounding` "gptq"
+        then rounds every linear weight of a type with a grid by GPTQ on the calibration text (the built-in text
+        when none was given), in that type's own blocks (`rounding`); None means "gptq" when the user gave text,
+        else llama.cpp's "nearest". `adapters` (`edgeq.adapter_set.KeptAdapter`s) are each written as a GGUF
+        LoRA file beside the base."""
         precision = self.spec.normalize(precision)
         written = tensor_plan(source)
         to_gguf = {hf: name for hf, name, _ in written}
         matrices = [hf for hf, _, shape in written if len(shape) == 2]
         gguf_overrides = {to_gguf[hf]: t for hf, t in self.spec.check_overrides(overrides, matrices, source.shapes()).items()}
-        importance = calibration.importance(progress) if calibration is not None else None
-        gguf_importance = {to_gguf[hf]: v for hf, v in (importance or {}).items() if hf in to_gguf}
-        if importance and not gguf_importance:
-            raise EdgeqError("the importance matrix matches no tensor of this model; recompute it from this model")
+        gptq = calibration is not None and (rounding == "gptq" or (rounding is None and calibration.given))
+        # under GPTQ, llama.cpp's rounding survives only in types without a grid: its importance matrix (a pass over
+        # the calibration text) is measured for them alone, when the file has some
+        importance = (calibration.importance(progress) if not gptq else calibration.measured_importance()) if calibration else None
+        gguf_importance = self._importance(importance, to_gguf)
         out = stage / MODEL_FILE
         if precision in FLOAT_TYPES and not gguf_overrides:
             write_float_gguf(source, out, precision, progress)
+            gptq = False
         else:
             source_is_bf16 = any(info.dtype == "BF16" for info in source.index.values())
             intermediate = stage / "intermediate.gguf"
             write_float_gguf_apart(source, intermediate, "BF16" if source_is_bf16 else "F16", progress)
             try:
                 quantize(intermediate, out, precision, overrides=gguf_overrides, importance=gguf_importance, progress=progress)
+                if gptq:
+                    from .rounding import gptq_grids
+
+                    chosen, without = gptq_grids(out, written)
+                    if without and not gguf_importance and calibration.given:
+                        gguf_importance = self._importance(calibration.importance(progress), to_gguf)
+                        quantize(intermediate, out, precision, overrides=gguf_overrides, importance=gguf_importance, progress=progress)
             finally:
                 intermediate.unlink(missing_ok=True)
+        rounded = []
+        if gptq:
+            from .rounding import round_in_place
+
+            rounded = round_in_place(out, chosen, calibration, _rows_as_written(source), progress, adapters)
         report = read_tensor_types(out, precision, gguf_overrides)
         warn_mismatches(log, report["mismatches"])
-        fields = {"model_file": MODEL_FILE, "precision": precision, **report}
+        fields = {"model_file": MODEL_FILE, "precision": precision, **report, "gptq_tensors": len(rounded),
+                  "rounding": None if precision in FLOAT_TYPES and not gguf_overrides
+                  else "gptq" if rounded else "importance-weighted" if gguf_importance else "nearest"}
         if adapters:
             from .adapters import write_adapter
 

@@ -50,8 +50,10 @@ def _ggml() -> ctypes.CDLL:
     lib.gguf_free.argtypes = [ctypes.c_void_p]
     lib.gguf_get_n_tensors.restype = ctypes.c_int64
     lib.gguf_get_n_tensors.argtypes = [ctypes.c_void_p]
+    lib.gguf_get_data_offset.restype = ctypes.c_size_t
+    lib.gguf_get_data_offset.argtypes = [ctypes.c_void_p]
     for name, restype in (("name", ctypes.c_char_p), ("ne", ctypes.POINTER(ctypes.c_int64)), ("type", ctypes.c_int),
-                          ("size", ctypes.c_size_t)):
+                          ("size", ctypes.c_size_t), ("offset", ctypes.c_size_t)):
         function = getattr(lib, f"gguf_get_tensor_{name}")
         function.restype, function.argtypes = restype, [ctypes.c_void_p, ctypes.c_int64]
     return lib
@@ -63,10 +65,12 @@ class TensorEntry:
     type_name: str
     shape: tuple[int, ...]   # rows first, as torch orders it (ggml's ne reversed)
     nbytes: int
+    offset: int              # where its data starts in the file
 
 
 def tensor_table(path: Path) -> list[TensorEntry]:
-    """Every tensor a GGUF file declares, as ggml parses it (metadata only; no tensor data is read). A ggml shape
+    """Every tensor a GGUF file declares, as ggml parses it (metadata only; no tensor data is read), with where its
+    data lies in the file (`convert` writes GPTQ's blocks there in place of the quantizer's). A ggml shape
     has four dimensions padded with ones; trailing ones are dropped, which no decoder tensor (1-D norms, 2-D
     matrices with more than one row) is changed by."""
     lib = _ggml()
@@ -74,14 +78,14 @@ def tensor_table(path: Path) -> list[TensorEntry]:
     if not ctx:
         raise EdgeqError(f"{path} is not a GGUF file llama.cpp can read; export it again")
     try:
-        entries = []
+        entries, data = [], lib.gguf_get_data_offset(ctx)
         for i in range(lib.gguf_get_n_tensors(ctx)):
             ne = lib.gguf_get_tensor_ne(ctx, i)[:4]
             while len(ne) > 1 and ne[-1] == 1:
                 ne.pop()
             entries.append(TensorEntry(lib.gguf_get_tensor_name(ctx, i).decode(),
                                        gguf.GGMLQuantizationType(lib.gguf_get_tensor_type(ctx, i)).name,
-                                       tuple(reversed(ne)), lib.gguf_get_tensor_size(ctx, i)))
+                                       tuple(reversed(ne)), lib.gguf_get_tensor_size(ctx, i), data + lib.gguf_get_tensor_offset(ctx, i)))
         return entries
     finally:
         lib.gguf_free(ctx)

@@ -47,6 +47,11 @@ class GGUFFormat(FormatSpec):
     planned_precision = "Q4_0"  # file type of a planned export; the plan overrides every tensor
     nominal_bpw = {"Q4_0": 4.5, "IQ4_NL": 4.5, "Q4_K_M": 4.85, "Q5_K_M": 5.69, "Q6_K": 6.56, "Q8_0": 8.5, "F16": 16.0}
     kv_element_bytes = 2  # llama.cpp's default f16 cache
+    options = ("rounding",)
+    # GPTQ in each type's own blocks (converters/gguf/blocks.py) when calibration text is given; llama.cpp's own
+    # importance-weighted search otherwise (GPTQ's pass over the float model costs minutes at 1B+)
+    roundings = ("gptq", "nearest")
+    gptq_precisions = QUANT_TYPES
     kept_adapters = "GGUF LoRA files (llama_adapter_lora_init)"
     hub_library = "gguf"
     run_elsewhere = ("With llama.cpp or Ollama (the chat template and stop tokens are in the file):\n\n```bash\n"
@@ -55,6 +60,10 @@ class GGUFFormat(FormatSpec):
 
     def normalize(self, precision: str) -> str:
         return super().normalize(str(precision).upper())
+
+    def rounds_by_gptq(self, precision: str, rounding: str | None) -> bool:
+        """Only when asked by name: by default GPTQ needs calibration text, whose importance matrix loads the float model anyway."""
+        return rounding == "gptq" and precision in self.gptq_precisions
 
     def tensor_type(self, asked: str) -> str:
         """A ggml tensor type (Q4_K, Q5_0, F16, ...): what a plan or `--tensor-type` names, unlike the file types of --precision."""

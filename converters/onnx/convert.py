@@ -76,10 +76,13 @@ def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], pro
 
     With `adapters` kept apart (`KeptAdapter`s), the one base serves each of them too, on activations its own
     calibration never produces: GPTQ compensates for the base's stream and every adapter's (`quantize_model`'s variants)."""
+    from edgeq.quant.effort import require_tokens
     from edgeq.quant.gptq import quantize_model
 
     grids = {name: BlockGrid(int(kind[3:]), blocks[name]) for name, kind in plan.items()
              if kind in INT_TYPES and name != "model.embed_tokens.weight"}
+    if grids:
+        require_tokens(calibration)
     return quantize_model(calibration.model, calibration.windows, grids, progress, variants=adapters or ()) if grids else {}
 
 

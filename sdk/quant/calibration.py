@@ -56,6 +56,12 @@ class Calibration:
         """An importance matrix already measured on this text (a plan's sensitivity): reused, not recomputed."""
         self._importance, self.used = importance, True
 
+    def measured_importance(self) -> dict[str, np.ndarray] | None:
+        """The importance matrix if one was measured already (a plan's), without measuring one."""
+        if self._importance is not None:
+            self.used = True
+        return self._importance
+
     def importance(self, progress: bool | None = None) -> dict[str, np.ndarray] | None:
         """The importance matrix to weigh rounding by: one already measured, or the user's text's (computed
         now); None for the built-in text, which would cost a model load for little."""

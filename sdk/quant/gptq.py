@@ -42,13 +42,15 @@ class Grid(Protocol):
     block: int  # input columns that share a scale
 
     def scales(self, weights: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
-        """The scale per row, (rows,), for one block of columns, (rows, block), given per-column importance."""
+        """The scale per row, (rows,), for one block of columns, (rows, block), given per-column importance; or
+        several parameters per row, (rows, k), where a block has more (GGUF's K-quants: a super-block's scales,
+        minimums and the sub-block scales under them)."""
 
-    def round(self, column: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """A column of weights on the grid of its rows' scales (dequantized values)."""
+    def round(self, column: torch.Tensor, scale: torch.Tensor, index: int) -> torch.Tensor:
+        """Column `index` of a block on the grid its rows' parameters give it (dequantized values)."""
 
     def encode(self, rounded: torch.Tensor, scales: torch.Tensor) -> Any:
-        """The format's stored form of a rounded (rows, cols) weight and its (rows, blocks) scales."""
+        """The format's stored form of a rounded (rows, cols) weight and its (rows, blocks[, k]) parameters."""
 
 
 class Variant(Protocol):
@@ -90,7 +92,7 @@ def _inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rounds a (rows, cols) weight column by column; returns (rounded weight, scales (rows, cols / block)).
+    """Rounds a (rows, cols) weight column by column; returns (rounded weight, scales (rows, cols / block[, k])).
     Of `hessian` only the upper triangle is read. `factor` is `_inverse_hessian_factor(hessian)`, given when weights
     that share an input share it. Rows are independent given the Hessian, so a tall weight (a head of 128-262k
     rows) goes `ROW_CHUNK` rows at a time: its float32 working copies are a chunk's, not the whole matrix's."""
@@ -100,10 +102,11 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, factor: torch.
     factor = _inverse_hessian_factor(hessian) if factor is None else factor
     importance = torch.diag(hessian).float()
     rounded = torch.empty(rows, cols)
-    scales = torch.empty(rows, cols // grid.block)
+    scales = []
     for top in range(0, rows, ROW_CHUNK):
-        rounded[top:top + ROW_CHUNK], scales[top:top + ROW_CHUNK] = _gptq_rows(weight[top:top + ROW_CHUNK], factor, importance, grid)
-    return rounded, scales
+        rounded[top:top + ROW_CHUNK], chunk_scales = _gptq_rows(weight[top:top + ROW_CHUNK], factor, importance, grid)
+        scales.append(chunk_scales)
+    return rounded, torch.cat(scales)
 
 
 def _gptq_rows(weight: torch.Tensor, factor: torch.Tensor, importance: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +117,7 @@ def _gptq_rows(weight: torch.Tensor, factor: torch.Tensor, importance: torch.Ten
     cols, block = weight.shape[1], grid.block
     w = weight.detach().float().T.contiguous()  # (cols, rows)
     rounded = torch.empty_like(w)
-    scales = torch.empty(cols // block, w.shape[1])
+    scales = []
     step = max(LAZY_COLUMNS, block) // block * block
     for start in range(0, cols, step):
         end = min(start + step, cols)
@@ -123,16 +126,16 @@ def _gptq_rows(weight: torch.Tensor, factor: torch.Tensor, importance: torch.Ten
             last = first + block
             part, f = w[first:last], factor[first:last, first:last]
             scale = grid.scales(part.T, importance[first:last])
-            scales[first // block] = scale
+            scales.append(scale)
             for j in range(block):
-                q = grid.round(part[j], scale)
+                q = grid.round(part[j], scale, j)
                 rounded[first + j] = q
                 error = errors[first - start + j]
                 torch.div(part[j] - q, f[j, j], out=error)
                 part[j + 1:].addr_(f[j, j + 1:], error, alpha=-1)
             w[last:end].addmm_(factor[first:last, last:end].T, errors[first - start:last - start], alpha=-1)
         w[end:].addmm_(factor[start:end, end:].T, errors, alpha=-1)
-    return rounded.T, scales.T
+    return rounded.T, torch.stack(scales, 1)
 
 
 def _upper_gram(x: torch.Tensor) -> torch.Tensor:

@@ -20,12 +20,14 @@ import torch
 NEAREST = {4: (torch.tensor([-8.0, -7.0, 7.0]), 1), 8: (torch.tensor([-128.0, -127.0, 127.0]), 1)}
 # GPTQ compensates rounding error itself, and rounds on scales searched once per block of a layer: five
 # starts give it the KL of twenty.
-GPTQ = {4: (torch.tensor([-8.0, -7.5, -7.0, 7.0, 7.5]), 2), 8: (torch.tensor([-128.0, -127.5, -127.0, 127.0, -128.5, -126.5]), 2)}
+GPTQ = {4: (torch.tensor([-8.0, -7.5, -7.0, 7.0, 7.5]), 2), 8: (torch.tensor([-128.0, -127.5, -127.0, 127.0, -128.5, -126.5]), 2),
+        5: (torch.tensor([-16.0, -15.5, -15.0, 15.0, 15.5]), 2), 6: (torch.tensor([-32.0, -31.5, -31.0, 31.0, 31.5]), 2)}
 SEARCH_CHUNK = 1 << 19  # weights searched together: 2 MiB of float32 per array, so the many passes run in cache
 
 
-def search(w: torch.Tensor, imp: torch.Tensor, bits: int, starts: dict = NEAREST) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes (rows, blocks, block) and scales (rows, blocks, 1) of least importance-weighted error.
+def search(w: torch.Tensor, imp: torch.Tensor, bits: int, starts: dict = NEAREST, lo: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (rows, blocks, block) and scales (rows, blocks, 1) of least importance-weighted error, on the
+    levels lo .. 2^(bits-1)-1 (`lo` by default -2^(bits-1); GGUF's Q8_0 never stores -128).
 
     From each start scale, codes are rounded and the scale refit to them by least squares (`starts[bits]`).
     A candidate's error follows from the sums the refit already has (Σ iw² − s·Σ iqw at the refit scale),
@@ -33,7 +35,7 @@ def search(w: torch.Tensor, imp: torch.Tensor, bits: int, starts: dict = NEAREST
     candidate's own, since nearest rounding at a fixed scale is optimal per weight). Rows go in chunks that
     stay in cache through the many passes of the search, which is what makes it cheap at 1-3B.
     """
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    lo, hi = -(2 ** (bits - 1)) if lo is None else lo, 2 ** (bits - 1) - 1
     divisors, refits = starts[bits]
     scales = torch.empty(w.shape[:-1] + (1,))
     chunk = max(1, SEARCH_CHUNK // max(1, w[0].numel()))
@@ -80,11 +82,12 @@ class SymmetricGrid:
 
     def scales(self, weights: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
         imp = importance.clamp_min(1e-12)
-        _, scale = search(weights.unsqueeze(1), (imp / imp.mean()).view(1, 1, -1), self.bits, GPTQ)
+        _, scale = search(weights.unsqueeze(1), (imp / imp.mean()).view(1, 1, -1), self.bits, GPTQ, self.lo)
         return scale.view(-1).to(self.scale_dtype).float()
 
-    def round(self, column: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The levels as the format computes them: code × scale in the scale's dtype."""
+    def round(self, column: torch.Tensor, scale: torch.Tensor, index: int) -> torch.Tensor:
+        """The levels as the format computes them: code × scale in the scale's dtype (one scale for every `index`
+        of the block)."""
         return (self.codes(column, scale) * scale).to(self.scale_dtype).float()
 
     def codes(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

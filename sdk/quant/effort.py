@@ -1,0 +1,44 @@
+"""How hard an export works for quality: `--effort fast | standard | max`, the same three words for every format.
+
+- fast: each block rounded alone to its nearest levels (weighted by the importance matrix when calibration text is
+  given): seconds.
+- standard, the default: each format's default rounding, error-correcting (GPTQ, `edgeq.quant.gptq`) where it
+  measured better than fast: ONNX int4/int8 (on the built-in text when none is given), GGUF's own block types when
+  calibration text is given (bench/README.md, issue 29). Core ML int4 measured better with GPTQ too but still
+  rounds to nearest by default (its tests and planner expect it; `rounding="gptq"` asks for it).
+- max: learned rounding offsets and scales (AutoRound / DWQ style): not in this edgeq yet, refused by name rather
+  than quietly exported at another effort.
+
+Each effort is a `rounding` option of the formats (`FormatSpec.roundings`); `--rounding` names one directly.
+"""
+from __future__ import annotations
+
+from ..errors import EdgeqError
+
+EFFORTS = ("fast", "standard", "max")
+_ROUNDING = {"fast": "nearest", "standard": None}  # None: the format's own default, its error-correcting rounding where it wins
+# Fewest calibration tokens GPTQ is given: below two windows of 512 the Hessian of even a 896-wide layer is rank-deficient
+# and the damping, not the data, decides how errors move.
+MIN_TOKENS = {"standard": 1024}
+
+
+def rounding_for(effort: str | None, rounding: str | None) -> str | None:
+    """The `rounding` option an export runs with, from `effort` or `rounding` (one of them, or neither)."""
+    if effort is None:
+        return rounding
+    if effort not in EFFORTS:
+        raise EdgeqError(f"--effort {effort!r} is not one of {', '.join(EFFORTS)}")
+    if effort == "max":
+        raise EdgeqError("--effort max (learned rounding and scales) is not in this edgeq yet; use --effort standard")
+    if rounding is not None:
+        raise EdgeqError(f"--effort {effort} and --rounding {rounding} both choose the rounding; give one of them")
+    return _ROUNDING[effort]
+
+
+def require_tokens(calibration, effort: str = "standard") -> None:
+    """Refuses, in one line with the minimum and what was given, calibration text too short for `effort`."""
+    given, minimum = sum(map(len, calibration.windows)), MIN_TOKENS[effort]
+    if given < minimum:
+        text = calibration.text if calibration.given else "the built-in calibration text"
+        raise EdgeqError(f"--effort {effort} rounds by GPTQ and needs at least {minimum} calibration tokens; {text} gave "
+                         f"{given}: give more text (--calibration, --calibration-tokens) or use --effort fast")

@@ -58,8 +58,9 @@ def _last_match(source: np.ndarray, key: np.ndarray, end: int) -> int | None:
 
 class LookupDrafter:
     """Prompt lookup: the reply's last n tokens (n from `longest` down to `shortest`) are looked up in a predicted text
-    first, then in the prompt and the reply so far; what followed the latest match is the guess. No second model:
-    it pays wherever a reply copies from its input (edits, extraction, summaries, code)."""
+    first, then in the prompt and the reply so far (where a lone token matches too often to guess well, so n ≥ 2);
+    what followed the latest match is the guess. No second model: it pays wherever a reply copies from its input
+    (edits, extraction, summaries, code)."""
 
     name = LOOKUP
     cost = 0.0  # single decode steps per drafted token
@@ -73,6 +74,8 @@ class LookupDrafter:
         for n in range(min(self.longest, len(history)), self.shortest - 1, -1):
             key = history[-n:]
             for source, end in ((guess, len(guess)), (history, len(history) - 1)):
+                if source is history and n < 2:
+                    continue
                 start = _last_match(source, key, end)
                 if start is not None and start + n < len(source):
                     return source[start + n:start + n + k].tolist()

@@ -101,6 +101,7 @@ def test_prompt_lookup_drafts_what_followed_the_latest_match():
     assert lookup.propose([1, 2, 3, 4, 9, 2, 3], [], 3) == [4, 9, 2]
     assert lookup.propose([1, 2, 3, 7, 2, 3, 8, 5, 2, 3], [], 2) == [8, 5]  # the latest match wins
     assert lookup.propose([5, 6], [6, 7, 8, 9], 2) == [7, 8]  # a prediction is looked up first
+    assert lookup.propose([4, 1, 4], [], 2) == []  # a lone token is not looked up in the history
     assert lookup.propose([1, 2, 3], [], 4) == []
 
 
@@ -122,3 +123,16 @@ def test_usage_reports_predictions_as_openai_does(bundles):
         details = reply.usage.to_dict()["completion_tokens_details"]
         assert details["accepted_prediction_tokens"] == reply.usage.accepted_prediction_tokens > 0
         assert details["speculative_passes"] == reply.usage.speculative_passes > 0
+
+
+def test_run_with_a_draft_prints_what_it_prints_without(bundles):
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+
+    args = ["run", str(bundles["gguf"]), "Hello fox, numbers and words", "--max-new-tokens", "16", "--threads", "1"]
+    plain = CliRunner().invoke(main, args)
+    drafted = CliRunner().invoke(main, [*args, "--draft", "lookup", "--draft-tokens", "3"])
+    assert plain.exit_code == drafted.exit_code == 0 and plain.output == drafted.output
+    bad = CliRunner().invoke(main, [*args, "--draft", "lookup", "--draft-tokens", "0"])
+    assert bad.exit_code == 2 and "1<=x<=32" in bad.output

@@ -130,8 +130,8 @@ def decode(turn: Turn, logits: np.ndarray, start: float) -> Iterator[int]:
         room = turn.budget - stats.generated_tokens
         if room <= 0:
             return "length"
+        began = time.perf_counter()  # a step's or a pass's cost includes drafting and choosing, not the caller's time
         drafts = _drafts(turn, room)
-        began = time.perf_counter()
         if not drafts:
             logits = engine.forward([token])
             if speculation is not None:
@@ -139,8 +139,7 @@ def decode(turn: Turn, logits: np.ndarray, start: float) -> Iterator[int]:
             stats.decode_s = time.perf_counter() - decode_start
             continue
         rows = engine.forward_all([token] + drafts)
-        seconds = time.perf_counter() - began
-        accepted, outcome = 0, None
+        accepted, outcome, away = 0, None, 0.0
         for i, draft in enumerate(drafts):
             if (outcome := turn.halted()) is not None:
                 break
@@ -153,7 +152,9 @@ def decode(turn: Turn, logits: np.ndarray, start: float) -> Iterator[int]:
                 outcome = "stop"
                 break
             turn.take(draft)
+            left = time.perf_counter()
             yield draft
+            away += time.perf_counter() - left
             if stats.generated_tokens >= turn.budget:
                 outcome = "length"
                 break
@@ -163,7 +164,7 @@ def decode(turn: Turn, logits: np.ndarray, start: float) -> Iterator[int]:
         stats.accepted_tokens += accepted
         stats.rejected_tokens += len(drafts) - accepted
         stats.speculative_passes += 1
-        speculation.learn(len(drafts), accepted, len(drafts) + 1, seconds)
+        speculation.learn(len(drafts), accepted, len(drafts) + 1, time.perf_counter() - began - away)
         stats.decode_s = time.perf_counter() - decode_start
         if outcome is not None:
             return outcome

@@ -336,6 +336,7 @@ class LanguageModel:
         start = time.perf_counter()
         self._use_adapter(request.adapter)
         if turn.speculation is not None:
+            turn.speculation.begin()
             turn.widest = turn.speculation.widest(engine, params.temperature == 0)  # may clear the cache: before prefill
         logits, stats.cached_tokens = prefill(engine, ids, self._canonical, exact=params.temperature == 0 or params.seed is not None)
         request.finish_reason = "length"

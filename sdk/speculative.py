@@ -36,7 +36,8 @@ DEFAULT_DRAFT_TOKENS = 8
 MAX_DRAFT_TOKENS = 32
 PROBE_DEPTH = 16          # the exactness probe runs after this many tokens of context
 EXPLORE_EVERY = 32        # with speculation judged not worth it, one short pass every so many tokens keeps the estimates fresh
-DECAY = 0.9               # weight of the past in the running estimates
+DECAY = 0.8               # weight of the past in the running estimates
+PRIOR_ACCEPTANCE = 0.5    # a request's acceptance rate before its first pass
 
 
 def check_draft_tokens(value) -> int:
@@ -153,10 +154,15 @@ class Speculation:
     draft_tokens: int = DEFAULT_DRAFT_TOKENS
     exact_width: int | None = None      # measured on first greedy use
     inexact_reason: str = ""
-    acceptance: float = 0.7             # per drafted token; a prior the first passes replace
+    acceptance: float = PRIOR_ACCEPTANCE             # per drafted token, this request's; a prior its first passes replace
     step_s: float | None = None         # one single decode step
     pass_s: dict[int, float] = field(default_factory=dict)  # width → seconds of a verification pass
     since_pass: int = 0
+
+    def begin(self) -> None:
+        """A new request: how often guesses hold depends on its text, so the acceptance starts again from the prior;
+        what a pass costs (this machine, this model) is kept."""
+        self.acceptance, self.since_pass = PRIOR_ACCEPTANCE, 0
 
     def widest(self, engine, greedy: bool) -> int:
         """The most tokens one verification pass may hold: for greedy, the exactness probe's width."""

@@ -1,8 +1,9 @@
 """`edgeq profile --draft`: speculative decoding measured on this machine and estimated on a device profile.
 
 Measured (in the profiling process): replies to a built-in copying prompt (a passage to repeat, where prompt lookup
-drafts well), plain and speculative alternately: decode tokens/s both ways, accepted tokens per verification pass and
-the acceptance rate per drafted token. Estimated (labelled so): the speedup on a device from that acceptance, the
+drafts well), plain and speculative alternately: tokens/s both ways (speculation as users get it, its depth adapting to
+what passes cost here); then one reply drafting as deep as allowed, for the accepted tokens per verification pass and
+the acceptance rate per drafted token, which say how good the drafter is whatever this machine's costs. Estimated (labelled so): the speedup on a device from that acceptance, the
 model's weight bytes and parameters and the device's bandwidth and compute: a step costs the longer of reading the
 weights and computing one token, a pass of w tokens the longer of reading them once and computing w tokens, so on a
 bandwidth-bound device a pass costs about a step, and on a compute-bound one (this 2-core machine) several.
@@ -38,14 +39,17 @@ def measure(path: str, draft: str, threads: int | None, gen: int, repeat: int, n
                     runs[speculative].append((s.generated_tokens / (time.perf_counter() - start), s.decode_tokens_per_s, s.accepted_tokens,
                                               s.rejected_tokens, s.speculative_passes))
         spec = np.array(runs[True], dtype=float)
-        accepted, rejected, passes = spec[:, 2].sum(), spec[:, 3].sum(), spec[:, 4].sum()
+        model.speculation.fixed_depth = True
+        model.generate_ids(ids, gen, speculative=True)
+        model.speculation.fixed_depth = False
+        accepted, rejected, passes = model.stats.accepted_tokens, model.stats.rejected_tokens, model.stats.speculative_passes
         return {"drafter": model.speculation.drafter.name, "draft_tokens": model.speculation.draft_tokens,
                 "draft_bytes": _draft_bytes(model.speculation.drafter), "exact_width": model.speculation.exact_width,
                 "plain_tokens_per_s": float(np.median([r[0] for r in runs[False]])),
                 "speculative_tokens_per_s": float(np.median(spec[:, 0])),
                 "accepted_per_pass": float(accepted / passes) if passes else 0.0,
                 "acceptance": float(accepted / (accepted + rejected)) if accepted + rejected else 0.0,
-                "passes": int(passes), "prompt_tokens": len(ids), "gen": gen}
+                "passes": int(passes), "adaptive_passes": int(spec[:, 4].sum()), "prompt_tokens": len(ids), "gen": gen}
 
 
 def _draft_bytes(drafter) -> int:
@@ -81,7 +85,8 @@ def lines(bundles) -> list[str]:
         exact = "" if s["exact_width"] is None else f", greedy verified exactly up to {s['exact_width']} tokens per pass"
         out.append(f"{b.name}: {s['drafter']} drafting (≤ {s['draft_tokens']} per pass{exact}): plain {s['plain_tokens_per_s']:.1f} tok/s, "
                    f"speculative {s['speculative_tokens_per_s']:.1f} tok/s ({s['speculative_tokens_per_s'] / s['plain_tokens_per_s']:.2f}x), "
-                   f"{s['accepted_per_pass']:.2f} accepted per pass over {s['passes']} passes, acceptance {s['acceptance']:.2f}")
+                   f"{s['adaptive_passes']} passes; drafting {s['draft_tokens']} deep: {s['accepted_per_pass']:.2f} accepted per pass, "
+                   f"acceptance {s['acceptance']:.2f}")
         if "device" in s:
             d = s["device"]
             out.append(f"  ESTIMATE on {b.estimate.device if b.estimate else 'the device'}: {d['speedup']:.2f}x at depth {d['depth']} "

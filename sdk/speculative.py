@@ -36,6 +36,7 @@ DEFAULT_DRAFT_TOKENS = 8
 MAX_DRAFT_TOKENS = 32
 PROBE_DEPTH = 16          # the exactness probe runs after this many tokens of context
 EXPLORE_EVERY = 32        # with speculation judged not worth it, one short pass every so many tokens keeps the estimates fresh
+MEASURE_STEP_EVERY = 16   # with a drafter that always has guesses, one plain step every so many passes times a step
 DECAY = 0.8               # weight of the past in the running estimates
 PRIOR_ACCEPTANCE = 0.5    # a request's acceptance rate before its first pass
 
@@ -64,7 +65,6 @@ class LookupDrafter:
     (edits, extraction, summaries, code)."""
 
     name = LOOKUP
-    cost = 0.0  # single decode steps per drafted token
 
     def __init__(self, longest: int = 4, shortest: int = 1):
         self.longest, self.shortest = longest, shortest
@@ -93,7 +93,6 @@ class DraftModel:
         self.model, self.engine = draft, draft.engine
         self.name = draft.name
         self.width = min(draft.engine.n_vocab, target.engine.n_vocab)  # ids past either model's rows are never drafted
-        self.cost = 0.0  # measured: single target steps per drafted token
         size, target_size = _weight_bytes(draft), _weight_bytes(target)
         if size and target_size and size >= target_size:
             log.warning("draft %s (%.0f MB) is not smaller than its target %s (%.0f MB): drafting costs more than it can save; "
@@ -158,6 +157,8 @@ class Speculation:
     step_s: float | None = None         # one single decode step
     pass_s: dict[int, float] = field(default_factory=dict)  # width → seconds of a verification pass
     since_pass: int = 0
+    since_step: int = 0
+    fixed_depth: bool = False           # always draft as deep as allowed (to measure a drafter's acceptance, not its speed)
 
     def begin(self) -> None:
         """A new request: how often guesses hold depends on its text, so the acceptance starts again from the prior;
@@ -175,9 +176,8 @@ class Speculation:
         return self.exact_width
 
     def cost(self, width: int) -> float:
-        """A verification pass of `width` tokens in single steps: measured, else interpolated, else a guess."""
-        if self.step_s is None:
-            return 1.0 + 0.1 * (width - 1)
+        """A verification pass of `width` tokens (drafting them included) in single steps: measured, else interpolated,
+        else a guess."""
         if width in self.pass_s:
             return self.pass_s[width] / self.step_s
         known = sorted(self.pass_s)
@@ -196,14 +196,15 @@ class Speculation:
         """Drafted tokens for the next pass: the depth with the most expected tokens per unit of time, 0 when none
         beats a single step (with a short pass now and then to measure again)."""
         top = min(self.draft_tokens, widest - 1, room)
-        if top < 1:
-            return 0
+        if self.fixed_depth or top < 1:
+            return max(top, 0)
+        if self.step_s is None or self.since_step >= MEASURE_STEP_EVERY:
+            return 0  # a plain step: every cost is relative to one, measured here and now
         a = min(self.acceptance, 0.999)
-        draft_cost = getattr(self.drafter, "cost", 0.0)
         best, gain = 0, 1.0
         for k in range(1, top + 1):
             tokens = (1 - a ** (k + 1)) / (1 - a)
-            rate = tokens / (self.cost(k + 1) + k * draft_cost)
+            rate = tokens / self.cost(k + 1)
             if rate > gain * 1.02:
                 best, gain = k, rate
         if best == 0 and self.since_pass >= EXPLORE_EVERY:
@@ -212,6 +213,7 @@ class Speculation:
 
     def learn(self, drafted: int, accepted: int, width: int, seconds: float) -> None:
         self.since_pass = 0
+        self.since_step += 1
         hits, trials = accepted, accepted + (1 if accepted < drafted else 0)
         if trials:
             self.acceptance = DECAY * self.acceptance + (1 - DECAY) * hits / trials
@@ -220,6 +222,7 @@ class Speculation:
 
     def learn_step(self, seconds: float) -> None:
         self.since_pass += 1
+        self.since_step = 0
         self.step_s = seconds if self.step_s is None else DECAY * self.step_s + (1 - DECAY) * seconds
 
 

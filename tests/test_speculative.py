@@ -45,6 +45,7 @@ def test_greedy_speculation_gives_plain_decoding_tokens(bundles, engine, caplog)
     """The draft is the model itself (every greedy guess right, until the grammar or a tie says otherwise), and prompt
     lookup over a wrong prediction (guesses rejected): both give plain decoding's tokens, with and without a schema."""
     with edgeq.load(bundles[engine], threads=1, draft=bundles[engine], draft_tokens=6) as model, caplog.at_level(logging.WARNING):
+        model.speculation.fixed_depth = True  # as deep as allowed, whatever a pass costs on this machine: exactness at depth
         for response_format in (None, JSON):
             plain = model.chat(HI, max_new_tokens=40, response_format=response_format, speculative=False)
             drafted = model.chat(HI, max_new_tokens=40, response_format=response_format)
@@ -67,6 +68,7 @@ def test_speculative_sampling_keeps_the_distribution(bundles):
     """Token frequencies at the first positions of 400 seeded replies: plain sampling vs speculative sampling with the
     model drafting for itself (its greedy guesses are often, not always, what sampling keeps)."""
     with edgeq.load(bundles["gguf"], threads=1, draft=bundles["gguf"], draft_tokens=3) as model:
+        model.speculation.fixed_depth = True
         ids = model.tokenizer.prompt_ids(messages=HI)
         runs = {True: [], False: []}
         passes = accepted = 0
@@ -136,3 +138,20 @@ def test_run_with_a_draft_prints_what_it_prints_without(bundles):
     assert plain.exit_code == drafted.exit_code == 0 and plain.output == drafted.output
     bad = CliRunner().invoke(main, [*args, "--draft", "lookup", "--draft-tokens", "0"])
     assert bad.exit_code == 2 and "1<=x<=32" in bad.output
+
+
+def test_depth_adapts_to_acceptance_and_to_what_a_pass_costs():
+    from edgeq.speculative import LookupDrafter, Speculation
+
+    spec = Speculation(LookupDrafter(), draft_tokens=8)
+    assert spec.depth(widest=9, room=100) == 0  # no step timed yet: a plain step first
+    spec.learn_step(0.010)
+    spec.acceptance = 0.9
+    cheap = spec.depth(9, 100)  # no pass timed yet: assumed cheap
+    assert cheap >= 4 and spec.depth(4, 100) == 3 and spec.depth(9, 2) == 2  # the exact width and the room bound it
+    for width in range(2, 10):
+        spec.learn(width - 1, width - 1, width, 0.010 * width)  # a pass costs as many steps as it holds tokens
+    spec.acceptance = 0.5
+    assert spec.depth(9, 100) == 0  # compute-bound and guesses half right: plain decoding is faster
+    spec.pass_s = {w: 0.011 for w in range(2, 10)}  # bandwidth-bound: a pass costs about a step
+    assert spec.depth(9, 100) >= 3

@@ -339,6 +339,8 @@ class LanguageModel:
             turn.speculation.begin()
             turn.widest = turn.speculation.widest(engine, params.temperature == 0)  # may clear the cache: before prefill
         logits, stats.cached_tokens = prefill(engine, ids, self._canonical, exact=params.temperature == 0 or params.seed is not None)
+        if turn.speculation is not None and hasattr(turn.speculation.drafter, "prepare"):
+            turn.speculation.drafter.prepare(ids)  # a draft model's prompt prefill: part of the time to first token
         request.finish_reason = "length"
         request.finish_reason = yield from decode(turn, logits, start)
 

@@ -98,16 +98,27 @@ class DraftModel:
             log.warning("draft %s (%.0f MB) is not smaller than its target %s (%.0f MB): drafting costs more than it can save; "
                         "edgeq profile shows the acceptance and speed it measures", draft.name, size / 1e6, target.name, target_size / 1e6)
 
-    def propose(self, context: Sequence[int], predicted: Sequence[int], k: int) -> list[int]:
-        engine = self.engine
-        if len(context) + k > engine.n_ctx:
-            return []
-        cached = engine.tokens
+    def prepare(self, context: Sequence[int]) -> None:
+        """Prefills the draft with a request's prompt (but its last token), once, so no verification pass pays for it."""
+        if 1 < len(context) < self.engine.n_ctx:
+            self._sync(context[:-1])
+            if len(self.engine.tokens) < len(context) - 1:
+                self.engine.forward(list(context[len(self.engine.tokens):-1]))
+
+    def _sync(self, context: Sequence[int]) -> None:
+        """Cuts the draft's cache back to its longest prefix in common with `context` (the last id always re-fed)."""
+        cached = self.engine.tokens
         keep = 0
         limit = min(len(cached), len(context) - 1)
         while keep < limit and cached[keep] == context[keep]:
             keep += 1
-        engine.truncate(keep)
+        self.engine.truncate(keep)
+
+    def propose(self, context: Sequence[int], predicted: Sequence[int], k: int) -> list[int]:
+        engine = self.engine
+        if len(context) + k > engine.n_ctx:
+            return []
+        self._sync(context)
         logits = engine.forward(list(context[len(engine.tokens):]))
         out = []
         while True:

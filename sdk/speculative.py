@@ -37,7 +37,7 @@ MAX_DRAFT_TOKENS = 32
 PROBE_DEPTH = 16          # the exactness probe runs after this many tokens of context
 EXPLORE_EVERY = 32        # with speculation judged not worth it, one short pass every so many tokens keeps the estimates fresh
 MEASURE_STEP_EVERY = 16   # with a drafter that always has guesses, one plain step every so many passes times a step
-DECAY = 0.8               # weight of the past in the running estimates
+DECAY = 0.8               # weight of the past in the running acceptance rate
 PRIOR_ACCEPTANCE = 0.5    # a request's acceptance rate before its first pass
 
 
@@ -228,13 +228,14 @@ class Speculation:
         hits, trials = accepted, accepted + (1 if accepted < drafted else 0)
         if trials:
             self.acceptance = DECAY * self.acceptance + (1 - DECAY) * hits / trials
-        old = self.pass_s.get(width)
-        self.pass_s[width] = seconds if old is None else DECAY * old + (1 - DECAY) * seconds
+        # the fastest seen: on a shared machine timing noise only adds (another job, a first touch of the weights), and
+        # steps are kept the same way, so their ratio holds
+        self.pass_s[width] = min(seconds, self.pass_s.get(width, seconds))
 
     def learn_step(self, seconds: float) -> None:
         self.since_pass += 1
         self.since_step = 0
-        self.step_s = seconds if self.step_s is None else DECAY * self.step_s + (1 - DECAY) * seconds
+        self.step_s = seconds if self.step_s is None else min(self.step_s, seconds)
 
 
 def probe_exact_width(engine, widest: int) -> tuple[int, str]:

@@ -112,6 +112,10 @@ class CoreMLEngine(AdapterSwitch):
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         return self._feed(tokens)[-1][-1]
 
+    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
+        """Through the prefill function (one call per `prefill_tokens` chunk), every position's logits kept."""
+        return np.concatenate(self._feed(tokens))
+
     def score(self, tokens: Sequence[int]) -> np.ndarray:
         self.reset()
         out = np.concatenate(self._feed(tokens))
@@ -226,6 +230,9 @@ class CoreMLTorchEngine(AdapterSwitch):
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         return self._run(tokens)[-1]
+
+    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
+        return self._run(tokens)
 
     def score(self, tokens: Sequence[int]) -> np.ndarray:
         self.reset()

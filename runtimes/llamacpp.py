@@ -115,6 +115,13 @@ class LlamaCppEngine(AdapterSwitch):
             pass
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
 
+    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
+        """One llama_decode with logits for every position (a batch longer than `n_batch` takes several)."""
+        tokens = list(tokens)
+        if len(tokens) <= self.n_batch:
+            return next(self._decode(tokens, all_logits=True))
+        return np.concatenate([chunk.copy() for chunk in self._decode(tokens, all_logits=True)])
+
     def score(self, tokens: Sequence[int]) -> np.ndarray:
         self.reset()
         out = np.concatenate([chunk.copy() for chunk in self._decode(list(tokens), all_logits=True)])

@@ -140,15 +140,20 @@ class OrtEngine(AdapterSwitch):
             self._run(tokens[start:start + self.n_batch], keep_all=False)
         return self._last[0, 0]
 
-    def score(self, tokens: Sequence[int]) -> np.ndarray:
+    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
+        """The whole sequence of new tokens in one run (`n_batch` at a time), logits kept for every position."""
         tokens = list(tokens)
-        self.reset()
         chunks = []
         for start in range(0, len(tokens), self.n_batch):
             self._run(tokens[start:start + self.n_batch], keep_all=True)
             chunks.append(self._binding.get_outputs()[0].numpy()[0])
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
         self.reset()
-        return np.concatenate(chunks)
+        out = self.forward_all(tokens)
+        self.reset()
+        return out
 
     def close(self) -> None:
         self._cache = []

@@ -65,13 +65,19 @@ class TorchEngine(AdapterSwitch):
             del self.tokens[n:]
 
     @torch.inference_mode()
-    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+    def _append(self, tokens: Sequence[int], keep: int) -> np.ndarray:
         tokens = [int(t) for t in tokens]
         ids = torch.tensor([tokens], dtype=torch.long)
         with self._active():
-            out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True, logits_to_keep=keep)
         self.tokens.extend(tokens)
-        return out.logits[0, -1].float().numpy()
+        return out.logits[0].float().numpy()
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        return self._append(tokens, 1)[-1]
+
+    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
+        return self._append(tokens, 0)
 
     @torch.inference_mode()
     def score(self, tokens: Sequence[int]) -> np.ndarray:

@@ -228,11 +228,15 @@ def _print_summary(bundle) -> None:
 @click.option("--threads", type=types.THREADS, help="CPU threads (default: the device profile's, else all cores).")
 @click.option("--backend", help="Runtime to use instead of the one the bundle names.")
 @click.option("--adapter", help="Answer with this LoRA adapter of the bundle (exported with --keep-adapters); default: the base.")
-def run(bundle, prompt, system, raw, max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, threads, backend, adapter):
+@click.option("--draft", metavar="lookup|DIR", help="Speculative decoding: `lookup` (n-grams of the prompt and reply) or a smaller "
+              "bundle with the same tokenizer drafting tokens the model verifies; same output, faster where a pass is cheap.")
+@click.option("--draft-tokens", default=8, show_default=True, type=click.IntRange(1, 32), help="Most tokens drafted per verification pass.")
+def run(bundle, prompt, system, raw, max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, threads, backend, adapter,
+        draft, draft_tokens):
     """Generate from BUNDLE: answer PROMPT (streamed), or chat when no PROMPT is given."""
     from .loading import load
 
-    model = load(bundle, backend=backend, threads=threads)
+    model = load(bundle, backend=backend, threads=threads, draft=draft, draft_tokens=draft_tokens)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    repetition_penalty=repetition_penalty, stop=list(stop), seed=seed, stream=True,
                    adapter=model.check_adapter(adapter))
@@ -273,17 +277,20 @@ def run(bundle, prompt, system, raw, max_new_tokens, temperature, top_p, top_k, 
 @click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Seconds one request may take, waiting included.")
 @click.option("--threads", type=types.THREADS, help="CPU threads per model (default: the device profile's, else all cores).")
 @click.option("--backend", help="Runtime to use instead of the one each bundle names.")
-def serve(bundles, host, port, api_key, queue_size, timeout, threads, backend):
+@click.option("--draft", "drafts", multiple=True, metavar="[MODEL=]lookup|DIR",
+              help="Speculative decoding for bundle MODEL (all bundles without MODEL=): `lookup` or a draft bundle; repeatable.")
+@click.option("--draft-tokens", default=8, show_default=True, type=click.IntRange(1, 32), help="Most tokens drafted per verification pass.")
+def serve(bundles, host, port, api_key, queue_size, timeout, threads, backend, drafts, draft_tokens):
     """Serve BUNDLES over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health).
 
     A request's "model" is a bundle's folder name, or BUNDLE:NAME for a LoRA adapter kept in it (--keep-adapters),
     switched per request on the one loaded base. Each model generates one request at a time; tools,
     response_format (JSON schema, regex, grammar) and streaming work as in OpenAI's API.
     """
-    from .serving.listener import serve as run_server
+    from .serving.listener import parse_drafts, serve as run_server
 
     server = run_server(list(bundles), host=host, port=port, api_key=api_key, queue_size=queue_size, timeout=timeout,
-                        threads=threads, backend=backend, block=False, log_level="warning")
+                        threads=threads, backend=backend, block=False, log_level="warning", drafts=parse_drafts(drafts), draft_tokens=draft_tokens)
     names = ", ".join(server.service.names())
     click.echo(f"serving {names} on {server.url}/v1 (Ctrl-C stops)", err=True)
     try:

@@ -63,13 +63,16 @@ def evaluate(bundle, text, tokens, ctx, reference, backend, threads, eval_data, 
 @click.option("--device", "-d", help="Add an ESTIMATE for this device profile (a built-in name or a .toml file).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full result as JSON to this file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG chart of size × KL × decode speed.")
-def profile(bundles, prompt_tokens, gen, repeat, threads, device, json_path, plot_path):
+@click.option("--draft", metavar="lookup|DIR", help="Also measure speculative decoding with this drafter: tok/s with and without, "
+              "accepted tokens per pass (and, with --device, the estimated speedup there).")
+def profile(bundles, prompt_tokens, gen, repeat, threads, device, json_path, plot_path, draft):
     """Measure BUNDLES on this machine: load time, time to first token, prefill and decode tokens/s, peak memory, size,
     and decode against the memory-bandwidth roofline."""
     from .profiling import profile as run_profile
 
     _check_outputs(json_path, plot_path)
-    _report(run_profile(bundles, prompt_tokens=prompt_tokens, gen=gen, repeat=repeat, threads=threads, device=device), json_path, plot_path)
+    _report(run_profile(bundles, prompt_tokens=prompt_tokens, gen=gen, repeat=repeat, threads=threads, device=device, draft=draft),
+            json_path, plot_path)
 
 
 def _check_outputs(json_path, plot_path) -> None:

@@ -168,6 +168,10 @@ class Matcher:
         """Whether the grammar takes `token` next: one lexer step, far cheaper than the whole mask."""
         return self._matcher.validate_tokens([token]) == 1
 
+    def allowed_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, in order from the current state, the grammar takes (drafts past that are cut)."""
+        return self._matcher.validate_tokens(tokens)
+
     def accept(self, token: int) -> None:
         if not self._matcher.consume_token(token):
             raise EdgeqError(f"token {token} broke the constraint ({_first_line(self._matcher.get_error())}); this is a bug in edgeq")

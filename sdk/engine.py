@@ -53,6 +53,11 @@ class Engine(Protocol):
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         """Appends `tokens` to the cached sequence; returns float32 logits of the last one, shape (vocab,)."""
 
+    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
+        """Appends `tokens` to the cached sequence, as `forward` does; returns float32 logits of every one of them,
+        shape (len(tokens), vocab), from one pass over the weights where the runtime can (speculative decoding
+        verifies drafted tokens this way). The rows may be a view valid until the next call."""
+
     def score(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits of every position of a fresh sequence, shape (len(tokens), vocab); used by eval."""
 

@@ -20,53 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 
 from .constrain import Constraint, Vocabulary, response_format_grammar
+from .decoding import CanonicalPrefix, Turn, decode, prefill
 from .engine import Engine
 from .errors import EdgeqError
 from .sampling import Sampler, SamplingParams
+from .speculative import DEFAULT_DRAFT_TOKENS, LOOKUP, LookupDrafter, Speculation
 from .tokenizer import ChatTokenizer
+from .usage import GenerationStats, Usage
 from .tools import ToolCall, ToolFormat, check_choice, check_tools, history_for_template, tool_format
 from .validate import check_generate_args, check_stops
 
 DEFAULT_MAX_NEW_TOKENS = 256
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens whose keys and values the cache already held (not prefilled)
-    generated_tokens: int = 0
-    time_to_first_token_s: float = 0.0
-    decode_s: float = 0.0
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        new = self.prompt_tokens - self.cached_tokens
-        return new / self.time_to_first_token_s if self.time_to_first_token_s else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        # The first generated token comes out of prefill; the rest each cost one decode step.
-        steps = self.generated_tokens - 1
-        return steps / self.decode_s if steps > 0 and self.decode_s else 0.0
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def to_dict(self) -> dict:
-        """OpenAI's usage object."""
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
 @dataclass
@@ -108,6 +74,8 @@ class _Request:
     finish_reason: str = "length"
     adapter: str | None = None  # the bundle's LoRA adapter to run with (None: the base)
     cancel: threading.Event | None = None  # set: stop before the next token (finish_reason "cancelled")
+    speculative: bool | None = None  # None: speculate when a drafter is loaded (or a prediction is given)
+    predicted: list[int] = field(default_factory=list)  # a Predicted Output's ids: prompt lookup drafts from them
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -141,14 +109,6 @@ class _Text:
         return out
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(differ[0]) if differ.size else n
-
-
 def _collect(chunks: Iterator[ChatChunk]) -> ChatResult:
     text, last = [], ChatChunk()
     for chunk in chunks:
@@ -167,6 +127,9 @@ class LanguageModel:
         self.path = path
         self.stats = GenerationStats()
         self._vocabulary: Vocabulary | None = None
+        self.speculation: Speculation | None = None  # the drafter `edgeq.load(draft=...)` attached
+        self._prediction_lookup: Speculation | None = None
+        self._canonical = CanonicalPrefix()
 
     @property
     def name(self) -> str:
@@ -179,7 +142,7 @@ class LanguageModel:
 
         The text of `complete(prompt)` (no chat template) or `chat(messages)`, so the three ways in take the same
         options and cannot drift apart: `max_new_tokens`, `temperature`, `top_p`, `top_k`, `repetition_penalty`,
-        `stop`, `seed`, `response_format`, `truncate`, `adapter`, `cancel` (see `chat`). For tool calls,
+        `stop`, `seed`, `response_format`, `truncate`, `adapter`, `cancel`, `speculative`, `prediction` (see `chat`). For tool calls,
         finish_reason or usage, call `chat` or `complete`.
         """
         if prompt is not None and messages is not None:
@@ -207,6 +170,8 @@ class LanguageModel:
         truncate: bool = False,
         adapter: str | None = None,
         cancel: threading.Event | None = None,
+        speculative: bool | None = None,
+        prediction: str | dict | None = None,
     ) -> ChatResult | Iterator[ChatChunk]:
         """Answers a chat as OpenAI's chat completions do: a `ChatResult`, or `ChatChunk`s with `stream=True`.
 
@@ -227,6 +192,10 @@ class LanguageModel:
           with; None answers with the base.
         - `cancel`: an event that, once set (from any thread), stops the reply before its next token with
           finish_reason "cancelled": a stop button, or the server when a client leaves.
+        - `speculative`: False decodes one token per step even with a drafter loaded (`edgeq.load(draft=...)`); the
+          output is the same either way (greedy token for token, sampling in distribution), only the speed differs.
+        - `prediction`: text the reply is expected to copy much of (OpenAI's Predicted Outputs, a str or
+          `{"type": "content", "content": ...}`): prompt lookup drafts from it.
         """
         messages = history_for_template(messages) if isinstance(messages, list) else messages
         check_generate_args(None, messages, DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, stop)
@@ -246,28 +215,30 @@ class LanguageModel:
             raise EdgeqError(f"tool_choice={tool_choice!r} needs tools=; pass the functions the model may call")
         ids, budget = self._prompt_ids(None, messages, max_new_tokens, truncate, offered)
         request = _Request(ids, budget, params, check_stops(stop), self._constraint(grammar), form, adapter=self.check_adapter(adapter),
-                           cancel=cancel)
+                           cancel=cancel, speculative=speculative, predicted=self._predicted(prediction))
         chunks = self._reply(request)
         return chunks if stream else _collect(chunks)
 
     def complete(self, prompt: str, *, response_format: dict | None = None, max_new_tokens: int | None = None, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, stop: Sequence[str] | str = (),
                  seed: int | None = None, stream: bool = False, truncate: bool = False, adapter: str | None = None,
-                 cancel: threading.Event | None = None) -> ChatResult | Iterator[ChatChunk]:
+                 cancel: threading.Event | None = None, speculative: bool | None = None,
+                 prediction: str | dict | None = None) -> ChatResult | Iterator[ChatChunk]:
         """Continues a plain prompt (no chat template): a `ChatResult`, or `ChatChunk`s with `stream=True` (options as in
         `chat`; `truncate=True` drops the prompt's oldest tokens instead)."""
         check_generate_args(prompt, None, DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, stop)
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
         ids, budget = self._prompt_ids(prompt, None, max_new_tokens, truncate)
         request = _Request(ids, budget, params, check_stops(stop), self._constraint(response_format_grammar(response_format)),
-                           adapter=self.check_adapter(adapter), cancel=cancel)
+                           adapter=self.check_adapter(adapter), cancel=cancel, speculative=speculative, predicted=self._predicted(prediction))
         chunks = self._reply(request)
         return chunks if stream else _collect(chunks)
 
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams | None = None,
-                     adapter: str | None = None) -> list[int]:
+                     adapter: str | None = None, speculative: bool | None = None, predicted: Sequence[int] = ()) -> list[int]:
         """Token ids only (no detokenization, no stop strings), from an empty cache: for comparing backends exactly."""
-        request = _Request(list(prompt_ids), max_new_tokens, params or SamplingParams(), adapter=self.check_adapter(adapter))
+        request = _Request(list(prompt_ids), max_new_tokens, params or SamplingParams(), adapter=self.check_adapter(adapter),
+                           speculative=speculative, predicted=list(predicted))
         self.engine.reset()
         return list(self._tokens(request))
 
@@ -315,6 +286,18 @@ class LanguageModel:
                              "to drop its oldest part, or load with a larger n_ctx")
         return ids, asked
 
+    def _predicted(self, prediction: str | dict | None) -> list[int]:
+        """A Predicted Output's token ids (OpenAI's `{"type": "content", "content": ...}`, or the text itself)."""
+        if prediction is None:
+            return []
+        if isinstance(prediction, dict) and prediction.get("type") == "content":
+            prediction = prediction.get("content")
+            if isinstance(prediction, list):  # content parts, as OpenAI allows
+                prediction = "".join(part.get("text", "") for part in prediction if isinstance(part, dict))
+        if not isinstance(prediction, str):
+            raise EdgeqError('prediction must be text or {"type": "content", "content": "..."}')
+        return self.tokenizer.encode(prediction, add_special_tokens=False)
+
     def _vocab(self) -> Vocabulary:
         if self._vocabulary is None:
             self._vocabulary = Vocabulary(self.tokenizer.to_json(), self.engine.n_vocab, self.tokenizer.spec.stop_token_ids)
@@ -326,58 +309,39 @@ class LanguageModel:
     def _is_special(self, text: str) -> bool:
         return self._vocab().special_token(text, self.tokenizer.token_id(text))
 
-    def _prefill(self, ids: list[int]) -> np.ndarray:
-        """Logits after `ids`, feeding the engine only what follows the longest prefix its cache holds."""
-        engine = self.engine
-        engine.truncate(min(_common_prefix(engine.tokens, ids), len(ids) - 1))  # the last id is fed again for its logits
-        kept = len(engine.tokens)
-        self.stats.cached_tokens = kept
-        try:
-            return engine.forward(ids[kept:])
-        except BaseException:
-            engine.reset()  # an interrupted prefill leaves the cache in no state worth reusing
-            raise
+    def _speculation(self, request: _Request) -> Speculation | None:
+        """The drafter this request speculates with: prompt lookup over its prediction when it gives one, else the
+        model's own drafter; None when asked not to."""
+        if request.speculative is False:
+            return None
+        if request.predicted and (self.speculation is None or self.speculation.drafter.name != LOOKUP):
+            if self._prediction_lookup is None:
+                self._prediction_lookup = Speculation(LookupDrafter(), self.speculation.draft_tokens if self.speculation else DEFAULT_DRAFT_TOKENS)
+            return self._prediction_lookup
+        if request.speculative and self.speculation is None:
+            raise EdgeqError("speculative=True needs a drafter: load with draft=\"lookup\" or draft=DRAFT_BUNDLE, or pass prediction=")
+        return self.speculation
 
     def _tokens(self, request: _Request) -> Iterator[int]:
-        engine, ids = self.engine, request.ids
+        engine, ids, params = self.engine, request.ids, request.params
         if len(ids) >= engine.n_ctx:
             raise EdgeqError(f"the prompt has {len(ids)} tokens but the context holds {engine.n_ctx}; shorten it or load with a larger n_ctx")
-        budget = min(request.max_new_tokens, engine.n_ctx - len(ids))
-        sampler = Sampler(request.params)
-        stop_ids = set(self.tokenizer.spec.stop_token_ids)
-        penalize = request.params.repetition_penalty != 1.0
-        seen = set(ids) if penalize else set()
-        greedy = request.params.temperature == 0 and not penalize
-        matcher = request.constraint.matcher() if request.constraint else None
+        penalize = params.repetition_penalty != 1.0
         self.stats = stats = GenerationStats(prompt_tokens=len(ids))
+        turn = Turn(engine, Sampler(params), min(request.max_new_tokens, engine.n_ctx - len(ids)), set(self.tokenizer.spec.stop_token_ids),
+                    stats, list(ids), request.constraint.matcher() if request.constraint else None,
+                    greedy=params.temperature == 0 and not penalize, seen=set(ids) if penalize else None, cancel=request.cancel,
+                    speculation=self._speculation(request), predicted=request.predicted)
         start = time.perf_counter()
         self._use_adapter(request.adapter)
-        logits = self._prefill(ids)
+        if turn.speculation is not None:
+            turn.speculation.begin()
+            turn.widest = turn.speculation.widest(engine, params.temperature == 0)  # may clear the cache: before prefill
+        logits, stats.cached_tokens = prefill(engine, ids, self._canonical, exact=params.temperature == 0 or params.seed is not None)
+        if turn.speculation is not None and hasattr(turn.speculation.drafter, "prepare"):
+            turn.speculation.drafter.prepare(ids)  # a draft model's prompt prefill: part of the time to first token
         request.finish_reason = "length"
-        for step in range(budget):
-            if request.cancel is not None and request.cancel.is_set():
-                request.finish_reason = "cancelled"
-                break
-            if matcher is not None and matcher.finished:
-                request.finish_reason = "stop"
-                break
-            token = _choose(sampler, logits, matcher, greedy, np.fromiter(seen, dtype=np.int64) if penalize else None)
-            if step == 0:
-                stats.time_to_first_token_s = time.perf_counter() - start
-                decode_start = time.perf_counter()
-            if token in stop_ids:
-                request.finish_reason = "stop"
-                break
-            if matcher is not None:
-                matcher.accept(token)
-            stats.generated_tokens += 1
-            yield token
-            if step + 1 == budget:
-                break
-            if penalize:
-                seen.add(token)
-            logits = engine.forward([token])
-            stats.decode_s = time.perf_counter() - decode_start
+        request.finish_reason = yield from decode(turn, logits, start)
 
     def _reply(self, request: _Request) -> Iterator[ChatChunk]:
         form = request.tool_format
@@ -398,30 +362,19 @@ class LanguageModel:
                 yield ChatChunk(piece)
         content, calls = form.parse(text.raw) if form else (text.raw, [])
         finish = "tool_calls" if calls and request.finish_reason == "stop" else request.finish_reason
-        usage = Usage(self.stats.prompt_tokens, self.stats.generated_tokens, self.stats.cached_tokens)
+        usage = Usage.of(self.stats)
         yield ChatChunk(content[text.sent:], calls, finish, usage)
 
     def close(self) -> None:
         self.engine.close()
+        if self.speculation is not None and hasattr(self.speculation.drafter, "close"):
+            self.speculation.drafter.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _choose(sampler: Sampler, logits: np.ndarray, matcher, greedy: bool, seen: np.ndarray | None) -> int:
-    """The next token, within the grammar when there is one. Greedy decoding tries the plain argmax first:
-    when the grammar allows it, it is the argmax of the masked logits too, and the mask (a pass over the
-    whole vocabulary) is skipped, which is most steps of a JSON reply."""
-    if matcher is None:
-        return sampler(logits, seen)
-    if greedy:
-        token = int(np.argmax(logits))
-        if matcher.allows(token):
-            return token
-    return sampler(matcher.mask(logits), seen)
 
 
 def _drop_oldest_turn(messages: list[dict]) -> list[dict] | None:

@@ -8,6 +8,7 @@ from .bundle import MANIFEST, TEMPLATE_FILE, read_manifest
 from .engine import default_threads
 from .errors import EdgeqError
 from .generate import LanguageModel
+from .speculative import DEFAULT_DRAFT_TOKENS, LOOKUP, DraftModel, LookupDrafter, Speculation, check_draft_tokens
 from .tokenizer import ChatTokenizer, TokenizerSpec
 from .validate import check_engine_args
 
@@ -30,7 +31,8 @@ def open_engine(folder: Path, manifest: dict, backend: str | None = None, thread
 
 
 def load(path: str | Path, *, backend: str | None = None, threads: int | None = None, n_ctx: int | None = None,
-         adapter: str | Path | None = None, adapters: dict | None = None, verify: bool = True) -> LanguageModel:
+         adapter: str | Path | None = None, adapters: dict | None = None, verify: bool = True, draft: str | Path | None = None,
+         draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> LanguageModel:
     """Loads a bundle made by `edgeq export`, or a Hugging Face folder (with `adapter=`) as the torch reference.
 
     A Hugging Face folder with `adapters={name: dir}` runs in torch with the PEFT adapters kept apart:
@@ -38,9 +40,34 @@ def load(path: str | Path, *, backend: str | None = None, threads: int | None = 
 
     `backend` overrides the runtime the manifest names; `threads` and `n_ctx` default to the
     device profile the bundle was made for. Loading a bundle verifies its checksums.
+
+    `draft` turns on speculative decoding: "lookup" (n-grams of the prompt and the reply so far) or a smaller
+    bundle (or HF folder) with the same tokenizer, in any format; at most `draft_tokens` tokens are guessed per pass.
     """
     check_engine_args(threads, n_ctx)
-    path = Path(path)
+    check_draft_tokens(draft_tokens)
+    model = _load(Path(path), backend, threads, n_ctx, adapter, adapters, verify)
+    if draft is not None:
+        try:
+            model.speculation = Speculation(_drafter(draft, model, threads, verify), draft_tokens)
+        except BaseException:
+            model.close()
+            raise
+    return model
+
+
+def _drafter(draft: str | Path, target: LanguageModel, threads: int | None, verify: bool):
+    if str(draft) == LOOKUP:
+        return LookupDrafter()
+    small = load(draft, threads=threads, verify=verify)
+    try:
+        return DraftModel(small, target)
+    except BaseException:
+        small.close()
+        raise
+
+
+def _load(path: Path, backend, threads, n_ctx, adapter, adapters, verify) -> LanguageModel:
     if (path / MANIFEST).is_file():
         manifest = read_manifest(path, verify=verify)
         return LanguageModel(open_engine(path, manifest, backend, threads, n_ctx), bundle_tokenizer(path, manifest), manifest, path)

@@ -102,6 +102,7 @@ class BundleProfile:
     estimate: DeviceEstimate | None = None
     finetune: dict | None = None  # `edgeq compare`: the fine-tune metrics on the user's eval data
     roofline: dict | None = None  # decode against this machine's measured memory bandwidth (profiling.roofline)
+    speculation: dict | None = None  # `--draft`: tok/s with and without, acceptance (profile_speculation.measure)
 
     @property
     def decode_tokens_per_s(self) -> Spread | None:
@@ -190,6 +191,9 @@ def table(result: ProfileResult) -> str:
         lines += text_rows(["bundle", "MB per token", "bandwidth GB/s", "roofline tok/s", "decode / roofline"], [
             [b.name, fmt_num(b.roofline["bytes_per_token"] / MB), fmt_num(b.roofline["bandwidth_gbps"]),
              fmt_num(b.roofline["bound_tokens_per_s"]), f"{b.roofline['fraction']:.0%}"] for b in bound])
+    from .profile_speculation import lines as speculation_lines
+
+    lines += speculation_lines(result.bundles)
     estimates = [b for b in result.bundles if b.estimate]
     if estimates:
         e = estimates[0].estimate

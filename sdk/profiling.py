@@ -36,12 +36,13 @@ BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 
 def profile(bundles: str | Path | Sequence[str | Path], prompt_tokens: Sequence[int] = (64, 512), gen: int = 128,
             repeat: int = 5, threads: int | None = None, device: str | Path | None = None,
-            progress: bool | None = None) -> ProfileResult:
+            progress: bool | None = None, draft: str | None = None) -> ProfileResult:
     """Measures load time, time to first token, prefill and decode tokens/s, peak memory and size of
     each bundle (an HF folder profiles the torch reference); with `device`, adds a labelled estimate.
 
     Prompt lengths that do not fit the model's context (with `gen` tokens after them) are skipped
-    with a note. Every bundle is checked (checksums, device) before anything is measured.
+    with a note. Every bundle is checked (checksums, device) before anything is measured. With `draft` ("lookup" or
+    a draft bundle), speculative decoding is measured too (`edgeq.profile_speculation`).
     """
     from edgeq.devices import load_device
 
@@ -55,8 +56,9 @@ def profile(bundles: str | Path | Sequence[str | Path], prompt_tokens: Sequence[
     results = []
     for path, name, info in zip(paths, names, infos):
         log.info("profiling %s in a fresh process", path)
-        raw = call_in_fresh_process(_measure, str(path), prompts, gen, repeat, threads, progress, doing=f"profiling {path}")
+        raw = call_in_fresh_process(_measure, str(path), prompts, gen, repeat, threads, progress, draft, doing=f"profiling {path}")
         results.append(_assemble(name, path, info, raw, prompts, gen))
+        results[-1].speculation = raw.get("speculation")
     local: dict[int, dict] = {}
     for b in results:
         if b.threads not in local:
@@ -64,6 +66,10 @@ def profile(bundles: str | Path | Sequence[str | Path], prompt_tokens: Sequence[
         b.roofline = roofline(b, local[b.threads])
         if target:
             b.estimate = estimate(b, target, local[b.threads])
+            if b.speculation:
+                from .profile_speculation import device_speedup
+
+                b.speculation["device"] = device_speedup(b.speculation, b.weight_bytes, b.params, target.bandwidth_gbps, target.cpu_gflops)
     return ProfileResult(results, prompts, gen, repeat, _machine(), target.id if target else None)
 
 
@@ -123,7 +129,8 @@ def _kv_per_token(tensors: dict, config: dict, element: int) -> int | None:
     return None
 
 
-def _measure(path: str, prompts: list[int], gen: int, repeat: int, threads: int | None, progress: bool | None) -> dict:
+def _measure(path: str, prompts: list[int], gen: int, repeat: int, threads: int | None, progress: bool | None,
+             draft: str | None = None) -> dict:
     """Runs in the fresh process: a cold load (the runtime imported on the way, as an app starts), `repeat`
     timed warm loads, then a warm-up pass and `repeat` measured passes over the prompt lengths."""
     from .loading import load
@@ -158,9 +165,14 @@ def _measure(path: str, prompts: list[int], gen: int, repeat: int, threads: int 
     used_threads = getattr(engine, "threads", None) or threads or usable_cores()
     n_ctx = engine.n_ctx
     engine.close()
-    return {"threads": used_threads, "n_ctx": n_ctx, "first_load_s": loads[0], "load_s": loads[1:], "runs": runs,
-            "peak_rss": rss("VmHWM"), "baseline_rss": baseline, "adapters_run": len(adapters),
-            "base_peak_rss": base_peak if adapters else None}
+    out = {"threads": used_threads, "n_ctx": n_ctx, "first_load_s": loads[0], "load_s": loads[1:], "runs": runs,
+           "peak_rss": rss("VmHWM"), "baseline_rss": baseline, "adapters_run": len(adapters),
+           "base_peak_rss": base_peak if adapters else None}
+    if draft is not None:  # after the peak is read: the drafter's memory is not the bundle's
+        from .profile_speculation import measure
+
+        out["speculation"] = measure(path, draft, threads, gen, repeat, max(n_ctx, 1024))
+    return out
 
 
 def _run_once(engine, prompt: list[int], steps: int) -> tuple[float, float]:

@@ -101,6 +101,10 @@ class ChatTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Every token's text and id, added tokens included (what a draft model must share with its target)."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def token_id(self, text: str | None) -> int | None:
         return None if text is None else self._tok.token_to_id(text)
 

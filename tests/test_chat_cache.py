@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 import edgeq
 from edgeq.cli import main
+from edgeq.decoding import PREFILL_CHUNK
 
 TURNS = ["Hello there, fox.", "Tell me about numbers.", "And words?", "Thanks, bye."]
 
@@ -20,6 +21,10 @@ class CountingEngine:
     def forward(self, tokens):
         self.fed.append(len(tokens))
         return self._engine.forward(tokens)
+
+    def forward_all(self, tokens):
+        self.fed.append(len(tokens))
+        return self._engine.forward_all(tokens)
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
@@ -39,34 +44,45 @@ def model_path(request, tmp_path_factory, tiny_llama):
     return _bundle(tmp_path_factory, tiny_llama, request.param)
 
 
-def _converse(model, turns=TURNS):
-    """Replies of a chat, the history growing with each; returns (replies, prefill token counts, usages)."""
+def _converse(model, turns=TURNS, **sampling):
+    """Replies of a chat, the history growing with each; returns (replies, tokens fed by each prefill, usages)."""
     history, replies, prefills, usages = [], [], [], []
     for text in turns:
         history.append({"role": "user", "content": text})
-        before = len(model.engine.fed) if isinstance(model.engine, CountingEngine) else 0
-        reply = model.chat(history, max_new_tokens=12, temperature=0.0)
-        if isinstance(model.engine, CountingEngine):
-            prefills.append(model.engine.fed[before])
+        before = len(model.engine.fed)
+        reply = model.chat(history, max_new_tokens=12, **sampling)
+        decoded = reply.usage.completion_tokens - (reply.finish_reason == "length")  # each chosen token but a last one is fed
+        prefills.append(sum(model.engine.fed[before:len(model.engine.fed) - decoded]))
         history.append(reply.message())
         replies.append(reply.text)
         usages.append(reply.usage)
     return replies, prefills, usages
 
 
-def test_each_turn_prefills_only_its_new_tokens_and_answers_as_a_fresh_run(model_path):
+def test_a_sampled_turn_prefills_only_its_new_tokens(model_path):
     with edgeq.load(model_path, threads=1) as model:
         model.engine = CountingEngine(model.engine)
-        replies, prefills, usages = _converse(model)
-        history = []
-        for turn, (text, reply, fed, usage) in enumerate(zip(TURNS, replies, prefills, usages)):
-            history.append({"role": "user", "content": text})
-            new = len(model.tokenizer.encode_chat(history)) - usage.cached_tokens
-            assert fed == new == usage.prompt_tokens - usage.cached_tokens
+        _, prefills, usages = _converse(model, temperature=0.8)
+        for turn, (fed, usage) in enumerate(zip(prefills, usages)):
+            assert fed == usage.prompt_tokens - usage.cached_tokens
             if turn:
                 # the cache held the last prompt and the reply up to where its ids, tokenized again inside the
                 # template, differ from the sampled ones (a random model's are rarely the canonical ones)
                 assert usage.cached_tokens >= usages[turn - 1].prompt_tokens
+
+
+def test_a_greedy_turn_answers_as_a_fresh_run(model_path):
+    """Greedy turns reuse the cache only up to a fixed prefill boundary whose positions were prefilled as a fresh prompt
+    is, so each reply is the one a fresh process gives (issue 32)."""
+    with edgeq.load(model_path, threads=1) as model:
+        model.engine = CountingEngine(model.engine)
+        replies, prefills, usages = _converse(model, temperature=0.0)
+        history = []
+        for turn, (text, reply, fed, usage) in enumerate(zip(TURNS, replies, prefills, usages)):
+            history.append({"role": "user", "content": text})
+            assert fed == usage.prompt_tokens - usage.cached_tokens and usage.cached_tokens % PREFILL_CHUNK == 0
+            if turn:
+                assert usage.cached_tokens >= usages[turn - 1].prompt_tokens // PREFILL_CHUNK * PREFILL_CHUNK
             model.engine.reset()
             fresh = model.chat(history, max_new_tokens=12, temperature=0.0)
             assert fresh.usage.cached_tokens == 0
@@ -93,13 +109,16 @@ def test_truncate_keeps_a_prefix_exactly(model_path):
         assert engine.tokens == []
 
 
-def test_a_repeated_prompt_feeds_one_token(tiny_llama, tmp_path):
+def test_a_repeated_prompt_feeds_one_token_unless_greedy(tiny_llama, tmp_path):
     with edgeq.load(tiny_llama, threads=1) as model:
         model.engine = CountingEngine(model.engine)
         first = model.generate("Hello fox", max_new_tokens=8)
-        calls = len(model.engine.fed)
         again = model.generate("Hello fox", max_new_tokens=8)
-        assert first == again and model.stats.cached_tokens == model.stats.prompt_tokens - 1
+        assert first == again and model.stats.cached_tokens == 0  # a prompt shorter than one prefill chunk: prefilled again
+        model.generate("Hello fox", max_new_tokens=8, temperature=0.9)
+        calls = len(model.engine.fed)
+        model.generate("Hello fox", max_new_tokens=8, temperature=0.9)
+        assert model.stats.cached_tokens == model.stats.prompt_tokens - 1
         assert model.engine.fed[calls] == 1  # the prompt's last token, fed again for its logits
         model.generate_ids(model.tokenizer.encode("Hello fox"), 4)  # from an empty cache, for exact comparisons
         assert model.stats.cached_tokens == 0

@@ -155,3 +155,26 @@ def test_bad_input_one_line_and_nothing_written(bundles, tmp_path):
         result = CliRunner().invoke(main, ["profile", str(bundles[0]), *args])
         assert result.exit_code in (1, 2) and result.output.count("\n") == 1 and needle in result.output, result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_profile_with_a_draft_reports_acceptance_and_a_device_speedup(bundles):
+    """The model drafting for itself: drafting as deep as allowed, its greedy guesses are right; but each guess costs a
+    whole read of the weights, so even on a phone, where a pass costs about a step, the estimate gains nothing."""
+    q8 = bundles[0]
+    result = edgeq.profile(q8, prompt_tokens=(8,), gen=24, repeat=1, threads=1, device="pixel-8", draft=str(q8))
+    spec = result.bundles[0].speculation
+    assert spec["passes"] > 0 and spec["accepted_per_pass"] > 1 and spec["acceptance"] > 0.5 and spec["adaptive_passes"] >= 0
+    assert spec["plain_tokens_per_s"] > 0 and spec["speculative_tokens_per_s"] > 0
+    assert spec["device"]["speedup"] < 1.05
+    assert "speculative decoding on a built-in copying prompt" in result.table() and "ESTIMATE on pixel-8" in result.table()
+
+
+def test_device_speedup_follows_bandwidth_and_compute():
+    from edgeq.profile_speculation import device_speedup
+
+    lookup = {"acceptance": 0.8, "draft_tokens": 8, "draft_bytes": 0}
+    phone = device_speedup(lookup, weight_bytes=1e9, params=1.5e9, bandwidth_gbps=60, gflops=1000)  # reading dominates
+    busy = device_speedup(lookup, weight_bytes=1e9, params=1.5e9, bandwidth_gbps=60, gflops=50)     # computing dominates
+    assert phone["pass_over_step"] == 1.0 and phone["speedup"] > 2.5 and phone["depth"] >= 4
+    assert busy["pass_over_step"] > 1.5 and 1.0 <= busy["speedup"] < phone["speedup"] and busy["depth"] < phone["depth"]
+    assert device_speedup({**lookup, "acceptance": 0.0}, 1e9, 1.5e9, 60, 1000) == {"depth": 0, "speedup": 1.0, "pass_over_step": 1.0}

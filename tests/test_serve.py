@@ -211,3 +211,28 @@ def test_serve_command_help():
 
     result = CliRunner().invoke(main, ["serve", "--help"])
     assert result.exit_code == 0 and "--api-key" in result.output and "127.0.0.1" in result.output
+
+
+def test_speculation_through_the_client(tmp_path, tiny_llama):
+    """A model served drafting for itself (its greedy guesses hold): `"speculative": false` (extra_body), speculation and
+    a Predicted Output give the same greedy text; usage reports the prediction tokens, in whole and streamed replies."""
+    q8 = edgeq.export(tiny_llama, format="gguf", precision="Q8_0", output=tmp_path / "q8", eval_tokens=0)
+    with edgeq.serve([q8], port=0, block=False, log_level="warning", threads=1, drafts={"q8": str(q8)}, draft_tokens=6) as server:
+        client = _client(server)
+        off = client.chat.completions.create(model="q8", messages=HI, max_tokens=32, temperature=0, extra_body={"speculative": False})
+        text = off.choices[0].message.content
+        assert off.usage.completion_tokens_details.accepted_prediction_tokens == 0
+        drafted = client.chat.completions.create(model="q8", messages=HI, max_tokens=32, temperature=0)
+        assert drafted.choices[0].message.content == text
+        details = drafted.usage.completion_tokens_details
+        assert details.accepted_prediction_tokens > 0 and details.model_extra["speculative_passes"] > 0
+        stream = client.chat.completions.create(model="q8", messages=HI, max_tokens=32, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}, prediction={"type": "content", "content": text})
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+        # prompt lookup over the prediction; the depth adapts to what passes cost here, so how much it drafted is the machine's call
+        assert {"speculative_passes", "accepted_prediction_tokens"} <= set(chunks[-1].usage.completion_tokens_details.model_dump())
+        status, body = _raw(server, "POST", "/v1/chat/completions", {"model": "q8", "messages": HI, "speculative": "no"})
+        assert status == 400 and "speculative" in json.loads(body)["error"]["message"]
+    with pytest.raises(edgeq.EdgeqError, match="not a served bundle"):
+        edgeq.serve([q8], port=0, block=False, drafts={"nope": "lookup"})

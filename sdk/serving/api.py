@@ -117,6 +117,16 @@ class ResponseFormat(Strict):
         return out
 
 
+class Prediction(Strict):
+    """OpenAI's Predicted Outputs: text the reply is expected to copy much of; prompt lookup drafts from it."""
+
+    type: Literal["content"]
+    content: Union[str, list[TextPart]]
+
+    def to_edgeq(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
 class StreamOptions(Strict):
     include_usage: bool = False
 
@@ -136,6 +146,8 @@ class Common(Strict):
     logprobs: Literal[False, None] = None
     response_format: ResponseFormat | None = None
     user: str | None = None  # accepted for compatibility; edgeq keeps no per-user state
+    prediction: Prediction | None = None
+    speculative: bool | None = None  # edgeq's own: false decodes this request one token per step
 
     @field_validator("stop")
     @classmethod
@@ -147,7 +159,8 @@ class Common(Strict):
 
     def sampling(self) -> dict:
         return dict(temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=self.stop or [],
-                    response_format=self.response_format.to_edgeq() if self.response_format else None)
+                    response_format=self.response_format.to_edgeq() if self.response_format else None, speculative=self.speculative,
+                    prediction=self.prediction.to_edgeq() if self.prediction else None)
 
 
 class ChatRequest(Common):

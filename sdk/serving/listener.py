@@ -13,10 +13,33 @@ from ..generate import LanguageModel
 INSTALL_HINT = "the server needs fastapi and uvicorn: pip install 'edgeq[serve]'"
 
 
-def load_models(bundles, *, backend: str | None = None, threads: int | None = None, n_ctx: int | None = None) -> list[LanguageModel]:
-    from ..loading import load
+def parse_drafts(values) -> dict[str | None, str]:
+    """`--draft` values: MODEL=lookup|DIR for one bundle, lookup|DIR for every bundle (a path holding "=" that exists is
+    taken whole)."""
+    drafts: dict[str | None, str] = {}
+    for value in values:
+        name, sep, what = value.partition("=")
+        if sep and not Path(value).exists():
+            drafts[name] = what
+        else:
+            drafts[None] = value
+    return drafts
 
-    return [b if isinstance(b, LanguageModel) else load(b, backend=backend, threads=threads, n_ctx=n_ctx) for b in bundles]
+
+def load_models(bundles, *, backend: str | None = None, threads: int | None = None, n_ctx: int | None = None,
+                drafts: dict[str | None, str] | None = None, draft_tokens: int | None = None) -> list[LanguageModel]:
+    """Each bundle loaded (models from `edgeq.load` kept as they are), with the drafter `drafts` names for its folder
+    name (the None key: every bundle without its own)."""
+    from ..loading import load
+    from ..speculative import DEFAULT_DRAFT_TOKENS
+
+    drafts = dict(drafts or {})
+    unknown = set(drafts) - {None} - {Path(b).name for b in bundles if not isinstance(b, LanguageModel)}
+    if unknown:
+        raise EdgeqError(f"--draft names {sorted(unknown)[0]!r}, which is not a served bundle's folder name; use BUNDLE=lookup|DIR")
+    return [b if isinstance(b, LanguageModel) else
+            load(b, backend=backend, threads=threads, n_ctx=n_ctx, draft=drafts.get(Path(b).name, drafts.get(None)),
+                 draft_tokens=draft_tokens or DEFAULT_DRAFT_TOKENS) for b in bundles]
 
 
 class Server:
@@ -78,11 +101,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(bundles, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, queue_size: int = 8,
           timeout: float = 600.0, backend: str | None = None, threads: int | None = None, n_ctx: int | None = None,
-          block: bool = True, log_level: str = "info") -> Server | None:
+          block: bool = True, log_level: str = "info", drafts: dict[str | None, str] | None = None,
+          draft_tokens: int | None = None) -> Server | None:
     """Serves bundles (paths, or models from `edgeq.load`) with an OpenAI-compatible API.
 
     `block=False` returns a started `Server` (its `url`; `stop()` or a `with` block ends it), for tests and
     apps; port 0 picks a free port. `queue_size` requests may wait per model; `timeout` seconds bound each.
+    `drafts` maps a bundle's folder name (None: every bundle) to its drafter for speculative decoding ("lookup" or a
+    draft bundle); a request's `"speculative": false` turns it off, its `prediction` drafts by prompt lookup.
     """
     try:
         from .api import create_app
@@ -94,7 +120,8 @@ def serve(bundles, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         raise EdgeqError("serve needs at least one bundle")
     if queue_size < 0 or timeout <= 0:
         raise EdgeqError(f"queue_size must be ≥ 0 and timeout > 0, got {queue_size} and {timeout}")
-    app = create_app(load_models(bundles, backend=backend, threads=threads, n_ctx=n_ctx), api_key=api_key, queue_size=queue_size, timeout=timeout)
+    models = load_models(bundles, backend=backend, threads=threads, n_ctx=n_ctx, drafts=drafts, draft_tokens=draft_tokens)
+    app = create_app(models, api_key=api_key, queue_size=queue_size, timeout=timeout)
     server = Server(app, bind(host, port), log_level)
     if not block:
         return server.start()

@@ -306,10 +306,12 @@ def overhead_bytes(job: ExportJob) -> int:
 def convert(job: ExportJob, stage: Path) -> None:
     converter = job.spec.converter()
     kept = {"adapters": job.adapters} if job.adapters else {}
+    trained = job.source.config.get("max_position_embeddings", DEFAULT_CONTEXT)
+    if "context" in job.spec.options:  # a format whose cache is sized at export (ExecuTorch's static cache)
+        kept["context"] = min(job.profile.context_length if job.profile else DEFAULT_CONTEXT, trained)
     fields = converter.convert(job.source, stage, precision=job.precision, overrides=job.overrides,
                                calibration=job.calibration, progress=job.progress, **job.options, **kept)
     _copy_tokenizer(job.source, stage)
-    trained = job.source.config.get("max_position_embeddings", DEFAULT_CONTEXT)
     job.manifest = {
         "format": job.spec.name,
         "runtime": job.spec.runtime,

@@ -2,11 +2,10 @@
 
 A precision names how XNNPACK computes each linear layer: `8da4w` is int8 activations quantized per token at run time
 times int4 weights in groups of 32 inputs (Meta's Llama 3.2 recipe), `-g64`/`-g128` wider groups, `8da8w` int8
-weights per output channel, `4w`/`8w` weight-only (activations stay float32), `fp32` none.
+weights per output channel, `fp32` none. Weight-only `4w`/`8w` are refused (`WEIGHT_ONLY`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import metadata
 
 import numpy as np
@@ -14,34 +13,17 @@ import numpy as np
 from edgeq.errors import EdgeqError
 from edgeq.formats import FormatSpec
 
+from .layouts import LINEARS, PRECISIONS
+
 # The versions the `executorch` extra pins: the executorch wheel links libtorch without declaring the torch it was
 # built against, so a mismatch surfaces as an undefined symbol deep in an import; it is refused by name first.
 PINS = {"executorch": "1.5.1", "torchao": "0.18.0", "torch": "2.13.0"}
 
 
-@dataclass(frozen=True)
-class Linear:
-    """How one precision stores a linear layer's weight: `bits` per weight, `group` inputs per scale (0: one scale per
-    output channel), and whether activations are int8 per token at run time (`dynamic`, XNNPACK's qd8 kernels)."""
-
-    bits: int
-    group: int
-    dynamic: bool
-
-    def nbytes(self, shape) -> int:
-        """Codes plus scales as the delegate stores them: int4 packed two to a byte with a bf16 scale per group (XNNPACK's
-        blockwise layout), int8 a byte each with a float32 scale per output channel."""
-        rows, cols = int(shape[0]), int(np.prod(shape[1:]))
-        if self.group:
-            return rows * cols * self.bits // 8 + rows * (cols // self.group) * 2
-        return rows * cols * self.bits // 8 + rows * 4
-
-
-LINEARS = {
-    "8da4w": Linear(4, 32, True), "8da4w-g64": Linear(4, 64, True), "8da4w-g128": Linear(4, 128, True),
-    "8da8w": Linear(8, 0, True), "4w": Linear(4, 32, False), "8w": Linear(8, 0, False),
-}
-PRECISIONS = (*LINEARS, "fp32")
+# Weight-only precisions are refused: XNNPACK has no weight-only integer fully-connected kernel, and ExecuTorch 1.5.1
+# lowered torchao's weight-only int4/int8 linears to a float32 filter that computed wrong values (relative error ~1 on
+# a 64x96 test layer here), with no size saved.
+WEIGHT_ONLY = ("4w", "8w")
 
 
 def check_installed() -> None:
@@ -66,9 +48,8 @@ def check_installed() -> None:
 
 class ExecuTorchSpace:
     """What the converter writes for each linear layer (`LINEARS`), priced by the layout XNNPACK stores; the round trip
-    is the symmetric grid the converter rounds to (`edgeq.quant.grid.search`, importance-weighted), float32 values
-    for fp32. The embedding table is a lookup the delegate does not run: it is kept at 8 bits per output row
-    (`8w`) or float32."""
+    is the converter's own nearest rounding (`quant.nearest_codes`, importance-weighted), float32 values for fp32.
+    The embedding table is a lookup outside the delegate, stored on its precision's weight grid."""
 
     format = "executorch"
     float_bytes = 4
@@ -85,17 +66,12 @@ class ExecuTorchSpace:
             return weight.astype(np.float32)
         import torch
 
-        from edgeq.quant.grid import search
+        from edgeq.converters.executorch.quant import nearest_codes
 
         linear = LINEARS[precision]
-        w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
-        group = linear.group or w.shape[1]
-        imp = torch.ones(group) if importance is None else torch.as_tensor(np.asarray(importance, np.float32))
-        imp = (imp / imp.mean().clamp_min(1e-12)).clamp_min(1e-6).view(1, -1, group) if importance is not None else imp.view(1, 1, -1)
-        codes, scales = search(w.view(w.shape[0], -1, group), imp, linear.bits)
-        if linear.group:
-            scales = scales.to(torch.bfloat16).float()
-        return (codes * scales).view(w.shape).numpy()
+        codes, scales = nearest_codes(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)), linear, importance)
+        group = linear.group or weight.shape[1]
+        return (codes.float().view(weight.shape[0], -1, group) * scales.view(weight.shape[0], -1, 1)).reshape(weight.shape).numpy()
 
 
 class ExecuTorchFormat(FormatSpec):
@@ -107,13 +83,20 @@ class ExecuTorchFormat(FormatSpec):
     float_precision = "fp32"
     planned_precision = "8da4w"
     nominal_bpw = {p: LINEARS[p].bits + (16 / LINEARS[p].group if LINEARS[p].group else 0.0) for p in LINEARS} | {"fp32": 32.0}
-    options = ("rounding",)
+    options = ("rounding", "context")  # context: set by the export from the device, not a user option
     roundings = ("gptq", "nearest")
     gptq_precisions = tuple(LINEARS)
     kv_element_bytes = 4  # the static KV cache is float32, as XNNPACK and the custom sdpa kernel compute
     kept_adapters_refusal = ("a .pte holds its weights inside XNNPACK's packed blobs, and edgeq does not yet write LoRA "
                              "factors as separate .ptd data that the program switches per call")
     export_bytes_per_weight = 16  # the float32 decoder, torchao's quantized copy and the lowered program
+
+    def normalize(self, precision: str) -> str:
+        if str(precision).lower() in WEIGHT_ONLY:
+            raise EdgeqError(f"executorch precision {precision!r} (weight-only) is not offered: XNNPACK has no weight-only integer "
+                             "linear kernel, and ExecuTorch 1.5.1 lowered it to float32 filters with wrong values; use 8da4w "
+                             "or 8da8w (int8 activations per token)")
+        return super().normalize(precision)
 
     def converter(self):
         check_installed()

@@ -125,3 +125,25 @@ def test_a_program_that_is_not_the_manifests_is_refused_before_it_runs(bundles, 
     (copy / "edgeq.json").write_text(json.dumps(manifest))
     with pytest.raises(EdgeqError, match="not this bundle's program"):
         edgeq.load(copy, verify=False)
+
+
+def test_the_planners_bytes_are_the_files(bundles):
+    """The precision space prices each linear at what the written .pte holds for it (read back from XNNPACK's graph)."""
+    import edgeq
+
+    space = et_spec.EXECUTORCH.space()
+    tensors = edgeq.inspect(bundles("gptq"))["tensors"]
+    precision = {"qbint4-g32": "8da4w", "qcint8": "8da8w"}
+    for name, info in tensors.items():
+        assert space.nbytes(precision[info["type"]], tuple(info["shape"])) == info["bytes"], name
+    assert "8da4w-g128" not in space.candidates((64, 96)) and "8da4w" in space.candidates((64, 96))
+
+
+def test_keep_adapters_is_refused_with_the_reason(tiny_llama, tmp_path):
+    import edgeq
+    from conftest import build_lora
+
+    lora = build_lora(tmp_path / "lora", tiny_llama)
+    with pytest.raises(EdgeqError, match="executorch format cannot keep adapters.*XNNPACK's packed blobs"):
+        edgeq.export(tiny_llama, format="executorch", adapters={"a": lora}, keep_adapters=True, output=tmp_path / "b",
+                     eval_tokens=0, progress=False)

@@ -79,25 +79,24 @@ def call_order(model: ExportedDecoder) -> list[str]:
     return [f"{name}.weight" for name, m in model.decoder.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"] + [HEAD]
 
 
-def gptq_codes(calibration, plan: dict[str, str], progress) -> dict:
-    """GPTQ of every quantized linear of the plan on the calibration text (the embedding is a lookup: no inputs; a tied
-    head is the embedding's tensor in the float model, rounded alone by nearest); the float model is let go after."""
-    from edgeq.quant.gptq import quantize_model
+def gptq_codes(calibration, plan: dict[str, str], tied: bool, progress) -> dict:
+    """GPTQ of every quantized linear of the plan on the calibration text; the float model is let go after. Rounded by
+    nearest instead: the embedding (a lookup: no inputs), a tied head (the float model's head is the embedding's tensor),
+    and a per-channel weight taller than GPTQ's row chunk (its one scale per row is fixed up front, and GPTQ hands a grid
+    one chunk of rows at a time)."""
+    from edgeq.quant.gptq import ROW_CHUNK, quantize_model
 
     model = calibration.model
     grids = {}
     for name, precision in plan.items():
-        if precision == "fp32" or name == EMBEDDING or (name == HEAD and not hasattr(model, "lm_head")):
+        if precision == "fp32" or name == EMBEDDING or (name == HEAD and tied):
             continue
-        try:
-            weight = model.get_parameter(name).detach().float()
-        except AttributeError:
+        weight = model.get_parameter(name).detach().float()
+        if not LINEARS[precision].group and weight.shape[0] > ROW_CHUNK:
             continue
         grid = quant.gptq_grid(weight, precision, None)
         if grid is not None:
             grids[name] = grid
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    grids.pop(HEAD, None) if tied else None
     try:
         return dict(quantize_model(model, calibration.windows, grids, progress)) if grids else {}
     finally:
@@ -141,7 +140,7 @@ class ExecuTorchConverter:
         quantized = any(p != "fp32" for p in plan.values())
         gptq = quantized and rounding == "gptq" and calibration is not None
         started = time.perf_counter()
-        codes = gptq_codes(calibration, plan, progress) if gptq else {}
+        codes = gptq_codes(calibration, plan, spec.tied, progress) if gptq else {}
         importance = calibration.importance(progress) if quantized and not gptq and calibration is not None else None
         model = ExportedDecoder(build_decoder(spec, source.tensor, dtype=torch.float32, progress=progress)).eval()
         kept = quantize(model, plan, codes, importance, progress)

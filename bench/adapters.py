@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-import harness
+from lib import harness
 import numpy as np
 import torch
 

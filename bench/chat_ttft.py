@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 
-import harness
+from lib import harness
 
 import edgeq
 

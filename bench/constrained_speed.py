@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-import harness
+from lib import harness
 
 import edgeq
 

@@ -16,7 +16,7 @@ import json
 import math
 import shutil
 
-import harness
+from lib import harness
 
 RSS_BAR_MIB = 16 * 1024
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import anchors
-import harness
+from lib import anchors
+from lib import harness
 import torch
 
 import edgeq

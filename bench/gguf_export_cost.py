@@ -18,8 +18,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import anchors
-import harness
+from lib import anchors
+from lib import harness
 
 
 def llamacpp_cost(model: Path, work: Path) -> harness.Run:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import harness
+from lib import harness
 import llama_cpp
 import numpy as np
 

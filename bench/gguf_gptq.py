@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
-import harness
+from lib import harness
 
 import edgeq
 

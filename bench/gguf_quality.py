@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import anchors
-import harness
+from lib import anchors
+from lib import harness
 
 import edgeq
 

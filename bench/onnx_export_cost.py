@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import shutil
 
-import anchors
-import harness
+from lib import anchors
+from lib import harness
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import json
 import subprocess
 from pathlib import Path
 
-import anchors
-import harness
+from lib import anchors
+from lib import harness
 import numpy as np
 
 import edgeq

@@ -20,8 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
-import anchors
-import harness
+from lib import anchors
+from lib import harness
 import numpy as np
 
 import edgeq

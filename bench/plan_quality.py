@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import harness
+from lib import harness
 
 import edgeq
 

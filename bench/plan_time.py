@@ -16,7 +16,7 @@ import resource
 import tempfile
 import time
 
-import harness
+from lib import harness
 
 import edgeq
 

@@ -20,8 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import anchors
-import harness
+from lib import anchors
+from lib import harness
 
 import edgeq
 from edgeq.runtimes.llamacpp_amx import extra_buffers_usable

@@ -19,7 +19,7 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-import harness
+from lib import harness
 
 BARS = {"second run seconds": 10.0}
 RELEASE = """

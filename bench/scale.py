@@ -21,8 +21,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import anchors
-import harness
+from lib import anchors
+from lib import harness
 
 GIB = 1024
 # export label -> (format, export options, peak RSS bar MiB at 3B, wall bar at 1.5B: seconds, or (anchor, ratio))

@@ -27,10 +27,10 @@ import threading
 import time
 from pathlib import Path
 
-import harness
+from lib import harness
 import psutil
 
-sys.path.insert(0, str(harness.HERE.parent / "tests"))
+sys.path.insert(0, str(harness.BENCH.parent / "tests"))
 from tool_templates import build_tool_model  # noqa: E402  (a tiny tool-speaking model, as the server tests use)
 
 SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "why": {"type": "string", "maxLength": 40}},

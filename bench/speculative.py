@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 
-import harness
+from lib import harness
 import numpy as np
 
 import edgeq

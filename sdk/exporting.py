@@ -224,16 +224,19 @@ def convert(job: ExportJob, stage: Path) -> None:
     from .model_card import source_facts
 
     converter = job.spec.converter()
-    kept = {"adapters": job.adapters} if job.adapters else {}
-    fields = converter.convert(job.source, stage, precision=job.precision, overrides=job.overrides,
-                               calibration=job.calibration, progress=job.progress, **job.options, **kept)
-    copy_tokenizer(job.source, stage)
+    extra = {"adapters": job.adapters} if job.adapters else {}
     trained = job.source.config.get("max_position_embeddings", DEFAULT_CONTEXT)
+    context = min(job.profile.context_length if job.profile else DEFAULT_CONTEXT, trained)
+    if "context" in job.spec.options:  # a format whose cache is sized at export (ExecuTorch's static cache)
+        extra["context"] = context
+    fields = converter.convert(job.source, stage, precision=job.precision, overrides=job.overrides,
+                               calibration=job.calibration, progress=job.progress, **job.options, **extra)
+    copy_tokenizer(job.source, stage)
     job.manifest = {
         "format": job.spec.name,
         "runtime": job.spec.runtime,
         **fields,
-        "context_length": min(job.profile.context_length if job.profile else DEFAULT_CONTEXT, trained),
+        "context_length": context,
         "source": {**job.source.fingerprint(), **source_facts(job.source)},
         "base": job.base_source.fingerprint() if job.base_source else None,
         "device": job.profile.to_dict() if job.profile else None,

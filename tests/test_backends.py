@@ -41,7 +41,7 @@ ARCHITECTURES = {
 }
 TEXT = np.random.default_rng(0).integers(3, 390, 40).tolist()
 # KL bound of the float export against torch: llama.cpp keeps its KV cache in f16, Core ML computes in float16
-KL_BOUND = {"gguf": 1e-4, "onnx": 1e-4, "coreml": 1e-3}
+KL_BOUND = {"gguf": 1e-4, "onnx": 1e-4, "coreml": 1e-3, "executorch": 1e-4}
 
 
 def _kl(ref, got, window=TEXT):

@@ -94,7 +94,19 @@ def test_every_package_folder_is_listed_in_pyproject():
 
 
 def test_a_wheel_holds_every_module(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+    """Built from a copy of the tree: a build writes its egg-info beside the sources, which would shadow the
+    installed metadata (entry points) of anything run from the checkout."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    for name in ("pyproject.toml", "README.md", "sdk", "converters", "runtimes", "devices"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            tree.mkdir(exist_ok=True)
+            shutil.copy(source, tree / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(tree)],
                    check=True, capture_output=True)
     wheel = next(tmp_path.glob("edgeq-*.whl"))
     held = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}

@@ -193,12 +193,9 @@ def _error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=retry)
 
 
-def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue_size: int = 8, timeout: float = 600.0) -> FastAPI:
-    """The ASGI app over loaded models (what `edgeq.serve` runs; tests may drive it directly)."""
-    service = Service(models, api_key, queue_size, timeout)
-    app = FastAPI(title="edgeq", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.service = service
-
+def _guard(app: FastAPI, service: Service) -> None:
+    """Every failure answered in OpenAI's error shape (nothing a request sends takes the server down), the API key
+    checked on /v1, and bodies over the limit refused before they are read."""
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return _error_response(exc)
@@ -238,6 +235,15 @@ def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue
         if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
             return _error_response(ApiError(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB"))
         return await call_next(request)
+
+
+def create_app(models: list[LanguageModel], *, api_key: str | None = None, queue_size: int = 8, timeout: float = 600.0) -> FastAPI:
+    """The ASGI app over loaded models (what `edgeq.serve` runs; tests may drive it directly)."""
+    service = Service(models, api_key, queue_size, timeout)
+    app = FastAPI(title="edgeq", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    _guard(app, service)
 
     @app.get("/health")
     async def health():

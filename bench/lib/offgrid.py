@@ -32,7 +32,7 @@ well (with both: Q8_0 KL 0.0047, vs 0.0040 with permutations alone, on 3 windows
 
 Math in float64, one tensor at a time; float32 safetensors out.
 
-    python bench/offgrid.py SRC DST [--seed 0] [--overwrite]
+    cd bench && python -m lib.offgrid SRC DST [--seed 0] [--overwrite]
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ flatters every 4-bit result measured on this checkpoint (bench/README.md says by
 Checks, printed: transformers answers a chat prompt (greedy), and the joined GGUF in llama.cpp computes what
 the checkpoint computes in transformers (KL on a short text: only activation rounding separates them).
 
-    python bench/gemma3_model.py [--overwrite] [--keep-gguf DIR]
+    cd bench && python -m lib.gemma3_model [--overwrite] [--keep-gguf DIR]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import harness
+from lib import harness
 import numpy as np
 
 import edgeq

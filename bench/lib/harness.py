@@ -40,7 +40,7 @@ from edgeq.quant.calibration import calibration_windows
 
 __all__ = ["QualityAccumulator", "default_model_path", "measure_machine", "open_model"]  # used by benches as harness.NAME
 
-HERE = Path(__file__).resolve().parent
+BENCH = Path(__file__).resolve().parent.parent  # bench/, where the makers run as `python -m lib.NAME`
 WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
 MODELS_DIR = cache_dir() / "models"  # read once: plan_time.py points EDGEQ_CACHE elsewhere for a cold cache
 REFERENCE_CACHE = Path("/tmp/edgeq-bench-reference")
@@ -53,7 +53,7 @@ MODELS = {
     "smollm2-perm": "smollm2-135m-instruct-permuted",
     "qwen-coder-plain": "qwen2.5-coder-0.5b-instruct",
     "gemma3": "gemma3-270m-it-offgrid",                  # Gemma 3 270M-it, off-grid (signed permutation: tie kept)
-    "gemma3-plain": "gemma3-270m-it",                    # as bench/gemma3_model.py dequantizes it from Q4_K_M
+    "gemma3-plain": "gemma3-270m-it",                    # as bench/lib/gemma3_model.py dequantizes it from Q4_K_M
     "shape-llama": "bench-llama-1.5b-shape",             # random weights, Qwen2.5-1.5B's shapes: cost benches
     "shape-qwen2": "bench-qwen2-1.5b-shape",
     "shape-llama-3b": "bench-llama-3b-shape",            # random weights, Llama-3.2-3B's shapes: bench/scale.py
@@ -70,8 +70,8 @@ def model_path(name: str) -> Path:
         return path
     path = MODELS_DIR / MODELS[name]
     if not (path / "config.json").is_file():
-        print(f"making {name} at {path} (once): python bench/real_models.py {name}", flush=True)
-        subprocess.run([sys.executable, str(HERE / "real_models.py"), name], check=True)
+        print(f"making {name} at {path} (once): cd bench && python -m lib.real_models {name}", flush=True)
+        subprocess.run([sys.executable, "-m", "lib.real_models", name], cwd=BENCH, check=True)
     return path
 
 

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from harness import timed_process
+from lib.harness import timed_process
 
 
 def _folder(var: str, must_hold: str) -> Path:

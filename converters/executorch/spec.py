@@ -1,0 +1,109 @@
+"""ExecuTorch's facts for the rest of edgeq: precisions, nominal sizes, pins, the planner's space. Imports no torch.
+
+A precision names how XNNPACK computes each linear layer: `8da4w` is int8 activations quantized per token at run time
+times int4 weights in groups of 32 inputs (Meta's Llama 3.2 recipe), `-g64`/`-g128` wider groups, `8da8w` int8
+weights per output channel, `fp32` none. Weight-only `4w`/`8w` are refused (`WEIGHT_ONLY`).
+"""
+from __future__ import annotations
+
+from importlib import metadata
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.formats import FormatSpec
+
+from .layouts import LINEARS, PRECISIONS
+
+# The versions the `executorch` extra pins: the executorch wheel links libtorch without declaring the torch it was
+# built against, so a mismatch surfaces as an undefined symbol deep in an import; it is refused by name first.
+PINS = {"executorch": "1.5.1", "torchao": "0.18.0", "torch": "2.13.0"}
+
+
+# Weight-only precisions are refused: XNNPACK has no weight-only integer fully-connected kernel, and ExecuTorch 1.5.1
+# lowered torchao's weight-only int4/int8 linears to a float32 filter that computed wrong values (relative error ~1 on
+# a 64x96 test layer here), with no size saved.
+WEIGHT_ONLY = ("4w", "8w")
+
+
+def check_installed() -> None:
+    """The pinned executorch, torchao and torch, or one line naming what is there, what is needed and the extra."""
+    found = {}
+    for name in PINS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    missing = [name for name, version in found.items() if version is None]
+    if missing:
+        raise EdgeqError(f"the executorch format needs {' and '.join(missing)}, which is not installed; "
+                         "install it with: pip install 'edgeq[executorch]'")
+    wrong = {name: version for name, version in found.items() if version.split("+")[0] != PINS[name]}
+    if wrong:
+        have = ", ".join(f"{name} {version}" for name, version in found.items())
+        want = ", ".join(f"{name}=={version}" for name, version in PINS.items())
+        raise EdgeqError(f"executorch {found['executorch']} runs only with the torch it was built against: found {have}, "
+                         f"need {want}; install them with: pip install 'edgeq[executorch]'")
+
+
+class ExecuTorchSpace:
+    """What the converter writes for each linear layer (`LINEARS`), priced by the layout XNNPACK stores; the round trip
+    is the converter's own nearest rounding (`quant.nearest_codes`, importance-weighted), float32 values for fp32.
+    The embedding table is a lookup outside the delegate, stored on its precision's weight grid."""
+
+    format = "executorch"
+    float_bytes = 4
+
+    def candidates(self, shape):
+        usable = [p for p, linear in LINEARS.items() if linear.dynamic and (not linear.group or shape[-1] % linear.group == 0)]
+        return sorted(usable + ["fp32"], key=lambda p: self.nbytes(p, shape))
+
+    def nbytes(self, precision, shape):
+        return 4 * int(np.prod(shape)) if precision == "fp32" else LINEARS[precision].nbytes(shape)
+
+    def round_trip(self, weight, precision, importance):
+        if precision == "fp32":
+            return weight.astype(np.float32)
+        import torch
+
+        from edgeq.converters.executorch.quant import nearest_codes
+
+        linear = LINEARS[precision]
+        codes, scales = nearest_codes(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)), linear, importance)
+        group = linear.group or weight.shape[1]
+        return (codes.float().view(weight.shape[0], -1, group) * scales.view(weight.shape[0], -1, 1)).reshape(weight.shape).numpy()
+
+
+class ExecuTorchFormat(FormatSpec):
+    name = "executorch"
+    runtime = "executorch"
+    converter_target = "edgeq.converters.executorch.convert:ExecuTorchConverter"
+    precisions = PRECISIONS
+    default_precision = "8da4w"
+    float_precision = "fp32"
+    planned_precision = "8da4w"
+    nominal_bpw = {p: LINEARS[p].bits + (16 / LINEARS[p].group if LINEARS[p].group else 0.0) for p in LINEARS} | {"fp32": 32.0}
+    options = ("rounding", "context")  # context: set by the export from the device, not a user option
+    roundings = ("gptq", "nearest")
+    gptq_precisions = tuple(LINEARS)
+    kv_element_bytes = 4  # the static KV cache is float32, as XNNPACK and the custom sdpa kernel compute
+    kept_adapters_refusal = ("a .pte holds its weights inside XNNPACK's packed blobs, and edgeq does not yet write LoRA "
+                             "factors as separate .ptd data that the program switches per call")
+    export_bytes_per_weight = 16  # the float32 decoder, torchao's quantized copy and the lowered program
+
+    def normalize(self, precision: str) -> str:
+        if str(precision).lower() in WEIGHT_ONLY:
+            raise EdgeqError(f"executorch precision {precision!r} (weight-only) is not offered: XNNPACK has no weight-only integer "
+                             "linear kernel, and ExecuTorch 1.5.1 lowered it to float32 filters with wrong values; use 8da4w "
+                             "or 8da8w (int8 activations per token)")
+        return super().normalize(precision)
+
+    def converter(self):
+        check_installed()
+        return super().converter()
+
+    def space(self):
+        return ExecuTorchSpace()
+
+
+EXECUTORCH = ExecuTorchFormat()

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeq.engine import AdapterSwitch
+from edgeq.engine import AdapterSwitch, ChunkedLogits
 from edgeq.errors import EdgeqError
 
 
@@ -37,7 +37,7 @@ def _spec_and_context(manifest: dict, n_ctx: int | None):
     return spec, min(n_ctx or spec.context, spec.context)
 
 
-class CoreMLEngine(AdapterSwitch):
+class CoreMLEngine(ChunkedLogits, AdapterSwitch):
     """The `.mlpackage` in Core ML (macOS 15+): prefill chunks, then decode, on one shared state."""
 
     def __init__(self, path: Path, manifest: dict, n_ctx: int | None = None):
@@ -107,19 +107,6 @@ class CoreMLEngine(AdapterSwitch):
             take = min(self.chunk, len(tokens)) if fits else 1
             out.append(self._run(self._prefill if fits else self._decode, tokens[:take]))
             tokens = tokens[take:]
-        return out
-
-    def forward(self, tokens: Sequence[int]) -> np.ndarray:
-        return self._feed(tokens)[-1][-1]
-
-    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
-        """Through the prefill function (one call per `prefill_tokens` chunk), every position's logits kept."""
-        return np.concatenate(self._feed(tokens))
-
-    def score(self, tokens: Sequence[int]) -> np.ndarray:
-        self.reset()
-        out = np.concatenate(self._feed(tokens))
-        self.reset()
         return out
 
     def close(self) -> None:

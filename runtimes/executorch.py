@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeq.engine import default_threads
+from edgeq.engine import ChunkedLogits, default_threads
 from edgeq.errors import EdgeqError
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def _runtime():
     return Runtime.get()
 
 
-class ExecuTorchEngine:
+class ExecuTorchEngine(ChunkedLogits):
     def __init__(self, path: Path, manifest: dict, *, threads: int | None = None, n_ctx: int | None = None):
         import torch
 
@@ -94,15 +94,6 @@ class ExecuTorchEngine:
         if len(self.tokens) + len(tokens) > self.n_ctx:
             raise EdgeqError(f"sequence longer than the context ({self.n_ctx} tokens); load with a larger n_ctx or start anew")
         return [self._run(tokens[start:start + self.chunk]) for start in range(0, len(tokens), self.chunk)]
-
-    def forward(self, tokens: Sequence[int]) -> np.ndarray:
-        return self._feed(tokens)[-1][-1]
-
-    def score(self, tokens: Sequence[int]) -> np.ndarray:
-        self.reset()
-        out = np.concatenate(self._feed(tokens))
-        self.reset()
-        return out
 
     def close(self) -> None:
         self._method = self._program = None

@@ -97,8 +97,9 @@ def main(ctx, debug, verbose, progress):
 @click.option("--size", type=types.SIZE, help="Plan within this size instead of the device's, e.g. 95MB or 1.2GiB.")
 @click.option("--bits-per-weight", type=types.BITS_PER_WEIGHT, help="Plan within this many bits per weight on average (0-32].")
 @click.option("--calibration", type=types.TextFile("calibration text"),
-              help="UTF-8 text like the model's real input. gguf, coreml int4: importance matrix; onnx, coreml --rounding gptq: the text GPTQ rounds on "
-                   "(default: a built-in text); with a plan: the sensitivity measurement.")
+              help="UTF-8 text like the model's real input: the text GPTQ rounds on (gguf: given, it switches GPTQ on; onnx, "
+                   "executorch, coreml --rounding gptq: default a built-in text), the importance matrix of coreml int4 and of "
+                   "gguf types GPTQ has no grid for; with a plan: the sensitivity measurement.")
 @click.option("--calibration-tokens", default=8192, show_default=True, type=types.TOKENS, help="Tokens of --calibration to use (windows of 512).")
 @click.option("-o", "--output", type=click.Path(), help="Bundle folder to create (default: MODEL-DEVICE-PRECISION).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at the output path.")
@@ -110,7 +111,7 @@ def main(ctx, debug, verbose, progress):
 @click.option("--rounding", type=click.Choice(["gptq", "nearest"]),
               help="gptq rounds with error feedback on calibration text, so a 4-bit lm_head keeps quality (minutes on "
                    "1B+ models); nearest rounds each block alone (seconds; the lm_head stays 8-bit). onnx int4/int8: gptq "
-                   "by default; coreml int4: gptq by default; gguf: gptq in each type's own blocks by default with "
+                   "by default; coreml int4: nearest by default; gguf: gptq in each type's own blocks by default with "
                    "--calibration, else llama.cpp's own rounding.")
 @click.option("--effort", type=click.Choice(["fast", "standard", "max"]),
               help="How hard to work for quality, in every format: fast rounds each block to its nearest levels "

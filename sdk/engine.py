@@ -92,6 +92,24 @@ class AdapterSwitch:
         self.reset()
 
 
+class ChunkedLogits:
+    """`forward`, `forward_all` and `score` of an engine that runs a sequence in chunks of fixed-shape calls
+    (Core ML's prefill function, ExecuTorch's method): its `_feed(tokens)` appends them and returns each chunk's
+    logits, every position kept."""
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        return self._feed(tokens)[-1][-1]
+
+    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
+        return np.concatenate(self._feed(tokens))
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        self.reset()
+        out = np.concatenate(self._feed(tokens))
+        self.reset()
+        return out
+
+
 class PinnedAdapter:
     """An engine seen with one adapter always on, for code that runs engines without naming adapters (quality
     measurement): it has no `adapters` of its own, so a `LanguageModel` over it never switches."""

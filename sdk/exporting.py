@@ -305,7 +305,7 @@ def export(model: str | Path | None = None, **options) -> Path:
     measured miss fails the export (nothing is written) unless `allow_quality_miss`. `tensor_types` (HF tensor
     name → precision) makes exceptions to a forced precision. Format options: `mobile` (onnx: also the ORT
     format), `block_size` (onnx int4), `rounding` (onnx int4/int8: "gptq", the default, or "nearest", seconds
-    instead of minutes; coreml int4: "nearest" or "gptq", the default; gguf: "gptq", the default with
+    instead of minutes; coreml int4: "nearest", the default, or "gptq"; gguf: "gptq", the default with
     `calibration`, or "nearest", llama.cpp's own). `effort` ("fast", "standard", the default, or "max") chooses
     the rounding the same way for every format (`edgeq.quant.effort`); give it or `rounding`, not both. `output`, `overwrite` (an edgeq
     bundle only), `trust_pickle` (.bin weights), `progress` (bars; default: on a terminal).

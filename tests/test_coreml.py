@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import edgeq
+from edgeq.hashing import sha256_file
 from edgeq.bundle import staged_bundle, write_manifest
 from edgeq.cli import main
 from edgeq.converters.coreml import convert as coreml_converter
@@ -285,7 +286,7 @@ def test_coreml_int4_rounds_by_gptq_on_the_calibration_text_and_beats_nearest(tm
                                 progress=False)}
     manifests = {name: edgeq.inspect(bundle) for name, bundle in bundles.items()}
     gptq_manifest = manifests["gptq"]
-    assert gptq_manifest["rounding"] == "gptq" and gptq_manifest["calibration"] == {"text": str(calibration), "tokens": 2048}
+    assert gptq_manifest["rounding"] == "gptq" and gptq_manifest["calibration"] == {"text": str(calibration), "sha256": sha256_file(calibration), "tokens": 2048}
     assert gptq_manifest["tensors"]["lm_head.weight"]["type"] == "int4" and gptq_manifest["mismatches"] == []
     assert manifests["default"]["rounding"] == "nearest" and manifests["default"]["calibration"] is None
     assert manifests["default"]["tensors"]["lm_head.weight"]["type"] == "int8"

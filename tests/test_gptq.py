@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import edgeq
+from edgeq.hashing import sha256_file
 from edgeq.converters.onnx.blocks import BlockGrid, dequantize, quantize_blocks
 from edgeq.quality import DEFAULT_TEXT, QualityAccumulator
 from edgeq.quant.gptq import _Lora, gptq, quantize_model
@@ -183,7 +184,7 @@ def test_onnx_int4_rounds_by_gptq_on_the_calibration_text_and_beats_nearest(tmp_
     nearest_bundle = edgeq.export(tiny_llama, format="onnx", precision="int4", rounding="nearest", tensor_types={"lm_head.weight": "int4"},
                                   output=tmp_path / "nearest", eval_tokens=0, progress=False)
     report = edgeq.inspect(gptq_bundle)
-    assert report["rounding"] == "gptq" and report["calibration"] == {"text": str(calibration), "tokens": 2048}
+    assert report["rounding"] == "gptq" and report["calibration"] == {"text": str(calibration), "sha256": sha256_file(calibration), "tokens": 2048}
     assert edgeq.inspect(nearest_bundle)["rounding"] == "nearest" and edgeq.inspect(nearest_bundle)["calibration"] is None
     assert report["tensors"]["lm_head.weight"]["type"] == "int4"  # GPTQ makes a 4-bit lm_head affordable
     assert report["tensors"]["model.embed_tokens.weight"]["type"] == "int8"

@@ -21,12 +21,12 @@ HI = [{"role": "user", "content": "Hello fox, tell me about numbers and words."}
 def bundles(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("spec")
     out = {"gguf": edgeq.export(tiny_llama, format="gguf", precision="Q8_0", output=root / "q8", eval_tokens=0), "torch": tiny_llama}
-    if pytest.importorskip("onnxruntime"):
-        out["onnx"] = edgeq.export(tiny_llama, format="onnx", precision="fp32", output=root / "onnx", eval_tokens=0)
+    out["onnx"] = edgeq.export(tiny_llama, format="onnx", precision="fp32", output=root / "onnx", eval_tokens=0)
+    out["executorch"] = edgeq.export(tiny_llama, format="executorch", precision="fp32", output=root / "pte", eval_tokens=0)
     return out
 
 
-@pytest.mark.parametrize("engine", ["gguf", "onnx", "torch"])
+@pytest.mark.parametrize("engine", ["gguf", "onnx", "torch", "executorch"])
 def test_forward_all_appends_every_position_and_returns_its_logits(bundles, engine):
     ids = [5, 17, 42, 99, 3, 250, 7, 64]
     with edgeq.load(bundles[engine], threads=1) as model:

@@ -1,7 +1,7 @@
 """Which constraint library masks edgeq's logits: llguidance, xgrammar or outlines-core, measured here.
 
 For each library and each vocabulary (SmolLM2's 49,152 tokens, and Qwen2.5's 151,665 in a logits row
-of 151,936: the tokenizer of the Qwen2.5-Coder model `real_models.py` makes, or when that is not there a
+of 151,936: the tokenizer of the Qwen2.5-Coder model `lib/real_models.py` makes, or when that is not there a
 synthetic byte-level BPE grown to that size by merging pairs of SmolLM2 tokens), it reports:
 - compile: time from a JSON schema to a ready matcher (first mask included);
 - mask time per token: median and p95 of computing the next-token mask while walking a valid

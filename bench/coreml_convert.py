@@ -1,7 +1,7 @@
 """Core ML export: what converting a 1.5B-shaped model to int4 costs (wall time, peak RSS, package size).
 
 `edgeq.export(..., format="coreml", precision="int4", eval_tokens=0)` of the random
-Qwen2.5-1.5B-shaped checkpoint (`shape-qwen2`, made once by real_models.py; bf16, tied embeddings),
+Qwen2.5-1.5B-shaped checkpoint (`shape-qwen2`, made once by lib/real_models.py; bf16, tied embeddings),
 run as its own process under /usr/bin/time -v (exact peak RSS). The anchor, in the same run, is
 edgeq's GGUF Q4_0 export of the same checkpoint. Bars (issue 4): peak RSS <= 16 GiB; int4 package
 within 10% of parameters x 0.5 bytes + one fp16 scale per 32 weights.

@@ -1,6 +1,6 @@
 """Cost of exporting a 1.5B-shaped model to Q4_K_M: edgeq vs llama.cpp's convert script + llama-quantize.
 
-The model (`shape-llama`, made once by real_models.py) has Qwen2.5-1.5B's exact tensor shapes and
+The model (`shape-llama`, made once by lib/real_models.py) has Qwen2.5-1.5B's exact tensor shapes and
 random weights: cost does not depend on the weights' values. `--model shape-qwen2` (with q/k/v biases)
 is what the other 1.5B benches use; llama.cpp's convert script refuses it here, because under a qwen2
 config transformers loads the borrowed SmolLM2 tokenizer as Qwen2Tokenizer, whose pre-tokenizer hash

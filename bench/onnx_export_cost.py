@@ -1,7 +1,7 @@
 """Cost of an INT4 ONNX export of a 1.5B-shaped model: edgeq (GPTQ, and nearest rounding) vs onnxruntime-genai's builder.
 
 The model is the random 1.5B-shaped checkpoint `shape-llama` (Llama layout with Qwen2.5-1.5B's
-shapes; made once by real_models.py): cost does not depend on the weights' values. Each export runs
+shapes; made once by lib/real_models.py): cost does not depend on the weights' values. Each export runs
 as its own process under /usr/bin/time -v (exact peak RSS). edgeq's default rounds by GPTQ on its
 built-in calibration text, layer by layer over the float model; `--rounding nearest` rounds each
 block alone, as the builder does (its default RTN). No bar in the issue; printed as ratios to the

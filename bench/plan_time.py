@@ -5,7 +5,7 @@ Cold: sensitivity measured from nothing (importance matrix, proxies for every te
 candidate precision, measured KL on a sample), in a fresh cache folder. Warm: the same model
 planned for another device, from the cache. Peak RSS is the process's own high-water mark.
 The model is the random checkpoint with Qwen2.5-1.5B's shapes (`shape-qwen2`, made once by
-real_models.py); planning cost does not depend on the weights' values.
+lib/real_models.py); planning cost does not depend on the weights' values.
 
     python bench/plan_time.py [--model shape-qwen2] [--format gguf]
 """

@@ -1,6 +1,6 @@
 """Exports at the users' model size: wall time, peak RSS and file size of every format at 1.5B and 3B shapes.
 
-The models are random checkpoints with real models' shapes (made once by real_models.py: `shape-llama`
+The models are random checkpoints with real models' shapes (made once by lib/real_models.py: `shape-llama`
 has Qwen2.5-1.5B's, `shape-llama-3b` Llama-3.2-3B's, `shape-qwen2-3b` Qwen2.5-3B's with q/k/v biases);
 what an export costs does not depend on the weights' values. Each export runs as its own process under
 /usr/bin/time -v (exact peak RSS), on a warm page cache, with nothing else running (run it alone: two

@@ -63,7 +63,7 @@ def test_every_bundle_measured_with_sane_numbers(result, bundles):
 def test_peak_memory_is_the_fresh_process_not_ours(result):
     # this test process holds torch and transformers; a llama.cpp process with a tiny GGUF is far smaller
     for b in result.bundles:
-        assert 0 < b.baselinerss_bytes < b.peakrss_bytes < rss("VmRSS")
+        assert 0 < b.baseline_rss_bytes < b.peak_rss_bytes < rss("VmRSS")
 
 
 def test_device_estimate_is_labelled_and_scaled(result):

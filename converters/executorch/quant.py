@@ -116,7 +116,8 @@ class ChannelGrid:
     def scales(self, weights, importance):
         return self.row_scales
 
-    def round(self, column, scale):
+    def round(self, column, scale, index):
+        """Every column of a row shares its one scale, whatever its `index` in the block."""
         lo, hi = -(2 ** (self.bits - 1)) + 1, 2 ** (self.bits - 1) - 1
         return (column / torch.where(scale == 0, torch.ones_like(scale), scale)).round().clamp(lo, hi) * scale
 

@@ -1,5 +1,5 @@
 """Gemma 3 270M (real weights) through llama.cpp: F16 quality against transformers, tokenization, chat template and
-stop ids in `edgeq run`. Uses the checkpoint bench/gemma3_model.py makes once; skipped (never downloaded) without it."""
+stop ids in `edgeq run`. Uses the checkpoint bench/lib/gemma3_model.py makes once; skipped (never downloaded) without it."""
 from __future__ import annotations
 
 import pytest
@@ -25,7 +25,7 @@ MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
 def gemma():
     folder = cache_dir() / "models" / "gemma3-270m-it"
     if not (folder / "config.json").is_file():
-        pytest.skip(f"no Gemma 3 270M checkpoint at {folder}; make it once with: python bench/gemma3_model.py")
+        pytest.skip(f"no Gemma 3 270M checkpoint at {folder}; make it once with: cd bench && python -m lib.gemma3_model")
     return folder
 
 

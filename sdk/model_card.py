@@ -75,11 +75,11 @@ def fitting_devices(manifest: dict) -> list[tuple[str, float]]:
     from edgeq.devices import list_devices, load_device
 
     from . import registry
+    from .profiling import kv_bytes_per_token
 
     tensors = manifest.get("tensors") or {}
     weights = sum(t.get("bytes", 0) for t in tensors.values())
-    key_rows = sum(t["shape"][0] for name, t in tensors.items() if re.search(r"(^|\.)(attn_k|k_proj)\.weight$", name))
-    kv = 2 * key_rows * registry.formats.get(manifest["format"]).kv_element_bytes  # K and V, every layer, per token
+    kv = kv_bytes_per_token(tensors, {}, registry.formats.get(manifest["format"]).kv_element_bytes) or 0
     fits = []
     for name in list_devices():
         profile = load_device(name)

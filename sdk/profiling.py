@@ -105,7 +105,7 @@ def describe(path: Path) -> dict:
                      "timings are the base's")
     return {"format": m["format"], "runtime": m["runtime"], "precision": m.get("precision", "?"), "size_bytes": size,
             "weight_bytes": weight_bytes, "params": params, "kl": (m.get("quality") or {}).get("kl"),
-            "kv_bytes_per_token": _kv_per_token(tensors, config, element), "notes": notes}
+            "kv_bytes_per_token": kv_bytes_per_token(tensors, config, element), "notes": notes}
 
 
 def _describe_hf(path: Path) -> dict:
@@ -115,11 +115,11 @@ def _describe_hf(path: Path) -> dict:
     params = sum(int(np.prod(shape)) for shape in source.shapes().values())
     size = sum(f.stat().st_size for f in {info.file for info in source.index.values()})
     return {"format": "hf", "runtime": "torch", "precision": "float32", "size_bytes": size, "weight_bytes": params * 4,
-            "params": params, "kl": 0.0, "kv_bytes_per_token": _kv_per_token({}, source.config, 4),
+            "params": params, "kl": 0.0, "kv_bytes_per_token": kv_bytes_per_token({}, source.config, 4),
             "notes": ["torch reference (KL 0 by definition)"]}
 
 
-def _kv_per_token(tensors: dict, config: dict, element: int) -> int | None:
+def kv_bytes_per_token(tensors: dict, config: dict, element: int) -> int | None:
     """K and V bytes one token adds to the cache, from the key projections' shapes or the model config."""
     rows = [t["shape"][0] for name, t in tensors.items() if re.search(r"(^|\.)(attn_k|k_proj)\.weight$", name)]
     if rows:

@@ -19,13 +19,16 @@ from edgeq.converters.gguf.native import llama_cpp  # the binding, with llama.cp
 from .llamacpp_amx import extra_buffers_usable
 
 
+KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+
+
 class LlamaCppEngine(AdapterSwitch):
     """A GGUF file in llama.cpp. `forward` returns a view of llama.cpp's logits buffer (valid until the next call)."""
 
     n_batch = 512
 
     def __init__(self, path: Path, *, threads: int | None = None, n_ctx: int | None = None, vocab_only: bool = False,
-                 adapters: dict[str, Path] | None = None):
+                 adapters: dict[str, Path] | None = None, kv_cache: str | None = None):
         self._model = self._ctx = self._batch = None  # close(), and so __del__, must work however far this got
         self._adapters: dict[str, object] = {}
         mparams = llama_cpp.llama_model_default_params()
@@ -45,6 +48,10 @@ class LlamaCppEngine(AdapterSwitch):
         cparams.n_ctx = self.n_ctx
         cparams.n_batch = cparams.n_ubatch = self.n_batch
         cparams.n_threads = cparams.n_threads_batch = threads
+        if kv_cache not in (None, "f16"):  # the bundle's planned cache type; llama.cpp quantizes V only under flash attention
+            cparams.type_k = cparams.type_v = KV_CACHE_TYPES[kv_cache]
+            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        self.kv_cache = kv_cache or "f16"
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             raise EdgeqError(f"llama.cpp could not create a context of {self.n_ctx} tokens; lower n_ctx")
@@ -61,7 +68,11 @@ class LlamaCppEngine(AdapterSwitch):
     @classmethod
     def open(cls, model_path: Path, manifest: dict, *, threads: int | None = None, n_ctx: int | None = None) -> "LlamaCppEngine":
         adapters = {entry["name"]: Path(model_path).parent / entry["file"] for entry in manifest.get("adapters") or []}
-        return cls(model_path, threads=threads, n_ctx=n_ctx, adapters=adapters)
+        kv_cache = (manifest.get("kv_cache") or {}).get("type")
+        if kv_cache is not None and kv_cache not in KV_CACHE_TYPES:
+            raise EdgeqError(f"the manifest asks for KV cache type {kv_cache!r}, which llama.cpp does not store; "
+                             f"choose one of {', '.join(KV_CACHE_TYPES)} (re-export the bundle)")
+        return cls(model_path, threads=threads, n_ctx=n_ctx, adapters=adapters, kv_cache=kv_cache)
 
     @property
     def adapters(self) -> tuple[str, ...]:

@@ -118,6 +118,9 @@ def main(ctx, debug, verbose, progress):
                    "(seconds); standard (default) is each format's default rounding: error feedback (GPTQ) for onnx, "
                    "and for gguf with --calibration (minutes at 1B+); coreml int4 still rounds to nearest unless "
                    "--rounding gptq. max (learned scales) is not available yet. Instead of --rounding.")
+@click.option("--kv-cache", type=click.Choice(["auto", "f16", "q8_0", "q4_0"]),
+              help="gguf: the type llama.cpp stores its KV cache in (type_k/type_v). auto (default) chooses it with the "
+                   "weights on a --device whose memory binds at its context (measured at long context), else f16.")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="NAME=TYPE",
               help="With --precision: give one tensor (HF name) another type, e.g. lm_head.weight=int4 (repeatable).")
 @click.option("--eval-data", type=types.TextFile("eval data"),
@@ -136,8 +139,8 @@ def main(ctx, debug, verbose, progress):
               help="Target: share of the eval data's prompts whose greedy reply equals the fine-tune's, at least this.")
 @click.option("--allow-quality-miss", is_flag=True, help="Write the bundle even when a target is missed (the miss is recorded in the manifest).")
 def export(model, revision, device, adapters, keep_adapters, adapter_data, compare_merged, format_, precision, size, bits_per_weight,
-           calibration, calibration_tokens, output, overwrite, trust_pickle, eval_tokens, mobile, block_size, rounding, effort, tensor_types,
-           eval_data, base, max_kl, min_retention, min_agreement, allow_quality_miss):
+           calibration, calibration_tokens, output, overwrite, trust_pickle, eval_tokens, mobile, block_size, rounding, effort, kv_cache,
+           tensor_types, eval_data, base, max_kl, min_retention, min_agreement, allow_quality_miss):
     """Export MODEL (default: SmolLM2-135M-Instruct) into a bundle for a device.
 
     \b
@@ -156,7 +159,7 @@ def export(model, revision, device, adapters, keep_adapters, adapter_data, compa
                             compare_merged=compare_merged, format=format_, precision=precision, calibration=calibration,
                             calibration_tokens=calibration_tokens, output=output, overwrite=overwrite, trust_pickle=trust_pickle,
                             eval_tokens=eval_tokens, size=size, bits_per_weight=bits_per_weight, mobile=mobile, block_size=block_size,
-                            rounding=rounding, effort=effort, tensor_types=_name_types(tensor_types), eval_data=eval_data, base=base, max_kl=max_kl,
+                            rounding=rounding, effort=effort, kv_cache=kv_cache, tensor_types=_name_types(tensor_types), eval_data=eval_data, base=base, max_kl=max_kl,
                             min_retention=min_retention, min_agreement=min_agreement, allow_quality_miss=allow_quality_miss,
                             progress=progress_flag()))
     click.echo(out)
@@ -195,6 +198,8 @@ def _print_summary(bundle) -> None:
         measured_on = f" on the {check['measured_on']}" if check.get("measured_on") else ""
         click.echo(f"  plan: predicted KL {check['predicted_kl']:.4f}{predicted_on}, measured {check['measured_kl']:.4f}{measured_on}"
                    + (f" — {check['note']}" if "note" in check else ""))
+    if (kv := m.get("kv_cache")) and kv["type"] != "f16":
+        click.echo(f"  KV cache {kv['type']} ({kv['bytes_per_token'] * kv['context'] / 2**20:.1f} MiB at {kv['context']} tokens)")
     if problems := m.get("mismatches"):  # one line however many tensors fell back; inspect --json lists them
         first = problems[0]
         click.echo(f"  note: {len(problems)} tensor(s) got another type than asked, e.g. {first['tensor']} asked "
@@ -334,15 +339,18 @@ def inspect(bundle, as_json):
 @click.option("--bits-per-weight", type=types.BITS_PER_WEIGHT, help="Budget as average bits per weight (0-32].")
 @click.option("--adapter", help="PEFT LoRA adapter folder (or hub id org/name) merged into MODEL first.")
 @click.option("--calibration", type=types.TextFile("calibration text"), help="UTF-8 text to measure sensitivity on (default: built-in text).")
+@click.option("--kv-cache", type=click.Choice(["auto", "f16", "q8_0", "q4_0"]),
+              help="gguf: the type llama.cpp stores its KV cache in (type_k/type_v). auto (default) chooses it with the "
+                   "weights on a --device whose memory binds at its context (measured at long context), else f16.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(model, revision, device, format_, size, bits_per_weight, adapter, calibration, as_json):
+def plan(model, revision, device, format_, size, bits_per_weight, adapter, calibration, kv_cache, as_json):
     """Show the precision edgeq would give each tensor of MODEL: tensor, precision, bytes, predicted ΔKL.
 
     MODEL is a Hugging Face folder, a hub id (org/name, org/name:Q4_K_M) or a .gguf file, as for `edgeq export`."""
     from .planning import plan as run_plan
 
     result = run_plan(model, revision=revision, device=device, format=format_, size=size, bits_per_weight=bits_per_weight,
-                      adapter=adapter, calibration=calibration, progress=progress_flag())
+                      adapter=adapter, calibration=calibration, kv_cache=kv_cache, progress=progress_flag())
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -356,6 +364,20 @@ def plan(model, revision, device, format_, size, bits_per_weight, adapter, calib
                f"predicted KL {result.predicted_kl:.4f}; " + ", ".join(f"{p} ×{n}" for p, n in sorted(counts.items())))
     info = result.sensitivity
     click.echo(f"sensitivity: {info['measured_tensors']} tensors measured, proxy rank correlation {info['proxy_rank_correlation']}")
+    if result.kv_cache:
+        _print_kv_trade(result.kv_cache)
+
+
+def _print_kv_trade(kv: dict) -> None:
+    click.echo(f"KV cache {kv['type']}: {kv['bytes'] / 2**20:.1f} MiB at {kv['context']} tokens"
+               + ("" if kv["memory_binds"] else " (memory does not bind: a smaller cache would buy the weights nothing)"))
+    if kv["trade"]:
+        click.echo(f"  {'cache':<6} {'cache MiB':>9} {'weights MiB':>11} {'weights KL':>10} {'cache KL':>9} {'total':>8}"
+                   f"   (cache KL measured over {kv['measured_tokens']} tokens)")
+        for row in kv["trade"]:
+            click.echo(f"  {row['type']:<6} {row['bytes'] / 2**20:>9.1f} {row['weights_budget'] / 2**20:>11.1f} "
+                       f"{row['weights_kl']:>10.4f} {row['predicted_kl']:>9.5f} {row['weights_kl'] + row['predicted_kl']:>8.4f}"
+                       + ("  <- chosen" if row["type"] == kv["type"] else ""))
 
 
 @main.command()

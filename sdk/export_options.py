@@ -39,6 +39,7 @@ class ExportOptions:
     block_size: int | None = None
     rounding: str | None = None
     effort: str | None = None
+    kv_cache: str | None = None
     output: str | Path | None = None
     overwrite: bool = False
     trust_pickle: bool = False

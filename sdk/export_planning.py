@@ -39,9 +39,15 @@ def calibrate(job) -> None:
             if weights <= 0:
                 raise EdgeqError(f"--size {job.opts.size} bytes leaves nothing for the weights: the tokenizer, metadata and manifest "
                                  f"alone take about {beside} bytes; allow a larger size")
-        budget = budget_for(job.sensitivity, job.source, job.spec.name, profile=job.profile, size=weights,
-                            bits_per_weight=job.opts.bits_per_weight)
-        job.plan = plan_from(None, job.sensitivity, job.calibration, budget=budget)
+        if job.profile is not None and weights is None and job.opts.bits_per_weight is None:
+            from .quant.kv_plan import plan_with_cache  # on a device, the KV cache type is chosen with the weights
+
+            job.plan = plan_from(plan_with_cache(job.sensitivity, job.source, job.spec.name, job.calibration, job.profile,
+                                                 job.opts.kv_cache), job.sensitivity, job.calibration)
+        else:
+            budget = budget_for(job.sensitivity, job.source, job.spec.name, profile=job.profile, size=weights,
+                                bits_per_weight=job.opts.bits_per_weight)
+            job.plan = plan_from(None, job.sensitivity, job.calibration, budget=budget)
     job.overrides = job.plan.overrides()
 
 

@@ -22,6 +22,7 @@ from .export_options import ExportOptions
 from .export_planning import calibrate, fits_size
 from .formats import FormatSpec
 from .model_card import write_card
+from .model_shape import ModelShape
 from .quality import BaseScores
 from .quant.calibration import Calibration
 
@@ -145,6 +146,8 @@ def resolve(opts: ExportOptions) -> ExportJob:
     profile = load_device(opts.device) if opts.device else None
     spec = choose_format(opts.format, profile)
     options = format_options(spec, **opts.format_options)
+    if opts.kv_cache not in (None, "auto"):
+        spec.kv_bytes_per_element(opts.kv_cache)  # a type the format's runtime cannot store: refused by name
     planned = opts.wants_plan
     if planned and opts.tensor_types:
         raise EdgeqError("per-tensor types apply to a forced --precision; without one, the plan chooses every tensor's type")
@@ -152,6 +155,10 @@ def resolve(opts: ExportOptions) -> ExportJob:
     adapter, kept = merged_or_kept(opts.adapter, opts.adapters, opts.keep_adapters)
     source = open_model(model, adapter=adapter, trust_pickle=opts.trust_pickle, revision=opts.revision, progress=opts.progress)
     spec.check_source(source)
+    if opts.kv_cache not in (None, "auto"):
+        from .quant.kv_cache import check_cache_type
+
+        check_cache_type(opts.kv_cache, ModelShape.from_config(source.config).head_dim)
     kept = keep_adapters_for(source, spec, kept) if kept else []
     name = f"{source.name}-{profile.id if profile else 'generic'}-{'planned' if planned else chosen.lower()}"
     out = Path(opts.output) if opts.output else Path(name)
@@ -244,8 +251,20 @@ def convert(job: ExportJob, stage: Path) -> None:
         "tokenizer": job.source.chat_tokenizer().spec.to_dict(),
         "plan": job.plan.to_dict() if job.plan else None,
     }
+    if job.spec.kv_cache_types:  # what the runtime is to allocate, and what it costs per token
+        cache_type = kv_cache_type(job)
+        element = job.spec.kv_bytes_per_element(cache_type)
+        job.manifest["kv_cache"] = {"type": cache_type, "context": context,
+                                    "bytes_per_token": ModelShape.from_config(job.source.config).kv_bytes_per_token(element)}
     if job.source.untied_head and job.adapters:
         job.manifest["untied_head"] = "the base ties lm_head to the embedding; it is written as a tensor of its own because an adapter adapts it"
+
+
+def kv_cache_type(job: ExportJob) -> str:
+    """The KV cache type the bundle asks its runtime for: the plan's choice, else the one asked, else the default."""
+    planned = (job.plan.kv_cache or {}).get("type") if job.plan is not None else None
+    asked = job.opts.kv_cache if job.opts.kv_cache not in (None, "auto") else None
+    return planned or asked or next(iter(job.spec.kv_cache_types))
 
 
 class _Again(Exception):

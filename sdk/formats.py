@@ -62,6 +62,8 @@ class FormatSpec:
     kept_adapters: str | None = None  # the engine's own adapter form, when `convert(adapters=)` writes LoRAs apart from the base
     kept_adapters_refusal = "edgeq does not write adapter files for it"  # why not, when it cannot
     kv_element_bytes: int = 2         # bytes per KV-cache element as the runtime allocates it
+    kv_cache_types: dict[str, float] = {}  # cache types a bundle may ask its runtime for (bytes per element, the
+                                           # default first); empty: the runtime's cache is fixed at kv_element_bytes
     export_bytes_per_weight: float = 8  # peak resident memory of an export per weight (scheduling, up-front checks)
     case_sensitive: bool = False
     hub_library: str = ""             # the model card's `library_name`: how the Hugging Face hub files this format
@@ -74,6 +76,15 @@ class FormatSpec:
             if known == precision or (not self.case_sensitive and known.lower() == str(precision).lower()):
                 return known
         raise EdgeqError(f"{self.name} precision {precision!r} is not supported; choose one of {', '.join(self.precisions)}")
+
+    def kv_bytes_per_element(self, cache_type: str | None = None) -> float:
+        """Bytes per cached key or value element at `cache_type` (None: the runtime's default)."""
+        if cache_type is None:
+            return self.kv_element_bytes
+        if cache_type not in self.kv_cache_types:
+            choices = ", ".join(self.kv_cache_types) or "none: its runtime's cache has one type"
+            raise EdgeqError(f"{self.name} has no KV cache type {cache_type!r}; choose one of {choices}")
+        return self.kv_cache_types[cache_type]
 
     def rounds_by_gptq(self, precision: str, rounding: str | None) -> bool:
         """Whether an export at `precision` rounds by GPTQ, and so loads the float model (`rounding` None: the default)."""

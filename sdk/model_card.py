@@ -79,7 +79,8 @@ def fitting_devices(manifest: dict) -> list[tuple[str, float]]:
 
     tensors = manifest.get("tensors") or {}
     weights = sum(t.get("bytes", 0) for t in tensors.values())
-    kv = kv_bytes_per_token(tensors, {}, registry.formats.get(manifest["format"]).kv_element_bytes) or 0
+    kv_type = (manifest.get("kv_cache") or {}).get("type")
+    kv = kv_bytes_per_token(tensors, {}, registry.formats.get(manifest["format"]).kv_bytes_per_element(kv_type)) or 0
     fits = []
     for name in list_devices():
         profile = load_device(name)

@@ -219,12 +219,12 @@ class ModelShape:
             final_softcap=config.get("final_logit_softcapping"),
         )
 
-    def kv_bytes_per_token(self, element_bytes: int) -> int:
+    def kv_bytes_per_token(self, element_bytes: float) -> int:
         """Keys and values one token adds to the cache, at `element_bytes` per element (the engine's dtype).
         Every layer counts, sliding ones too: edgeq's ONNX and Core ML caches hold the whole context per layer."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * element_bytes
+        return round(2 * self.layers * self.kv_heads * self.head_dim * element_bytes)
 
-    def kv_cache_bytes(self, context: int, element_bytes: int) -> int:
+    def kv_cache_bytes(self, context: int, element_bytes: float) -> int:
         return self.kv_bytes_per_token(element_bytes) * context
 
     def window(self, layer: int) -> int | None:

@@ -12,12 +12,13 @@ from .quant.sensitivity import measure_sensitivity
 
 def plan(model: str | Path | None = None, *, revision: str | None = None, device: str | Path | None = None, format: str = registry.DEFAULT_FORMAT,
          size: str | int | None = None, bits_per_weight: float | None = None, adapter: str | Path | None = None,
-         calibration: str | Path | None = None, progress: bool | None = None) -> Plan:
+         calibration: str | Path | None = None, kv_cache: str | None = None, progress: bool | None = None) -> Plan:
     """Chooses a precision per tensor for `model` (a folder, hub id at `revision`, or GGUF file, as `export` takes)
     on `device` (or within `size` / `bits_per_weight`).
 
     Sensitivity is measured once per model, calibration text and format, then cached, so planning
-    the same model for another device takes seconds.
+    the same model for another device takes seconds. `kv_cache` is the runtime's KV cache type (a format
+    that has several, GGUF: f16, q8_0, q4_0); "auto" (the default on a device) chooses it with the weights.
     """
     from edgeq.devices import load_device
 
@@ -35,12 +36,17 @@ def plan(model: str | Path | None = None, *, revision: str | None = None, device
     source = open_model(model, adapter=adapter, revision=revision, progress=progress)
     profile = load_device(device) if device else None
     return plan_for(source, format, Calibration(source, calibration), profile=profile, size=size,
-                    bits_per_weight=bits_per_weight, progress=progress)
+                    bits_per_weight=bits_per_weight, kv_cache=kv_cache, progress=progress)
 
 
-def plan_for(source, fmt: str, calibration: Calibration, *, profile=None, size=None, bits_per_weight=None, progress=None) -> Plan:
+def plan_for(source, fmt: str, calibration: Calibration, *, profile=None, size=None, bits_per_weight=None, kv_cache=None,
+             progress=None) -> Plan:
     """The plan; the importance matrix it was measured with goes to `calibration`, for the converter to round with."""
     sensitivity = sensitivity_for(source, fmt, calibration, progress)
+    if profile is not None and size is None and bits_per_weight is None:
+        from .quant.kv_plan import plan_with_cache
+
+        return plan_from(plan_with_cache(sensitivity, source, fmt, calibration, profile, kv_cache), sensitivity, calibration)
     budget = budget_for(sensitivity, source, fmt, profile=profile, size=size, bits_per_weight=bits_per_weight)
     return plan_from(None, sensitivity, calibration, budget=budget)
 

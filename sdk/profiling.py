@@ -98,7 +98,7 @@ def describe(path: Path) -> dict:
     params = sum(int(np.prod(t["shape"])) for t in tensors.values()) or int(weight_bytes * 8 / m.get("bits_per_weight", 16))
     config_path = Path((m.get("source") or {}).get("path", "")) / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    element = registry.formats.get(m["format"]).kv_element_bytes
+    element = registry.formats.get(m["format"]).kv_bytes_per_element((m.get("kv_cache") or {}).get("type"))
     notes = []
     if adapters := m.get("adapters"):
         notes.append(f"{len(adapters)} LoRA adapters kept apart ({sum(a['bytes'] for a in adapters) / 2**20:.2f} MiB), all loaded: "
@@ -119,11 +119,11 @@ def _describe_hf(path: Path) -> dict:
             "notes": ["torch reference (KL 0 by definition)"]}
 
 
-def kv_bytes_per_token(tensors: dict, config: dict, element: int) -> int | None:
+def kv_bytes_per_token(tensors: dict, config: dict, element: float) -> int | None:
     """K and V bytes one token adds to the cache, from the key projections' shapes or the model config."""
     rows = [t["shape"][0] for name, t in tensors.items() if re.search(r"(^|\.)(attn_k|k_proj)\.weight$", name)]
     if rows:
-        return 2 * sum(rows) * element
+        return round(2 * sum(rows) * element)
     if "num_hidden_layers" in config:
         return ModelShape.from_config(config).kv_bytes_per_token(element)
     return None

@@ -47,6 +47,9 @@ class GGUFFormat(FormatSpec):
     planned_precision = "Q4_0"  # file type of a planned export; the plan overrides every tensor
     nominal_bpw = {"Q4_0": 4.5, "IQ4_NL": 4.5, "Q4_K_M": 4.85, "Q5_K_M": 5.69, "Q6_K": 6.56, "Q8_0": 8.5, "F16": 16.0}
     kv_element_bytes = 2  # llama.cpp's default f16 cache
+    # what llama.cpp's `type_k`/`type_v` can store (bytes per element, the default first); a quantized cache needs
+    # flash attention, which the engine turns on for it
+    kv_cache_types = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
     options = ("rounding",)
     # GPTQ in each type's own blocks (converters/gguf/blocks.py) when calibration text is given; llama.cpp's own
     # importance-weighted search otherwise (GPTQ's pass over the float model costs minutes at 1B+)

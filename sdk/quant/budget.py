@@ -13,9 +13,10 @@ log = logging.getLogger(__name__)
 RUNTIME_OVERHEAD = 64 << 20  # compute buffers and the runtime itself, beside weights and KV cache
 
 
-def budget_bytes(sensitivity, config: dict, fmt: str, *, profile=None, size=None, bits_per_weight=None) -> int:
-    """The byte budget for the weights. A device's is the smaller of its memory (less the KV cache at the
-    format's element size and the runtime) and the size of its preferred precision for this format."""
+def budget_bytes(sensitivity, config: dict, fmt: str, *, profile=None, size=None, bits_per_weight=None, kv_cache=None) -> int:
+    """The byte budget for the weights. A device's is the smaller of its memory (less the KV cache at its
+    context, in `kv_cache`'s type or the runtime's default, and the runtime) and the size of its preferred
+    precision for this format."""
     weights = sum(math.prod(t["shape"]) for t in sensitivity.tensors.values())
     if size is not None:
         return parse_size(size)
@@ -24,10 +25,15 @@ def budget_bytes(sensitivity, config: dict, fmt: str, *, profile=None, size=None
     if profile is None:
         raise EdgeqError("planning needs a budget: pass --device, --size or --bits-per-weight")
     spec = registry.formats.get(fmt)
-    kv = ModelShape.from_config(config).kv_cache_bytes(profile.context_length, spec.kv_element_bytes)
+    kv = ModelShape.from_config(config).kv_cache_bytes(cached_context(profile, config), spec.kv_bytes_per_element(kv_cache))
     memory = profile.budget_bytes - kv - RUNTIME_OVERHEAD
     preferred = (profile.precisions.get(fmt) or (spec.default_precision,))[0]
     target = int(weights * spec.nominal_bpw[spec.normalize(preferred)] / 8) + sensitivity.fixed_bytes
     if memory < target:
         log.info("device memory budget %.0f MiB is below the %s size; planning for memory", memory / 2**20, preferred)
     return min(memory, target)
+
+
+def cached_context(profile, config: dict) -> int:
+    """Tokens the runtime's cache holds on the device: its context, within what the model was trained for."""
+    return min(profile.context_length, config.get("max_position_embeddings") or profile.context_length)

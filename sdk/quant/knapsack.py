@@ -28,6 +28,7 @@ class Plan:
     entries: list[PlanEntry] = field(default_factory=list)
     fixed_bytes: int = 0
     sensitivity: dict = field(default_factory=dict)  # how the ΔKL predictions were made (sample size, proxy check)
+    kv_cache: dict | None = None  # the runtime's KV cache type chosen with the weights (edgeq.quant.kv_plan)
 
     @property
     def total_bytes(self) -> int:
@@ -43,11 +44,12 @@ class Plan:
     def to_dict(self) -> dict:
         return {"format": self.format, "budget_bytes": self.budget_bytes, "total_bytes": self.total_bytes,
                 "predicted_kl": self.predicted_kl, "fixed_bytes": self.fixed_bytes, "sensitivity": self.sensitivity,
-                "entries": [asdict(e) for e in self.entries]}
+                "kv_cache": self.kv_cache, "entries": [asdict(e) for e in self.entries]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
-        return cls(data["format"], data["budget_bytes"], [PlanEntry(**e) for e in data["entries"]], data["fixed_bytes"], data.get("sensitivity", {}))
+        return cls(data["format"], data["budget_bytes"], [PlanEntry(**e) for e in data["entries"]], data["fixed_bytes"],
+                   data.get("sensitivity", {}), data.get("kv_cache"))
 
 
 def _hull(options: dict) -> list[tuple[str, int, float]]:

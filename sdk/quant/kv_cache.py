@@ -1,0 +1,107 @@
+"""The KV cache as a plan prices it: what a quantized cache costs in quality, measured at long context.
+
+A runtime that stores keys and values below 16 bits (llama.cpp's `type_k`/`type_v`) frees memory that a
+device with little RAM and a long context can give to the weights instead. Whether that pays is a trade
+the planner makes, so the cache's error is measured, not assumed: the float model runs one long window of
+the calibration text with a cache that rounds every key and value to the type's grid as the runtime stores
+them (blocks of 32 along each head's dimension, one float16 scale per block; keys after RoPE), and the KL
+to the float cache's logits is the type's price. The error grows with the context, so the window is as
+long as the device's context allows, at least `MIN_CONTEXT` tokens when the text and the model have them.
+
+The price adds to the weights' predicted KL (the two errors are small and nearly independent);
+`bench/kv_cache.py` checks it against llama.cpp's own quantized cache on the same tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from ..errors import EdgeqError
+
+log = logging.getLogger(__name__)
+MIN_CONTEXT = 2048
+BLOCK = 32  # ggml's q8_0 and q4_0 block along each row of the cache
+CACHE_VERSION = 1
+
+
+def _rounded(x, cache_type: str):
+    """`x` (…, head_dim) as the runtime's cache type holds it, back in x's dtype."""
+    import torch
+
+    if cache_type == "f16":
+        return x.to(torch.float16).to(x.dtype)
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK).float()
+    if cache_type == "q8_0":  # d = max|x| / 127, codes round(x / d)
+        d = blocks.abs().amax(-1, keepdim=True) / 127
+        codes = torch.round(blocks / torch.where(d == 0, 1, d)).clamp(-127, 127)
+    elif cache_type == "q4_0":  # d = (the signed value of largest magnitude) / -8, codes in 0..15 offset by 8
+        d = torch.gather(blocks, -1, blocks.abs().argmax(-1, keepdim=True)) / -8
+        codes = torch.floor(blocks / torch.where(d == 0, 1, d) + 8.5).clamp(0, 15) - 8
+    else:
+        raise ValueError(f"no grid for KV cache type {cache_type!r}")
+    d = d.to(torch.float16).float()  # the codes come from the exact scale; the block stores it as float16
+    return (codes * d).reshape(x.shape).to(x.dtype)
+
+
+def rounding_cache(config, cache_type: str):
+    """A transformers cache that stores keys and values rounded to `cache_type`; attention reads them back."""
+    from transformers import DynamicCache
+
+    class RoundingCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(_rounded(key_states, cache_type), _rounded(value_states, cache_type), layer_idx, *args, **kwargs)
+
+    return RoundingCache(config=config)
+
+
+def supported(cache_types, head_dim: int) -> list[str]:
+    """The cache types whose blocks tile a head (llama.cpp refuses a quantized cache otherwise)."""
+    return [t for t in cache_types if t == "f16" or head_dim % BLOCK == 0]
+
+
+def check_cache_type(cache_type: str, head_dim: int) -> None:
+    if not supported([cache_type], head_dim):
+        raise EdgeqError(f"KV cache type {cache_type} stores blocks of {BLOCK} along each head, and this model's heads are "
+                         f"{head_dim} wide; use --kv-cache f16")
+
+
+def measure_kv_error(model, window: list[int], cache_types) -> dict[str, float]:
+    """Mean KL (nats per token) of the float model's next-token distribution with each cache type, against
+    its float cache, over one window of ids."""
+    import torch
+
+    ids = torch.tensor([window])
+    with torch.no_grad():
+        reference = torch.log_softmax(model(ids, use_cache=False).logits[0].float(), -1)
+        kl = {}
+        for cache_type in cache_types:
+            logits = model(ids, past_key_values=rounding_cache(model.config, cache_type), use_cache=True).logits[0].float()
+            logp = torch.log_softmax(logits, -1)
+            kl[cache_type] = float((reference.exp() * (reference - logp)).sum(-1).mean().clamp(min=0))
+    return kl
+
+
+def kv_error(calibration, cache_types, context: int, trained_context: int) -> dict[str, float]:
+    """Each cache type's KL on one calibration window of up to `context` tokens (cached per model, text and length)."""
+    from ..default_model import cache_dir
+
+    length = min(context, trained_context)
+    if length < MIN_CONTEXT:
+        log.info("the KV cache's error is measured over %d tokens, below the %d it is meant for: the context is that short", length, MIN_CONTEXT)
+    settings = [CACHE_VERSION, calibration.source.fingerprint(), sorted(cache_types), length]
+    digest = hashlib.sha256(json.dumps(settings).encode())
+    digest.update(Path(calibration.text).read_bytes())
+    file = cache_dir() / "sensitivity" / f"kv-{digest.hexdigest()[:24]}.json"
+    if file.is_file():
+        return json.loads(file.read_text())
+    from .calibration import calibration_windows
+
+    window = calibration_windows(calibration.source.chat_tokenizer(), calibration.text, length, length)[0]
+    log.info("measuring the KV cache's error at %d tokens for %s", len(window), ", ".join(cache_types))
+    kl = measure_kv_error(calibration.model, window, cache_types)
+    kl["tokens"] = len(window)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(kl))
+    return kl

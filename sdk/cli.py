@@ -111,13 +111,13 @@ def main(ctx, debug, verbose, progress):
 @click.option("--rounding", type=click.Choice(["gptq", "nearest"]),
               help="gptq rounds with error feedback on calibration text, so a 4-bit lm_head keeps quality (minutes on "
                    "1B+ models); nearest rounds each block alone (seconds; the lm_head stays 8-bit). onnx int4/int8: gptq "
-                   "by default; coreml int4: nearest by default; gguf: gptq in each type's own blocks by default with "
-                   "--calibration, else llama.cpp's own rounding.")
+                   "by default; gguf and coreml int4: gptq (in gguf's own block types) by default with --calibration, "
+                   "else nearest (gguf: llama.cpp's own rounding).")
 @click.option("--effort", type=click.Choice(["fast", "standard", "max"]),
               help="How hard to work for quality, in every format: fast rounds each block to its nearest levels "
                    "(seconds); standard (default) is each format's default rounding: error feedback (GPTQ) for onnx, "
-                   "and for gguf with --calibration (minutes at 1B+); coreml int4 still rounds to nearest unless "
-                   "--rounding gptq. max (learned scales) is not available yet. Instead of --rounding.")
+                   "and for gguf and coreml with --calibration (minutes at 1B+). max (learned scales) is not available "
+                   "yet. Instead of --rounding.")
 @click.option("--kv-cache", type=click.Choice(["auto", "f16", "q8_0", "q4_0"]),
               help="gguf: the type llama.cpp stores its KV cache in (type_k/type_v). auto (default) chooses it with the "
                    "weights on a --device whose memory binds at its context (measured at long context), else f16.")

@@ -59,6 +59,7 @@ class FormatSpec:
     options: tuple[str, ...] = ()     # keyword options `convert()` accepts beyond the common ones
     roundings: tuple[str, ...] = ()   # what its `rounding` option accepts, the default first
     gptq_precisions: tuple[str, ...] = ()  # the precisions `rounding="gptq"` rounds by GPTQ
+    gptq_needs_text = False           # the default rounding is GPTQ only on the user's own calibration text
     kept_adapters: str | None = None  # the engine's own adapter form, when `convert(adapters=)` writes LoRAs apart from the base
     kept_adapters_refusal = "edgeq does not write adapter files for it"  # why not, when it cannot
     kv_element_bytes: int = 2         # bytes per KV-cache element as the runtime allocates it
@@ -86,9 +87,11 @@ class FormatSpec:
             raise EdgeqError(f"{self.name} has no KV cache type {cache_type!r}; choose one of {choices}")
         return self.kv_cache_types[cache_type]
 
-    def rounds_by_gptq(self, precision: str, rounding: str | None) -> bool:
-        """Whether an export at `precision` rounds by GPTQ, and so loads the float model (`rounding` None: the default)."""
-        return (rounding or next(iter(self.roundings), None)) == "gptq" and precision in self.gptq_precisions
+    def rounds_by_gptq(self, precision: str, rounding: str | None, text_given: bool = True) -> bool:
+        """Whether an export at `precision` rounds by GPTQ, and so loads the float model (`rounding` None: the
+        default, which for a format with `gptq_needs_text` is GPTQ only when the user gave calibration text)."""
+        default = next(iter(self.roundings), None) if text_given or not self.gptq_needs_text else "nearest"
+        return (rounding or default) == "gptq" and precision in self.gptq_precisions
 
     def device_precisions(self) -> tuple[str, ...]:
         """What a device profile may list for this format: the uniform precisions with a nominal size."""

@@ -220,7 +220,9 @@ def test_weights_are_the_planners_round_trip_bit_for_bit(bundle):
 
 
 class _Importance:
-    """A calibration with an importance matrix, all the Core ML converter asks of one."""
+    """A calibration with an importance matrix, all the Core ML converter asks of one (text of its own: none)."""
+
+    given = False
 
     def __init__(self, matrix: dict[str, np.ndarray]):
         self.matrix = matrix
@@ -269,7 +271,8 @@ def test_gptq_grid_rounds_to_the_levels_the_package_stores():
 
 def test_coreml_int4_rounds_by_gptq_on_the_calibration_text_and_beats_nearest(tmp_path, tiny_llama):
     """`rounding="gptq"` rounds every int4 linear, the head too, on the calibration text; on held-out text it beats
-    nearest rounding with the same 4-bit head. The default stays nearest rounding, with an int8 head."""
+    nearest rounding with the same 4-bit head. Without calibration text the default is nearest rounding, with an
+    int8 head; with the user's text it is GPTQ."""
     from edgeq.quality import DEFAULT_TEXT
     from edgeq.quant.calibration import calibration_windows
 
@@ -278,7 +281,7 @@ def test_coreml_int4_rounds_by_gptq_on_the_calibration_text_and_beats_nearest(tm
     calibration = tmp_path / "calibration.txt"
     calibration.write_text(DEFAULT_TEXT.read_text()[:6000])
     bundles = {
-        "gptq": edgeq.export(tiny_llama, format="coreml", precision="int4", rounding="gptq", calibration=calibration,
+        "gptq": edgeq.export(tiny_llama, format="coreml", precision="int4", calibration=calibration,  # the default with text
                              calibration_tokens=2048, output=tmp_path / "gptq", eval_tokens=0, progress=False),
         "nearest": edgeq.export(tiny_llama, format="coreml", precision="int4", tensor_types={"lm_head.weight": "int4"},
                                 output=tmp_path / "nearest", eval_tokens=0, progress=False),

@@ -22,6 +22,13 @@ def wide_heads(tmp_path_factory):
                        max_position_embeddings=4096)
 
 
+@pytest.fixture(scope="module")
+def rotated_heads(tmp_path_factory):
+    """Heads 64 wide: llama.cpp rotates keys and values by a Walsh-Hadamard matrix before it quantizes them."""
+    return build_model(tmp_path_factory.mktemp("kv") / "rot", hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                       max_position_embeddings=4096)
+
+
 def device(tmp_path, budget_gib: float, context: int = 4096):
     toml = tmp_path / f"dev-{budget_gib}.toml"
     toml.write_text(f'''name = "test device"\nkind = "phone"\nos = "android"\n[memory]\nram_gib = 8.0\nbudget_gib = {budget_gib}
@@ -41,16 +48,19 @@ def test_the_simulated_cache_rounds_as_ggml_stores(cache_type):
     np.testing.assert_allclose(_rounded(x, cache_type).numpy(), ggml, rtol=0, atol=1e-6)
 
 
-def test_llama_cpp_runs_the_bundles_cache_type_and_the_error_is_predicted(wide_heads, tmp_path):
+@pytest.mark.parametrize("heads", ["wide_heads", "rotated_heads"])
+def test_llama_cpp_runs_the_bundles_cache_type_and_the_error_is_predicted(heads, request, tmp_path):
     """A bundle exported with --kv-cache q4_0 runs llama.cpp with that cache (its logits move off the f16 cache's), and
     the planner's torch simulation of each type ranks and sizes the error as llama.cpp's own cache does."""
-    bundle = edgeq.export(wide_heads, format="gguf", precision="F32", kv_cache="q4_0", output=tmp_path / "b", eval_tokens=0)
+    model = request.getfixturevalue(heads)
+    width = json.loads((model / "config.json").read_text())["hidden_size"] // 2
+    bundle = edgeq.export(model, format="gguf", precision="F32", kv_cache="q4_0", output=tmp_path / "b", eval_tokens=0)
     manifest = edgeq.inspect(bundle)
     assert manifest["kv_cache"]["type"] == "q4_0"
-    assert manifest["kv_cache"]["bytes_per_token"] == 2 * 2 * 1 * 32 * 18 // 32  # K and V, 2 layers, 1 KV head 32 wide, 18 B per 32
-    model = edgeq.load(bundle, threads=1)
-    assert model.engine.kv_cache == "q4_0"
-    model.engine.close()
+    assert manifest["kv_cache"]["bytes_per_token"] == 2 * 2 * 1 * width * 18 // 32  # K and V, 2 layers, 1 KV head, 18 B per 32
+    loaded = edgeq.load(bundle, threads=1)
+    assert loaded.engine.kv_cache == "q4_0"
+    loaded.engine.close()
     ids = np.random.default_rng(0).integers(3, 90, 300).tolist()
     engine_cls = registry.runtimes.get("llamacpp")
     logits = {}
@@ -68,7 +78,7 @@ def test_llama_cpp_runs_the_bundles_cache_type_and_the_error_is_predicted(wide_h
     measured = {t: kl(logits["f16"], logits[t]) for t in ("q8_0", "q4_0")}
     from edgeq.intake import open_model
 
-    reference = registry.runtimes.get(registry.REFERENCE_RUNTIME)(open_model(wide_heads), threads=1)
+    reference = registry.runtimes.get(registry.REFERENCE_RUNTIME)(open_model(model), threads=1)
     predicted = measure_kv_error(reference.model, ids, ["q8_0", "q4_0"])
     reference.close()
     assert 0 < measured["q8_0"] < measured["q4_0"]
@@ -111,6 +121,15 @@ def test_memory_that_binds_trades_cache_bits_for_weight_bits(wide_heads, tmp_pat
     assert tight.total_bytes <= by_type[kv["type"]]["weights_budget"]
     forced = edgeq.plan(wide_heads, device=device(tmp_path, tight_gib), kv_cache="f16")
     assert forced.kv_cache["type"] == "f16" and forced.total_bytes <= by_type["f16"]["weights_budget"]
+    from click.testing import CliRunner
+
+    from edgeq.cli import main
+
+    shown = CliRunner().invoke(main, ["plan", str(wide_heads), "--device", str(device(tmp_path, tight_gib))])
+    assert shown.exit_code == 0, shown.output
+    trade = shown.output[shown.output.index("KV cache"):].splitlines()
+    assert trade[0].startswith(f"KV cache {kv['type']}:") and "at 4096 tokens" in trade[0]
+    assert [line.split()[0] for line in trade[2:5]] == ["f16", "q8_0", "q4_0"] and "<- chosen" in trade[2 + ["f16", "q8_0", "q4_0"].index(kv["type"])]
 
 
 def test_a_planned_bundle_asks_for_its_cache_and_reports_memory_with_it(wide_heads, tmp_path):

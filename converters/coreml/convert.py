@@ -278,13 +278,15 @@ class CoreMLConverter:
     spec = COREML
 
     def convert(self, source: SourceModel, stage: Path, *, precision: str, overrides: dict[str, str] | None = None,
-                calibration=None, progress: bool | None = None, rounding: str = "nearest", adapters=None) -> dict:
+                calibration=None, progress: bool | None = None, rounding: str | None = None, adapters=None) -> dict:
         """`rounding` "nearest" rounds int4 blocks to their least squared error, weighted by the calibration's
         importance matrix when it has one (as ONNX's and llama.cpp's nearest rounding are); "gptq" (needs
-        `calibration`) rounds every int4 linear by GPTQ on its text, the head too. int8 is coremltools' per-channel
+        `calibration`) rounds every int4 linear by GPTQ on its text, the head too. None: GPTQ when the user gave
+        calibration text, else nearest. int8 is coremltools' per-channel
         rounding and the palettes its k-means. `adapters` (`edgeq.adapter_set.KeptAdapter`s) each get a
         prefill/decode function pair over the shared base weights, which GPTQ rounds for every adapter's stream."""
         precision = self.spec.normalize(precision)
+        rounding = rounding or ("gptq" if calibration is not None and calibration.given else "nearest")
         if rounding not in self.spec.roundings:
             raise EdgeqError(f"rounding {rounding!r} is not one of {', '.join(self.spec.roundings)}")
         if adapters:

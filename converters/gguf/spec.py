@@ -54,6 +54,7 @@ class GGUFFormat(FormatSpec):
     # GPTQ in each type's own blocks (converters/gguf/blocks.py) when calibration text is given; llama.cpp's own
     # importance-weighted search otherwise (GPTQ's pass over the float model costs minutes at 1B+)
     roundings = ("gptq", "nearest")
+    gptq_needs_text = True
     gptq_precisions = QUANT_TYPES
     kept_adapters = "GGUF LoRA files (llama_adapter_lora_init)"
     hub_library = "gguf"
@@ -63,10 +64,6 @@ class GGUFFormat(FormatSpec):
 
     def normalize(self, precision: str) -> str:
         return super().normalize(str(precision).upper())
-
-    def rounds_by_gptq(self, precision: str, rounding: str | None) -> bool:
-        """Only when asked by name: by default GPTQ needs calibration text, whose importance matrix loads the float model anyway."""
-        return rounding == "gptq" and precision in self.gptq_precisions
 
     def tensor_type(self, asked: str) -> str:
         """A ggml tensor type (Q4_K, Q5_0, F16, ...): what a plan or `--tensor-type` names, unlike the file types of --precision."""

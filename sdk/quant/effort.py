@@ -3,9 +3,9 @@
 - fast: each block rounded alone to its nearest levels (weighted by the importance matrix when calibration text is
   given): seconds.
 - standard, the default: each format's default rounding, error-correcting (GPTQ, `edgeq.quant.gptq`) where it
-  measured better than fast: ONNX int4/int8 (on the built-in text when none is given), GGUF's own block types when
-  calibration text is given (bench/README.md, issue 29). Core ML int4 measured better with GPTQ too but still
-  rounds to nearest by default (its tests and planner expect it; `rounding="gptq"` asks for it).
+  measured better than fast: ONNX int4/int8 (on the built-in text when none is given), GGUF's own block types and
+  Core ML int4 when calibration text is given (bench/README.md, issue 29; without the user's text their GPTQ pass
+  over the float model would cost minutes at 1B+ for a built-in text's gain).
 - max: learned rounding offsets and scales (AutoRound / DWQ style): not in this edgeq yet, refused by name rather
   than quietly exported at another effort.
 

@@ -4,8 +4,9 @@ A runtime that stores keys and values below 16 bits (llama.cpp's `type_k`/`type_
 device with little RAM and a long context can give to the weights instead. Whether that pays is a trade
 the planner makes, so the cache's error is measured, not assumed: the float model runs one long window of
 the calibration text with a cache that rounds every key and value to the type's grid as the runtime stores
-them (blocks of 32 along each head's dimension, one float16 scale per block; keys after RoPE), and the KL
-to the float cache's logits is the type's price. The error grows with the context, so the window is as
+them (blocks of 32 along each head's dimension, one float16 scale per block; keys after RoPE; and, as
+llama.cpp does since its PR #21038 for heads a multiple of 64 wide, in a Walsh-Hadamard-rotated basis that
+spreads outliers across each block), and the KL to the float cache's logits is the type's price. The error grows with the context, so the window is as
 long as the device's context allows, at least `MIN_CONTEXT` tokens when the text and the model have them.
 
 The price adds to the weights' predicted KL (the two errors are small and nearly independent);
@@ -19,6 +20,7 @@ import logging
 from pathlib import Path
 
 from ..errors import EdgeqError
+from ..model_shape import ModelShape
 
 log = logging.getLogger(__name__)
 MIN_CONTEXT = 2048
@@ -45,13 +47,46 @@ def _rounded(x, cache_type: str):
     return (codes * d).reshape(x.shape).to(x.dtype)
 
 
-def rounding_cache(config, cache_type: str):
-    """A transformers cache that stores keys and values rounded to `cache_type`; attention reads them back."""
+def hadamard(n: int):
+    """The orthonormal Walsh-Hadamard matrix of order n (a power of two), Sylvester's construction, as ggml builds it."""
+    import torch
+
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h / n ** 0.5
+
+
+def rotations(head_dim: int) -> tuple[int, int]:
+    """The orders of llama.cpp's rotations of keys and values before a quantized cache stores them (0: none):
+    keys by the largest power of two from 64 that divides the head, values by 64."""
+    if head_dim % 64:
+        return 0, 0
+    keys = 64
+    while head_dim % (keys * 2) == 0:
+        keys *= 2
+    return keys, 64
+
+
+def _stored(x, cache_type: str, order: int):
+    """`x` as the cache gives it back: rotated by the Hadamard of `order` (symmetric, its own inverse), rounded, rotated back."""
+    if not order or cache_type == "f16":
+        return _rounded(x, cache_type)
+    h = hadamard(order).to(x.dtype)
+    chunks = x.reshape(*x.shape[:-1], x.shape[-1] // order, order)
+    return (_rounded(chunks @ h, cache_type) @ h).reshape(x.shape)
+
+
+def rounding_cache(config, cache_type: str, head_dim: int):
+    """A transformers cache that stores keys and values as llama.cpp's `cache_type` holds them; attention reads them back."""
     from transformers import DynamicCache
+
+    key_order, value_order = rotations(head_dim)
 
     class RoundingCache(DynamicCache):
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            return super().update(_rounded(key_states, cache_type), _rounded(value_states, cache_type), layer_idx, *args, **kwargs)
+            return super().update(_stored(key_states, cache_type, key_order), _stored(value_states, cache_type, value_order),
+                                  layer_idx, *args, **kwargs)
 
     return RoundingCache(config=config)
 
@@ -77,7 +112,8 @@ def measure_kv_error(model, window: list[int], cache_types) -> dict[str, float]:
         reference = torch.log_softmax(model(ids, use_cache=False).logits[0].float(), -1)
         kl = {}
         for cache_type in cache_types:
-            logits = model(ids, past_key_values=rounding_cache(model.config, cache_type), use_cache=True).logits[0].float()
+            cache = rounding_cache(model.config, cache_type, ModelShape.from_config(model.config.to_dict()).head_dim)
+            logits = model(ids, past_key_values=cache, use_cache=True).logits[0].float()
             logp = torch.log_softmax(logits, -1)
             kl[cache_type] = float((reference.exp() * (reference - logp)).sum(-1).mean().clamp(min=0))
     return kl

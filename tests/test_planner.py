@@ -76,7 +76,21 @@ def test_planned_export_applies_every_tensor(tiny_llama, tmp_path):
         if entry["tensor"] in to_gguf:
             assert written[to_gguf[entry["tensor"]]]["type"] == entry["precision"]
     assert manifest["mismatches"] == []
-    assert {"predicted_kl", "measured_kl", "ratio"} <= set(manifest["plan_check"])
+    check = manifest["plan_check"]
+    assert {"predicted_kl", "measured_kl", "ratio"} <= set(check) and check["sample_kl"] == manifest["quality"]["kl"]
+    # measured on the very tokens the prediction was made on: the calibration sequence sensitivity measured
+    from edgeq import registry
+    from edgeq.intake import open_model
+    from edgeq.quality import compare
+    from edgeq.quant.calibration import CALIBRATION_TEXT, calibration_windows
+    from edgeq.quant.sensitivity import MEASURE_TOKENS, measured_sequence
+
+    source = open_model(tiny_llama)
+    sequence = measured_sequence(calibration_windows(source.chat_tokenizer(), CALIBRATION_TEXT, 4096, 512))
+    assert len(sequence) == MEASURE_TOKENS and check["measured_on"] == f"same {MEASURE_TOKENS} tokens"
+    reference = registry.runtimes.get(registry.REFERENCE_RUNTIME)(source, threads=1)
+    again = compare(reference, edgeq.load(bundle, threads=1).engine, [sequence]).kl
+    assert abs(again - check["measured_kl"]) <= 1e-6 + 1e-3 * again
 
 
 def test_planned_onnx_export_writes_the_planned_type_of_every_matrix(tiny_llama, tmp_path):

@@ -91,7 +91,15 @@ def _options(space, name, weight, importance, token_freq, tied_output_importance
     return options
 
 
-def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = 4096, measure_tokens: int = 256,
+TOKENS, MEASURE_TOKENS = 4096, 256  # calibration tokens for the importance matrix; of them, the sequence KL is measured on
+
+
+def measured_sequence(windows: list[list[int]], measure_tokens: int = MEASURE_TOKENS) -> list[int]:
+    """The ids sensitivity KL is measured on: the first calibration windows back to back (chats are short)."""
+    return [t for w in windows for t in w][:measure_tokens]
+
+
+def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = TOKENS, measure_tokens: int = MEASURE_TOKENS,
                         sample: int | None = None, progress: bool | None = None) -> Sensitivity:
     """Sensitivity of every quantizable tensor of `source` for format `fmt`, from calibration `text`.
 
@@ -133,8 +141,7 @@ def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = 4096, mea
                 tensors[name] = {"shape": list(param.shape), "kind": tensor_kind(name), "options": options, "measured": None}
             pbar.update(1)
 
-    # chats are short: conversations back to back make up the measured sequence
-    sequence = [t for w in windows for t in w][:measure_tokens]
+    sequence = measured_sequence(windows, measure_tokens)
     measured = _measure_sample(model, tensors, space, importance, sequence, sample, progress)
     correlation = _calibrate(tensors)
     result = Sensitivity(fmt, tensors, fixed, correlation, measured, key, importance)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from .errors import EdgeqError
 from .loading import open_engine
 from .quality import DEFAULT_TEXT, compare, finetune_quality
@@ -128,19 +130,24 @@ def check_targets(job, retry: bool) -> bool:
 
 def _plan_check(job, reference, candidate) -> dict:
     """The planner's prediction beside the bundle's KL on the very tokens it was predicted on (the calibration
-    sequence sensitivity measured); a gap of more than 1.3x either way is reported. The prediction prices
-    rounding each tensor alone to nearest: under GPTQ rounding the measured KL is expected below it."""
+    sequence sensitivity measured); a gap of more than 1.3x either way is reported. The planner prices each tensor
+    rounded alone to nearest; where GPTQ rounded a tensor, its ΔKL is scaled by GPTQ's output error over nearest
+    rounding's on the same Hessian (`edgeq.quant.gptq.gain`), measured as it rounded."""
     from .quant.sensitivity import measured_sequence
 
-    plan, rounding = job.plan, job.manifest.get("rounding")
+    plan, gains = job.plan, job.calibration.gptq_gains or {}
+    predicted = sum(e.dkl * gains.get(e.tensor, 1.0) for e in plan.entries)
     sequence = measured_sequence(job.calibration.windows)
     measured = compare(reference, candidate, [sequence], text="calibration text").kl
-    ratio = measured / plan.predicted_kl if plan.predicted_kl else float("inf")
-    check = {"predicted_kl": round(plan.predicted_kl, 6), "measured_kl": round(measured, 6), "ratio": round(ratio, 3),
+    ratio = measured / predicted if predicted else float("inf")
+    check = {"predicted_kl": round(predicted, 6), "measured_kl": round(measured, 6), "ratio": round(ratio, 3),
              "predicted_on": f"{plan.sensitivity.get('calibration', 'calibration text')}, {len(sequence)} tokens (summed per-tensor sensitivity)",
              "measured_on": f"same {len(sequence)} tokens", "sample_kl": job.manifest["quality"]["kl"]}
-    if ratio > PLAN_BAR or (ratio < 1 / PLAN_BAR and rounding != "gptq"):
+    if gains:
+        check["nearest_predicted_kl"] = round(plan.predicted_kl, 6)
+        check["gptq_priced"] = f"{len(gains)} tensors at GPTQ's measured output-error ratio (median {float(np.median(list(gains.values()))):.2f})"
+    if not 1 / PLAN_BAR <= ratio <= PLAN_BAR:
         check["note"] = (f"measured KL differs from the prediction by more than {PLAN_BAR}x on the same tokens: the "
                          "per-tensor sensitivity does not add up for this model (interactions, or tensors its proxy misjudges)")
-        log.warning("plan check: %s (predicted %.4f, measured %.4f)", check["note"], plan.predicted_kl, measured)
+        log.warning("plan check: %s (predicted %.4f, measured %.4f)", check["note"], predicted, measured)
     return check

@@ -43,6 +43,26 @@ def test_gptq_moves_outputs_less_than_rounding_and_stays_on_the_grid(bits):
     np.testing.assert_array_equal(dequantize(stored, 128), rounded.numpy())  # what GPTQ chose is what gets written
 
 
+def test_the_gain_is_gptqs_output_error_over_nearest_roundings_on_the_same_grid():
+    """What a plan prices GPTQ with: tr(ΔW H ΔWᵀ) of GPTQ's rounding over that of the grid's own nearest rounding
+    (the same scale search, no error feedback), from the upper triangle GPTQ keeps of H."""
+    from edgeq.quant.gptq import gain
+
+    x = _correlated_inputs(128)
+    weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(2)) * 0.05
+    hessian = x.T @ x / len(x)
+    grid = BlockGrid(4, 32)
+    rounded, _ = gptq(weight, hessian, grid)
+    nearest = torch.from_numpy(dequantize(quantize_blocks(weight, 4, 32, torch.diag(hessian).numpy()), 128))
+
+    def output_error(w):
+        return float(((x @ (weight - w).T) ** 2).mean())
+
+    measured = gain(weight, rounded, torch.triu(hessian), grid)
+    assert measured == pytest.approx(output_error(rounded) / output_error(nearest), rel=0.05)  # the converter's nearest: its own search
+    assert 0 < measured < 0.8
+
+
 def test_gptq_survives_inputs_the_calibration_never_activates():
     x = _correlated_inputs(64)
     x[:, 5] = 0

@@ -131,3 +131,19 @@ def test_planned_coreml_export_writes_the_planned_type_of_every_weight(tiny_llam
         assert manifest["tensors"][name]["bytes"] == space.nbytes(precision, weight.shape), name
         expected = space.round_trip(weight, precision, importance.get(name))
         assert (stored[name] == expected).all(), (name, precision)
+
+
+def test_a_planned_export_rounded_by_gptq_prices_its_prediction_for_gptq(tiny_llama, tmp_path):
+    """With calibration text a planned GGUF export rounds by GPTQ; the plan check scales each rounded tensor's predicted
+    ΔKL by GPTQ's measured output-error ratio to nearest rounding, so the prediction it checks is GPTQ's, not nearest's."""
+    from edgeq.quality import DEFAULT_TEXT
+
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(DEFAULT_TEXT.read_text()[:8000])
+    bundle = edgeq.export(tiny_llama, format="gguf", bits_per_weight=5.0, calibration=calibration, calibration_tokens=2048,
+                          output=tmp_path / "planned", eval_tokens=128, eval_ctx=64)
+    manifest = edgeq.inspect(bundle)
+    check = manifest["plan_check"]
+    assert manifest["rounding"] == "gptq" and "gptq_priced" in check
+    assert 0 < check["predicted_kl"] < check["nearest_predicted_kl"] == pytest.approx(manifest["plan"]["predicted_kl"], rel=1e-4)
+    assert check["ratio"] == pytest.approx(check["measured_kl"] / check["predicted_kl"], rel=1e-2)

@@ -341,7 +341,8 @@ def gptq_rounding(calibration, plan: dict[str, str], shapes: dict, progress, ada
     try:
         if grids:
             require_tokens(calibration)
-            quantize_model(calibration.model, calibration.windows, grids, progress, variants=adapters or (), into=codes)
+            quantize_model(calibration.model, calibration.windows, grids, progress, variants=adapters or (), into=codes,
+                           gains=calibration.gptq_gains)
     finally:
         calibration.release()
 

@@ -98,7 +98,7 @@ def gptq_codes(calibration, plan: dict[str, str], tied: bool, progress) -> dict:
         if grid is not None:
             grids[name] = grid
     try:
-        return dict(quantize_model(model, calibration.windows, grids, progress)) if grids else {}
+        return dict(quantize_model(model, calibration.windows, grids, progress, gains=calibration.gptq_gains)) if grids else {}
     finally:
         calibration.release()
 

@@ -71,7 +71,7 @@ def round_in_place(path: Path, chosen: dict[str, tuple], calibration, arrange: C
     into = BlocksInPlace(path, {hf: entry for hf, (_, entry) in chosen.items()}, arrange)
     try:
         quantize_model(calibration.model, calibration.windows, {hf: grid for hf, (grid, _) in chosen.items()}, progress,
-                       variants=adapters or (), into=into)
+                       variants=adapters or (), into=into, gains=calibration.gptq_gains)
     finally:
         into.close()
     return sorted(chosen)

@@ -83,7 +83,8 @@ def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], pro
              if kind in INT_TYPES and name != "model.embed_tokens.weight"}
     if grids:
         require_tokens(calibration)
-    return quantize_model(calibration.model, calibration.windows, grids, progress, variants=adapters or ()) if grids else {}
+    return quantize_model(calibration.model, calibration.windows, grids, progress, variants=adapters or (),
+                          gains=calibration.gptq_gains) if grids else {}
 
 
 def _is_function(node: onnx.NodeProto, opsets: dict[str, int]) -> bool:

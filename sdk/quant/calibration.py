@@ -35,6 +35,7 @@ class Calibration:
         if self.given:
             read_text_file(self.text, "calibration text")  # UTF-8, not binary, not empty: checked before any work
         self.used = False       # set when anything shaped weights with it (recorded in the manifest)
+        self.gptq_gains: dict[str, float] | None = None  # a planned export sets {} for GPTQ to fill (`gptq.gain`)
         self._importance: dict[str, np.ndarray] | None = None
 
     @property

@@ -148,6 +148,26 @@ def _upper_gram(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(blas.ssyrk(1.0, rows.T, trans=0, lower=0))
 
 
+def gain(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Tensor, grid: Grid) -> float:
+    """GPTQ's output error over nearest rounding's on the same grid and Hessian, tr(ΔW H ΔWᵀ) each: how much of a
+    tensor's predicted ΔKL (priced by the planner at nearest rounding) is left under GPTQ."""
+    full = hessian + hessian.triu(1).T  # `hessian` holds the upper triangle
+    importance = torch.diag(hessian).float()
+    errors = [0.0, 0.0]
+    for top in range(0, weight.shape[0], ROW_CHUNK):
+        w = weight[top:top + ROW_CHUNK].detach().float()
+        nearest = torch.empty_like(w)
+        for first in range(0, w.shape[1], grid.block):
+            part = w[:, first:first + grid.block]
+            scale = grid.scales(part, importance[first:first + grid.block])
+            for j in range(grid.block):
+                nearest[:, first + j] = grid.round(part[:, j].contiguous(), scale, j)
+        for i, other in enumerate((rounded[top:top + ROW_CHUNK], nearest)):
+            delta = w - other
+            errors[i] += float(((delta @ full) * delta).sum())
+    return errors[0] / errors[1] if errors[1] > 0 else 1.0
+
+
 class _RoundingHooks:
     """Rounds each linear of a layer as the layer's one forward pass reaches it, with the Hessian of the input it is
     called with, then lets it compute with its rounded weight ("true sequential" GPTQ): a linear's Hessian is taken
@@ -157,8 +177,9 @@ class _RoundingHooks:
     Pre-hooks go first (before `edgeq.float_model`'s 16-bit casts) and leave a float32 rounded weight in place;
     `restore` puts the model's own weights back."""
 
-    def __init__(self, modules: dict[str, nn.Linear], grids: dict[str, Grid], real: torch.Tensor, results: dict[str, Any]):
-        self.grids, self.real, self.results = grids, real, results
+    def __init__(self, modules: dict[str, nn.Linear], grids: dict[str, Grid], real: torch.Tensor, results: dict[str, Any],
+                 gains: dict[str, float] | None = None):
+        self.grids, self.real, self.results, self.gains = grids, real, results, gains
         self.originals = {name: m.weight.data for name, m in modules.items()}
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (input, Hessian, factor)
         self._handles = [m.register_forward_pre_hook(self._hook(name), prepend=True) for name, m in modules.items()]
@@ -179,6 +200,8 @@ class _RoundingHooks:
             self._last = self._hessian(x)
         grid = self.grids[f"{name}.weight"]
         rounded, scales = gptq(module.weight, self._last[1], grid, self._last[2])
+        if self.gains is not None:
+            self.gains[f"{name}.weight"] = gain(module.weight, rounded, self._last[1], grid)
         self.results[f"{name}.weight"] = grid.encode(rounded, scales)
         module.weight.data = rounded  # float32: the model's 16-bit weights would round it again
 
@@ -297,7 +320,8 @@ class _Lora:
 
 
 def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], progress: bool | None = None,
-                   variants: Sequence[Variant] = (), into: MutableMapping[str, Any] | None = None) -> MutableMapping[str, Any]:
+                   variants: Sequence[Variant] = (), into: MutableMapping[str, Any] | None = None,
+                   gains: dict[str, float] | None = None) -> MutableMapping[str, Any]:
     """GPTQ of every linear weight `grids` names (HF names) of a transformers decoder, layer by layer on `windows`.
 
     `variants` are LoRA adapters the rounded base will also run with (kept apart from it, switched on at run
@@ -307,7 +331,8 @@ def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], prog
     variant's LoRA on its own rows, so one forward pass per layer both measures and rounds it.
 
     Returns {HF weight name: grid.encode(...)}, set into `into` as each weight is rounded when given (a mapping that
-    writes them to disk keeps them out of memory); the model's weights are left as they were. Memory: one layer's
+    writes them to disk keeps them out of memory); the model's weights are left as they were. `gains`, when given,
+    gets each weight's `gain` (GPTQ's output error over nearest rounding's), for a plan to price GPTQ with. Memory: one layer's
     activations for every token of every stream, and the Hessian of the input being rounded.
     """
     layers = model.model.layers
@@ -323,7 +348,7 @@ def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], prog
         for i, layer in enumerate(layers):
             linears = {f"model.layers.{i}.{n}.weight": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
             modules = {name.removesuffix(".weight"): m for name, m in linears.items() if name in grids}
-            hooks = _RoundingHooks(modules, grids, real, results)
+            hooks = _RoundingHooks(modules, grids, real, results, gains)
             try:
                 with ExitStack() as stack:
                     for lora, part in zip(loras[1:], rows[1:]):
@@ -335,7 +360,7 @@ def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], prog
             pbar.update(1)
         if "lm_head.weight" in grids:  # its input is the final norm's output: no need to compute the logits
             # a LoRA on lm_head changes its output, not its input: each stream's final states are all it needs
-            hooks = _RoundingHooks({"lm_head": model.lm_head}, grids, real, results)
+            hooks = _RoundingHooks({"lm_head": model.lm_head}, grids, real, results, gains)
             try:
                 hooks.round("lm_head", model.lm_head, model.model.norm(hidden))
             finally:

@@ -147,3 +147,32 @@ def test_a_planned_export_rounded_by_gptq_prices_its_prediction_for_gptq(tiny_ll
     assert manifest["rounding"] == "gptq" and "gptq_priced" in check
     assert 0 < check["predicted_kl"] < check["nearest_predicted_kl"] == pytest.approx(manifest["plan"]["predicted_kl"], rel=1e-4)
     assert check["ratio"] == pytest.approx(check["measured_kl"] / check["predicted_kl"], rel=1e-2)
+
+
+def test_what_summing_misses_is_measured_and_the_prediction_carries_it(tiny_llama):
+    """Sensitivity measures the model with every tensor at its smallest precision at once: the sum of the (scaled)
+    per-tensor ΔKL at those precisions is that measured KL, on the same tokens."""
+    import torch
+
+    from edgeq.float_model import load_float_model
+    from edgeq.intake import open_model
+    from edgeq.quant.calibration import CALIBRATION_TEXT, calibration_windows
+    from edgeq.quant.sensitivity import measure_sensitivity, measured_sequence
+
+    source = open_model(tiny_llama)
+    sensitivity = measure_sensitivity(source, "gguf", CALIBRATION_TEXT, progress=False)
+    assert sensitivity.interaction is not None and sensitivity.interaction > 0
+    space = edgeq.registry.formats.get("gguf").space()
+    model = load_float_model(source)
+    ids = torch.tensor([measured_sequence(calibration_windows(source.chat_tokenizer(), CALIBRATION_TEXT, 4096, 512))])
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        for name, info in sensitivity.tensors.items():
+            p = model.get_parameter(name)
+            smallest = next(iter(info["options"]))
+            p.data = torch.from_numpy(space.round_trip(p.data.float().numpy(), smallest,
+                                                       None if "embed" in name else sensitivity.importance.get(name)))
+        out = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    measured = float((ref.exp() * (ref - out)).sum(-1).mean())
+    predicted = sum(next(iter(info["options"].values()))["dkl"] for info in sensitivity.tensors.values())
+    assert predicted == pytest.approx(measured, rel=1e-3)

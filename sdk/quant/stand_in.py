@@ -31,6 +31,26 @@ class Replay(StandIn):
         return self.output
 
 
+class Rounded(StandIn):
+    """Runs the layer with each matrix swapped for `rounded(hf_name, weight)` during the call only, so a pass with
+    every layer rounded holds one layer's rounded copies at a time."""
+
+    def __init__(self, layer: nn.Module, prefix: str, rounded):
+        super().__init__(layer)
+        self.layer, self.prefix, self.rounded = layer, prefix, rounded
+
+    def forward(self, *args, **kwargs):
+        matrices = [(p, f"{self.prefix}{name}") for name, p in self.layer.named_parameters() if p.ndim == 2]
+        saved = [p.data for p, _ in matrices]
+        try:
+            for p, name in matrices:
+                p.data = self.rounded(name, p.data)
+            return self.layer(*args, **kwargs)
+        finally:
+            for (p, _), data in zip(matrices, saved):
+                p.data = data
+
+
 @contextmanager
 def layers_replaced(model, layers: list[nn.Module]) -> Iterator[None]:
     """The model with `layers` as its decoder layers for the block; its own ones are put back after."""

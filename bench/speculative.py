@@ -21,7 +21,7 @@ from lib import harness
 import numpy as np
 
 import edgeq
-from edgeq.speculative import probe_exact_width
+from edgeq.speculation import probe_exact_width
 
 EDIT_SOURCE = '''def moving_average(values, window):
     """Average of each run of `window` consecutive values."""

@@ -44,14 +44,14 @@ def _match(source: np.ndarray, key: np.ndarray, end: int, after: int | None) -> 
     n = len(key)
     if end < n:
         return None
-    starts = [int(s) for s in np.flatnonzero(source[:end - n + 1] == key[0]) if np.array_equal(source[s:s + n], key)]
-    if not starts:
+    starts = np.flatnonzero(source[:end - n + 1] == key[0])
+    if n > 1 and starts.size:
+        starts = starts[(np.lib.stride_tricks.sliding_window_view(source[:end], n)[starts] == key).all(axis=1)]
+    if not starts.size:
         return None
-    if after is not None:
-        ahead = [s for s in starts if s >= after]
-        if ahead:
-            return ahead[0]
-    return starts[-1]
+    if after is not None and starts[-1] >= after:
+        return int(starts[np.searchsorted(starts, after)])
+    return int(starts[-1])
 
 
 class LookupDrafter:
@@ -70,20 +70,21 @@ class LookupDrafter:
         self.longest = longest
         self.kind = "none"
         self._span: tuple[bool, int, int, int] | None = None  # (in the guess?, next index there, context length, agreed)
-        self._resume: tuple[bool, int] | None = None  # where the last span stood: (in the guess?, index there)
+        self._resume: tuple[bool, int] | None = None  # where the reply last kept to a span: (in the guess?, index)
 
     def propose(self, context: Sequence[int], predicted: Sequence[int], k: int) -> list[int]:
         history = np.asarray(context, dtype=np.int64)
         guess = np.asarray(predicted, dtype=np.int64)
         found = self._follow(history, guess)
-        if found is None:
+        if found is not None:  # the reply keeps to a span: where it stands is where copying resumes after an edit
+            self._resume = found[:2]
+        else:
             found = self._search(history, guess)
         if found is None:
             self._span, self.kind = None, "none"
             return []
         in_guess, at, agreed = found
         self._span, self.kind = (in_guess, at, len(history), agreed), _agreement_kind(in_guess, agreed)
-        self._resume = (in_guess, at)
         return (guess if in_guess else history)[at:at + k].tolist()
 
     def _follow(self, history: np.ndarray, guess: np.ndarray) -> tuple[bool, int, int] | None:

@@ -318,6 +318,7 @@ class LanguageModel:
         if request.predicted and (self.speculation is None or self.speculation.drafter.name != LOOKUP):
             if self._prediction_lookup is None:
                 self._prediction_lookup = Speculation(LookupDrafter(), self.speculation.draft_tokens if self.speculation else DEFAULT_DRAFT_TOKENS)
+                self._prediction_lookup.calibrate(self.engine)  # before this request's prefill: it clears the cache
             return self._prediction_lookup
         if request.speculative and self.speculation is None:
             raise EdgeqError("speculative=True needs a drafter: load with draft=\"lookup\" or draft=DRAFT_BUNDLE, or pass prediction=")

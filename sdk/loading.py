@@ -51,6 +51,7 @@ def load(path: str | Path, *, backend: str | None = None, threads: int | None = 
     if draft is not None:
         try:
             model.speculation = Speculation(_drafter(draft, model, threads, verify), draft_tokens)
+            model.speculation.calibrate(model.engine)
         except BaseException:
             model.close()
             raise

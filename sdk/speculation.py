@@ -22,6 +22,7 @@ almost nothing; the costs are measured again by those probes, so it turns back o
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,6 +94,27 @@ class Speculation:
             if self.exact_width < 2:
                 log.warning("greedy speculation is off for this model: %s", self.inexact_reason)
         return self.exact_width
+
+    def calibrate(self, engine) -> None:
+        """Times a single step and verification passes of 2 and 3 tokens on the model, before any request, and takes
+        the draft model's step time (`DraftModel.step_s`): a drafter whose costs cannot pay here is then neither
+        prefilled nor tried on the first request, and one that can starts from measured costs, not a guess."""
+        ids = [1, 2, 3, 4, 5, 6, 7]
+        engine.reset()
+        engine.forward(ids[:4])
+        for _ in range(2):
+            for width in (1, 2, 3):
+                engine.truncate(4)
+                start = time.perf_counter()
+                engine.forward(ids[4:5]) if width == 1 else engine.forward_all(ids[4:4 + width])
+                seconds = time.perf_counter() - start
+                if width == 1:
+                    self.learn_step(seconds)
+                else:
+                    self.verify_s[width] = min(seconds, self.verify_s.get(width, seconds))
+        engine.reset()
+        if getattr(self.drafter, "step_s", None) is not None:
+            self.draft_s = self.drafter.step_s
 
     def top(self, widest: int, room: int) -> int:
         """The most tokens the next pass may draft; 0 when the next token must be a plain step (to time one)."""

@@ -19,6 +19,7 @@ guess holds.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -133,9 +134,7 @@ class DraftModel:
         self.model, self.engine = draft, draft.engine
         self.name = draft.name
         self.width = min(draft.engine.n_vocab, target.engine.n_vocab)  # ids past either model's rows are never drafted
-        self.engine.forward([0, 1])  # a first batch and a first step warm the runtime (graphs, first touch of the weights),
-        self.engine.forward([1])     # which a timed verification pass would otherwise pay for
-        self.engine.reset()
+        self.step_s = fastest_step(self.engine)  # also warms the runtime (graphs, the weights' first touch)
         size, target_size = weight_bytes(draft), weight_bytes(target)
         if size and target_size and size >= target_size:
             log.warning("draft %s (%.0f MB) is not smaller than its target %s (%.0f MB): drafting costs more than it can save; "
@@ -172,6 +171,20 @@ class DraftModel:
 
     def close(self) -> None:
         self.model.close()
+
+
+def fastest_step(engine, repeats: int = 3) -> float:
+    """Seconds of the fastest of a few single decode steps after a short context (the cache is cleared after)."""
+    engine.reset()
+    engine.forward([1, 2, 3, 4])
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.forward([5])
+        best = min(best, time.perf_counter() - start)
+        engine.truncate(4)
+    engine.reset()
+    return best
 
 
 def weight_bytes(model) -> int:

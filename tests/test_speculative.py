@@ -45,7 +45,9 @@ def test_greedy_speculation_gives_plain_decoding_tokens(bundles, engine, caplog)
     """The draft is the model itself (every greedy guess right, until the grammar or a tie says otherwise), and prompt
     lookup over a wrong prediction (guesses rejected): both give plain decoding's tokens, with and without a schema."""
     with edgeq.load(bundles[engine], threads=1, draft=bundles[engine], draft_tokens=6) as model, caplog.at_level(logging.WARNING):
-        model.speculation.fixed_depth = True  # as deep as allowed, whatever a pass costs on this machine: exactness at depth
+        spec = model.speculation
+        assert spec.step_s > 0 and {2, 3} <= set(spec.verify_s) and spec.draft_s > 0  # costs timed at load
+        spec.fixed_depth = True  # as deep as allowed, whatever a pass costs on this machine: exactness at depth
         for response_format in (None, JSON):
             plain = model.chat(HI, max_new_tokens=40, response_format=response_format, speculative=False)
             drafted = model.chat(HI, max_new_tokens=40, response_format=response_format)

@@ -131,13 +131,14 @@ def decode(turn: Turn, logits: np.ndarray, start: float) -> Iterator[int]:
         if room <= 0:
             return "length"
         began = time.perf_counter()  # a step's or a pass's cost includes drafting and choosing, not the caller's time
-        drafts = _drafts(turn, room)
+        drafts, kind = _drafts(turn, room)
         if not drafts:
             logits = engine.forward([token])
             if speculation is not None:
                 speculation.learn_step(time.perf_counter() - began)
             stats.decode_s = time.perf_counter() - decode_start
             continue
+        drafted = time.perf_counter()
         rows = engine.forward_all([token] + drafts)
         accepted, outcome, away = 0, None, 0.0
         for i, draft in enumerate(drafts):
@@ -164,21 +165,26 @@ def decode(turn: Turn, logits: np.ndarray, start: float) -> Iterator[int]:
         stats.accepted_tokens += accepted
         stats.rejected_tokens += len(drafts) - accepted
         stats.speculative_passes += 1
-        speculation.learn(len(drafts), accepted, len(drafts) + 1, time.perf_counter() - began - away)
+        speculation.learn(kind, len(drafts), accepted, time.perf_counter() - drafted - away, drafted - began)
         stats.decode_s = time.perf_counter() - decode_start
         if outcome is not None:
             return outcome
 
 
-def _drafts(turn: Turn, room: int) -> list[int]:
-    """The next pass's guesses, cut where the grammar would refuse them."""
+def _drafts(turn: Turn, room: int) -> tuple[list[int], str]:
+    """The next pass's guesses and their kind, cut where the grammar would refuse them. A cheap drafter (prompt
+    lookup) guesses as far as allowed and the policy cuts the guess to the depth its kind earns; a draft model's depth
+    is decided before it spends steps guessing."""
     speculation = turn.speculation
-    if speculation is None:
-        return []
-    depth = speculation.depth(turn.widest, room)
-    if depth < 1:
-        return []
-    drafts = speculation.drafter.propose(turn.context, turn.predicted, depth)
+    if speculation is None or (top := speculation.top(turn.widest, room)) < 1:
+        return [], ""
+    drafter = speculation.drafter
+    if drafter.cheap:
+        drafts = drafter.propose(turn.context, turn.predicted, top)
+        drafts = drafts[:speculation.depth(drafter.kind, len(drafts))] if drafts else []
+    else:
+        depth = speculation.depth(drafter.kind, top)
+        drafts = drafter.propose(turn.context, turn.predicted, depth) if depth else []
     if drafts and turn.matcher is not None:
         drafts = drafts[:turn.matcher.allowed_prefix(drafts)]
-    return drafts
+    return drafts, drafter.kind

@@ -26,7 +26,8 @@ from .decoding import CanonicalPrefix, Turn, decode, prefill
 from .engine import Engine
 from .errors import EdgeqError
 from .sampling import Sampler, SamplingParams
-from .speculative import DEFAULT_DRAFT_TOKENS, LOOKUP, LookupDrafter, Speculation
+from .speculation import DEFAULT_DRAFT_TOKENS, Speculation
+from .speculative import LOOKUP, LookupDrafter
 from .tokenizer import ChatTokenizer
 from .usage import GenerationStats, Usage
 from .tools import ToolCall, ToolFormat, check_choice, check_tools, history_for_template, tool_format
@@ -317,6 +318,7 @@ class LanguageModel:
         if request.predicted and (self.speculation is None or self.speculation.drafter.name != LOOKUP):
             if self._prediction_lookup is None:
                 self._prediction_lookup = Speculation(LookupDrafter(), self.speculation.draft_tokens if self.speculation else DEFAULT_DRAFT_TOKENS)
+                self._prediction_lookup.calibrate(self.engine)  # before this request's prefill: it clears the cache
             return self._prediction_lookup
         if request.speculative and self.speculation is None:
             raise EdgeqError("speculative=True needs a drafter: load with draft=\"lookup\" or draft=DRAFT_BUNDLE, or pass prediction=")
@@ -335,10 +337,9 @@ class LanguageModel:
         start = time.perf_counter()
         self._use_adapter(request.adapter)
         if turn.speculation is not None:
-            turn.speculation.begin()
             turn.widest = turn.speculation.widest(engine, params.temperature == 0)  # may clear the cache: before prefill
         logits, stats.cached_tokens = prefill(engine, ids, self._canonical, exact=params.temperature == 0 or params.seed is not None)
-        if turn.speculation is not None and hasattr(turn.speculation.drafter, "prepare"):
+        if turn.speculation is not None and hasattr(turn.speculation.drafter, "prepare") and turn.speculation.worth_preparing():
             turn.speculation.drafter.prepare(ids)  # a draft model's prompt prefill: part of the time to first token
         request.finish_reason = "length"
         request.finish_reason = yield from decode(turn, logits, start)

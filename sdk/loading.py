@@ -8,7 +8,8 @@ from .bundle import MANIFEST, TEMPLATE_FILE, read_manifest
 from .engine import default_threads
 from .errors import EdgeqError
 from .generate import LanguageModel
-from .speculative import DEFAULT_DRAFT_TOKENS, LOOKUP, DraftModel, LookupDrafter, Speculation, check_draft_tokens
+from .speculation import DEFAULT_DRAFT_TOKENS, Speculation
+from .speculative import LOOKUP, DraftModel, LookupDrafter, check_draft_tokens
 from .tokenizer import ChatTokenizer, TokenizerSpec
 from .validate import check_engine_args
 
@@ -50,6 +51,7 @@ def load(path: str | Path, *, backend: str | None = None, threads: int | None = 
     if draft is not None:
         try:
             model.speculation = Speculation(_drafter(draft, model, threads, verify), draft_tokens)
+            model.speculation.calibrate(model.engine)
         except BaseException:
             model.close()
             raise

@@ -7,20 +7,19 @@ guessed position at once (`Engine.forward_all`), and edgeq's own chooser (gramma
 the guesses it would have picked itself. So the output does not change:
 - greedy: a draft is kept exactly when `sampling.choose` picks it from logits that are bit for bit those of plain
   decoding. A batch of several tokens is computed by other kernels than a single step on most runtimes (llama.cpp's
-  quantized matmuls switch kernels at 8 rows, float paths at 2), so `Speculation.exact_width` measures once per
+  quantized matmuls switch kernels at 8 rows, float paths at 2), so `speculation.probe_exact_width` measures once per
   model how wide a verification batch may be and still give every row the bits a single step gives; greedy
   speculation never verifies more at once, and is off (with the reason logged) where no width above 1 is exact;
 - sampling: speculative sampling's rule keeps the target's distribution (`Sampler.verify`);
 - grammars: drafts the llguidance matcher would refuse are cut before verification, and every verified position is
   chosen under the mask as plain decoding chooses.
-The depth adapts (`Speculation.depth`): the acceptance rate and the measured cost of a verification pass against a
-single step (on a compute-bound CPU a pass of 5 tokens costs several steps) give the depth with the most tokens per
-unit of time, or none when no depth beats plain decoding, so speculation never slows a reply for long.
+How deep to draft is `speculation.Speculation`'s to decide, from what passes cost here and how often each kind of
+guess holds.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -30,13 +29,7 @@ from .errors import EdgeqError
 
 log = logging.getLogger(__name__)
 LOOKUP = "lookup"
-DEFAULT_DRAFT_TOKENS = 8
 MAX_DRAFT_TOKENS = 32
-PROBE_DEPTH = 16          # the exactness probe runs after this many tokens of context
-EXPLORE_EVERY = 32        # with speculation judged not worth it, one short pass every so many tokens keeps the estimates fresh
-MEASURE_STEP_EVERY = 16   # with a drafter that always has guesses, one plain step every so many passes times a step
-DECAY = 0.8               # weight of the past in the running acceptance rate
-PRIOR_ACCEPTANCE = 0.5    # a request's acceptance rate before its first pass
 
 
 def check_draft_tokens(value) -> int:
@@ -45,40 +38,87 @@ def check_draft_tokens(value) -> int:
     return value
 
 
-def _last_match(source: np.ndarray, key: np.ndarray, end: int) -> int | None:
-    """Start of the latest occurrence of `key` lying wholly in source[:end]."""
+def _match(source: np.ndarray, key: np.ndarray, end: int, after: int | None) -> int | None:
+    """Start of an occurrence of `key` lying wholly in source[:end]: the first from `after` on, else the latest.
+    A reply copies its source in order, so after a span breaks (an edited word), the next occurrence of the reply's
+    end past where the copying stood is where it resumes; with no such place, the latest occurrence is."""
     n = len(key)
     if end < n:
         return None
-    for start in np.flatnonzero(source[:end - n + 1] == key[0])[::-1]:
-        if np.array_equal(source[start:start + n], key):
-            return int(start)
-    return None
+    starts = np.flatnonzero(source[:end - n + 1] == key[0])
+    if n > 1 and starts.size:
+        starts = starts[(np.lib.stride_tricks.sliding_window_view(source[:end], n)[starts] == key).all(axis=1)]
+    if not starts.size:
+        return None
+    if after is not None and starts[-1] >= after:
+        return int(starts[np.searchsorted(starts, after)])
+    return int(starts[-1])
 
 
 class LookupDrafter:
-    """Prompt lookup: the reply's last n tokens (n from `longest` down to `shortest`) are looked up in a predicted text
-    first, then in the prompt and the reply so far (where a lone token matches too often to guess well, so n ≥ 2);
-    what followed the latest match is the guess. No second model: it pays wherever a reply copies from its input
-    (edits, extraction, summaries, code)."""
+    """Prompt lookup: no second model; it pays wherever a reply copies from its input (edits, extraction, summaries,
+    code). The guess is what followed, in a predicted text (an OpenAI Predicted Output) or else in the prompt and the
+    reply so far, the longest (up to `longest` tokens) and then latest match of the reply's end. Once a span is being
+    copied, the next guesses continue along it, wherever else its last tokens occur, for as long as the reply keeps
+    to it. Each guess says its `kind` (a span being followed, a predicted text, or a fresh match of 1, 2 or 3+
+    tokens), whose acceptance the depth policy learns apart: following a span holds far more often than a lone token
+    matched somewhere."""
 
     name = LOOKUP
+    cheap = True  # guessing costs next to nothing: asked for as many as allowed, then cut to what their kind earns
 
-    def __init__(self, longest: int = 4, shortest: int = 1):
-        self.longest, self.shortest = longest, shortest
+    def __init__(self, longest: int = 8):
+        self.longest = longest
+        self.kind = "none"
+        self._span: tuple[bool, int, int, int] | None = None  # (in the guess?, next index there, context length, agreed)
+        self._resume: tuple[bool, int] | None = None  # where the reply last kept to a span: (in the guess?, index)
 
     def propose(self, context: Sequence[int], predicted: Sequence[int], k: int) -> list[int]:
         history = np.asarray(context, dtype=np.int64)
         guess = np.asarray(predicted, dtype=np.int64)
-        for n in range(min(self.longest, len(history)), self.shortest - 1, -1):
+        found = self._follow(history, guess)
+        if found is not None:  # the reply keeps to a span: where it stands is where copying resumes after an edit
+            self._resume = found[:2]
+        else:
+            found = self._search(history, guess)
+        if found is None:
+            self._span, self.kind = None, "none"
+            return []
+        in_guess, at, agreed = found
+        self._span, self.kind = (in_guess, at, len(history), agreed), _agreement_kind(in_guess, agreed)
+        return (guess if in_guess else history)[at:at + k].tolist()
+
+    def _follow(self, history: np.ndarray, guess: np.ndarray) -> tuple[bool, int, int] | None:
+        """The span the last guesses came from, if every token since then kept to it: (in the guess?, where, how
+        many tokens of the reply's end now agree with it)."""
+        if self._span is None:
+            return None
+        in_guess, at, seen, agreed = self._span
+        source = guess if in_guess else history
+        new = history[seen:]
+        end = at + len(new)
+        if seen > len(history) or end >= (len(source) if in_guess else len(history) - len(new)):
+            return None
+        back = min(agreed, at, 16)  # the agreement it was read at still stands (not another request's context)
+        if not np.array_equal(source[at - back:end], history[seen - back:]):
+            return None
+        return in_guess, end, agreed + len(new)
+
+    def _search(self, history: np.ndarray, guess: np.ndarray) -> tuple[bool, int, int] | None:
+        for n in range(min(self.longest, len(history) - 1), 0, -1):
             key = history[-n:]
-            for source, end in ((guess, len(guess)), (history, len(history) - 1)):
-                if source is history and n < 2:
-                    continue
-                start = _last_match(source, key, end)
+            for in_guess, source, end in ((True, guess, len(guess)), (False, history, len(history) - 1)):
+                after = self._resume[1] if self._resume is not None and self._resume[0] == in_guess else None
+                start = _match(source, key, end, after)
                 if start is not None and start + n < len(source):
-                    return source[start + n:start + n + k].tolist()
-        return []
+                    return in_guess, start + n, n
+        return None
+
+
+def _agreement_kind(in_guess: bool, agreed: int) -> str:
+    """A lookup guess's kind: where it comes from and how long the agreement behind it is (1, 2, 3, 4-7, 8-15, 16+)."""
+    bucket = agreed if agreed < 4 else 4 if agreed < 8 else 8 if agreed < 16 else 16
+    return f"{'predicted' if in_guess else 'copy'}{bucket}"
 
 
 class DraftModel:
@@ -86,14 +126,15 @@ class DraftModel:
     follows the target's context (only what changed is fed). It sees only the target's token ids, so its own chat
     template plays no part; a vocabulary that differs is refused, naming the first difference."""
 
+    kind = "model"
+    cheap = False  # every guess is a step of the draft: the depth is decided before drafting
+
     def __init__(self, draft, target):
         check_same_vocabulary(draft, target)
         self.model, self.engine = draft, draft.engine
         self.name = draft.name
         self.width = min(draft.engine.n_vocab, target.engine.n_vocab)  # ids past either model's rows are never drafted
-        self.engine.forward([0, 1])  # a first batch and a first step warm the runtime (graphs, first touch of the weights),
-        self.engine.forward([1])     # which a timed verification pass would otherwise pay for
-        self.engine.reset()
+        self.step_s = fastest_step(self.engine)  # also warms the runtime (graphs, the weights' first touch)
         size, target_size = weight_bytes(draft), weight_bytes(target)
         if size and target_size and size >= target_size:
             log.warning("draft %s (%.0f MB) is not smaller than its target %s (%.0f MB): drafting costs more than it can save; "
@@ -132,6 +173,20 @@ class DraftModel:
         self.model.close()
 
 
+def fastest_step(engine, repeats: int = 3) -> float:
+    """Seconds of the fastest of a few single decode steps after a short context (the cache is cleared after)."""
+    engine.reset()
+    engine.forward([1, 2, 3, 4])
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.forward([5])
+        best = min(best, time.perf_counter() - start)
+        engine.truncate(4)
+    engine.reset()
+    return best
+
+
 def weight_bytes(model) -> int:
     """Bytes of the weights a step reads: the bundle's model file, or an HF folder's safetensors."""
     manifest = model.manifest or {}
@@ -154,108 +209,3 @@ def check_same_vocabulary(draft, target) -> None:
                              "draft with a model of the same tokenizer")
     raise EdgeqError(f"draft {draft.name} has another vocabulary than {target.name}: {len(mine)} tokens vs {len(theirs)}; "
                      "draft with a model of the same tokenizer")
-
-
-@dataclass
-class Speculation:
-    """A model's drafter, its most drafted tokens per pass, and what it has measured: the exact verification width
-    (greedy), the acceptance rate and the cost of a pass of each width, in single decode steps."""
-
-    drafter: object
-    draft_tokens: int = DEFAULT_DRAFT_TOKENS
-    exact_width: int | None = None      # measured on first greedy use
-    inexact_reason: str = ""
-    acceptance: float = PRIOR_ACCEPTANCE             # per drafted token, this request's; a prior its first passes replace
-    step_s: float | None = None         # one single decode step
-    pass_s: dict[int, float] = field(default_factory=dict)  # width → seconds of a verification pass
-    since_pass: int = 0
-    since_step: int = 0
-    fixed_depth: bool = False           # always draft as deep as allowed (to measure a drafter's acceptance, not its speed)
-
-    def begin(self) -> None:
-        """A new request: how often guesses hold depends on its text, so the acceptance starts again from the prior;
-        what a pass costs (this machine, this model) is kept."""
-        self.acceptance, self.since_pass = PRIOR_ACCEPTANCE, 0
-
-    def widest(self, engine, greedy: bool) -> int:
-        """The most tokens one verification pass may hold: for greedy, the exactness probe's width."""
-        if not greedy:
-            return self.draft_tokens + 1
-        if self.exact_width is None:
-            self.exact_width, self.inexact_reason = probe_exact_width(engine, self.draft_tokens + 1)
-            if self.exact_width < 2:
-                log.warning("greedy speculation is off for this model: %s", self.inexact_reason)
-        return self.exact_width
-
-    def cost(self, width: int) -> float:
-        """A verification pass of `width` tokens (drafting them included) in single steps: measured, else interpolated,
-        else a guess."""
-        if width in self.pass_s:
-            return self.pass_s[width] / self.step_s
-        known = sorted(self.pass_s)
-        if not known:
-            return 1.0 + 0.1 * (width - 1)
-        below = max((w for w in known if w < width), default=None)
-        above = min((w for w in known if w > width), default=None)
-        if below is None or above is None:  # extrapolate linearly through (1, 1) and the nearest measured width
-            w = below or above
-            slope = (self.pass_s[w] / self.step_s - 1.0) / (w - 1)
-            return 1.0 + slope * (width - 1)
-        t = (width - below) / (above - below)
-        return ((1 - t) * self.pass_s[below] + t * self.pass_s[above]) / self.step_s
-
-    def depth(self, widest: int, room: int) -> int:
-        """Drafted tokens for the next pass: the depth with the most expected tokens per unit of time, 0 when none
-        beats a single step (with a short pass now and then to measure again)."""
-        top = min(self.draft_tokens, widest - 1, room)
-        if self.fixed_depth or top < 1:
-            return max(top, 0)
-        if self.step_s is None or self.since_step >= MEASURE_STEP_EVERY:
-            return 0  # a plain step: every cost is relative to one, measured here and now
-        a = min(self.acceptance, 0.999)
-        best, gain = 0, 1.0
-        for k in range(1, top + 1):
-            tokens = (1 - a ** (k + 1)) / (1 - a)
-            rate = tokens / self.cost(k + 1)
-            if rate > gain * 1.02:
-                best, gain = k, rate
-        if best == 0 and self.since_pass >= EXPLORE_EVERY:
-            return min(2, top)
-        return best
-
-    def learn(self, drafted: int, accepted: int, width: int, seconds: float) -> None:
-        self.since_pass = 0
-        self.since_step += 1
-        hits, trials = accepted, accepted + (1 if accepted < drafted else 0)
-        if trials:
-            self.acceptance = DECAY * self.acceptance + (1 - DECAY) * hits / trials
-        # the fastest seen: on a shared machine timing noise only adds (another job, a first touch of the weights), and
-        # steps are kept the same way, so their ratio holds
-        self.pass_s[width] = min(seconds, self.pass_s.get(width, seconds))
-
-    def learn_step(self, seconds: float) -> None:
-        self.since_pass += 1
-        self.since_step = 0
-        self.step_s = seconds if self.step_s is None else min(self.step_s, seconds)
-
-
-def probe_exact_width(engine, widest: int) -> tuple[int, str]:
-    """The widest batch (≤ `widest`) whose every row's logits equal, bit for bit, those of single steps over the same
-    tokens, measured on this model (its cache is cleared). Returns (width, why not wider)."""
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, engine.n_vocab, PROBE_DEPTH + widest).tolist()
-    engine.reset()
-    engine.forward(ids[:PROBE_DEPTH])
-    singles = np.stack([np.array(engine.forward([t]), dtype=np.float32) for t in ids[PROBE_DEPTH:]])
-    reason = ""
-    for width in range(widest, 1, -1):
-        engine.truncate(PROBE_DEPTH)
-        rows = np.asarray(engine.forward_all(ids[PROBE_DEPTH:PROBE_DEPTH + width]), dtype=np.float32)
-        if np.array_equal(rows, singles[:width]):
-            engine.reset()
-            return width, reason
-        if not reason:
-            reason = (f"{type(engine).__name__} computes a batch of {width} tokens differently from {width} single steps "
-                      f"(largest logit difference {np.abs(rows - singles[:width]).max():.1e})")
-    engine.reset()
-    return 1, reason + "; no batch wider than 1 gives single steps' logits, so verified greedy output could differ from plain decoding"

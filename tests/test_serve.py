@@ -214,7 +214,7 @@ def test_serve_command_help():
 
 
 def test_speculation_through_the_client(tmp_path, tiny_llama):
-    """A model served drafting for itself (its greedy guesses hold): `"speculative": false` (extra_body), speculation and
+    """A model served drafting for itself: `"speculative": false` (extra_body), speculation and
     a Predicted Output give the same greedy text; usage reports the prediction tokens, in whole and streamed replies."""
     q8 = edgeq.export(tiny_llama, format="gguf", precision="Q8_0", output=tmp_path / "q8", eval_tokens=0)
     with edgeq.serve([q8], port=0, block=False, log_level="warning", threads=1, drafts={"q8": str(q8)}, draft_tokens=6) as server:
@@ -222,6 +222,9 @@ def test_speculation_through_the_client(tmp_path, tiny_llama):
         off = client.chat.completions.create(model="q8", messages=HI, max_tokens=32, temperature=0, extra_body={"speculative": False})
         text = off.choices[0].message.content
         assert off.usage.completion_tokens_details.accepted_prediction_tokens == 0
+        # a draft as large as its target never pays, and the depth policy knows it from the costs timed at load: drafted
+        # as deep as allowed here, so the usage reported has passes in it
+        server.service.slot("q8").model.speculation.fixed_depth = True
         drafted = client.chat.completions.create(model="q8", messages=HI, max_tokens=32, temperature=0)
         assert drafted.choices[0].message.content == text
         details = drafted.usage.completion_tokens_details

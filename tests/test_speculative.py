@@ -45,7 +45,9 @@ def test_greedy_speculation_gives_plain_decoding_tokens(bundles, engine, caplog)
     """The draft is the model itself (every greedy guess right, until the grammar or a tie says otherwise), and prompt
     lookup over a wrong prediction (guesses rejected): both give plain decoding's tokens, with and without a schema."""
     with edgeq.load(bundles[engine], threads=1, draft=bundles[engine], draft_tokens=6) as model, caplog.at_level(logging.WARNING):
-        model.speculation.fixed_depth = True  # as deep as allowed, whatever a pass costs on this machine: exactness at depth
+        spec = model.speculation
+        assert spec.step_s > 0 and {2, 3} <= set(spec.verify_s) and spec.draft_s > 0  # costs timed at load
+        spec.fixed_depth = True  # as deep as allowed, whatever a pass costs on this machine: exactness at depth
         for response_format in (None, JSON):
             plain = model.chat(HI, max_new_tokens=40, response_format=response_format, speculative=False)
             drafted = model.chat(HI, max_new_tokens=40, response_format=response_format)
@@ -96,15 +98,29 @@ def _frequencies(tokens):
     return dict(zip(values.tolist(), (counts / counts.sum()).tolist()))
 
 
-def test_prompt_lookup_drafts_what_followed_the_latest_match():
+def test_prompt_lookup_drafts_what_followed_the_longest_then_latest_match():
     from edgeq.speculative import LookupDrafter
 
     lookup = LookupDrafter()
-    assert lookup.propose([1, 2, 3, 4, 9, 2, 3], [], 3) == [4, 9, 2]
+    assert lookup.propose([1, 2, 3, 4, 9, 2, 3], [], 3) == [4, 9, 2] and lookup.kind == "copy2"
     assert lookup.propose([1, 2, 3, 7, 2, 3, 8, 5, 2, 3], [], 2) == [8, 5]  # the latest match wins
-    assert lookup.propose([5, 6], [6, 7, 8, 9], 2) == [7, 8]  # a prediction is looked up first
-    assert lookup.propose([4, 1, 4], [], 2) == []  # a lone token is not looked up in the history
-    assert lookup.propose([1, 2, 3], [], 4) == []
+    assert lookup.propose([5, 2, 3, 1, 7, 2, 3, 9, 5, 2, 3], [], 2) == [1, 7]  # ... after the longest
+    assert lookup.propose([5, 6], [6, 7, 8, 9], 2) == [7, 8] and lookup.kind == "predicted1"  # a prediction first
+    assert lookup.propose([4, 1, 4], [], 2) == [1, 4] and lookup.kind == "copy1"
+    assert lookup.propose([1, 2, 3], [], 4) == [] and lookup.kind == "none"
+
+
+def test_prompt_lookup_follows_the_span_it_copies():
+    """Once the reply copies a span, guesses continue along it (longer agreement, another kind) even where its last
+    tokens also occur later; a token off the span ends it."""
+    from edgeq.speculative import LookupDrafter
+
+    source = [1, 2, 3, 4, 5, 6, 9, 3, 4, 7, 8, 0]
+    lookup = LookupDrafter(longest=2)
+    assert lookup.propose(source + [1, 2], [], 3) == [3, 4, 5] and lookup.kind == "copy2"
+    assert lookup.propose(source + [1, 2, 3, 4], [], 3) == [5, 6, 9] and lookup.kind == "copy4"  # not [7, 8] after 3, 4
+    assert lookup.propose(source + [1, 2, 3, 4, 5, 6, 9, 3], [], 2) == [4, 7] and lookup.kind == "copy8"
+    assert lookup.propose(source + [1, 2, 3, 4, 5, 6, 9, 3, 4, 2], [], 2) == [3, 4] and lookup.kind == "copy1"  # off the span
 
 
 def test_bad_drafts_are_refused_in_one_line(bundles, tiny_sentencepiece_llama):
@@ -141,18 +157,64 @@ def test_run_with_a_draft_prints_what_it_prints_without(bundles):
     assert bad.exit_code == 2 and "1<=x<=32" in bad.output
 
 
-def test_depth_adapts_to_acceptance_and_to_what_a_pass_costs():
-    from edgeq.speculative import LookupDrafter, Speculation
+STEP = 0.010
+THIS_CPU = {2: 1.16, 3: 1.47, 4: 1.66, 5: 2.26, 6: 2.51, 7: 2.84}  # a Q4_K_M pass of w tokens in steps, measured here
+
+
+def _fed(costs, passes=(), draft_step=0.0):
+    """A policy fed a step's cost, passes of each width (seconds) and passes' outcomes (kind, drafted, accepted)."""
+    from edgeq.speculation import Speculation
+    from edgeq.speculative import LookupDrafter
 
     spec = Speculation(LookupDrafter(), draft_tokens=8)
-    assert spec.depth(widest=9, room=100) == 0  # no step timed yet: a plain step first
-    spec.learn_step(0.010)
-    spec.acceptance = 0.9
-    cheap = spec.depth(9, 100)  # no pass timed yet: assumed cheap
-    assert cheap >= 4 and spec.depth(4, 100) == 3 and spec.depth(9, 2) == 2  # the exact width and the room bound it
-    for width in range(2, 10):
-        spec.learn(width - 1, width - 1, width, 0.010 * width)  # a pass costs as many steps as it holds tokens
-    spec.acceptance = 0.5
-    assert spec.depth(9, 100) == 0  # compute-bound and guesses half right: plain decoding is faster
-    spec.pass_s = {w: 0.011 for w in range(2, 10)}  # bandwidth-bound: a pass costs about a step
-    assert spec.depth(9, 100) >= 3
+    spec.learn_step(STEP)
+    for width, steps in costs.items():
+        spec.learn("warm-up", width - 1, 0, steps * STEP, (width - 1) * draft_step)
+    for kind, drafted, accepted in passes:
+        spec.learn(kind, drafted, accepted, 9.0, 9.0)  # outcomes only: slower than any width's fastest pass
+    spec.learn_step(STEP)  # a step just timed: the next token may be drafted
+    return spec
+
+
+def test_depth_follows_expected_tokens_per_unit_of_time():
+    from edgeq.speculation import Speculation
+    from edgeq.speculative import LookupDrafter
+
+    fresh = Speculation(LookupDrafter(), draft_tokens=8)
+    assert fresh.top(widest=9, room=100) == 0  # no step timed yet: a plain step first
+    always, never = [("copy16", 6, 6)] * 20, [("copy1", 6, 0)] * 20
+    phone = _fed({w: 1 + 0.03 * (w - 1) for w in range(2, 10)}, always + never)  # bandwidth-bound
+    assert phone.top(9, 100) == 8 and phone.top(7, 100) == 6 and phone.top(9, 2) == 2  # exact width and room bound it
+    assert phone.depth("copy16", 8) == 8  # a pass costs about a step: as deep as allowed
+    assert phone.depth("copy1", 8) == 0   # but not for a kind that never holds
+    cpu = _fed(THIS_CPU, always + never)
+    deep = cpu.depth("copy16", 6)
+    assert 2 <= deep <= 6 and cpu.rate("copy16", deep) == max(cpu.rate("copy16", k) for k in range(1, 7))
+    assert cpu.depth("copy1", 6) == 0
+    linear = _fed({w: float(w) for w in range(2, 10)}, always)
+    assert linear.depth("copy16", 8) == 0  # a pass costs as many steps as it holds tokens: nothing can pay
+    # a kind that holds twice and then drifts earns a short draft where a pass is about a step
+    drifts = _fed({w: 1 + 0.03 * (w - 1) for w in range(2, 10)}, [("copy2", 6, 2)] * 30)
+    assert drifts.depth("copy2", 8) in (2, 3)
+
+
+def test_a_kind_not_worth_drafting_is_probed_again_now_and_then():
+    spec = _fed(THIS_CPU, [("copy1", 4, 0)] * 20)
+    chances = [spec.depth("copy1", 6) for _ in range(100)]
+    probes = [i for i, d in enumerate(chances) if d]
+    assert probes == [31, 63, 95] and {chances[i] for i in probes} == {2}
+    for _ in range(30):  # the text turns copyable: the probes see it, and drafting comes back
+        spec.learn("copy1", 2, 2, 9.0, 0.0)
+    assert spec.depth("copy1", 6) > 0
+
+
+def test_a_drafter_whose_costs_cannot_pay_is_left_alone_ever_longer():
+    """A draft model whose every guessed token costs most of a step: no depth pays even if every guess held, so it
+    is not prefilled for a request and probed ever more rarely, until its costs fall."""
+    dear = _fed(THIS_CPU, [("model", 2, 2)] * 10, draft_step=0.8 * STEP)
+    assert not dear.can_pay(6) and not dear.worth_preparing() and dear.depth("model", 6) == 0
+    probes = [i for i in range(4000) if dear.depth("model", 6)]
+    gaps = np.diff(probes).tolist()
+    assert gaps == sorted(gaps) and gaps[-1] == 1024 and len(probes) < 8
+    cheap = _fed(THIS_CPU, [("model", 2, 2)] * 10, draft_step=0.1 * STEP)
+    assert cheap.can_pay(6) and cheap.worth_preparing() and cheap.depth("model", 6) > 0

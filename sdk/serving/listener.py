@@ -31,7 +31,7 @@ def load_models(bundles, *, backend: str | None = None, threads: int | None = No
     """Each bundle loaded (models from `edgeq.load` kept as they are), with the drafter `drafts` names for its folder
     name (the None key: every bundle without its own)."""
     from ..loading import load
-    from ..speculative import DEFAULT_DRAFT_TOKENS
+    from ..speculation import DEFAULT_DRAFT_TOKENS
 
     drafts = dict(drafts or {})
     unknown = set(drafts) - {None} - {Path(b).name for b in bundles if not isinstance(b, LanguageModel)}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import EdgeqError
 from .quant.effort import rounding_for
+from .quant.rotation import ROTATE_CHOICES
 from .quant.targets import Targets
 
 FORMAT_OPTIONS = ("mobile", "block_size", "rounding")  # fields a format takes or refuses (`FormatSpec.options`)
@@ -39,6 +40,7 @@ class ExportOptions:
     block_size: int | None = None
     rounding: str | None = None
     effort: str | None = None
+    rotate: str = "off"
     output: str | Path | None = None
     overwrite: bool = False
     trust_pickle: bool = False
@@ -65,6 +67,8 @@ class ExportOptions:
         if self.size is not None:
             object.__setattr__(self, "size", parse_size(self.size))
         rounding_for(self.effort, self.rounding)  # an unknown effort, or both given: refused before any work
+        if self.rotate not in ROTATE_CHOICES:
+            raise EdgeqError(f"rotate={self.rotate!r} is not one of {', '.join(ROTATE_CHOICES)}")
         if self.adapters is not None and self.adapter is not None:
             raise EdgeqError("pass the adapters either as adapter= or as adapters=, not both")
 

@@ -20,6 +20,7 @@ from .errors import EdgeqError
 from .export_checks import check_targets, measure
 from .export_options import ExportOptions
 from .export_planning import calibrate, fits_size
+from .export_rotation import check_rotation, rotate_job, rotation_manifest
 from .formats import FormatSpec
 from .model_card import write_card
 from .quality import BaseScores
@@ -58,6 +59,7 @@ class ExportJob:
     workdir: Path | None = None
     adapters: list = field(default_factory=list)        # edgeq.adapter_set.KeptAdapter: LoRAs kept apart from the base
     adapter_data: dict = field(default_factory=dict)    # adapter name → its eval data file
+    rotation: dict | None = None        # what rotate= did (edgeq.export_rotation), for the manifest
 
     @property
     def targets(self):
@@ -152,6 +154,7 @@ def resolve(opts: ExportOptions) -> ExportJob:
     adapter, kept = merged_or_kept(opts.adapter, opts.adapters, opts.keep_adapters)
     source = open_model(model, adapter=adapter, trust_pickle=opts.trust_pickle, revision=opts.revision, progress=opts.progress)
     spec.check_source(source)
+    check_rotation(opts, bool(kept), source)
     kept = keep_adapters_for(source, spec, kept) if kept else []
     name = f"{source.name}-{profile.id if profile else 'generic'}-{'planned' if planned else chosen.lower()}"
     out = Path(opts.output) if opts.output else Path(name)
@@ -244,6 +247,8 @@ def convert(job: ExportJob, stage: Path) -> None:
         "tokenizer": job.source.chat_tokenizer().spec.to_dict(),
         "plan": job.plan.to_dict() if job.plan else None,
     }
+    if job.rotation is not None:
+        job.manifest["rotation"] = rotation_manifest(job, fields)
     if job.source.untied_head and job.adapters:
         job.manifest["untied_head"] = "the base ties lm_head to the embedding; it is written as a tensor of its own because an adapter adapts it"
 
@@ -277,6 +282,7 @@ def run(opts: ExportOptions) -> Path:
         check_memory(job)
         job.source.hash_in_background()
         score_base(job)
+        rotate_job(job)
         calibrate(job)
         if not any(_build(job, retry=attempt < RETRIES) for attempt in range(RETRIES + 1)):
             raise EdgeqError(f"the planned bundle stays over --size ({opts.size} bytes) on disk; allow a larger size")

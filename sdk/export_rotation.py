@@ -54,6 +54,7 @@ def rotation_manifest(job, fields: dict) -> dict | None:
     record = dict(job.rotation)
     record.pop("tied", None)
     if record["applied"] and record.get("tied_head", "").startswith("untied"):
-        head = (fields.get("tensors") or {}).get("lm_head.weight")
+        tensors = fields.get("tensors") or {}
+        head = tensors.get("lm_head.weight") or tensors.get("output.weight")  # GGUF's files name it llama.cpp's way
         record["untied_head_bytes"] = head["bytes"] if head else None
     return record

@@ -80,19 +80,19 @@ def test_every_format_reads_the_rotated_model(fmt, tmp_path):
     folder = build_model(tmp_path / "m", tie_word_embeddings=True, norm_noise=0.3)
     spec = registry.formats.get(fmt)
     bundle = edgeq.export(folder, format=fmt, precision=spec.float_precision, output=tmp_path / "b", eval_tokens=0, rotate="on")
-    record = json.loads((bundle / "manifest.json").read_text())["rotation"]
+    record = json.loads((bundle / "edgeq.json").read_text())["rotation"]
     assert record["applied"] and record["tied_head"].startswith("untied") and record["untied_head_bytes"] > 0
     ref = TorchEngine(open_model(folder)).score(TEXT)
     with _load(bundle, fmt) as lm:
         got = lm.engine.score(TEXT)
-    assert _kl(ref, got)["kl"] < KL_BOUND[fmt]
+    assert _kl(ref, got).kl < KL_BOUND[fmt]
 
 
 def test_rotate_auto_measures_both_and_records_it(tmp_path):
     folder = build_model(tmp_path / "m", hidden_size=256, intermediate_size=512, norm_noise=0.3)
     bundle = edgeq.export(folder, format="onnx", precision="int4", rounding="nearest", output=tmp_path / "b", eval_tokens=0,
                           rotate="auto", calibration_tokens=1024)
-    record = json.loads((bundle / "manifest.json").read_text())["rotation"]
+    record = json.loads((bundle / "edgeq.json").read_text())["rotation"]
     kl = record["auto"]["kl"]
     assert record["applied"] == (kl["on"] < kl["off"]) and kl["on"] > 0 and kl["off"] > 0
 

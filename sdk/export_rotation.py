@@ -26,7 +26,7 @@ def rotate_job(job) -> None:
     asked = job.opts.rotate
     if asked == "off":
         return
-    rotated, facts = rotated_source(job.source)
+    rotated, facts = rotated_source(job.source, progress=job.progress)
     chosen = "on"
     if asked == "auto":
         from .quant.rotation_choice import measure_rotation

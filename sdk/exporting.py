@@ -196,7 +196,7 @@ def check_memory(job: ExportJob) -> None:
     reasons = [why for why, needed in (
         ("a precision plan", job.planned), ("the quality check (--eval-tokens)", job.opts.eval_tokens > 0),
         ("--eval-data", job.data is not None), ("GPTQ rounding", job.spec.rounds_by_gptq(job.precision, job.options.get("rounding"))),
-        ("the importance matrix of --calibration", job.calibration.given)) if needed]
+        ("the importance matrix of --calibration", job.calibration.given), ("--rotate", job.opts.rotate != "off")) if needed]
     if not reasons:
         return
     from .float_model import stored_16bit

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeqError
+from ..progress import bar
 from .hadamard import random_rotation
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,32 @@ def _fold_norm(tensors: dict, norm: str, offset: float):
     return gain
 
 
-def rotate_tensors(tensors: dict, config: dict, arch, seed: int = 0) -> dict:
+def _rotate_layer(tensors: dict, p: str, config: dict, arch, r1: np.ndarray, r2: np.ndarray) -> None:
+    """One block: norms folded into q/k/v and gate/up, R1 on their inputs and on o/down's outputs, R2 on v/o."""
+    import torch
+
+    q_t, offset, head_dim = torch.from_numpy(r1), arch.norm_offset, _head_dim(config)
+    gain = _fold_norm(tensors, p + "input_layernorm.weight", offset)
+    for name in arch.tensor_names["attention"]:
+        tensors[p + name + ".weight"] = _right(tensors[p + name + ".weight"], r1, gain)
+    qkv = p + ("self_attn.qkv_proj" if arch.fused_qkv else "self_attn.v_proj")
+    rows = tensors[qkv + ".weight"]
+    v_start = rows.shape[0] - config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    for part in (qkv + ".weight", qkv + ".bias"):
+        if part in tensors:  # v's rows (the last of a fused qkv) and its bias follow R2
+            t = tensors[part].clone()
+            t[v_start:] = _per_head_rows(t[v_start:], r2, head_dim)
+            tensors[part] = t
+    o = p + "self_attn.o_proj.weight"
+    tensors[o] = (q_t.T @ _per_head_columns(tensors[o], r2, head_dim).double()).float()
+    gain = _fold_norm(tensors, p + "post_attention_layernorm.weight", offset)
+    for name in arch.tensor_names["mlp"]:
+        tensors[p + name + ".weight"] = _right(tensors[p + name + ".weight"], r1, gain)
+    down = p + "mlp.down_proj.weight"
+    tensors[down] = (q_t.T @ tensors[down].double()).float()
+
+
+def rotate_tensors(tensors: dict, config: dict, arch, seed: int = 0, progress: bool | None = None) -> dict:
     """Rotates a decoder's float tensors (HF names) in place: R1 on the residual stream, R2 per head on v/o, norms
     folded. Returns what was done, for the manifest; `tensors` gains `lm_head.weight` when the tie cannot stay."""
     import torch
@@ -101,28 +127,11 @@ def rotate_tensors(tensors: dict, config: dict, arch, seed: int = 0) -> dict:
     hidden, head_dim = config["hidden_size"], _head_dim(config)
     r1, r1_how = random_rotation(hidden, rng)
     r2, r2_how = random_rotation(head_dim, rng)
-    q_t = torch.from_numpy(r1)
     offset = arch.norm_offset
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        gain = _fold_norm(tensors, p + "input_layernorm.weight", offset)
-        for name in arch.tensor_names["attention"]:
-            tensors[p + name + ".weight"] = _right(tensors[p + name + ".weight"], r1, gain)
-        qkv = p + ("self_attn.qkv_proj" if arch.fused_qkv else "self_attn.v_proj")
-        rows = tensors[qkv + ".weight"]
-        v_start = rows.shape[0] - config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
-        for part in (qkv + ".weight", qkv + ".bias"):
-            if part in tensors:  # v's rows (the last of a fused qkv) and its bias follow R2
-                t = tensors[part].clone()
-                t[v_start:] = _per_head_rows(t[v_start:], r2, head_dim)
-                tensors[part] = t
-        o = p + "self_attn.o_proj.weight"
-        tensors[o] = (q_t.T @ _per_head_columns(tensors[o], r2, head_dim).double()).float()
-        gain = _fold_norm(tensors, p + "post_attention_layernorm.weight", offset)
-        for name in arch.tensor_names["mlp"]:
-            tensors[p + name + ".weight"] = _right(tensors[p + name + ".weight"], r1, gain)
-        down = p + "mlp.down_proj.weight"
-        tensors[down] = (q_t.T @ tensors[down].double()).float()
+    with bar(config["num_hidden_layers"], "rotating", "layer", progress) as pbar:
+        for i in range(config["num_hidden_layers"]):
+            _rotate_layer(tensors, f"model.layers.{i}.", config, arch, r1, r2)
+            pbar.update(1)
     final = tensors["model.norm.weight"].double() + offset
     tied = "lm_head.weight" not in tensors
     facts = {"r1": f"{r1_how}, {hidden} wide", "r2": f"{r2_how}, per head ({head_dim} wide) on v_proj/o_proj",
@@ -132,9 +141,8 @@ def rotate_tensors(tensors: dict, config: dict, arch, seed: int = 0) -> dict:
     else:
         head = tensors["model.embed_tokens.weight"] if tied else tensors["lm_head.weight"]
         tensors["lm_head.weight"] = _right(head, r1, _fold_norm(tensors, "model.norm.weight", offset))
-        if tied:
-            facts["tied_head"] = ("untied: the final norm's per-channel gain folds into the head but not into the "
-                                  "embedding, so the head is a tensor of its own")
+        facts["tied_head"] = ("untied: the final norm's per-channel gain folds into the head but not into the "
+                              "embedding, so the head is a tensor of its own") if tied else "not tied in the source"
     tensors["model.embed_tokens.weight"] = _right(tensors["model.embed_tokens.weight"], r1)
     facts["tied"] = "lm_head.weight" not in tensors
     return facts
@@ -149,12 +157,12 @@ def _cache_folder(source, seed: int) -> Path:
     return cache_dir() / "rotated" / key / source.name  # the folder's name is the model's: a bundle is named after it
 
 
-def _write(source, folder: Path, seed: int) -> None:
+def _write(source, folder: Path, seed: int, progress: bool | None) -> None:
     """The rotated checkpoint: float32 safetensors, the config (its tie), the source's tokenizer and template."""
     from safetensors.torch import save_file
 
     tensors = {name: t.float().contiguous() for name, t in source.tensors()}
-    facts = rotate_tensors(tensors, source.config, source.arch, seed)
+    facts = rotate_tensors(tensors, source.config, source.arch, seed, progress)
     config = {**source.config, "tie_word_embeddings": facts["tied"], "torch_dtype": "float32"}
     config.pop("dtype", None)
     for item in source.path.iterdir():
@@ -169,7 +177,7 @@ def _write(source, folder: Path, seed: int) -> None:
     (folder / "edgeq_rotation.json").write_text(json.dumps(facts, indent=2) + "\n")
 
 
-def rotated_source(source, seed: int = 0):
+def rotated_source(source, seed: int = 0, progress: bool | None = None):
     """`source` rotated (adapter merged first), as a source every converter reads: an HF folder built once and
     cached by the source's hashes and the seed. Returns (the source, the facts for the manifest)."""
     from ..intake import open_model
@@ -181,7 +189,7 @@ def rotated_source(source, seed: int = 0):
         tmp = Path(tempfile.mkdtemp(prefix=".rotating-", dir=folder.parent))
         try:
             log.info("rotating %s into %s (once)", source.name, folder)
-            _write(source, tmp, seed)
+            _write(source, tmp, seed, progress)
             tmp.rename(folder)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -34,6 +34,10 @@ def rotate_job(job) -> None:
         choice = measure_rotation(job.source, rotated, job.spec, job.precision if not job.planned else job.spec.default_precision,
                                   job.calibration, job.progress)
         chosen = choice["chosen"]
+        if chosen == "on" and facts["tied_head"].startswith("untied"):
+            # the win was measured in a larger file (the head's bytes again): not the same-size trade auto may make
+            chosen = choice["chosen"] = "off"
+            choice["declined"] = "rotating unties the head, which adds its bytes to the file; pass rotate='on' to accept that"
         facts = {**facts, "auto": choice}
         log.info("rotate=auto: KL on the calibration text %.5f unrotated, %.5f rotated: %s", choice["kl"]["off"],
                  choice["kl"]["on"], "rotating" if chosen == "on" else "not rotating")

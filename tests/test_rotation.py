@@ -88,13 +88,20 @@ def test_every_format_reads_the_rotated_model(fmt, tmp_path):
     assert _kl(ref, got).kl < KL_BOUND[fmt]
 
 
-def test_rotate_auto_measures_both_and_records_it(tmp_path):
-    folder = build_model(tmp_path / "m", hidden_size=256, intermediate_size=512, norm_noise=0.3)
+@pytest.mark.parametrize("tied", [False, True])
+def test_rotate_auto_measures_both_and_keeps_the_lower_at_the_same_size(tmp_path, tied):
+    folder = build_model(tmp_path / "m", hidden_size=256, intermediate_size=512, norm_noise=0.3, tie_word_embeddings=tied)
     bundle = edgeq.export(folder, format="onnx", precision="int4", rounding="nearest", output=tmp_path / "b", eval_tokens=0,
                           rotate="auto", calibration_tokens=1024)
-    record = json.loads((bundle / "edgeq.json").read_text())["rotation"]
+    manifest = json.loads((bundle / "edgeq.json").read_text())
+    record = manifest["rotation"]
     kl = record["auto"]["kl"]
-    assert record["applied"] == (kl["on"] < kl["off"]) and kl["on"] > 0 and kl["off"] > 0
+    assert kl["on"] > 0 and kl["off"] > 0
+    if tied:  # rotating would untie the head (a perturbed final norm): a larger file, which auto does not choose
+        assert not record["applied"] and ("declined" in record["auto"]) == (kl["on"] < kl["off"])
+    else:
+        assert record["applied"] == (kl["on"] < kl["off"])
+    assert (manifest["source"]["path"] != str(folder)) == record["applied"]  # the converter read the chosen weights
 
 
 def test_what_a_rotation_cannot_preserve_is_refused_in_one_line(tmp_path):

@@ -282,7 +282,7 @@ def run(opts: ExportOptions) -> Path:
         check_memory(job)
         job.source.hash_in_background()
         score_base(job)
-        rotate_job(job)
+        rotate_job(job, convert)
         calibrate(job)
         if not any(_build(job, retry=attempt < RETRIES) for attempt in range(RETRIES + 1)):
             raise EdgeqError(f"the planned bundle stays over --size ({opts.size} bytes) on disk; allow a larger size")

@@ -9,8 +9,8 @@ against the reference must be ~0 (a rotation changes weights, not the function).
 
 The bar: rotation is not assumed to win (issue 29: on a real 1.5B, Q4_K_M+imatrix rotated had 1.6× the KL), so the
 bench fails only when the rotated float model is not the same function, when the rotated file is larger than the
-unrotated one plus its untied head, or when `auto` picks the worse side by more than 5% (among the sides of the same size: auto declines a
-rotation that unties a tied head). The ratio rotated / unrotated is the result.
+unrotated one plus its untied head, or when `auto` picks the worse side by more than 5% (among the sides no larger than the unrotated file: auto declines
+a rotation whose file is larger). The ratio rotated / unrotated is the result.
 
     python bench/rotation.py [--model smollm2-perm] [--rows gguf:Q4_K_M,gguf:Q4_0,onnx:int4] [--auto]
 """
@@ -81,7 +81,7 @@ def main() -> None:
         if args.auto:
             auto, _, auto_record = found["auto"]
             print(f"{fmt} {precision}: auto measured {json.dumps(auto_record['auto']['kl'])}, applied {auto_record['applied']}")
-            same_size = [off.kl] + ([] if record["tied_head"].startswith("untied") else [on.kl])  # auto declines an untie
+            same_size = [off.kl] + ([on.kl] if on_size <= off_size else [])  # auto declines a larger file
             verdicts.at_most(f"{fmt} {precision}: auto's KL / the better same-size side", auto.kl / min(same_size), AUTO_SLACK)
     verdicts.exit()
 

@@ -122,7 +122,7 @@ def main(ctx, debug, verbose, progress):
               help="Rotate the residual stream (a randomised Hadamard, and one per attention head on v/o) in the "
                    "weights before quantizing: the same function, outlier channels spread so 4-bit grids fit better; "
                    "no new runtime op, every format. auto quantizes both ways on the calibration text and keeps the "
-                   "lower KL (it is no free win: it can lose), declining a rotation that unties a tied head (a larger file). "
+                   "lower KL (it is no free win: it can lose), declining a rotation whose file is larger (an untied head). "
                    "Not for Gemma 3 or --keep-adapters.")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="NAME=TYPE",
               help="With --precision: give one tensor (HF name) another type, e.g. lm_head.weight=int4 (repeatable).")

@@ -39,9 +39,10 @@ def _windows(calibration) -> list[list[int]]:
     return chosen
 
 
-def _trial_kl(job, source, calibration, convert, windows) -> float:
-    """KL against the float model, on `windows`, of `source` converted as the export would convert it (a planned
-    export's trial is at the format's default precision: the plan is made after this choice, for the chosen weights)."""
+def _trial(job, source, calibration, convert, windows) -> tuple[float, int]:
+    """KL against the float model, on `windows`, of `source` converted as the export would convert it, and the
+    written tensors' bytes (a planned export's trial is at the format's default precision: the plan is made after
+    this choice, for the chosen weights)."""
     from .loading import open_engine
     from .quality import compare
 
@@ -54,17 +55,25 @@ def _trial_kl(job, source, calibration, convert, windows) -> float:
         engine = open_engine(Path(tmp), trial.manifest, job.spec.eval_runtime)
         try:
             context = trial.manifest.get("context_length") or len(windows[0])  # a model trained shorter than a window
-            return compare(job.reference.engine, engine, [w[:context] for w in windows], job.progress, text="calibration text").kl
+            kl = compare(job.reference.engine, engine, [w[:context] for w in windows], job.progress, text="calibration text").kl
+            return kl, sum(t["bytes"] for t in trial.manifest.get("tensors", {}).values())
         finally:
             engine.close()
 
 
 def _measure(job, rotated, rotated_calibration, convert) -> dict:
     windows = _windows(job.calibration)
-    kl = {"off": _trial_kl(job, job.source, job.calibration, convert, windows),
-          "on": _trial_kl(job, rotated, rotated_calibration, convert, windows)}
-    return {"chosen": "on" if kl["on"] < kl["off"] else "off", "kl": kl, "tokens": sum(len(w) for w in windows),
-            "how": "both models converted with the export's own rounding, KL against the float model on the calibration text"}
+    off, on = (_trial(job, job.source, job.calibration, convert, windows),
+               _trial(job, rotated, rotated_calibration, convert, windows))
+    choice = {"chosen": "on" if on[0] < off[0] else "off", "kl": {"off": off[0], "on": on[0]},
+              "bytes": {"off": off[1], "on": on[1]}, "tokens": sum(len(w) for w in windows),
+              "how": "both models converted with the export's own rounding, KL against the float model on the calibration text"}
+    if choice["chosen"] == "on" and on[1] > off[1]:
+        # an untied head's bytes bought the win (GGUF writes a tied head once): not the same-size trade auto may make
+        choice["chosen"] = "off"
+        choice["declined"] = (f"the rotated file is {on[1] - off[1]:,} bytes larger (its head untied); "
+                              "pass rotate='on' to accept that")
+    return choice
 
 
 def rotate_job(job, convert) -> None:
@@ -85,10 +94,6 @@ def rotate_job(job, convert) -> None:
         choice = _measure(job, rotated, calibration, convert)
         reference.release()
         chosen = choice["chosen"]
-        if chosen == "on" and facts["tied_head"].startswith("untied"):
-            # the win was measured in a larger file (the head's bytes again): not the same-size trade auto may make
-            chosen = choice["chosen"] = "off"
-            choice["declined"] = "rotating unties the head, which adds its bytes to the file; pass rotate='on' to accept that"
         facts = {**facts, "auto": choice}
         log.info("rotate=auto: KL on the calibration text %.5f unrotated, %.5f rotated: %s", choice["kl"]["off"],
                  choice["kl"]["on"], "rotating" if chosen == "on" else "not rotating")

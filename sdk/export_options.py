@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import EdgeqError
 from .quant.effort import rounding_for
+from .quant.rotation import ROTATE_CHOICES
 from .quant.targets import Targets
 
 FORMAT_OPTIONS = ("mobile", "block_size", "rounding")  # fields a format takes or refuses (`FormatSpec.options`)
@@ -40,6 +41,7 @@ class ExportOptions:
     rounding: str | None = None
     effort: str | None = None
     kv_cache: str | None = None
+    rotate: str = "off"
     output: str | Path | None = None
     overwrite: bool = False
     trust_pickle: bool = False
@@ -66,6 +68,8 @@ class ExportOptions:
         if self.size is not None:
             object.__setattr__(self, "size", parse_size(self.size))
         rounding_for(self.effort, self.rounding)  # an unknown effort, or both given: refused before any work
+        if self.rotate not in ROTATE_CHOICES:
+            raise EdgeqError(f"rotate={self.rotate!r} is not one of {', '.join(ROTATE_CHOICES)}")
         if self.adapters is not None and self.adapter is not None:
             raise EdgeqError("pass the adapters either as adapter= or as adapters=, not both")
 

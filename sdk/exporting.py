@@ -20,6 +20,7 @@ from .errors import EdgeqError
 from .export_checks import check_targets, measure
 from .export_options import ExportOptions
 from .export_planning import calibrate, fits_size
+from .export_rotation import check_rotation, rotate_job, rotation_manifest
 from .formats import FormatSpec
 from .model_card import write_card
 from .model_shape import ModelShape
@@ -59,6 +60,7 @@ class ExportJob:
     workdir: Path | None = None
     adapters: list = field(default_factory=list)        # edgeq.adapter_set.KeptAdapter: LoRAs kept apart from the base
     adapter_data: dict = field(default_factory=dict)    # adapter name → its eval data file
+    rotation: dict | None = None        # what rotate= did (edgeq.export_rotation), for the manifest
 
     @property
     def targets(self):
@@ -159,6 +161,7 @@ def resolve(opts: ExportOptions) -> ExportJob:
         from .quant.kv_cache import check_cache_type
 
         check_cache_type(opts.kv_cache, ModelShape.from_config(source.config).head_dim)
+    check_rotation(opts, bool(kept), source)
     kept = keep_adapters_for(source, spec, kept) if kept else []
     name = f"{source.name}-{profile.id if profile else 'generic'}-{'planned' if planned else chosen.lower()}"
     out = Path(opts.output) if opts.output else Path(name)
@@ -200,7 +203,7 @@ def check_memory(job: ExportJob) -> None:
     reasons = [why for why, needed in (
         ("a precision plan", job.planned), ("the quality check (--eval-tokens)", job.opts.eval_tokens > 0),
         ("--eval-data", job.data is not None), ("GPTQ rounding", job.spec.rounds_by_gptq(job.precision, job.options.get("rounding"), job.calibration.given)),
-        ("the importance matrix of --calibration", job.calibration.given)) if needed]
+        ("the importance matrix of --calibration", job.calibration.given), ("--rotate", job.opts.rotate != "off")) if needed]
     if not reasons:
         return
     from .float_model import stored_16bit
@@ -256,6 +259,8 @@ def convert(job: ExportJob, stage: Path) -> None:
         element = job.spec.kv_bytes_per_element(cache_type)
         job.manifest["kv_cache"] = {"type": cache_type, "context": context,
                                     "bytes_per_token": ModelShape.from_config(job.source.config).kv_bytes_per_token(element)}
+    if job.rotation is not None:
+        job.manifest["rotation"] = rotation_manifest(job, fields)
     if job.source.untied_head and job.adapters:
         job.manifest["untied_head"] = "the base ties lm_head to the embedding; it is written as a tensor of its own because an adapter adapts it"
 
@@ -296,6 +301,7 @@ def run(opts: ExportOptions) -> Path:
         check_memory(job)
         job.source.hash_in_background()
         score_base(job)
+        rotate_job(job, convert)
         calibrate(job)
         if not any(_build(job, retry=attempt < RETRIES) for attempt in range(RETRIES + 1)):
             raise EdgeqError(f"the planned bundle stays over --size ({opts.size} bytes) on disk; allow a larger size")

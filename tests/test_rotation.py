@@ -1,0 +1,120 @@
+"""Rotations fused into the weights (edgeq.quant.rotation): the same function from other weights, read by every format."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import edgeq
+from edgeq import registry
+from edgeq.errors import EdgeqError
+from edgeq.intake import open_model
+from edgeq.quant.hadamard import hadamard, random_rotation
+from edgeq.quant.rotation import rotated_source
+from edgeq.runtimes.torch import TorchEngine
+
+from conftest import build_lora, build_model
+from test_backends import ARCHITECTURES, KL_BOUND, TEXT, _kl, _load
+
+ROTATABLE = [a for a in ARCHITECTURES if a != "gemma3"]
+
+
+def _with_biases(folder):
+    """Random q/k/v biases (Qwen2's start at zero, which would hide a bias left out of R2)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    for name in tensors:
+        if name.endswith("_proj.bias"):
+            tensors[name] = torch.randn_like(tensors[name]) * 0.5
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return folder
+
+
+def _logits(folder):
+    return np.array([TorchEngine(open_model(folder)).score(TEXT)])[0]
+
+
+@pytest.mark.parametrize("n", [64, 576, 896, 1536])
+def test_hadamard_matrices_of_the_hidden_sizes_of_small_models_are_orthogonal_and_flat(n):
+    h, how = hadamard(n)
+    assert np.array_equal(h @ h.T, n * np.eye(n, dtype=np.int64)) and set(np.unique(h)) == {-1, 1}, how
+    q, how = random_rotation(n, np.random.default_rng(0))
+    assert np.allclose(q @ q.T, np.eye(n), atol=1e-12) and np.allclose(np.abs(q), 1 / np.sqrt(n)), how
+    q, how = random_rotation(100, np.random.default_rng(0))  # no Hadamard matrix of order 100 here: Haar, and it says so
+    assert np.allclose(q @ q.T, np.eye(100), atol=1e-12) and "random orthogonal" in how
+
+
+@pytest.mark.parametrize("architecture", ROTATABLE)
+def test_rotated_model_computes_the_same_logits(architecture, tmp_path):
+    cls, overrides = ARCHITECTURES[architecture]
+    overrides = {**overrides, "norm_noise": 0.3}
+    folder = _with_biases(build_model(tmp_path / architecture, cls, **overrides))
+    source = open_model(folder)
+    rotated, facts = rotated_source(source, seed=3)
+    before, after = _logits(folder), _logits(rotated.path)
+    assert np.abs(before - after).max() < 1e-3 * np.abs(before).max(), facts
+    embed = source.tensor("model.embed_tokens.weight")
+    assert not torch.allclose(rotated.tensor("model.embed_tokens.weight"), embed, atol=1e-3)  # it did rotate
+    assert torch.allclose(rotated.tensor("model.layers.0.input_layernorm.weight"), torch.ones(1))  # gains folded
+    if source.config.get("tie_word_embeddings"):  # a perturbed final norm cannot stay tied, and says so
+        assert facts["tied_head"].startswith("untied") and not rotated.config["tie_word_embeddings"]
+
+
+def test_a_tie_stays_when_the_final_norm_is_one_value(tmp_path):
+    folder = build_model(tmp_path / "tied", tie_word_embeddings=True)  # gains all one value: the head may stay E·Q
+    rotated, facts = rotated_source(open_model(folder))
+    assert facts["tied_head"].startswith("kept") and rotated.config["tie_word_embeddings"]
+    assert "lm_head.weight" not in rotated.index
+    before, after = _logits(folder), _logits(rotated.path)
+    assert np.abs(before - after).max() < 1e-3 * np.abs(before).max()
+
+
+@pytest.mark.parametrize("fmt", registry.formats.names())
+def test_every_format_reads_the_rotated_model(fmt, tmp_path):
+    """A float export of the rotated model reproduces the unrotated model's torch logits: the converter read the
+    rotated checkpoint as any other, and the function held; the manifest says what was done."""
+    folder = build_model(tmp_path / "m", tie_word_embeddings=True, norm_noise=0.3)
+    spec = registry.formats.get(fmt)
+    bundle = edgeq.export(folder, format=fmt, precision=spec.float_precision, output=tmp_path / "b", eval_tokens=0, rotate="on")
+    record = json.loads((bundle / "edgeq.json").read_text())["rotation"]
+    assert record["applied"] and record["tied_head"].startswith("untied") and record["untied_head_bytes"] > 0
+    ref = TorchEngine(open_model(folder)).score(TEXT)
+    with _load(bundle, fmt) as lm:
+        got = lm.engine.score(TEXT)
+    assert _kl(ref, got).kl < KL_BOUND[fmt]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_rotate_auto_measures_both_and_keeps_the_lower_at_the_same_size(tmp_path, tied):
+    folder = build_model(tmp_path / "m", hidden_size=256, intermediate_size=512, norm_noise=0.3, tie_word_embeddings=tied)
+    bundle = edgeq.export(folder, format="onnx", precision="int4", rounding="nearest", output=tmp_path / "b", eval_tokens=0,
+                          rotate="auto", calibration_tokens=1024)
+    manifest = json.loads((bundle / "edgeq.json").read_text())
+    record = manifest["rotation"]
+    kl = record["auto"]["kl"]
+    assert kl["on"] > 0 and kl["off"] > 0
+    size = record["auto"]["bytes"]
+    if tied:  # the head untied (a perturbed final norm); ONNX writes a tied head as a tensor of its own anyway
+        assert size["on"] == size["off"] > 0
+    assert record["applied"] == (kl["on"] < kl["off"] and size["on"] <= size["off"])
+    assert (manifest["source"]["path"] != str(folder)) == record["applied"]  # the converter read the chosen weights
+
+
+def test_what_a_rotation_cannot_preserve_is_refused_in_one_line(tmp_path):
+    cls, overrides = ARCHITECTURES["gemma3"]
+    gemma = build_model(tmp_path / "gemma", cls, **overrides)
+    with pytest.raises(EdgeqError, match="cannot rotate Gemma3ForCausalLM: its post-attention") as info:
+        edgeq.export(gemma, format="gguf", precision="F16", output=tmp_path / "g", eval_tokens=0, rotate="on")
+    assert "\n" not in str(info.value)
+    llama = build_model(tmp_path / "llama")
+    lora = build_lora(tmp_path / "lora", llama)
+    with pytest.raises(EdgeqError, match="--rotate with --keep-adapters") as info:
+        edgeq.export(llama, format="gguf", precision="F16", adapters={"a": str(lora)}, keep_adapters=True,
+                     output=tmp_path / "k", eval_tokens=0, rotate="on")
+    assert "\n" not in str(info.value)
+    with pytest.raises(EdgeqError, match="rotate='sideways' is not one of off, on, auto"):
+        edgeq.export(llama, rotate="sideways")

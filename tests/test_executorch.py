@@ -147,3 +147,65 @@ def test_keep_adapters_is_refused_with_the_reason(tiny_llama, tmp_path):
     with pytest.raises(EdgeqError, match="executorch format cannot keep adapters.*XNNPACK's packed blobs"):
         edgeq.export(tiny_llama, format="executorch", adapters={"a": lora}, keep_adapters=True, output=tmp_path / "b",
                      eval_tokens=0, progress=False)
+
+
+def build_ascii_tokenizer(folder):
+    """A byte-level BPE whose every piece decodes to whole ASCII (trained on ASCII text only, no 256-byte alphabet):
+    ExecuTorch's LLM runner hands its Python callback each token as text, which breaks on a partial UTF-8 byte."""
+    import json
+
+    from conftest import CHATML, CORPUS, SPECIALS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([line for line in CORPUS if line.isascii()],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False))
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "chat_template": CHATML, "model_max_length": 256,
+    }))
+
+
+@pytest.fixture(scope="module")
+def ascii_bundle(tmp_path_factory):
+    """A tiny Llama whose tokenizer has only whole-ASCII pieces, at the default 8da4w (nearest: GPTQ is not what is tested)."""
+    import edgeq
+    from conftest import build_model
+
+    root = tmp_path_factory.mktemp("executorch-runner")
+    model = build_model(root / "ascii-llama", tokenizer=build_ascii_tokenizer)
+    return edgeq.export(model, format="executorch", rounding="nearest", output=root / "bundle", eval_tokens=0, progress=False)
+
+
+def test_executorchs_own_llm_runner_answers_with_edgeqs_greedy_tokens(ascii_bundle):
+    """The bundle as an Android or iOS app would use it: ExecuTorch's TextLLMRunner (its C++ runner, through its Python
+    binding) reads the program's metadata methods and the bundle's tokenizer.json, prefills in chunks and decodes greedily.
+    Its token pieces map back to ids one to one (the tokenizer's pieces are distinct), so ids are compared, not text."""
+    from tokenizers import Tokenizer
+
+    import edgeq
+    from edgeq.converters.executorch.program import load_kernels
+
+    load_kernels()
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    tokenizer = Tokenizer.from_file(str(ascii_bundle / "tokenizer.json"))
+    piece_ids = {}
+    for i in range(tokenizer.get_vocab_size()):
+        piece_ids.setdefault(tokenizer.decode([i], skip_special_tokens=False), []).append(i)
+    assert all(len(ids) == 1 and piece.isascii() for piece, ids in piece_ids.items())
+    runner = TextLLMRunner(str(ascii_bundle / "model.pte"), str(ascii_bundle / "tokenizer.json"))
+    with edgeq.load(ascii_bundle, threads=1) as lm:
+        # the second prompt is longer than one call's 64 tokens: both prefill it in chunks
+        for prompt in ("The quick brown fox", " ".join(["Large language models run on phones at the edge."] * 8)):
+            pieces, stats = [], []
+            runner.reset()
+            runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=24, temperature=0.0), pieces.append, stats.append)
+            prompt_ids = lm.tokenizer.encode(prompt, add_special_tokens=False)
+            assert stats[0].num_prompt_tokens == len(prompt_ids)
+            ours = lm.generate_ids(prompt_ids, 24)
+            theirs = [piece_ids[piece][0] for piece in pieces]
+            assert len(ours) >= 8 and theirs[:len(ours)] == ours, (prompt[:20], theirs, ours)

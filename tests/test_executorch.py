@@ -209,3 +209,57 @@ def test_executorchs_own_llm_runner_answers_with_edgeqs_greedy_tokens(ascii_bund
             ours = lm.generate_ids(prompt_ids, 24)
             theirs = [piece_ids[piece][0] for piece in pieces]
             assert len(ours) >= 8 and theirs[:len(ours)] == ours, (prompt[:20], theirs, ours)
+
+
+def record_etdump(bundle, path, prompt: int = 8, steps: int = 4):
+    """An ETDump as an app writes one: ExecuTorch's runtime with event tracing on, a prefill and a few decode steps."""
+    import torch
+
+    from edgeq.converters.executorch.program import load_kernels
+
+    load_kernels()
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(bundle / "model.pte", enable_etdump=True)
+    forward = program.load_method("forward")
+    forward.execute([torch.arange(3, 3 + prompt).view(1, -1), torch.tensor([0])])
+    for step in range(steps):
+        forward.execute([torch.tensor([[7 + step]]), torch.tensor([prompt + step])])
+    program.write_etdump_result_to_file(str(path), str(path.with_suffix(".debug")))
+    return path
+
+
+def test_profile_reads_an_etdump_per_layer_and_operator_beside_the_devices_roofline(ascii_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    import edgeq
+    from edgeq.cli import main
+    from edgeq.profile_trace import profile_trace
+
+    trace = record_etdump(ascii_bundle, tmp_path / "run.etdp")
+    assert (ascii_bundle / "etrecord.bin").stat().st_size < (ascii_bundle / "model.pte").stat().st_size  # graphs, no weights
+    result = profile_trace(ascii_bundle, trace, device="pixel-8")
+    assert result.calls == 5 and result.call_ms["max"] > result.call_ms["median"] > 0  # the 8-token prefill is the slowest
+    layers = {row["layer"]: row for row in result.layers}
+    assert {"embedding", "layer 0", "layer 1", "head"} <= set(layers)
+    assert abs(sum(row["share"] for row in result.layers) - 1) < 0.01
+    assert all(layers[f"layer {i}"]["share"] > 0.2 and layers[f"layer {i}"]["roofline_ms"] > 0 for i in range(2))
+    shapes = edgeq.inspect(ascii_bundle)["tensors"]
+    layer_bytes = sum(t["bytes"] for n, t in shapes.items() if n.startswith("model.layers.0."))
+    assert layers["layer 0"]["roofline_ms"] >= layer_bytes / (result.roofline["bandwidth_gbps"] * 1e9) * 1000 * 0.999
+    operators = {(row["operator"], row["backend"]): row["per_call"] for row in result.operators}
+    assert operators[("Fully Connected (NC, QDU8, F32, QB4W) GEMM", "XNNPACK")] == 2 * 7  # every 4-bit linear
+    assert operators[("Fully Connected (NC, QDU8, F32, QC8W) GEMM", "XNNPACK")] == 1      # the 8-bit head
+    assert operators[("llama::custom_sdpa", "ExecuTorch kernels")] == 2
+    shown = CliRunner().invoke(main, ["profile", str(ascii_bundle), "--etdump", str(trace), "--device", "pixel-8"])
+    assert shown.exit_code == 0 and "roofline on pixel-8" in shown.output and "layer 1" in shown.output, shown.output
+
+
+def test_profile_refuses_a_file_that_is_not_an_etdump_in_one_line(ascii_bundle, tmp_path):
+    from edgeq.profile_trace import profile_trace
+
+    junk = tmp_path / "junk.etdp"
+    junk.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(EdgeqError, match="junk.etdp is not an ETDump") as refused:
+        profile_trace(ascii_bundle, junk)
+    assert "\n" not in str(refused.value)

@@ -90,6 +90,7 @@ class ExecuTorchFormat(FormatSpec):
     kept_adapters_refusal = ("a .pte holds its weights inside XNNPACK's packed blobs, and edgeq does not yet write LoRA "
                              "factors as separate .ptd data that the program switches per call")
     export_bytes_per_weight = 16  # the float32 decoder, torchao's quantized copy and the lowered program
+    trace_reader = "edgeq.converters.executorch.etdump:read_trace"  # an ETDump, joined to the bundle's ETRecord
 
     def normalize(self, precision: str) -> str:
         if str(precision).lower() in WEIGHT_ONLY:
@@ -101,6 +102,10 @@ class ExecuTorchFormat(FormatSpec):
     def converter(self):
         check_installed()
         return super().converter()
+
+    def read_trace(self, bundle, manifest, trace):
+        check_installed()
+        return super().read_trace(bundle, manifest, trace)
 
     def space(self):
         return ExecuTorchSpace()

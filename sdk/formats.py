@@ -67,6 +67,7 @@ class FormatSpec:
     hub_library: str = ""             # the model card's `library_name`: how the Hugging Face hub files this format
     run_elsewhere: str = ""           # the model card's "how to run it" with the format's own runtime (Markdown;
                                       # {model_file} and {name} are the bundle's)
+    debug_files: tuple[str, ...] = ()  # files of a bundle no runtime loads (debug records): not counted in its size
     trace_reader: str | None = None   # "module:function" reading the runtime's own trace from a device (`edgeq profile --etdump`)
 
     def normalize(self, precision: str) -> str:

@@ -26,11 +26,10 @@ from edgeq.progress import bar
 from . import quant, report
 from .graph import ExportedDecoder
 from .program import METHOD, runner_metadata
-from .spec import EXECUTORCH, LINEARS
+from .spec import ETRECORD_FILE, EXECUTORCH, LINEARS
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pte"
-ETRECORD_FILE = "etrecord.bin"
 MAX_CHUNK = 64          # tokens one call may prefill: the activations (and logits) are planned for this many
 DEFAULT_CONTEXT = 2048  # cache slots when the export names no context (capped by the model's trained context)
 EMBEDDING = "model.embed_tokens.weight"

@@ -90,7 +90,7 @@ class ExecuTorchFormat(FormatSpec):
     kv_element_bytes = 4  # the static KV cache is float32, as XNNPACK and the custom sdpa kernel compute
     kept_adapters_refusal = ("a .pte holds its weights inside XNNPACK's packed blobs, and edgeq does not yet write LoRA "
                              "factors as separate .ptd data that the program switches per call")
-    export_bytes_per_weight = 16  # the float32 decoder, torchao's quantized copy and the lowered program
+    export_bytes_per_weight = 17  # the float32 decoder, torchao's quantized copy, the lowered program, the ETRecord's copy of the edge graph (codes: 1 B a weight)
     debug_files = (ETRECORD_FILE,)  # the ETRecord `edgeq profile --etdump` reads; the app ships only model.pte
     trace_reader = "edgeq.converters.executorch.etdump:read_trace"  # an ETDump, joined to the bundle's ETRecord
 

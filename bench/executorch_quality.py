@@ -46,7 +46,9 @@ def export_q4_0(args, calibration) -> tuple:
         files = anchors.llamacpp_files(args.model, args.work, ["Q4_0"], calibration, args.calibration_tokens, args.threads)
         return files["Q4_0+imatrix"], None
     started = time.perf_counter()
-    bundle = edgeq.export(args.model, format="gguf", precision="Q4_0", calibration=calibration,
+    # rounding "nearest": llama.cpp's own quantizer weighted by the importance matrix of the text (given text, edgeq's
+    # GGUF export would round by GPTQ instead: not the anchor)
+    bundle = edgeq.export(args.model, format="gguf", precision="Q4_0", calibration=calibration, rounding="nearest",
                           calibration_tokens=args.calibration_tokens, output=args.work / "gguf-Q4_0+imatrix", eval_tokens=0,
                           progress=False)
     return bundle, time.perf_counter() - started
@@ -65,11 +67,12 @@ def decode_speed(engine, steps: int = 64) -> float:
 def main() -> None:
     ap = harness.arguments(__doc__, tokens=2048, ctx=512, calibration_tokens=4096, work="edgeq-bench-executorch-quality")
     ap.add_argument("--llamacpp-tools", action="store_true", help="the anchor from llama.cpp's own tools (LLAMA_CPP_BIN/SRC)")
-    ap.add_argument("--rows", help=f"comma-separated executorch rows to run (default: all of {', '.join(ROWS)}); the anchor always runs")
+    ap.add_argument("--rows", help=f"comma-separated executorch rows to run (default: all of {', '.join(ROWS)}; none: the anchor alone); "
+                    "the anchor always runs")
     args = harness.parse(ap, fresh_work=True)
     calibration = harness.text_tail(args.text, args.work)
     reference = harness.Reference(args.model, args.text, args.tokens, args.ctx, args.threads)
-    asked = args.rows.split(",") if args.rows else list(ROWS)
+    asked = [] if args.rows == "none" else args.rows.split(",") if args.rows else list(ROWS)
     if unknown := set(asked) - set(ROWS):
         raise SystemExit(f"--rows: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ROWS)}")
     rows = {label: (precision, rounding, calibration if calibrated else None)

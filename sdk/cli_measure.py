@@ -65,14 +65,31 @@ def evaluate(bundle, text, tokens, ctx, reference, backend, threads, eval_data, 
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG chart of size × KL × decode speed.")
 @click.option("--draft", metavar="lookup|DIR", help="Also measure speculative decoding with this drafter: tok/s with and without, "
               "accepted tokens per pass (and, with --device, the estimated speedup there).")
-def profile(bundles, prompt_tokens, gen, repeat, threads, device, json_path, plot_path, draft):
+@click.option("--etdump", type=click.Path(exists=True, dir_okay=False),
+              help="Measure nothing here: read this ExecuTorch ETDump, recorded by an app running the (one) executorch BUNDLE on a "
+                   "device, and show time per layer and per operator beside the --device profile's bandwidth roofline.")
+def profile(bundles, prompt_tokens, gen, repeat, threads, device, json_path, plot_path, draft, etdump):
     """Measure BUNDLES on this machine: load time, time to first token, prefill and decode tokens/s, peak memory, size,
-    and decode against the memory-bandwidth roofline."""
+    and decode against the memory-bandwidth roofline. With --etdump: where the time went on the device that ran it."""
     from .profiling import profile as run_profile
 
     _check_outputs(json_path, plot_path)
+    if etdump:
+        _trace(bundles, etdump, device, json_path, plot_path)
+        return
     _report(run_profile(bundles, prompt_tokens=prompt_tokens, gen=gen, repeat=repeat, threads=threads, device=device, draft=draft),
             json_path, plot_path)
+
+
+def _trace(bundles, etdump, device, json_path, plot_path) -> None:
+    from .profile_trace import profile_trace
+
+    if len(bundles) != 1 or plot_path:
+        raise click.UsageError("--etdump reads the trace of one bundle (pass one BUNDLE, no --plot)")
+    result = profile_trace(bundles[0], etdump, device)
+    click.echo(result.table())
+    if json_path:
+        click.echo(f"wrote {result.save_json(json_path)}")
 
 
 def _check_outputs(json_path, plot_path) -> None:

@@ -70,6 +70,8 @@ class FormatSpec:
     hub_library: str = ""             # the model card's `library_name`: how the Hugging Face hub files this format
     run_elsewhere: str = ""           # the model card's "how to run it" with the format's own runtime (Markdown;
                                       # {model_file} and {name} are the bundle's)
+    debug_files: tuple[str, ...] = ()  # files of a bundle no runtime loads (debug records): not counted in its size
+    trace_reader: str | None = None   # "module:function" reading the runtime's own trace from a device (`edgeq profile --etdump`)
 
     def normalize(self, precision: str) -> str:
         """The precision as this format spells it (GGUF upper case, ONNX and Core ML lower case), or a one-line refusal."""
@@ -122,6 +124,14 @@ class FormatSpec:
     def check_source(self, source) -> None:
         """Refuses, in one line naming the config option, a model this format's runtime cannot compute; called
         before any work or file. By default every supported architecture (`edgeq.architectures`) exports."""
+
+    def read_trace(self, bundle: Path, manifest: dict, trace: Path) -> dict:
+        """The runtime's own trace of this bundle (recorded by an app on a device) as time per layer and per operator."""
+        if self.trace_reader is None:
+            raise EdgeqError(f"the {self.name} format's runtime writes no trace edgeq reads; --etdump reads ExecuTorch's "
+                             "ETDump of an executorch bundle")
+        module, _, attr = self.trace_reader.partition(":")
+        return getattr(import_module(module), attr)(bundle, manifest, trace)
 
     def converter(self) -> Converter:
         module, _, attr = self.converter_target.partition(":")

@@ -92,13 +92,14 @@ def describe(path: Path) -> dict:
     if not (path / MANIFEST).is_file() and (path / "config.json").is_file():
         return _describe_hf(path)
     m = read_manifest(path)
-    size = sum(f["bytes"] for name, f in m["files"].items() if name not in SIDE_FILES)
+    spec = registry.formats.get(m["format"])
+    size = sum(f["bytes"] for name, f in m["files"].items() if name not in SIDE_FILES and name not in spec.debug_files)
     tensors = m.get("tensors") or {}
     weight_bytes = sum(t.get("bytes", 0) for t in tensors.values()) or size
     params = sum(int(np.prod(t["shape"])) for t in tensors.values()) or int(weight_bytes * 8 / m.get("bits_per_weight", 16))
     config_path = Path((m.get("source") or {}).get("path", "")) / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    element = registry.formats.get(m["format"]).kv_bytes_per_element((m.get("kv_cache") or {}).get("type"))
+    element = spec.kv_bytes_per_element((m.get("kv_cache") or {}).get("type"))
     notes = []
     if adapters := m.get("adapters"):
         notes.append(f"{len(adapters)} LoRA adapters kept apart ({sum(a['bytes'] for a in adapters) / 2**20:.2f} MiB), all loaded: "

@@ -147,3 +147,119 @@ def test_keep_adapters_is_refused_with_the_reason(tiny_llama, tmp_path):
     with pytest.raises(EdgeqError, match="executorch format cannot keep adapters.*XNNPACK's packed blobs"):
         edgeq.export(tiny_llama, format="executorch", adapters={"a": lora}, keep_adapters=True, output=tmp_path / "b",
                      eval_tokens=0, progress=False)
+
+
+def build_ascii_tokenizer(folder):
+    """A byte-level BPE whose every piece decodes to whole ASCII (trained on ASCII text only, no 256-byte alphabet):
+    ExecuTorch's LLM runner hands its Python callback each token as text, which breaks on a partial UTF-8 byte."""
+    import json
+
+    from conftest import CHATML, CORPUS, SPECIALS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([line for line in CORPUS if line.isascii()],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False))
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "chat_template": CHATML, "model_max_length": 256,
+    }))
+
+
+@pytest.fixture(scope="module")
+def ascii_bundle(tmp_path_factory):
+    """A tiny Llama whose tokenizer has only whole-ASCII pieces, at the default 8da4w (nearest: GPTQ is not what is tested)."""
+    import edgeq
+    from conftest import build_model
+
+    root = tmp_path_factory.mktemp("executorch-runner")
+    model = build_model(root / "ascii-llama", tokenizer=build_ascii_tokenizer)
+    return edgeq.export(model, format="executorch", rounding="nearest", output=root / "bundle", eval_tokens=0, progress=False)
+
+
+def test_executorchs_own_llm_runner_answers_with_edgeqs_greedy_tokens(ascii_bundle):
+    """The bundle as an Android or iOS app would use it: ExecuTorch's TextLLMRunner (its C++ runner, through its Python
+    binding) reads the program's metadata methods and the bundle's tokenizer.json, prefills in chunks and decodes greedily.
+    Its token pieces map back to ids one to one (the tokenizer's pieces are distinct), so ids are compared, not text."""
+    from tokenizers import Tokenizer
+
+    import edgeq
+    from edgeq.converters.executorch.program import load_kernels
+
+    load_kernels()
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    tokenizer = Tokenizer.from_file(str(ascii_bundle / "tokenizer.json"))
+    piece_ids = {}
+    for i in range(tokenizer.get_vocab_size()):
+        piece_ids.setdefault(tokenizer.decode([i], skip_special_tokens=False), []).append(i)
+    assert all(len(ids) == 1 and piece.isascii() for piece, ids in piece_ids.items())
+    runner = TextLLMRunner(str(ascii_bundle / "model.pte"), str(ascii_bundle / "tokenizer.json"))
+    with edgeq.load(ascii_bundle, threads=1) as lm:
+        # the second prompt is longer than one call's 64 tokens: both prefill it in chunks
+        for prompt in ("The quick brown fox", " ".join(["Large language models run on phones at the edge."] * 8)):
+            pieces, stats = [], []
+            runner.reset()
+            runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=24, temperature=0.0), pieces.append, stats.append)
+            prompt_ids = lm.tokenizer.encode(prompt, add_special_tokens=False)
+            assert stats[0].num_prompt_tokens == len(prompt_ids)
+            ours = lm.generate_ids(prompt_ids, 24)
+            theirs = [piece_ids[piece][0] for piece in pieces]
+            assert len(ours) >= 8 and theirs[:len(ours)] == ours, (prompt[:20], theirs, ours)
+
+
+def record_etdump(bundle, path, prompt: int = 8, steps: int = 4):
+    """An ETDump as an app writes one: ExecuTorch's runtime with event tracing on, a prefill and a few decode steps."""
+    import torch
+
+    from edgeq.converters.executorch.program import load_kernels
+
+    load_kernels()
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(bundle / "model.pte", enable_etdump=True)
+    forward = program.load_method("forward")
+    forward.execute([torch.arange(3, 3 + prompt).view(1, -1), torch.tensor([0])])
+    for step in range(steps):
+        forward.execute([torch.tensor([[7 + step]]), torch.tensor([prompt + step])])
+    program.write_etdump_result_to_file(str(path), str(path.with_suffix(".debug")))
+    return path
+
+
+def test_profile_reads_an_etdump_per_layer_and_operator_beside_the_devices_roofline(ascii_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    import edgeq
+    from edgeq.cli import main
+    from edgeq.profile_trace import profile_trace
+
+    trace = record_etdump(ascii_bundle, tmp_path / "run.etdp")
+    assert (ascii_bundle / "etrecord.bin").stat().st_size < (ascii_bundle / "model.pte").stat().st_size  # graphs, no weights
+    result = profile_trace(ascii_bundle, trace, device="pixel-8")
+    assert result.calls == 5 and result.call_ms["max"] > result.call_ms["median"] > 0  # the 8-token prefill is the slowest
+    layers = {row["layer"]: row for row in result.layers}
+    assert {"embedding", "layer 0", "layer 1", "head"} <= set(layers)
+    assert abs(sum(row["share"] for row in result.layers) - 1) < 0.01
+    assert all(layers[f"layer {i}"]["share"] > 0.2 and layers[f"layer {i}"]["roofline_ms"] > 0 for i in range(2))
+    shapes = edgeq.inspect(ascii_bundle)["tensors"]
+    layer_bytes = sum(t["bytes"] for n, t in shapes.items() if n.startswith("model.layers.0."))
+    assert layers["layer 0"]["roofline_ms"] >= layer_bytes / (result.roofline["bandwidth_gbps"] * 1e9) * 1000 * 0.999
+    operators = {(row["operator"], row["backend"]): row["per_call"] for row in result.operators}
+    assert operators[("Fully Connected (NC, QDU8, F32, QB4W) GEMM", "XNNPACK")] == 2 * 7  # every 4-bit linear
+    assert operators[("Fully Connected (NC, QDU8, F32, QC8W) GEMM", "XNNPACK")] == 1      # the 8-bit head
+    assert operators[("llama::custom_sdpa", "ExecuTorch kernels")] == 2
+    shown = CliRunner().invoke(main, ["profile", str(ascii_bundle), "--etdump", str(trace), "--device", "pixel-8"])
+    assert shown.exit_code == 0 and "roofline on pixel-8" in shown.output and "layer 1" in shown.output, shown.output
+
+
+def test_profile_refuses_a_file_that_is_not_an_etdump_in_one_line(ascii_bundle, tmp_path):
+    from edgeq.profile_trace import profile_trace
+
+    junk = tmp_path / "junk.etdp"
+    junk.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(EdgeqError, match="junk.etdp is not an ETDump") as refused:
+        profile_trace(ascii_bundle, junk)
+    assert "\n" not in str(refused.value)

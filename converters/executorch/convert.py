@@ -9,9 +9,11 @@ lists what is outside the delegate and its share of the flops (`report.delegatio
 """
 from __future__ import annotations
 
+import io
 import logging
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from edgeq.progress import bar
 from . import quant, report
 from .graph import ExportedDecoder
 from .program import METHOD, runner_metadata
-from .spec import EXECUTORCH, LINEARS
+from .spec import ETRECORD_FILE, EXECUTORCH, LINEARS
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pte"
@@ -114,8 +116,28 @@ def lower(model: ExportedDecoder, metadata: dict):
         warnings.simplefilter("ignore")  # torch.export's and ExecuTorch's deprecation chatter, one per op
         exported = torch.export.export(model, example, dynamic_shapes=({1: tokens}, None), strict=True)
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()], constant_methods=metadata,
-                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False), generate_etrecord=True)
         return edge, edge.to_executorch()
+
+
+def save_etrecord(etrecord, path: Path) -> None:
+    """The program's ETRecord: its edge graph and debug-handle maps, which ExecuTorch's Inspector joins to an ETDump
+    recorded on a device, so `edgeq profile --etdump` can name each event's layer. Saved without weights (each stored
+    tensor becomes one zero broadcast to its shape and dtype; the ATen graph is dropped, the Inspector reads the edge
+    graph) and deflated: a few hundred KiB for a 135M model instead of twice its size."""
+    etrecord.exported_program = None
+    programs = etrecord.edge_dialect_program
+    for program in programs.values() if isinstance(programs, dict) else [programs]:
+        for table in (program.state_dict, program.constants):
+            for key, value in list(table.items()):
+                if isinstance(value, torch.Tensor):
+                    empty = torch.zeros((), dtype=value.dtype).expand(value.shape)
+                    table[key] = torch.nn.Parameter(empty, requires_grad=False) if isinstance(value, torch.nn.Parameter) else empty
+    raw = io.BytesIO()
+    etrecord.save(raw)
+    with zipfile.ZipFile(raw) as stored, zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as deflated:
+        for entry in stored.infolist():
+            deflated.writestr(entry.filename, stored.read(entry.filename))
 
 
 class ExecuTorchConverter:
@@ -156,11 +178,12 @@ class ExecuTorchConverter:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 raise EdgeqError(f"ExecuTorch could not export {source.architecture} ({first}); rerun with --debug and report it") from exc
             (stage / MODEL_FILE).write_bytes(program.buffer)
+            save_etrecord(program.get_etrecord(), stage / ETRECORD_FILE)
             pbar.update(1)
         fields = report.read_back(stage / MODEL_FILE, edge, plan, kept, shapes, spec, call_order(model))
         warn_mismatches(log, fields["mismatches"])
         fields["executorch"].update({
-            "context": context, "max_chunk": MAX_CHUNK, "method": METHOD, "metadata": metadata, "decoder": spec.to_dict(),
+            "context": context, "max_chunk": MAX_CHUNK, "method": METHOD, "etrecord": ETRECORD_FILE, "metadata": metadata, "decoder": spec.to_dict(),
             "export_seconds": round(time.perf_counter() - started, 1),
         })
         rounded = "gptq" if gptq else "nearest+importance" if importance else "nearest"

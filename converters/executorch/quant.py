@@ -141,7 +141,8 @@ def gptq_grid(weight: torch.Tensor, precision: str, importance: np.ndarray | Non
 
 class QuantizedEmbedding(nn.Module):
     """The token lookup on ExecuTorch's quantized embedding kernels: 4-bit codes in groups (`embedding_4bit`, two codes to
-    a byte, each + 8, the even one in the high nibble) or 8-bit codes per row (`embedding_byte`); scales float32."""
+    a byte, each + 8, the even one in the high nibble, float16 scales: 4.5 bits a weight, as llama.cpp's Q4_0 table) or
+    8-bit codes per row (`embedding_byte`, float32 scales); float32 out either way."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bits: int):
         super().__init__()
@@ -150,19 +151,26 @@ class QuantizedEmbedding(nn.Module):
             biased = codes.to(torch.int16) + 8
             codes = ((biased[:, 0::2] << 4) | biased[:, 1::2]).to(torch.uint8)
         self.register_buffer("codes", codes.contiguous())
-        self.register_buffer("scales", scales.float().contiguous())
+        self.register_buffer("scales", scales.to(torch.float16 if bits == 4 else torch.float32).contiguous())
 
     def forward(self, tokens):
         if self.bits == 4:
-            return torch.ops.quantized_decomposed.embedding_4bit(self.codes, self.scales, None, -8, 7, tokens)
+            return torch.ops.quantized_decomposed.embedding_4bit.dtype(self.codes, self.scales, None, -8, 7, tokens, dtype=torch.float32)
         return torch.ops.quantized_decomposed.embedding_byte(self.codes, self.scales, None, -128, 127, tokens)
 
 
 def embedding_module(weight: torch.Tensor, precision: str, importance: np.ndarray | None) -> QuantizedEmbedding:
     """The embedding at a linear precision's weight grid (groups of 32 at 4 bits, a scale per row at 8); the lookup
-    has no activations to quantize, so only the weight grid of the precision applies."""
+    has no activations to quantize, so only the weight grid of the precision applies. 4-bit codes are rounded against
+    the float16 scales the table stores."""
     linear = LINEARS[precision]
     grid = Linear(linear.bits, linear.group, False)
     codes, scales = nearest_codes(weight, grid, importance)
-    return QuantizedEmbedding(codes, scales.float(), linear.bits)
-
+    if linear.bits == 4:
+        rows, cols = weight.shape
+        stored = scales.half().float()
+        safe = torch.where(stored == 0, torch.ones_like(stored), stored).view(rows, -1, 1)
+        lo, hi = _range(grid)
+        codes = (weight.detach().float().view(rows, -1, linear.group) / safe).round_().clamp_(lo, hi).view(rows, cols).to(torch.int8)
+        scales = stored
+    return QuantizedEmbedding(codes, scales, linear.bits)

@@ -17,6 +17,7 @@ from .layouts import LINEARS, PRECISIONS
 
 # The versions the `executorch` extra pins: the executorch wheel links libtorch without declaring the torch it was
 # built against, so a mismatch surfaces as an undefined symbol deep in an import; it is refused by name first.
+ETRECORD_FILE = "etrecord.bin"  # the program's debug record in a bundle (graphs, no weights), for `edgeq profile --etdump`
 PINS = {"executorch": "1.5.1", "torchao": "0.18.0", "torch": "2.13.0"}
 
 
@@ -89,7 +90,9 @@ class ExecuTorchFormat(FormatSpec):
     kv_element_bytes = 4  # the static KV cache is float32, as XNNPACK and the custom sdpa kernel compute
     kept_adapters_refusal = ("a .pte holds its weights inside XNNPACK's packed blobs, and edgeq does not yet write LoRA "
                              "factors as separate .ptd data that the program switches per call")
-    export_bytes_per_weight = 16  # the float32 decoder, torchao's quantized copy and the lowered program
+    export_bytes_per_weight = 17  # the float32 decoder, torchao's quantized copy, the lowered program, the ETRecord's copy of the edge graph (codes: 1 B a weight)
+    debug_files = (ETRECORD_FILE,)  # the ETRecord `edgeq profile --etdump` reads; the app ships only model.pte
+    trace_reader = "edgeq.converters.executorch.etdump:read_trace"  # an ETDump, joined to the bundle's ETRecord
 
     def normalize(self, precision: str) -> str:
         if str(precision).lower() in WEIGHT_ONLY:
@@ -101,6 +104,10 @@ class ExecuTorchFormat(FormatSpec):
     def converter(self):
         check_installed()
         return super().converter()
+
+    def read_trace(self, bundle, manifest, trace):
+        check_installed()
+        return super().read_trace(bundle, manifest, trace)
 
     def space(self):
         return ExecuTorchSpace()

@@ -130,24 +130,29 @@ def check_targets(job, retry: bool) -> bool:
 
 def _plan_check(job, reference, candidate) -> dict:
     """The planner's prediction beside the bundle's KL on the very tokens it was predicted on (the calibration
-    sequence sensitivity measured); a gap of more than 1.3x either way is reported. The planner prices each tensor
-    rounded alone to nearest; where GPTQ rounded a tensor, its ΔKL is scaled by GPTQ's output error over nearest
-    rounding's on the same Hessian (`edgeq.quant.gptq.gain`), measured as it rounded."""
-    from .quant.sensitivity import measured_sequence
+    sequence sensitivity measured); a gap of more than 1.3x either way is reported. The prediction is the plan
+    simulated: every tensor rounded at once by the format's round trip on the float model (`sensitivity.simulate`),
+    which sees what summing per-tensor ΔKL misses; where GPTQ rounded, it is scaled by GPTQ's measured output-error
+    ratio to nearest rounding (`edgeq.quant.gptq.gain`), weighted by each tensor's share of the summed ΔKL."""
+    from .quant.sensitivity import measured_sequence, simulate
 
-    plan, gains = job.plan, job.calibration.gptq_gains or {}
-    predicted = sum(e.dkl * gains.get(e.tensor, 1.0) for e in plan.entries)
-    sequence = measured_sequence(job.calibration.windows)
+    plan, gains, calibration = job.plan, job.calibration.gptq_gains or {}, job.calibration
+    sequence = measured_sequence(calibration.windows)
+    summed = sum(e.dkl * gains.get(e.tensor, 1.0) for e in plan.entries)
+    priced = summed / plan.predicted_kl if plan.predicted_kl else 1.0
+    simulated = simulate(calibration.model, plan.overrides(), job.spec.space(), calibration.importance() or {}, sequence)
+    predicted = simulated * priced
     measured = compare(reference, candidate, [sequence], text="calibration text").kl
     ratio = measured / predicted if predicted else float("inf")
     check = {"predicted_kl": round(predicted, 6), "measured_kl": round(measured, 6), "ratio": round(ratio, 3),
-             "predicted_on": f"{plan.sensitivity.get('calibration', 'calibration text')}, {len(sequence)} tokens (summed per-tensor sensitivity)",
+             "summed_kl": round(summed, 6), "simulated_kl": round(simulated, 6),
+             "predicted_on": f"{plan.sensitivity.get('calibration', 'calibration text')}, {len(sequence)} tokens (the plan simulated)",
              "measured_on": f"same {len(sequence)} tokens", "sample_kl": job.manifest["quality"]["kl"]}
     if gains:
-        check["nearest_predicted_kl"] = round(plan.predicted_kl, 6)
-        check["gptq_priced"] = f"{len(gains)} tensors at GPTQ's measured output-error ratio (median {float(np.median(list(gains.values()))):.2f})"
+        check["gptq_priced"] = (f"{len(gains)} tensors at GPTQ's measured output-error ratio (median "
+                                f"{float(np.median(list(gains.values()))):.2f}; {priced:.2f} of the summed dKL left)")
     if not 1 / PLAN_BAR <= ratio <= PLAN_BAR:
         check["note"] = (f"measured KL differs from the prediction by more than {PLAN_BAR}x on the same tokens: the "
-                         "per-tensor sensitivity does not add up for this model (interactions, or tensors its proxy misjudges)")
+                         "converter's rounding is not the planner's round trip for this model")
         log.warning("plan check: %s (predicted %.4f, measured %.4f)", check["note"], predicted, measured)
     return check

@@ -65,7 +65,7 @@ def budget_for(sensitivity, source, fmt: str, *, profile=None, size=None, bits_p
 def plan_from(plan: Plan | None, sensitivity, calibration: Calibration, *, budget: int | None = None) -> Plan:
     """`plan` (or the plan for `budget`) with a record of how its predictions were made."""
     result = plan if plan is not None else plan_precisions(sensitivity, budget)
-    result.sensitivity = {"key": sensitivity.key, "measured_tensors": sensitivity.measured, "interaction": sensitivity.interaction,
+    result.sensitivity = {"key": sensitivity.key, "measured_tensors": sensitivity.measured,
                           "proxy_rank_correlation": sensitivity.correlation,
                           "calibration": str(calibration.text) if calibration.given else "built-in calibration text"}
     return result

@@ -26,7 +26,7 @@ from .calibration import WINDOW, calibration_windows
 from .importance import compute_importance
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 6  # bump when a precision space changes its bytes or round trip, or what is measured changes
+CACHE_VERSION = 7  # bump when a precision space changes its bytes or round trip, or what is measured changes
 SAMPLE_ROWS = 128
 
 
@@ -39,7 +39,6 @@ class Sensitivity:
     measured: int
     key: str
     importance: dict = field(default_factory=dict, repr=False)  # hf name → mean squared input; stored beside, as .npz
-    interaction: float | None = None  # measured KL of every tensor rounded at once / the sum of their ΔKL (applied)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "importance"}
@@ -145,8 +144,7 @@ def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = TOKENS, m
     sequence = measured_sequence(windows, measure_tokens)
     measured = _measure_sample(model, tensors, space, importance, sequence, sample, progress)
     correlation = _calibrate(tensors)
-    interaction = _measure_interaction(model, tensors, space, importance, sequence)
-    result = Sensitivity(fmt, tensors, fixed, correlation, measured, key, importance, interaction)
+    result = Sensitivity(fmt, tensors, fixed, correlation, measured, key, importance)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_path.with_name(cache_path.stem + ".tmp.npz")
     np.savez(tmp, **importance)
@@ -226,44 +224,35 @@ def _measure_sample(model, tensors, space, importance, window, sample, progress)
     return done
 
 
-def _measure_interaction(model, tensors, space, importance, window) -> float | None:
-    """What summing tensors' ΔKL misses, measured: the KL of the model with every tensor at its smallest precision
-    at once, over the sum of their predicted ΔKL (interactions within a block, q/k and gate/up, the head with the
-    embedding, and the proxy's misjudged tensors all show in it). Every ΔKL is scaled by it, so the plan's choice
-    is unchanged and its prediction holds on the measured tokens; the plan records it."""
+def simulate(model, choice: dict[str, str], space, importance: dict, window: list[int]) -> float:
+    """KL over `window` of the model with every tensor of `choice` (HF name → precision) rounded at once by the
+    format's round trip, against the model as it is: what summing per-tensor ΔKL cannot see (interactions within a
+    block, q/k and gate/up, the head with the embedding, tensors the proxy misjudges) shows in it. Layer by layer,
+    one layer's rounded copies in memory; the model's weights are left as they were."""
     import torch
 
     from .stand_in import Rounded, layers_replaced
 
     def rounded(name: str, data):
-        if name not in tensors:
+        if name not in choice:
             return data
-        smallest = next(iter(tensors[name]["options"]))
-        return torch.from_numpy(space.round_trip(data.float().numpy(), smallest, None if "embed" in name else importance.get(name)))
+        return torch.from_numpy(space.round_trip(data.float().numpy(), choice[name], None if "embed" in name else importance.get(name)))
 
-    predicted = sum(next(iter(info["options"].values()))["dkl"] for info in tensors.values())
-    if predicted <= 0:
-        return None
     ids = torch.tensor([window])
-    outside = [n for n in tensors if _layer(n) < 0]  # the embedding and an untied head: rounded around the whole pass
-    params = {n: model.get_parameter(n) for n in outside}
+    params = {n: model.get_parameter(n) for n in choice if _layer(n) < 0}  # the embedding and an untied head
     saved = {n: p.data for n, p in params.items()}
-    layers = model.model.layers
     with torch.inference_mode():
         ref = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
         try:
             for n, p in params.items():
                 p.data = rounded(n, p.data)
-            with layers_replaced(model, [Rounded(layer, f"model.layers.{i}.", rounded) for i, layer in enumerate(layers)]):
+            layers = [Rounded(layer, f"model.layers.{i}.", rounded) for i, layer in enumerate(model.model.layers)]
+            with layers_replaced(model, layers):
                 out = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
         finally:
             for n, p in params.items():
                 p.data = saved[n]
-    factor = float((ref.exp() * (ref - out)).sum(-1).mean()) / predicted
-    for info in tensors.values():
-        for option in info["options"].values():
-            option["dkl"] *= factor
-    return factor
+    return float((ref.exp() * (ref - out)).sum(-1).mean())
 
 
 def _first_changed_layer(model, name: str) -> int:

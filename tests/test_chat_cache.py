@@ -67,8 +67,9 @@ def test_a_sampled_turn_prefills_only_its_new_tokens(model_path):
             assert fed == usage.prompt_tokens - usage.cached_tokens
             if turn:
                 # the cache held the last prompt and the reply up to where its ids, tokenized again inside the
-                # template, differ from the sampled ones (a random model's are rarely the canonical ones)
-                assert usage.cached_tokens >= usages[turn - 1].prompt_tokens
+                # template, differ from the sampled ones (a random model's are rarely the canonical ones); that can
+                # be the prompt's own last token, when the reply's first characters merge with the template's "\n"
+                assert usage.cached_tokens >= usages[turn - 1].prompt_tokens - 1
 
 
 def test_a_greedy_turn_answers_as_a_fresh_run(model_path):

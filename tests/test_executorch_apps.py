@@ -12,13 +12,8 @@ from click.testing import CliRunner
 import edgeq
 from edgeq.cli import main
 
-from tool_templates import build_tool_model
+from tool_templates import SCHEMA, WEATHER, build_tool_model
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}},
-    "required": ["city", "unit"], "additionalProperties": False}}}
-SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "score": {"type": "integer", "minimum": 0, "maximum": 9}},
-          "required": ["answer", "score"], "additionalProperties": False}
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 VERDICT = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA}}
 

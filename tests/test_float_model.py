@@ -67,7 +67,7 @@ def test_an_export_that_would_not_fit_is_refused_up_front_with_the_estimate(tmp_
     text = tmp_path / "notes.txt"
     text.write_text("Calibration notes. " * 50)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1 << 20))
-    with pytest.raises(EdgeqError, match=r"^this export loads the float model for the importance matrix of --calibration: "
+    with pytest.raises(EdgeqError, match=r"^this export loads the float model for GPTQ rounding, the importance matrix of --calibration: "
                                          r"about 0\.\d GiB, and 0\.0 GiB is free; free memory"):
         edgeq.export(tiny_llama, format="gguf", precision="Q4_0", calibration=text, eval_tokens=0, output=tmp_path / "out")
     assert not (tmp_path / "out").exists()

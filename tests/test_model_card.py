@@ -65,7 +65,7 @@ def test_planned_summary_names_its_mix_and_where_each_number_comes_from(planned)
     line = next(line for line in output.splitlines() if "bits/weight" in line)
     assert re.search(r"planned: (\w+ (\d+%|<1%)(, )?)+ of weights; [\d.]+ bits/weight", line), line
     check = next(line for line in output.splitlines() if line.strip().startswith("plan:"))
-    assert "predicted KL" in check and "on the built-in calibration text" in check and "on the built-in sample" in check, check
+    assert "predicted KL" in check and "on the built-in calibration text, 256 tokens" in check and "on the same 256 tokens" in check, check
 
 
 def test_library_warnings_stay_out_of_profile_output_unless_verbose(capfd):

@@ -12,15 +12,10 @@ import pytest
 
 import edgeq
 
-from tool_templates import build_tool_model
+from tool_templates import SCHEMA, WEATHER, build_tool_model
 
 openai = pytest.importorskip("openai")
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}},
-    "required": ["city", "unit"], "additionalProperties": False}}}
-SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "score": {"type": "integer", "minimum": 0, "maximum": 9}},
-          "required": ["answer", "score"], "additionalProperties": False}
 HI = [{"role": "user", "content": "Hello fox"}]
 LONG = {"type": "regex", "pattern": "[a-z]{1500}"}  # forces a long generation (a random model could stop early)
 

@@ -3,8 +3,15 @@
 HERMES renders tools and calls the way Qwen2.5/Qwen3 do (tools in <tools></tools> in the system turn,
 calls in <tool_call></tool_call>, results in <tool_response></tool_response>); LLAMA3_JSON the way
 Llama 3.1's JSON tool calling does (a call is the reply's JSON {"name", "parameters"}, results come back
-in an "ipython" turn). Both use the tiny tokenizer's ChatML tokens.
+in an "ipython" turn). Both use the tiny tokenizer's ChatML tokens. WEATHER and SCHEMA are a tool and a
+response schema the app tests (serve, executorch's apps) ask of a tiny model.
 """
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "score": {"type": "integer", "minimum": 0, "maximum": 9}},
+          "required": ["answer", "score"], "additionalProperties": False}
 
 HERMES = """{%- if tools %}<|im_start|>system
 {% if messages[0].role == 'system' %}{{ messages[0].content }}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def _amx_runs(model_path: str) -> bool:
     verdicts = verdicts if isinstance(verdicts, dict) else {}
     verdicts[key] = works
     verdicts_file.parent.mkdir(parents=True, exist_ok=True)
-    staged = verdicts_file.with_suffix(".tmp")
+    staged = verdicts_file.with_suffix(f".{os.getpid()}.tmp")  # processes probing at once each stage their own file
     staged.write_text(json.dumps(verdicts, indent=1))
     staged.replace(verdicts_file)
     return works

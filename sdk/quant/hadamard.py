@@ -39,7 +39,8 @@ def _paley(n: int) -> tuple[np.ndarray, str] | None:
     return None
 
 
-def _sylvester(n: int) -> np.ndarray:
+def sylvester(n: int) -> np.ndarray:
+    """The ±1 Walsh-Hadamard matrix of order n (a power of two), Sylvester's construction (ggml's too)."""
     h = np.ones((1, 1), dtype=np.int64)
     while h.shape[0] < n:
         h = np.block([[h, h], [h, -h]])
@@ -50,13 +51,13 @@ def hadamard(n: int) -> tuple[np.ndarray, str] | None:
     """A ±1 Hadamard matrix of order n (H Hᵀ = n I) and how it was built, or None when none is known here."""
     power = n & -n  # the largest power of two dividing n
     if power == n:
-        return _sylvester(n), f"Sylvester {n}"
+        return sylvester(n), f"Sylvester {n}"
     odd = n // power
     factor = odd
     while factor <= n:  # the smallest Paley order odd·2^j, times a Sylvester matrix for the rest
         found = _paley(factor)
         if found is not None:
-            h = np.kron(found[0], _sylvester(n // factor))
+            h = np.kron(found[0], sylvester(n // factor))
             if np.array_equal(h @ h.T, n * np.eye(n, dtype=np.int64)):
                 return h, f"{found[1]} {factor} ⊗ Sylvester {n // factor}"
         factor *= 2

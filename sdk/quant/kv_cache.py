@@ -20,7 +20,9 @@ import logging
 from pathlib import Path
 
 from ..errors import EdgeqError
+from ..metrics import kl_rows
 from ..model_shape import ModelShape
+from .hadamard import sylvester
 
 log = logging.getLogger(__name__)
 MIN_CONTEXT = 2048
@@ -47,16 +49,6 @@ def _rounded(x, cache_type: str):
     return (codes * d).reshape(x.shape).to(x.dtype)
 
 
-def hadamard(n: int):
-    """The orthonormal Walsh-Hadamard matrix of order n (a power of two), Sylvester's construction, as ggml builds it."""
-    import torch
-
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h / n ** 0.5
-
-
 def rotations(head_dim: int) -> tuple[int, int]:
     """The orders of llama.cpp's rotations of keys and values before a quantized cache stores them (0: none):
     keys by the largest power of two from 64 that divides the head, values by 64."""
@@ -70,9 +62,11 @@ def rotations(head_dim: int) -> tuple[int, int]:
 
 def _stored(x, cache_type: str, order: int):
     """`x` as the cache gives it back: rotated by the Hadamard of `order` (symmetric, its own inverse), rounded, rotated back."""
+    import torch
+
     if not order or cache_type == "f16":
         return _rounded(x, cache_type)
-    h = hadamard(order).to(x.dtype)
+    h = torch.from_numpy(sylvester(order) / order ** 0.5).to(x.dtype)
     chunks = x.reshape(*x.shape[:-1], x.shape[-1] // order, order)
     return (_rounded(chunks @ h, cache_type) @ h).reshape(x.shape)
 
@@ -115,7 +109,7 @@ def measure_kv_error(model, window: list[int], cache_types) -> dict[str, float]:
             cache = rounding_cache(model.config, cache_type, ModelShape.from_config(model.config.to_dict()).head_dim)
             logits = model(ids, past_key_values=cache, use_cache=True).logits[0].float()
             logp = torch.log_softmax(logits, -1)
-            kl[cache_type] = float((reference.exp() * (reference - logp)).sum(-1).mean().clamp(min=0))
+            kl[cache_type] = max(float(kl_rows(reference, logp).mean()), 0.0)
     return kl
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import registry
+from ..metrics import kl_rows
 from ..progress import bar
 from .calibration import WINDOW, calibration_windows
 from .importance import compute_importance
@@ -218,7 +219,7 @@ def _measure_sample(model, tensors, space, importance, window, sample, progress)
                     out = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
             finally:
                 param.data = saved
-            info["measured"] = max(float((ref.exp() * (ref - out)).sum(-1).mean()), 1e-9)
+            info["measured"] = max(float(kl_rows(ref, out).mean()), 1e-9)
             done += 1
             pbar.update(1)
     return done
@@ -252,7 +253,7 @@ def simulate(model, choice: dict[str, str], space, importance: dict, window: lis
         finally:
             for n, p in params.items():
                 p.data = saved[n]
-    return float((ref.exp() * (ref - out)).sum(-1).mean())
+    return float(kl_rows(ref, out).mean())
 
 
 def _first_changed_layer(model, name: str) -> int:

@@ -108,16 +108,18 @@ def main(ctx, debug, verbose, progress):
 @click.option("--mobile", is_flag=True, help="onnx: also write the ORT format (.ort) and the operator config ONNX Runtime Mobile builds need.")
 @click.option("--block-size", type=click.IntRange(min=1), help="onnx int4: input columns per quantization block (16, 32, 64, 128 or 256; "
                                               "default: 64 where it divides a tensor's width, else 32 or 16).")
-@click.option("--rounding", type=click.Choice(["gptq", "nearest"]),
+@click.option("--rounding", type=click.Choice(["gptq", "nearest", "learned"]),
               help="gptq rounds with error feedback on calibration text, so a 4-bit lm_head keeps quality (minutes on "
                    "1B+ models); nearest rounds each block alone (seconds; the lm_head stays 8-bit). onnx int4/int8: gptq "
                    "by default; gguf and coreml int4: gptq (in gguf's own block types) by default with --calibration, "
-                   "else nearest (gguf: llama.cpp's own rounding).")
+                   "else nearest (gguf: llama.cpp's own rounding); learned refines gptq's levels layer by layer against "
+                   "the float model's outputs (several times gptq's time).")
 @click.option("--effort", type=click.Choice(["fast", "standard", "max"]),
               help="How hard to work for quality, in every format: fast rounds each block to its nearest levels "
                    "(seconds); standard (default) is each format's default rounding: error feedback (GPTQ) for onnx, "
-                   "and for gguf and coreml with --calibration (minutes at 1B+). max (learned scales) is not available "
-                   "yet. Instead of --rounding.")
+                   "and for gguf and coreml with --calibration (minutes at 1B+). max learns each layer's rounding "
+                   "against the float model's outputs, on top of GPTQ (several times standard's time; needs 2048 "
+                   "calibration tokens). Instead of --rounding.")
 @click.option("--kv-cache", type=click.Choice(["auto", "f16", "q8_0", "q4_0"]),
               help="gguf: the type llama.cpp stores its KV cache in (type_k/type_v). auto (default) chooses it with the "
                    "weights on a --device whose memory binds at its context (measured at long context), else f16.")

@@ -108,12 +108,12 @@ def test_effort_chooses_the_rounding_and_refuses_in_one_line_what_it_cannot_do(t
         return edgeq.export(tiny_llama, format="gguf", precision="Q8_0", output=tmp_path / name, eval_tokens=0, progress=False, **options)
 
     assert edgeq.inspect(export("fast", effort="fast", calibration=DEFAULT_TEXT))["rounding"] == "importance-weighted"
-    with pytest.raises(edgeq.EdgeqError, match="--effort max .* not in this edgeq yet"):
-        export("max", effort="max")
     with pytest.raises(edgeq.EdgeqError, match="both choose the rounding"):
         export("both", effort="fast", rounding="gptq")
     short = tmp_path / "short.txt"
     short.write_text("def add(a, b):\n    return a + b\n" * 8)
+    with pytest.raises(edgeq.EdgeqError, match=r"--effort max rounds by GPTQ and learned offsets and needs at least 2048 calibration tokens"):
+        export("max", effort="max", calibration=short)
     with pytest.raises(edgeq.EdgeqError, match=r"needs at least 1024 calibration tokens; .*short.txt gave \d+: give more text"):
         export("short", calibration=short)
     assert not any((tmp_path / name).exists() for name in ("max", "both", "short"))

@@ -297,7 +297,7 @@ class CoreMLConverter:
         spec = DecoderSpec.from_source(source, context)
         shapes = {n: tuple(s) for n, s in source.shapes().items()}
         stored = dataclasses.replace(spec, tied=True) if head_is_embedding(source) else spec
-        gptq = rounding == "gptq" and calibration is not None
+        gptq = rounding in ("gptq", "learned") and calibration is not None
         plan = precision_plan(stored, shapes, precision, overrides, gptq=gptq)
         int4 = any(p in INT4_BLOCKS for p in plan.values())
         importance = calibration.importance(progress) if int4 and calibration is not None and not gptq else None
@@ -305,7 +305,7 @@ class CoreMLConverter:
         work.mkdir()
         codes = SharedCodes(plan, work / "codes", importance)
         if gptq and int4:
-            gptq_rounding(calibration, plan, shapes, progress, adapters, codes)
+            gptq_rounding(calibration, plan, shapes, progress, adapters, codes, rounding == "learned")
         op_names = convert_functions(spec, source, work, codes, progress, adapters or ())
         names = [function for function, _, _ in functions(adapters or ())]
         palettes = {name: p for name, p in plan.items() if p.startswith("palettize")}
@@ -326,10 +326,11 @@ class CoreMLConverter:
             from .adapters import records
 
             report["adapters"] = records(stage, MODEL_FILE, adapters)
-        return {"model_file": MODEL_FILE, "precision": precision, **report, "rounding": codes.rounding() if int4 else None}
+        return {"model_file": MODEL_FILE, "precision": precision, **report,
+                "rounding": (rounding if gptq and codes.rounding() == "gptq" else codes.rounding()) if int4 else None}
 
 
-def gptq_rounding(calibration, plan: dict[str, str], shapes: dict, progress, adapters, codes: SharedCodes) -> None:
+def gptq_rounding(calibration, plan: dict[str, str], shapes: dict, progress, adapters, codes: SharedCodes, learned: bool = False) -> None:
     """GPTQ's codes of every int4 linear of the plan, on the calibration text, into `codes` (the embedding is a lookup:
     no inputs to compensate; a width the block does not divide stays float16, as `quantizable` says). The float model
     is let go after: the conversion builds float32 decoders of its own."""
@@ -340,9 +341,9 @@ def gptq_rounding(calibration, plan: dict[str, str], shapes: dict, progress, ada
              if p in INT4_BLOCKS and name != "model.embed_tokens.weight" and shapes[name][-1] % INT4_BLOCKS[p] == 0}
     try:
         if grids:
-            require_tokens(calibration)
+            require_tokens(calibration, "max" if learned else "standard")
             quantize_model(calibration.model, calibration.windows, grids, progress, variants=adapters or (), into=codes,
-                           gains=calibration.gptq_gains)
+                           gains=calibration.gptq_gains, learned=learned)
     finally:
         calibration.release()
 

@@ -212,7 +212,7 @@ class CoreMLFormat(FormatSpec):
     options = ("rounding",)
     # GPTQ on the user's calibration text (0.53x nearest's KL on Qwen2.5-Coder-0.5B); without text, nearest, as
     # GPTQ's pass over the float model takes several times the conversion (bench/README.md)
-    roundings = ("gptq", "nearest")
+    roundings = ("gptq", "nearest", "learned")
     gptq_needs_text = True
     gptq_precisions = tuple(INT4_BLOCKS)
     kv_element_bytes = 2  # the package's key/value state is float16

@@ -81,7 +81,7 @@ def call_order(model: ExportedDecoder) -> list[str]:
     return [f"{name}.weight" for name, m in model.decoder.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"] + [HEAD]
 
 
-def gptq_codes(calibration, plan: dict[str, str], tied: bool, progress) -> dict:
+def gptq_codes(calibration, plan: dict[str, str], tied: bool, progress, learned: bool = False) -> dict:
     """GPTQ of every quantized linear of the plan on the calibration text; the float model is let go after. Rounded by
     nearest instead: the embedding (a lookup: no inputs), a tied head (the float model's head is the embedding's tensor),
     and a per-channel weight taller than GPTQ's row chunk (its one scale per row is fixed up front, and GPTQ hands a grid
@@ -100,7 +100,7 @@ def gptq_codes(calibration, plan: dict[str, str], tied: bool, progress) -> dict:
         if grid is not None:
             grids[name] = grid
     try:
-        return dict(quantize_model(model, calibration.windows, grids, progress, gains=calibration.gptq_gains)) if grids else {}
+        return dict(quantize_model(model, calibration.windows, grids, progress, gains=calibration.gptq_gains, learned=learned)) if grids else {}
     finally:
         calibration.release()
 
@@ -160,9 +160,9 @@ class ExecuTorchConverter:
         shapes = {n: tuple(s) for n, s in source.shapes().items() if not n.endswith("rotary_emb.inv_freq")}
         plan = precision_plan(spec, shapes, precision, overrides)
         quantized = any(p != "fp32" for p in plan.values())
-        gptq = quantized and rounding == "gptq" and calibration is not None
+        gptq = quantized and rounding in ("gptq", "learned") and calibration is not None
         started = time.perf_counter()
-        codes = gptq_codes(calibration, plan, spec.tied, progress) if gptq else {}
+        codes = gptq_codes(calibration, plan, spec.tied, progress, rounding == "learned") if gptq else {}
         importance = calibration.importance(progress) if quantized and not gptq and calibration is not None else None
         model = ExportedDecoder(build_decoder(spec, source.tensor, dtype=torch.float32, progress=progress)).eval()
         kept = quantize(model, plan, codes, importance, progress)
@@ -186,5 +186,5 @@ class ExecuTorchConverter:
             "context": context, "max_chunk": MAX_CHUNK, "method": METHOD, "etrecord": ETRECORD_FILE, "metadata": metadata, "decoder": spec.to_dict(),
             "export_seconds": round(time.perf_counter() - started, 1),
         })
-        rounded = "gptq" if gptq else "nearest+importance" if importance else "nearest"
+        rounded = rounding if gptq else "nearest+importance" if importance else "nearest"
         return {"model_file": MODEL_FILE, "precision": precision, **fields, "rounding": rounded if quantized else None}

@@ -121,6 +121,13 @@ class ChannelGrid:
         lo, hi = -(2 ** (self.bits - 1)) + 1, 2 ** (self.bits - 1) - 1
         return (column / torch.where(scale == 0, torch.ones_like(scale), scale)).round().clamp(lo, hi) * scale
 
+    def affine(self, scales):
+        bound = 2 ** (self.bits - 1) - 1
+        return self.row_scales.view(-1, 1).expand(-1, scales.shape[1] * self.block), 0.0, -bound, bound
+
+    def rescaled(self, scales, factors):
+        return None  # one scale per row, fixed before GPTQ
+
     def encode(self, rounded, scales):
         safe = torch.where(self.row_scales == 0, torch.ones_like(self.row_scales), self.row_scales).view(-1, 1)
         lo, hi = -(2 ** (self.bits - 1)) + 1, 2 ** (self.bits - 1) - 1

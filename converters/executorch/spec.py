@@ -85,7 +85,7 @@ class ExecuTorchFormat(FormatSpec):
     planned_precision = "8da4w"
     nominal_bpw = {p: LINEARS[p].bits + (16 / LINEARS[p].group if LINEARS[p].group else 0.0) for p in LINEARS} | {"fp32": 32.0}
     options = ("rounding", "context")  # context: set by the export from the device, not a user option
-    roundings = ("gptq", "nearest")
+    roundings = ("gptq", "nearest", "learned")
     gptq_precisions = tuple(LINEARS)
     kv_element_bytes = 4  # the static KV cache is float32, as XNNPACK and the custom sdpa kernel compute
     kept_adapters_refusal = ("a .pte holds its weights inside XNNPACK's packed blobs, and edgeq does not yet write LoRA "

@@ -95,6 +95,13 @@ class Q6KGrid:
     def _step(self, params: torch.Tensor, index: int) -> torch.Tensor:
         return params[:, 0] * params[:, 1 + index // self.sub]
 
+    def affine(self, params: torch.Tensor) -> tuple[torch.Tensor, float, int, int]:
+        return (params[..., :1] * params[..., 1:]).repeat_interleave(self.sub, -1).flatten(1), 0.0, -32, 31
+
+    def rescaled(self, params: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """The super-block's fp16 d times its factor; the int8 sub-block scales stay."""
+        return torch.cat([_half(params[..., :1] * factors.unsqueeze(-1)), params[..., 1:]], -1)
+
     def round(self, column: torch.Tensor, params: torch.Tensor, index: int) -> torch.Tensor:
         step = self._step(params, index)
         return (column * _inverse(step)).round().clamp(-32, 31) * step
@@ -178,6 +185,14 @@ class KGrid:
     def _levels(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = (params.shape[-1] - 2) // 2
         return params[..., 0:1] * params[..., 2:2 + n], params[..., 1:2] * params[..., 2 + n:]  # (…, subs) steps and minimums
+
+    def affine(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        step, low = (t.repeat_interleave(self.sub, -1).flatten(1) for t in self._levels(params))
+        return step, low, 0, self.nmax
+
+    def rescaled(self, params: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """The super-block's fp16 d times its factor; dmin and the 6-bit sub-block scales and minimums stay."""
+        return torch.cat([_half(params[..., :1] * factors.unsqueeze(-1)), params[..., 1:]], -1)
 
     def round(self, column: torch.Tensor, params: torch.Tensor, index: int) -> torch.Tensor:
         s = index // self.sub

@@ -178,7 +178,7 @@ class GGUFConverter:
         to_gguf = {hf: name for hf, name, _ in written}
         matrices = [hf for hf, _, shape in written if len(shape) == 2]
         gguf_overrides = {to_gguf[hf]: t for hf, t in self.spec.check_overrides(overrides, matrices, source.shapes()).items()}
-        gptq = calibration is not None and (rounding == "gptq" or (rounding is None and calibration.given))
+        gptq = calibration is not None and (rounding in ("gptq", "learned") or (rounding is None and calibration.given))
         # under GPTQ, llama.cpp's rounding survives only in types without a grid: its importance matrix (a pass over
         # the calibration text) is measured for them alone, when the file has some
         importance = (calibration.importance(progress) if not gptq else calibration.measured_importance()) if calibration else None
@@ -206,12 +206,12 @@ class GGUFConverter:
         if gptq:
             from .rounding import round_in_place
 
-            rounded = round_in_place(out, chosen, calibration, _rows_as_written(source), progress, adapters)
+            rounded = round_in_place(out, chosen, calibration, _rows_as_written(source), progress, adapters, learned=rounding == "learned")
         report = read_tensor_types(out, precision, gguf_overrides)
         warn_mismatches(log, report["mismatches"])
         fields = {"model_file": MODEL_FILE, "precision": precision, **report, "gptq_tensors": len(rounded),
                   "rounding": None if precision in FLOAT_TYPES and not gguf_overrides
-                  else "gptq" if rounded else "importance-weighted" if gguf_importance else "nearest"}
+                  else ("learned" if rounding == "learned" else "gptq") if rounded else "importance-weighted" if gguf_importance else "nearest"}
         if adapters:
             from .adapters import write_adapter
 

@@ -59,7 +59,7 @@ def gptq_grids(path: Path, written: list[tuple[str, str, tuple[int, ...]]]) -> t
 
 
 def round_in_place(path: Path, chosen: dict[str, tuple], calibration, arrange: Callable[[str, np.ndarray], np.ndarray],
-                   progress: bool | None, adapters=()) -> list[str]:
+                   progress: bool | None, adapters=(), learned: bool = False) -> list[str]:
     """GPTQ of the quantized file at `path`, for the weights `gptq_grids` chose, on `calibration`'s text and float
     model, for the base and every kept adapter's activations; returns the HF names it rounded."""
     from edgeq.quant.effort import require_tokens
@@ -67,11 +67,11 @@ def round_in_place(path: Path, chosen: dict[str, tuple], calibration, arrange: C
 
     if not chosen:
         return []
-    require_tokens(calibration)
+    require_tokens(calibration, "max" if learned else "standard")
     into = BlocksInPlace(path, {hf: entry for hf, (_, entry) in chosen.items()}, arrange)
     try:
         quantize_model(calibration.model, calibration.windows, {hf: grid for hf, (grid, _) in chosen.items()}, progress,
-                       variants=adapters or (), into=into, gains=calibration.gptq_gains)
+                       variants=adapters or (), into=into, gains=calibration.gptq_gains, learned=learned)
     finally:
         into.close()
     return sorted(chosen)

@@ -53,7 +53,7 @@ class GGUFFormat(FormatSpec):
     options = ("rounding",)
     # GPTQ in each type's own blocks (converters/gguf/blocks.py) when calibration text is given; llama.cpp's own
     # importance-weighted search otherwise (GPTQ's pass over the float model costs minutes at 1B+)
-    roundings = ("gptq", "nearest")
+    roundings = ("gptq", "nearest", "learned")
     gptq_needs_text = True
     gptq_precisions = QUANT_TYPES
     kept_adapters = "GGUF LoRA files (llama_adapter_lora_init)"

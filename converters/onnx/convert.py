@@ -71,7 +71,7 @@ def block_sizes(plan: dict[str, str], shapes: dict[str, tuple], block_size: int 
 
 
 def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], progress: bool | None,
-                  adapters=None) -> dict[str, Quantized]:
+                  adapters=None, learned: bool = False) -> dict[str, Quantized]:
     """Every MatMulNBits weight of the plan, rounded by GPTQ on the calibration text (the embedding is a lookup: no inputs to compensate).
 
     With `adapters` kept apart (`KeptAdapter`s), the one base serves each of them too, on activations its own
@@ -82,9 +82,9 @@ def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], pro
     grids = {name: BlockGrid(int(kind[3:]), blocks[name]) for name, kind in plan.items()
              if kind in INT_TYPES and name != "model.embed_tokens.weight"}
     if grids:
-        require_tokens(calibration)
+        require_tokens(calibration, "max" if learned else "standard")
     return quantize_model(calibration.model, calibration.windows, grids, progress, variants=adapters or (),
-                          gains=calibration.gptq_gains) if grids else {}
+                          gains=calibration.gptq_gains, learned=learned) if grids else {}
 
 
 def _is_function(node: onnx.NodeProto, opsets: dict[str, int]) -> bool:
@@ -153,11 +153,11 @@ class ONNXConverter:
             raise EdgeqError(f"accuracy level {accuracy_level} is not one of 0-4 (MatMulNBits' compute type; 4 = int8, 1 = fp32)")
         if rounding not in self.spec.roundings:
             raise EdgeqError(f"rounding {rounding!r} is not one of {', '.join(self.spec.roundings)}")
-        use_gptq = rounding == "gptq" and calibration is not None
+        use_gptq = rounding in ("gptq", "learned") and calibration is not None
         plan = plan_precisions(source, precision, overrides, gptq=use_gptq)
         blocks = block_sizes(plan, source.shapes(), block_size)
         integer = any(kind in INT_TYPES for kind in plan.values())
-        rounded = gptq_rounding(calibration, plan, blocks, progress, adapters) if use_gptq and integer else None
+        rounded = gptq_rounding(calibration, plan, blocks, progress, adapters, rounding == "learned") if use_gptq and integer else None
         importance = calibration.importance(progress) if integer and not use_gptq and calibration is not None else None
         slots = None
         if adapters:
@@ -180,5 +180,5 @@ class ONNXConverter:
 
             report["adapters"] = [{**adapter.record(), **write_adapter(adapter, stage)} for adapter in adapters]
         return {"model_file": MODEL_FILE, "precision": precision, "block_size": int4_blocks[0] if len(int4_blocks) == 1 else int4_blocks or None,
-                "rounding": ("gptq" if rounded else "importance-weighted" if importance else "nearest") if integer else None,
+                "rounding": ((rounding if use_gptq else "gptq") if rounded else "importance-weighted" if importance else "nearest") if integer else None,
                 "accuracy_level": accuracy_level, "mobile_files": extra, **report}

@@ -71,7 +71,7 @@ class ONNXFormat(FormatSpec):
     planned_precision = "int4"  # the base of a planned export; the plan names every matrix
     nominal_bpw = {"int4": 5.0, "int8": 8.0, "fp16": 16.0, "fp32": 32.0}
     options = ("mobile", "block_size", "rounding")
-    roundings = ("gptq", "nearest")
+    roundings = ("gptq", "nearest", "learned")
     gptq_precisions = ("int4", "int8")
     kv_element_bytes = 4  # onnxruntime's GroupQueryAttention cache is float32 in this graph
     kept_adapters = "onnxruntime adapter files (.onnx_adapter) over LoRA inputs of the graph"

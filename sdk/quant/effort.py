@@ -6,8 +6,9 @@
   measured better than fast: ONNX int4/int8 (on the built-in text when none is given), GGUF's own block types and
   Core ML int4 when calibration text is given (bench/README.md, issue 29; without the user's text their GPTQ pass
   over the float model would cost minutes at 1B+ for a built-in text's gain).
-- max: learned rounding offsets and scales (AutoRound / DWQ style): not in this edgeq yet, refused by name rather
-  than quietly exported at another effort.
+- max: GPTQ, then each layer's rounding refined by learned offsets against the float layer's outputs
+  (`edgeq.quant.learned`, AutoRound's rounding offsets over each format's own block scales): minutes more per
+  layer-hour of GPTQ, never worse than standard on the calibration text, layer by layer.
 
 Each effort is a `rounding` option of the formats (`FormatSpec.roundings`); `--rounding` names one directly.
 """
@@ -16,10 +17,11 @@ from __future__ import annotations
 from ..errors import EdgeqError
 
 EFFORTS = ("fast", "standard", "max")
-_ROUNDING = {"fast": "nearest", "standard": None}  # None: the format's own default, its error-correcting rounding where it wins
+_ROUNDING = {"fast": "nearest", "standard": None, "max": "learned"}  # None: the format's own default, its error-correcting rounding where it wins
 # Fewest calibration tokens GPTQ is given: below two windows of 512 the Hessian of even a 896-wide layer is rank-deficient
 # and the damping, not the data, decides how errors move.
-MIN_TOKENS = {"standard": 1024}
+MIN_TOKENS = {"standard": 1024, "max": 2 * 1024}  # max: the windows it learns on, and as many again it must not lose on
+ROUNDS_BY = {"standard": "GPTQ", "max": "GPTQ and learned offsets"}
 
 
 def rounding_for(effort: str | None, rounding: str | None) -> str | None:
@@ -28,8 +30,6 @@ def rounding_for(effort: str | None, rounding: str | None) -> str | None:
         return rounding
     if effort not in EFFORTS:
         raise EdgeqError(f"--effort {effort!r} is not one of {', '.join(EFFORTS)}")
-    if effort == "max":
-        raise EdgeqError("--effort max (learned rounding and scales) is not in this edgeq yet; use --effort standard")
     if rounding is not None:
         raise EdgeqError(f"--effort {effort} and --rounding {rounding} both choose the rounding; give one of them")
     return _ROUNDING[effort]
@@ -40,5 +40,5 @@ def require_tokens(calibration, effort: str = "standard") -> None:
     given, minimum = sum(map(len, calibration.windows)), MIN_TOKENS[effort]
     if given < minimum:
         text = calibration.text if calibration.given else "the built-in calibration text"
-        raise EdgeqError(f"--effort {effort} rounds by GPTQ and needs at least {minimum} calibration tokens; {text} gave "
+        raise EdgeqError(f"--effort {effort} rounds by {ROUNDS_BY[effort]} and needs at least {minimum} calibration tokens; {text} gave "
                          f"{given}: give more text (--calibration, --calibration-tokens) or use --effort fast")

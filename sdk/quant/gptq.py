@@ -24,13 +24,16 @@ columns at it, and encodes the result, so what GPTQ optimized is exactly what th
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Any, Iterator, MutableMapping, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..errors import EdgeqError
 from ..progress import bar
+from .learned import Learner
 from .stand_in import StandIn, layers_replaced
 
 DAMPING = 0.01  # of the mean Hessian diagonal, added to it: keeps the inverse stable (the paper's value)
@@ -51,6 +54,15 @@ class Grid(Protocol):
 
     def encode(self, rounded: torch.Tensor, scales: torch.Tensor) -> Any:
         """The format's stored form of a rounded (rows, cols) weight and its (rows, blocks[, k]) parameters."""
+
+    def affine(self, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float, int, int]:
+        """(step, offset, lowest code, highest code) of every weight at its block's (rows, blocks[, k]) parameters: its
+        levels are code · step − offset, step and offset (rows, cols) or a number. Learned rounding moves weights
+        and learned scales read the levels from it (`edgeq.quant.learned`)."""
+
+    def rescaled(self, scales: torch.Tensor, factors: torch.Tensor) -> torch.Tensor | None:
+        """The parameters with each block's step times its factor (rows, blocks), stored as the format stores them;
+        None where a block's step is not the grid's to change (a scale fixed per row)."""
 
 
 class Variant(Protocol):
@@ -178,8 +190,8 @@ class _RoundingHooks:
     `restore` puts the model's own weights back."""
 
     def __init__(self, modules: dict[str, nn.Linear], grids: dict[str, Grid], real: torch.Tensor, results: dict[str, Any],
-                 gains: dict[str, float] | None = None):
-        self.grids, self.real, self.results, self.gains = grids, real, results, gains
+                 gains: dict[str, float] | None = None, deferred: dict[str, tuple] | None = None):
+        self.grids, self.real, self.results, self.gains, self.deferred = grids, real, results, gains, deferred
         self.originals = {name: m.weight.data for name, m in modules.items()}
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (input, Hessian, factor)
         self._handles = [m.register_forward_pre_hook(self._hook(name), prepend=True) for name, m in modules.items()]
@@ -202,7 +214,10 @@ class _RoundingHooks:
         rounded, scales = gptq(module.weight, self._last[1], grid, self._last[2])
         if self.gains is not None:
             self.gains[f"{name}.weight"] = gain(module.weight, rounded, self._last[1], grid)
-        self.results[f"{name}.weight"] = grid.encode(rounded, scales)
+        if self.deferred is None:
+            self.results[f"{name}.weight"] = grid.encode(rounded, scales)
+        else:  # learned scales start from it: encoded once they are fitted
+            self.deferred[f"{name}.weight"] = (grid, rounded, scales)
         module.weight.data = rounded  # float32: the model's 16-bit weights would round it again
 
     def restore(self, modules: dict[str, nn.Linear]) -> None:
@@ -319,9 +334,18 @@ class _Lora:
             return _hidden_of(_layer_inputs(model, ids)[0])
 
 
+def _run(layer: nn.Module, call: tuple[tuple, dict], hidden: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
+    """The layer's output hidden states for `hidden` with its call's mask and RoPE tables, `weights` (layer-relative
+    names) in place of its own where given."""
+    args, kwargs = _with_hidden(call, hidden)
+    if weights:
+        return _hidden(torch.func.functional_call(layer, weights, args, kwargs))
+    return _hidden(layer(*args, **kwargs))
+
+
 def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], progress: bool | None = None,
                    variants: Sequence[Variant] = (), into: MutableMapping[str, Any] | None = None,
-                   gains: dict[str, float] | None = None) -> MutableMapping[str, Any]:
+                   gains: dict[str, float] | None = None, learned: bool = False) -> MutableMapping[str, Any]:
     """GPTQ of every linear weight `grids` names (HF names) of a transformers decoder, layer by layer on `windows`.
 
     `variants` are LoRA adapters the rounded base will also run with (kept apart from it, switched on at run
@@ -334,7 +358,12 @@ def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], prog
     writes them to disk keeps them out of memory); the model's weights are left as they were. `gains`, when given,
     gets each weight's `gain` (GPTQ's output error over nearest rounding's), for a plan to price GPTQ with. Memory: one layer's
     activations for every token of every stream, and the Hessian of the input being rounded.
+
+    `learned` fits each layer's block scales after GPTQ by `edgeq.quant.learned` (`--effort max`; not with variants).
     """
+    if learned and variants:
+        raise EdgeqError("learned rounding (--effort max) does not round a base for kept adapters yet: merge the "
+                         "adapter, or use --effort standard with --keep-adapters")
     layers = model.model.layers
     loras = [None, *(_Lora(variant) for variant in variants)]  # None: the base's own stream
     ids, real = _batch(windows)
@@ -345,18 +374,24 @@ def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], prog
         calls = _layer_inputs(model, ids.repeat(len(loras), 1))  # masks and RoPE tables for the whole batch
         first = _hidden_of(calls[0])
         hidden = torch.cat([first[rows[0]] if lora is None else lora.first_hidden(model, ids, first[rows[0]]) for lora in loras])
+        learner = Learner(windows, lambda n: _layer_inputs(model, ids[:n]), hidden, real) if learned else None
         for i, layer in enumerate(layers):
             linears = {f"model.layers.{i}.{n}.weight": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
             modules = {name.removesuffix(".weight"): m for name, m in linears.items() if name in grids}
-            hooks = _RoundingHooks(modules, grids, real, results, gains)
+            if learner is not None:
+                learner.target(partial(_run, layer, calls[i]))
+            hooks = _RoundingHooks(modules, grids, real, results, gains, deferred=None if learner is None else {})
+            hidden_in = hidden
             try:
                 with ExitStack() as stack:
                     for lora, part in zip(loras[1:], rows[1:]):
                         stack.enter_context(lora.on(linears, part))
-                    args, kwargs = _with_hidden(calls[i], hidden)
-                    hidden = _hidden(layer(*args, **kwargs))
+                    hidden = _run(layer, calls[i], hidden)
             finally:
                 hooks.restore(modules)
+            if learner is not None:
+                hidden = learner.refine(partial(_run, layer, calls[i]), partial(_run, layer, learner.calls[i]),
+                                        hooks.deferred, f"model.layers.{i}.", hidden_in, hidden, results)
             pbar.update(1)
         if "lm_head.weight" in grids:  # its input is the final norm's output: no need to compute the logits
             # a LoRA on lm_head changes its output, not its input: each stream's final states are all it needs

@@ -90,6 +90,12 @@ class SymmetricGrid:
         of the block)."""
         return (self.codes(column, scale) * scale).to(self.scale_dtype).float()
 
+    def affine(self, scales: torch.Tensor) -> tuple[torch.Tensor, float, int, int]:
+        return scales.repeat_interleave(self.block, 1), 0.0, self.lo, self.hi
+
+    def rescaled(self, scales: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        return (scales * factors).to(self.scale_dtype).float()
+
     def codes(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Integer codes (as floats) of weights at their scales."""
         return (w / torch.where(scale == 0, torch.ones_like(scale), scale)).round().clamp(self.lo, self.hi)

@@ -4,7 +4,8 @@ A verification pass of w tokens is cheap where decode is bound by memory bandwid
 where it is bound by compute (this 2-core CPU: a pass of 7 costs 2-3 steps), and a draft model's guesses cost steps of
 their own. So nothing about a pass is assumed: the policy times single decode steps, verification passes of each width
 and the drafter's time per drafted token, and keeps the fastest seen of each (on a shared machine noise only adds,
-and a step and a pass are kept the same way, so their ratio holds).
+and a step and a pass are kept the same way, so their ratio holds). A width not measured yet is priced as the widest
+measured pass below it: tried once where it looks best, it is measured, and its cost decides from then on.
 
 Acceptance is learnt per kind of draft (`Drafter.kind`): prompt lookup's guesses that continue a span whose last
 guesses all held are right far more often than a fresh one-token match, and a draft model's are yet another thing.

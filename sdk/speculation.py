@@ -85,13 +85,25 @@ class Speculation:
     odds: dict[str, Odds] = field(default_factory=dict)
     since_step: int = 0
     fixed_depth: bool = False           # always draft as deep as allowed (to measure a drafter's acceptance, not its speed)
+    paired: bool = False                # greedy steps taken as 2-row batches: the only path its batches agree with
 
-    def widest(self, engine, greedy: bool) -> int:
-        """The most tokens one verification pass may hold: for greedy, the exactness probe's width."""
+    def widest(self, engine, greedy: bool, pairing: bool = False) -> int:
+        """The most tokens one verification pass may hold: for greedy, the exactness probe's width. With `pairing`
+        (the model's own drafter, which decides every greedy request's path, speculative or not), an engine whose
+        batches agree with each other but not with its single steps (onnxruntime) takes greedy steps as 2-row
+        batches instead (`paired_step`), the path its verification passes take."""
         if not greedy:
             return self.draft_tokens + 1
         if self.exact_width is None:
             self.exact_width, self.inexact_reason = probe_exact_width(engine, self.draft_tokens + 1)
+            if self.exact_width < 2 and pairing:
+                width, why = probe_exact_width(engine, self.draft_tokens + 1, paired=True)
+                if width >= 2:
+                    log.info("greedy steps are taken as 2-row batches for this model: %s; batches of up to %d tokens agree "
+                             "with them bit for bit", self.inexact_reason, width)
+                    self.exact_width, self.paired, self.inexact_reason = width, True, why
+                else:
+                    self.inexact_reason += f"; nor do batches agree with 2-row steps ({why})"
             if self.exact_width < 2:
                 log.warning("greedy speculation is off for this model: %s", self.inexact_reason)
         return self.exact_width
@@ -186,14 +198,27 @@ class Speculation:
         self.step_s = seconds if self.step_s is None else min(self.step_s, seconds)
 
 
-def probe_exact_width(engine, widest: int) -> tuple[int, str]:
-    """The widest batch (≤ `widest`) whose every row's logits equal, bit for bit, those of single steps over the same
-    tokens, measured on this model (its cache is cleared). Returns (width, why not wider)."""
+def paired_step(engine, token: int) -> np.ndarray:
+    """A decode step computed as a batch of 2: the previous token fed again with the new one, the second row kept.
+    On onnxruntime a 1-row run takes other kernels than any wider batch (logits move by up to 0.7 on a quantized
+    model, enough to flip an argmax) while batches of 2 to 64 rows agree bit for bit, so greedy steps taken this way
+    are exactly what a verification pass computes; it costs 1.0-1.25 single steps on this CPU (bench/README)."""
+    previous = engine.tokens[-1]
+    engine.truncate(len(engine.tokens) - 1)
+    return engine.forward_all([previous, token])[1]
+
+
+def probe_exact_width(engine, widest: int, paired: bool = False) -> tuple[int, str]:
+    """The widest batch (≤ `widest`) whose every row's logits equal, bit for bit, those of single steps (`paired`:
+    steps taken as 2-row batches) over the same tokens, measured on this model (its cache is cleared). Returns
+    (width, why not wider)."""
     rng = np.random.default_rng(0)
     ids = rng.integers(0, engine.n_vocab, PROBE_DEPTH + widest).tolist()
     engine.reset()
     engine.forward(ids[:PROBE_DEPTH])
-    singles = np.stack([np.array(engine.forward([t]), dtype=np.float32) for t in ids[PROBE_DEPTH:]])
+    step = (lambda t: paired_step(engine, t)) if paired else (lambda t: engine.forward([t]))
+    singles = np.stack([np.array(step(t), dtype=np.float32) for t in ids[PROBE_DEPTH:]])
+    steps = "2-row steps" if paired else "single steps"
     reason = ""
     for width in range(widest, 1, -1):
         engine.truncate(PROBE_DEPTH)
@@ -202,7 +227,7 @@ def probe_exact_width(engine, widest: int) -> tuple[int, str]:
             engine.reset()
             return width, reason
         if not reason:
-            reason = (f"{type(engine).__name__} computes a batch of {width} tokens differently from {width} single steps "
+            reason = (f"{type(engine).__name__} computes a batch of {width} tokens differently from {width} {steps} "
                       f"(largest logit difference {np.abs(rows - singles[:width]).max():.1e})")
     engine.reset()
-    return 1, reason + "; no batch wider than 1 gives single steps' logits, so verified greedy output could differ from plain decoding"
+    return 1, reason + f"; no batch wider than 1 gives {steps}' logits, so verified greedy output could differ from plain decoding"

@@ -4,8 +4,8 @@ A verification pass of w tokens is cheap where decode is bound by memory bandwid
 where it is bound by compute (this 2-core CPU: a pass of 7 costs 2-3 steps), and a draft model's guesses cost steps of
 their own. So nothing about a pass is assumed: the policy times single decode steps, verification passes of each width
 and the drafter's time per drafted token, and keeps the fastest seen of each (on a shared machine noise only adds,
-and a step and a pass are kept the same way, so their ratio holds). A width not measured yet is priced as the widest
-measured pass below it: tried once where it looks best, it is measured, and its cost decides from then on.
+and a step and a pass are kept the same way, so their ratio holds). A width timed fewer than `SURE` times is priced
+no dearer than the width below it: tried where it looks best, it gets measured, and its cost decides from then on.
 
 Acceptance is learnt per kind of draft (`Drafter.kind`): prompt lookup's guesses that continue a span whose last
 guesses all held are right far more often than a fresh one-token match, and a draft model's are yet another thing.
@@ -38,6 +38,7 @@ MEASURE_STEP_EVERY = 16   # with a drafter that always has guesses, one plain st
 DECAY = 0.9               # weight of the past in each position's acceptance counts
 PRIOR = 0.6               # chance a first drafted token holds, before any pass of its kind
 PRIOR_WEIGHT = 1.0        # passes the prior counts for; a deeper position leans on the one before it as much
+SURE = 2                  # passes of a width timed before its fastest is trusted (one pass may be preempted)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Speculation:
     inexact_reason: str = ""
     step_s: float | None = None         # one single decode step
     verify_s: dict[int, float] = field(default_factory=dict)  # width → seconds of verifying a pass of that many tokens
+    verify_n: dict[int, int] = field(default_factory=dict)    # width → passes of it timed
     draft_s: float | None = None        # seconds the drafter takes per drafted token
     odds: dict[str, Odds] = field(default_factory=dict)
     since_step: int = 0
@@ -115,7 +117,7 @@ class Speculation:
         ids = [1, 2, 3, 4, 5, 6, 7]
         engine.reset()
         engine.forward(ids[:4])
-        for _ in range(2):
+        for _ in range(SURE):
             for width in (1, 2, 3):
                 engine.truncate(4)
                 start = time.perf_counter()
@@ -124,7 +126,7 @@ class Speculation:
                 if width == 1:
                     self.learn_step(seconds)
                 else:
-                    self.verify_s[width] = min(seconds, self.verify_s.get(width, seconds))
+                    self.learn_pass(width, seconds)
         engine.reset()
         if getattr(self.drafter, "step_s", None) is not None:
             self.draft_s = self.drafter.step_s
@@ -137,13 +139,18 @@ class Speculation:
         return max(top, 0)
 
     def verify_cost(self, width: int) -> float:
-        """Seconds of verifying `width` tokens, in steps: measured, else as the widest measured pass below it (a step
-        for none). Optimistic on purpose: the cost of a width is learnt only by making a pass of it, and a pass never
-        made is never measured. Pricing unmeasured widths off a dear measured one (on this CPU's llama.cpp a pass of
-        5 costs more than one of 7) kept the policy from ever trying deep passes where they pay; priced as the pass
-        below, a width is tried once when it looks best and its measured cost decides from then on."""
-        below = max((w for w in self.verify_s if w <= width), default=None)
-        return 1.0 if below is None else self.verify_s[below] / self.step_s
+        """Seconds of verifying `width` tokens, in steps: the fastest pass of that width once `SURE` were timed, else
+        no more than the price of the width below (a step for 1). Optimistic on purpose: a width's cost is learnt
+        only by making passes of it. Pricing unmeasured widths off a dear measured one (on this CPU's llama.cpp a pass
+        of 5 costs more than one of 7), or trusting one pass that the OS preempted on a shared machine (a pass of 4
+        timed at 3.8 steps), kept the policy from ever trying the deep passes that pay; priced this way, a width is
+        tried when it looks best until its cost is known, and that cost decides from then on."""
+        price = 1.0
+        for w in range(2, width + 1):
+            if w in self.verify_s:
+                seconds = self.verify_s[w] / self.step_s
+                price = seconds if self.verify_n.get(w, 0) >= SURE else min(price, seconds)
+        return price
 
     def cost(self, k: int) -> float:
         """A pass drafting k tokens, in steps: its verification and its drafting."""
@@ -188,10 +195,13 @@ class Speculation:
         """A pass: `drafted` guesses of this kind, `accepted` of them kept."""
         self.since_step += 1
         self.odds.setdefault(kind, Odds()).learn(drafted, accepted)
-        width = drafted + 1
-        self.verify_s[width] = min(verify_seconds, self.verify_s.get(width, verify_seconds))
+        self.learn_pass(drafted + 1, verify_seconds)
         per_token = draft_seconds / drafted
         self.draft_s = per_token if self.draft_s is None else min(self.draft_s, per_token)
+
+    def learn_pass(self, width: int, seconds: float) -> None:
+        self.verify_s[width] = min(seconds, self.verify_s.get(width, seconds))
+        self.verify_n[width] = self.verify_n.get(width, 0) + 1
 
     def learn_step(self, seconds: float) -> None:
         self.since_step = 0

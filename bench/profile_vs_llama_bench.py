@@ -42,13 +42,15 @@ def llama_bench(binary: Path, gguf: Path, threads: int, repeat: int) -> dict:
     return out
 
 
-def edgeq_profile_under_time(bundle: Path, threads: int, repeat: int, work: Path) -> tuple[dict, int]:
-    """`edgeq profile` as a user runs it, under /usr/bin/time -v: (its JSON, the OS's maximum RSS in bytes)."""
+def edgeq_profile_under_time(bundle: Path, threads: int, repeat: int, work: Path, machine: dict) -> tuple[dict, int]:
+    """`edgeq profile` under /usr/bin/time -v: (its JSON, the OS's maximum RSS in bytes). /usr/bin/time takes the
+    largest process of the whole tree, and a profile measures this machine's bandwidth in three processes copying
+    512 MiB each after the bundle's: given the machine measured beforehand (`machine`), none runs, so the OS's figure
+    covers what edgeq's does (the profiling process) and the caller's own interpreter."""
     out = work / "profile.json"
-    edgeq_cli = [sys.executable, "-c", "from edgeq.cli import main; main()"]
-    done = subprocess.run(["/usr/bin/time", "-v", *edgeq_cli, "profile", str(bundle), "--prompt-tokens", f"{DEPTH},512",
-                           "--gen", "128", "--repeat", str(repeat), "--threads", str(threads), "--json", str(out)],
-                          capture_output=True, text=True)
+    call = (f"import edgeq; r = edgeq.profile({str(bundle)!r}, prompt_tokens=({DEPTH}, 512), gen=128, repeat={repeat}, "
+            f"threads={threads}, machine={machine!r}); r.save_json({str(out)!r}); print(r.table())")
+    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", call], capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"edgeq profile failed:\n{done.stderr}")
     print(done.stdout)
@@ -56,9 +58,8 @@ def edgeq_profile_under_time(bundle: Path, threads: int, repeat: int, work: Path
     return json.loads(out.read_text())["bundles"][0], max_rss_kib * 1024
 
 
-def machine_profile(path: Path, threads: int, context: int) -> Path:
-    """A device profile of this machine, from its bandwidth and GFLOPS measured now (a separate process)."""
-    local = harness.measure_machine(threads)
+def machine_profile(path: Path, local: dict, context: int) -> Path:
+    """A device profile of this machine, from its bandwidth and GFLOPS measured now (separate processes)."""
     path.write_text(f'''name = "this machine (measured)"
 kind = "desktop"
 os = "linux"
@@ -68,8 +69,8 @@ budget_gib = 8.0
 bandwidth_gbps = {local["bandwidth_gbps"]:.3f}
 [compute]
 cpu = "this machine"
-cores = {threads}
-threads = {threads}
+cores = {local["threads"]}
+threads = {local["threads"]}
 cpu_gflops = {local["gflops"]:.3f}
 [runtime]
 formats = ["gguf"]
@@ -84,14 +85,14 @@ def verdict(verdicts: harness.Verdicts, name: str, ratio: float, bar: float, det
     verdicts.check(abs(ratio - 1) <= bar, f"{name:<40} ratio {ratio:.3f}  (bar ±{bar:.0%})  {detail}")
 
 
-def paired_rounds(binary: Path, bundle: Path, args) -> dict[str, list[float]]:
+def paired_rounds(binary: Path, bundle: Path, args, machine: dict) -> dict[str, list[float]]:
     """llama-bench, edgeq, llama-bench, edgeq, …, llama-bench: each edgeq run is compared with the mean of the
     llama-bench runs on either side of it, so slow drift of a shared machine cancels out of the ratio."""
     gguf = bundle / edgeq.inspect(bundle)["model_file"]
     benches = [llama_bench(binary, gguf, args.threads, args.repeat)]
     ratios: dict[str, list[float]] = {"decode": [], "prefill": [], "peak memory": []}
     for round_ in range(args.rounds):
-        ours, os_max_rss = edgeq_profile_under_time(bundle, args.threads, args.repeat, args.work)
+        ours, os_max_rss = edgeq_profile_under_time(bundle, args.threads, args.repeat, args.work, machine)
         benches.append(llama_bench(binary, gguf, args.threads, args.repeat))
         anchor = {k: (benches[-2][k] + benches[-1][k]) / 2 for k in benches[-1]}
         rows = {p["prompt_tokens"]: p for p in ours["prompts"]}
@@ -114,10 +115,11 @@ def main() -> None:
     args = harness.parse(ap)
     binary = anchors.tool("llama-bench")
     bundle = harness.exported(args.model, args.work, "gguf", args.precision)
-    device = machine_profile(args.work / "this-machine.toml", args.threads, 4096)
-    ratios = paired_rounds(binary, bundle, args)
+    machine = harness.measure_machine(args.threads)
+    device = machine_profile(args.work / "this-machine.toml", machine, 4096)
+    ratios = paired_rounds(binary, bundle, args, machine)
     with_estimate = edgeq.profile(bundle, prompt_tokens=(DEPTH, 512), gen=128, repeat=args.repeat, threads=args.threads,
-                                  device=device).bundles[0]
+                                  device=device, machine=machine).bundles[0]
 
     print(f"\n{bundle.name}, {args.threads} threads, {args.repeat} repeats, {args.rounds} rounds, anchor {binary}")
     verdicts = harness.Verdicts()

@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from .sampling import Sampler, choose, verify_draft
+from .speculation import paired_step
 
 PREFILL_CHUNK = 64
 
@@ -41,6 +42,7 @@ class Turn:
     speculation: object = None           # speculative.Speculation, or None for plain decoding
     widest: int = 1                      # most tokens one verification pass may hold
     predicted: list[int] = field(default_factory=list)  # a Predicted Output's ids, for lookup drafting
+    paired: bool = False                 # greedy steps as 2-row batches, the path verification takes (`paired_step`)
 
     def seen_ids(self) -> np.ndarray | None:
         return np.fromiter(self.seen, dtype=np.int64) if self.seen is not None else None
@@ -133,7 +135,7 @@ def decode(turn: Turn, logits: np.ndarray, start: float) -> Iterator[int]:
         began = time.perf_counter()  # a step's or a pass's cost includes drafting and choosing, not the caller's time
         drafts, kind = _drafts(turn, room)
         if not drafts:
-            logits = engine.forward([token])
+            logits = paired_step(engine, token) if turn.paired else engine.forward([token])
             if speculation is not None:
                 speculation.learn_step(time.perf_counter() - began)
             stats.decode_s = time.perf_counter() - decode_start

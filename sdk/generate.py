@@ -336,6 +336,9 @@ class LanguageModel:
                     speculation=self._speculation(request), predicted=request.predicted)
         start = time.perf_counter()
         self._use_adapter(request.adapter)
+        if self.speculation is not None and params.temperature == 0:  # the model's drafter sets every greedy request's
+            self.speculation.widest(engine, True, pairing=True)         # path, speculative or not (may clear the cache)
+            turn.paired = self.speculation.paired
         if turn.speculation is not None:
             turn.widest = turn.speculation.widest(engine, params.temperature == 0)  # may clear the cache: before prefill
         logits, stats.cached_tokens = prefill(engine, ids, self._canonical, exact=params.temperature == 0 or params.seed is not None)

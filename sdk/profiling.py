@@ -36,13 +36,18 @@ BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 
 def profile(bundles: str | Path | Sequence[str | Path], prompt_tokens: Sequence[int] = (64, 512), gen: int = 128,
             repeat: int = 5, threads: int | None = None, device: str | Path | None = None,
-            progress: bool | None = None, draft: str | None = None) -> ProfileResult:
+            progress: bool | None = None, draft: str | None = None, machine: dict | None = None) -> ProfileResult:
     """Measures load time, time to first token, prefill and decode tokens/s, peak memory and size of
     each bundle (an HF folder profiles the torch reference); with `device`, adds a labelled estimate.
 
     Prompt lengths that do not fit the model's context (with `gen` tokens after them) are skipped
     with a note. Every bundle is checked (checksums, device) before anything is measured. With `draft` ("lookup" or
     a draft bundle), speculative decoding is measured too (`edgeq.profile_speculation`).
+
+    `machine` is this machine's bandwidth and GFLOPS at some thread count, as `measure_machine` returns them: for
+    bundles profiled at those threads no probe process runs (three of them, each copying 512 MiB). A caller that
+    measured them already saves their time, and the OS's accounting of the whole run (`/usr/bin/time`) then holds
+    only the profiling itself.
     """
     from edgeq.devices import load_device
 
@@ -50,6 +55,7 @@ def profile(bundles: str | Path | Sequence[str | Path], prompt_tokens: Sequence[
     prompt_tokens = [prompt_tokens] if isinstance(prompt_tokens, int) else prompt_tokens
     prompts = _check_args(paths, prompt_tokens, gen, repeat, threads)
     target = load_device(device) if device else None
+    local: dict[int, dict] = {machine["threads"]: machine} if _check_machine(machine) else {}
     infos = [describe(p) for p in paths]
     names = [p.name for p in paths]
     names = names if len(set(names)) == len(names) else [str(p) for p in paths]
@@ -59,7 +65,6 @@ def profile(bundles: str | Path | Sequence[str | Path], prompt_tokens: Sequence[
         raw = call_in_fresh_process(_measure, str(path), prompts, gen, repeat, threads, progress, draft, doing=f"profiling {path}")
         results.append(_assemble(name, path, info, raw, prompts, gen))
         results[-1].speculation = raw.get("speculation")
-    local: dict[int, dict] = {}
     for b in results:
         if b.threads not in local:
             local[b.threads] = measure_machine(b.threads)
@@ -83,6 +88,16 @@ def _check_args(paths, prompt_tokens, gen, repeat, threads) -> list[int]:
         if value is not None and (not isinstance(value, int) or value < 1):
             raise EdgeqError(f"{label} must be a positive integer, got {value!r}")
     return prompts
+
+
+def _check_machine(machine: dict | None) -> bool:
+    if machine is None:
+        return False
+    fields = ("threads", "bandwidth_gbps", "gflops")
+    if not isinstance(machine, dict) or not all(isinstance(machine.get(f), (int, float)) and machine[f] > 0 for f in fields):
+        raise EdgeqError(f"machine must hold positive {', '.join(fields)} (what edgeq.profiling.measure_machine returns), "
+                         f"got {machine!r}")
+    return True
 
 
 def describe(path: Path) -> dict:

@@ -4,7 +4,8 @@ A verification pass of w tokens is cheap where decode is bound by memory bandwid
 where it is bound by compute (this 2-core CPU: a pass of 7 costs 2-3 steps), and a draft model's guesses cost steps of
 their own. So nothing about a pass is assumed: the policy times single decode steps, verification passes of each width
 and the drafter's time per drafted token, and keeps the fastest seen of each (on a shared machine noise only adds,
-and a step and a pass are kept the same way, so their ratio holds).
+and a step and a pass are kept the same way, so their ratio holds). A width timed fewer than `SURE` times is priced
+no dearer than the width below it: tried where it looks best, it gets measured, and its cost decides from then on.
 
 Acceptance is learnt per kind of draft (`Drafter.kind`): prompt lookup's guesses that continue a span whose last
 guesses all held are right far more often than a fresh one-token match, and a draft model's are yet another thing.
@@ -37,6 +38,7 @@ MEASURE_STEP_EVERY = 16   # with a drafter that always has guesses, one plain st
 DECAY = 0.9               # weight of the past in each position's acceptance counts
 PRIOR = 0.6               # chance a first drafted token holds, before any pass of its kind
 PRIOR_WEIGHT = 1.0        # passes the prior counts for; a deeper position leans on the one before it as much
+SURE = 2                  # passes of a width timed before its fastest is trusted (one pass may be preempted)
 
 
 @dataclass
@@ -80,17 +82,30 @@ class Speculation:
     inexact_reason: str = ""
     step_s: float | None = None         # one single decode step
     verify_s: dict[int, float] = field(default_factory=dict)  # width → seconds of verifying a pass of that many tokens
+    verify_n: dict[int, int] = field(default_factory=dict)    # width → passes of it timed
     draft_s: float | None = None        # seconds the drafter takes per drafted token
     odds: dict[str, Odds] = field(default_factory=dict)
     since_step: int = 0
     fixed_depth: bool = False           # always draft as deep as allowed (to measure a drafter's acceptance, not its speed)
+    paired: bool = False                # greedy steps taken as 2-row batches: the only path its batches agree with
 
-    def widest(self, engine, greedy: bool) -> int:
-        """The most tokens one verification pass may hold: for greedy, the exactness probe's width."""
+    def widest(self, engine, greedy: bool, pairing: bool = False) -> int:
+        """The most tokens one verification pass may hold: for greedy, the exactness probe's width. With `pairing`
+        (the model's own drafter, which decides every greedy request's path, speculative or not), an engine whose
+        batches agree with each other but not with its single steps (onnxruntime) takes greedy steps as 2-row
+        batches instead (`paired_step`), the path its verification passes take."""
         if not greedy:
             return self.draft_tokens + 1
         if self.exact_width is None:
             self.exact_width, self.inexact_reason = probe_exact_width(engine, self.draft_tokens + 1)
+            if self.exact_width < 2 and pairing:
+                width, why = probe_exact_width(engine, self.draft_tokens + 1, paired=True)
+                if width >= 2:
+                    log.info("greedy steps are taken as 2-row batches for this model: %s; batches of up to %d tokens agree "
+                             "with them bit for bit", self.inexact_reason, width)
+                    self.exact_width, self.paired, self.inexact_reason = width, True, why
+                else:
+                    self.inexact_reason += f"; nor do batches agree with 2-row steps ({why})"
             if self.exact_width < 2:
                 log.warning("greedy speculation is off for this model: %s", self.inexact_reason)
         return self.exact_width
@@ -102,7 +117,7 @@ class Speculation:
         ids = [1, 2, 3, 4, 5, 6, 7]
         engine.reset()
         engine.forward(ids[:4])
-        for _ in range(2):
+        for _ in range(SURE):
             for width in (1, 2, 3):
                 engine.truncate(4)
                 start = time.perf_counter()
@@ -111,7 +126,7 @@ class Speculation:
                 if width == 1:
                     self.learn_step(seconds)
                 else:
-                    self.verify_s[width] = min(seconds, self.verify_s.get(width, seconds))
+                    self.learn_pass(width, seconds)
         engine.reset()
         if getattr(self.drafter, "step_s", None) is not None:
             self.draft_s = self.drafter.step_s
@@ -124,21 +139,18 @@ class Speculation:
         return max(top, 0)
 
     def verify_cost(self, width: int) -> float:
-        """Seconds of verifying `width` tokens, in steps: measured, else interpolated, else extrapolated through
-        (1 token, 1 step), else a guess of a cheap pass."""
-        known = self.verify_s
-        if width in known:
-            return known[width] / self.step_s
-        if not known:
-            return 1.0 + 0.1 * (width - 1)
-        below = max((w for w in known if w < width), default=None)
-        above = min((w for w in known if w > width), default=None)
-        if below is None or above is None:
-            w = below or above
-            slope = (known[w] / self.step_s - 1.0) / (w - 1)
-            return 1.0 + slope * (width - 1)
-        t = (width - below) / (above - below)
-        return ((1 - t) * known[below] + t * known[above]) / self.step_s
+        """Seconds of verifying `width` tokens, in steps: the fastest pass of that width once `SURE` were timed, else
+        no more than the price of the width below (a step for 1). Optimistic on purpose: a width's cost is learnt
+        only by making passes of it. Pricing unmeasured widths off a dear measured one (on this CPU's llama.cpp a pass
+        of 5 costs more than one of 7), or trusting one pass that the OS preempted on a shared machine (a pass of 4
+        timed at 3.8 steps), kept the policy from ever trying the deep passes that pay; priced this way, a width is
+        tried when it looks best until its cost is known, and that cost decides from then on."""
+        price = 1.0
+        for w in range(2, width + 1):
+            if w in self.verify_s:
+                seconds = self.verify_s[w] / self.step_s
+                price = seconds if self.verify_n.get(w, 0) >= SURE else min(price, seconds)
+        return price
 
     def cost(self, k: int) -> float:
         """A pass drafting k tokens, in steps: its verification and its drafting."""
@@ -183,24 +195,40 @@ class Speculation:
         """A pass: `drafted` guesses of this kind, `accepted` of them kept."""
         self.since_step += 1
         self.odds.setdefault(kind, Odds()).learn(drafted, accepted)
-        width = drafted + 1
-        self.verify_s[width] = min(verify_seconds, self.verify_s.get(width, verify_seconds))
+        self.learn_pass(drafted + 1, verify_seconds)
         per_token = draft_seconds / drafted
         self.draft_s = per_token if self.draft_s is None else min(self.draft_s, per_token)
+
+    def learn_pass(self, width: int, seconds: float) -> None:
+        self.verify_s[width] = min(seconds, self.verify_s.get(width, seconds))
+        self.verify_n[width] = self.verify_n.get(width, 0) + 1
 
     def learn_step(self, seconds: float) -> None:
         self.since_step = 0
         self.step_s = seconds if self.step_s is None else min(self.step_s, seconds)
 
 
-def probe_exact_width(engine, widest: int) -> tuple[int, str]:
-    """The widest batch (≤ `widest`) whose every row's logits equal, bit for bit, those of single steps over the same
-    tokens, measured on this model (its cache is cleared). Returns (width, why not wider)."""
+def paired_step(engine, token: int) -> np.ndarray:
+    """A decode step computed as a batch of 2: the previous token fed again with the new one, the second row kept.
+    On onnxruntime a 1-row run takes other kernels than any wider batch (logits move by up to 0.7 on a quantized
+    model, enough to flip an argmax) while batches of 2 to 64 rows agree bit for bit, so greedy steps taken this way
+    are exactly what a verification pass computes; it costs 1.0-1.25 single steps on this CPU (bench/README)."""
+    previous = engine.tokens[-1]
+    engine.truncate(len(engine.tokens) - 1)
+    return engine.forward_all([previous, token])[1]
+
+
+def probe_exact_width(engine, widest: int, paired: bool = False) -> tuple[int, str]:
+    """The widest batch (≤ `widest`) whose every row's logits equal, bit for bit, those of single steps (`paired`:
+    steps taken as 2-row batches) over the same tokens, measured on this model (its cache is cleared). Returns
+    (width, why not wider)."""
     rng = np.random.default_rng(0)
     ids = rng.integers(0, engine.n_vocab, PROBE_DEPTH + widest).tolist()
     engine.reset()
     engine.forward(ids[:PROBE_DEPTH])
-    singles = np.stack([np.array(engine.forward([t]), dtype=np.float32) for t in ids[PROBE_DEPTH:]])
+    step = (lambda t: paired_step(engine, t)) if paired else (lambda t: engine.forward([t]))
+    singles = np.stack([np.array(step(t), dtype=np.float32) for t in ids[PROBE_DEPTH:]])
+    steps = "2-row steps" if paired else "single steps"
     reason = ""
     for width in range(widest, 1, -1):
         engine.truncate(PROBE_DEPTH)
@@ -209,7 +237,7 @@ def probe_exact_width(engine, widest: int) -> tuple[int, str]:
             engine.reset()
             return width, reason
         if not reason:
-            reason = (f"{type(engine).__name__} computes a batch of {width} tokens differently from {width} single steps "
+            reason = (f"{type(engine).__name__} computes a batch of {width} tokens differently from {width} {steps} "
                       f"(largest logit difference {np.abs(rows - singles[:width]).max():.1e})")
     engine.reset()
-    return 1, reason + "; no batch wider than 1 gives single steps' logits, so verified greedy output could differ from plain decoding"
+    return 1, reason + f"; no batch wider than 1 gives {steps}' logits, so verified greedy output could differ from plain decoding"

@@ -139,10 +139,20 @@ def test_torch_reference_through_the_same_engine_protocol(tiny_llama):
     ({"gen": 0}, "gen must be"),
     ({"repeat": -1}, "repeat must be"),
     ({"device": "raspberry-pi-6"}, "did you mean 'raspberry-pi-5'"),
+    ({"machine": {"threads": 1, "bandwidth_gbps": 12.0}}, "machine must hold positive threads, bandwidth_gbps, gflops"),
 ])
 def test_bad_arguments_fail_before_measuring(bundles, kwargs, needle):
     with pytest.raises(edgeq.EdgeqError, match=needle):
         edgeq.profile(bundles, **kwargs)
+
+
+def test_a_machine_measured_beforehand_is_used_without_probing_it_again(bundles):
+    """`/usr/bin/time` counts the bandwidth probes' processes in a profile's peak memory; given the machine, none runs."""
+    result = edgeq.profile(bundles[1], prompt_tokens=(8,), gen=GEN, repeat=1, threads=1, device="raspberry-pi-5",
+                           machine={"threads": 1, "bandwidth_gbps": 123.0, "gflops": 45.0})
+    b = result.bundles[0]
+    assert b.roofline["bandwidth_gbps"] == 123.0
+    assert (b.estimate.local_bandwidth_gbps, b.estimate.local_gflops) == (123.0, 45.0)
 
 
 def test_bad_input_one_line_and_nothing_written(bundles, tmp_path):

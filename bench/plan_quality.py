@@ -1,12 +1,12 @@
-"""Planned vs uniform precision at the same size (issue 5 and 29 bars), for GGUF, ONNX or Core ML.
+"""Planned vs uniform precision at the same size (issue 5, 29 and 30 bars), for GGUF, ONNX, Core ML or ExecuTorch.
 
 For each uniform precision (GGUF: Q4_K_M and Q4_0, by llama.cpp's own quantizer with an importance matrix
-from the calibration text, the anchor; ONNX and Core ML: int4 at their default rounding), edgeq plans a bundle no larger on disk (`size=`) with its default rounding on the same text (GPTQ
+from the calibration text, the anchor; ONNX and Core ML: int4, ExecuTorch: 8da4w, at their default rounding), edgeq plans a bundle no larger on disk (`size=`) with its default rounding on the same text (GPTQ
 for GGUF, ONNX and Core ML), then both are measured against the torch reference on held-out text (each
 bundle on the engine `edgeq eval` would use). Prints KL, top-1, bundle and weight bytes, the ratio planned /
 uniform, and the plan's predicted KL beside its measured one.
 
-    python bench/plan_quality.py [--model qwen-coder] [--format gguf|onnx|coreml] [--text wikitext/valid.txt]
+    python bench/plan_quality.py [--model qwen-coder] [--format gguf|onnx|coreml|executorch] [--text wikitext/valid.txt]
 
 The uniform files come from llama.cpp's own quantizer (llama_model_quantize, the code behind
 llama-quantize) through edgeq's converter, which bench/gguf_quality.py checks against the
@@ -22,7 +22,8 @@ from lib import harness
 import edgeq
 
 ANCHOR_ROUNDING = {"gguf": {"rounding": "nearest"}}  # llama.cpp's quantizer with the imatrix, not edgeq's GPTQ
-BARS = {"gguf": {"Q4_K_M": 0.5, "Q4_0": 0.5}, "onnx": {"int4": 0.7}, "coreml": {"int4": 0.7}}  # gguf Q4_K_M: issue 29
+BARS = {"gguf": {"Q4_K_M": 0.5, "Q4_0": 0.5}, "onnx": {"int4": 0.7}, "coreml": {"int4": 0.7},  # gguf Q4_K_M: issue 29
+        "executorch": {"8da4w": 1.0}}  # issue 30: KL <= the uniform 8da4w export's at <= its size
 
 
 def split_text(text: Path, folder: Path) -> tuple[Path, Path]:

@@ -1,12 +1,12 @@
-"""Planned vs uniform precision at the same size (issue 5 and 29 bars), for GGUF, ONNX or Core ML.
+"""Planned vs uniform precision at the same size (issue 5, 29 and 30 bars), for GGUF, ONNX, Core ML or ExecuTorch.
 
 For each uniform precision (GGUF: Q4_K_M and Q4_0, by llama.cpp's own quantizer with an importance matrix
-from the calibration text, the anchor; ONNX and Core ML: int4 at their default rounding), edgeq plans a bundle no larger on disk (`size=`) with its default rounding on the same text (GPTQ
+from the calibration text, the anchor; ONNX and Core ML: int4, ExecuTorch: 8da4w, at their default rounding), edgeq plans a bundle no larger on disk (`size=`) with its default rounding on the same text (GPTQ
 for GGUF, ONNX and Core ML), then both are measured against the torch reference on held-out text (each
 bundle on the engine `edgeq eval` would use). Prints KL, top-1, bundle and weight bytes, the ratio planned /
 uniform, and the plan's predicted KL beside its measured one.
 
-    python bench/plan_quality.py [--model qwen-coder] [--format gguf|onnx|coreml] [--text wikitext/valid.txt]
+    python bench/plan_quality.py [--model qwen-coder] [--format gguf|onnx|coreml|executorch] [--text wikitext/valid.txt]
 
 The uniform files come from llama.cpp's own quantizer (llama_model_quantize, the code behind
 llama-quantize) through edgeq's converter, which bench/gguf_quality.py checks against the
@@ -14,6 +14,7 @@ llama-quantize binary itself.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from lib import harness
 import edgeq
 
 ANCHOR_ROUNDING = {"gguf": {"rounding": "nearest"}}  # llama.cpp's quantizer with the imatrix, not edgeq's GPTQ
-BARS = {"gguf": {"Q4_K_M": 0.5, "Q4_0": 0.5}, "onnx": {"int4": 0.7}, "coreml": {"int4": 0.7}}  # gguf Q4_K_M: issue 29
+BARS = {"gguf": {"Q4_K_M": 0.5, "Q4_0": 0.5}, "onnx": {"int4": 0.7}, "coreml": {"int4": 0.7},  # gguf Q4_K_M: issue 29
+        "executorch": {"8da4w": 1.0}}  # issue 30: KL <= the uniform 8da4w export's at <= its size
 
 
 def split_text(text: Path, folder: Path) -> tuple[Path, Path]:
@@ -35,6 +37,12 @@ def split_text(text: Path, folder: Path) -> tuple[Path, Path]:
     return calibration, held_out
 
 
+def reused(args, name: str) -> Path | None:
+    """With --reuse, a bundle an earlier run finished (edgeq moves a bundle into place only whole)."""
+    bundle = args.work / name
+    return bundle if args.reuse and (bundle / "edgeq.json").is_file() else None
+
+
 def weight_bytes(bundle: Path) -> int:
     """Bytes of the weights as written (read back from the file), the quantity the plan budgets."""
     return sum(t["bytes"] for t in edgeq.inspect(bundle)["tensors"].values())
@@ -43,7 +51,12 @@ def weight_bytes(bundle: Path) -> int:
 def main() -> None:
     ap = harness.arguments(__doc__, tokens=8192, ctx=512, work="edgeq-plan-bench")
     ap.add_argument("--format", default="gguf", choices=sorted(BARS))
-    args = harness.parse(ap, fresh_work=True)
+    ap.add_argument("--reuse", action="store_true", help="keep the bundles an earlier run of the same command finished in "
+                    "--work instead of exporting them again (an ExecuTorch export takes many minutes on 2 cores)")
+    args = harness.parse(ap, fresh_work=False)
+    if not args.reuse:
+        shutil.rmtree(args.work)
+        args.work.mkdir(parents=True)
     calibration, held_out = split_text(args.text, args.work)
 
     start = time.perf_counter()
@@ -59,11 +72,13 @@ def main() -> None:
           f"{'top-1':>7} | KL ratio (bar)")
     verdicts = harness.Verdicts()
     for precision, bar in BARS[args.format].items():
-        uniform = edgeq.export(args.model, format=args.format, precision=precision, calibration=calibration,
-                               output=args.work / precision, eval_tokens=0, **ANCHOR_ROUNDING.get(args.format, {}))
+        uniform = reused(args, precision) or edgeq.export(
+            args.model, format=args.format, precision=precision, calibration=calibration, output=args.work / precision,
+            eval_tokens=0, **ANCHOR_ROUNDING.get(args.format, {}))
         size_u = harness.folder_bytes(uniform)  # what `size=` budgets: the whole bundle on disk
-        planned = edgeq.export(args.model, format=args.format, size=size_u, calibration=calibration,
-                               output=args.work / f"planned-{precision}", eval_tokens=0)
+        planned = reused(args, f"planned-{precision}") or edgeq.export(
+            args.model, format=args.format, size=size_u, calibration=calibration, output=args.work / f"planned-{precision}",
+            eval_tokens=0)
         size_p = harness.folder_bytes(planned)
         q_uniform, q_planned = (reference.score(harness.bundle_engine(b, args.threads, args.ctx)) for b in (uniform, planned))
         ratio = q_planned.kl / q_uniform.kl

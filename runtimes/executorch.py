@@ -36,6 +36,16 @@ def _runtime():
     return Runtime.get()
 
 
+def _set_threadpool(threads: int) -> None:
+    """Sizes ExecuTorch's threadpool, the one XNNPACK and its kernels run on: torch's thread setting does not reach it, and
+    it starts at every core. It is one pool per process, so the engine loaded last sets it for all; it is reset only when
+    the size differs, since a reset while another engine of the process runs would pull the pool from under it."""
+    from executorch.extension.pybindings import portable_lib
+
+    if portable_lib._threadpool_get_thread_count() != threads:
+        portable_lib._unsafe_reset_threadpool(threads)
+
+
 class ExecuTorchEngine(ChunkedLogits):
     def __init__(self, path: Path, manifest: dict, *, threads: int | None = None, n_ctx: int | None = None):
         import torch
@@ -49,6 +59,7 @@ class ExecuTorchEngine(ChunkedLogits):
         torch.set_num_threads(self.threads)
         self._torch = torch
         runtime = _runtime()
+        _set_threadpool(self.threads)
         try:
             program = runtime.load_program(Path(path))
         except Exception as exc:

@@ -112,6 +112,16 @@ def test_gptq_beats_nearest_and_8da8w_beats_both_on_held_out_text(bundles, tiny_
     assert kl["8da8w"] < kl["gptq"] < kl["nearest"] < 0.5, kl
 
 
+def test_the_engine_runs_executorchs_threadpool_at_the_threads_asked(bundles):
+    import edgeq
+    from executorch.extension.pybindings import portable_lib
+
+    for threads in (1, 2):  # the pool starts at every core (2 here): torch.set_num_threads does not reach it
+        with edgeq.load(bundles("nearest"), threads=threads) as lm:
+            assert portable_lib._threadpool_get_thread_count() == threads
+            assert 0 < len(lm.generate_ids(lm.tokenizer.encode("Hello"), max_new_tokens=2)) <= 2
+
+
 def test_a_program_that_is_not_the_manifests_is_refused_before_it_runs(bundles, tmp_path):
     import json
     import shutil

@@ -68,7 +68,7 @@ class ExportOptions:
         if self.size is not None:
             object.__setattr__(self, "size", parse_size(self.size))
         if rounding_for(self.effort, self.rounding) == "learned" and self.keep_adapters:  # an unknown effort, or both given: refused before any work
-            raise EdgeqError("--effort max (learned rounding) does not round a base for kept adapters yet: merge the "
+            raise EdgeqError("--effort max (learned scales) does not fit a base for kept adapters yet: merge the "
                              "adapters, or keep them with --effort standard")
         if self.rotate not in ROTATE_CHOICES:
             raise EdgeqError(f"rotate={self.rotate!r} is not one of {', '.join(ROTATE_CHOICES)}")

@@ -57,8 +57,8 @@ class Grid(Protocol):
 
     def affine(self, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float, int, int]:
         """(step, offset, lowest code, highest code) of every weight at its block's (rows, blocks[, k]) parameters: its
-        levels are code · step − offset, step and offset (rows, cols) or a number. Learned rounding moves weights
-        and learned scales read the levels from it (`edgeq.quant.learned`)."""
+        levels are code · step − offset, step and offset (rows, cols) or a number. Learned scales read the levels
+        from it (`edgeq.quant.learned`)."""
 
     def rescaled(self, scales: torch.Tensor, factors: torch.Tensor) -> torch.Tensor | None:
         """The parameters with each block's step times its factor (rows, blocks), stored as the format stores them;
@@ -362,7 +362,7 @@ def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], prog
     `learned` fits each layer's block scales after GPTQ by `edgeq.quant.learned` (`--effort max`; not with variants).
     """
     if learned and variants:
-        raise EdgeqError("learned rounding (--effort max) does not round a base for kept adapters yet: merge the "
+        raise EdgeqError("learned scales (--effort max) are not fitted for a base with kept adapters yet: merge the "
                          "adapter, or use --effort standard with --keep-adapters")
     layers = model.model.layers
     loras = [None, *(_Lora(variant) for variant in variants)]  # None: the base's own stream
@@ -370,7 +370,7 @@ def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], prog
     rows = [slice(i * len(windows), (i + 1) * len(windows)) for i in range(len(loras))]
     real = real.repeat(len(loras), 1)
     results: MutableMapping[str, Any] = {} if into is None else into
-    with torch.no_grad(), bar(len(layers) + 1, "GPTQ", "layer", progress) as pbar:
+    with torch.no_grad(), bar(len(layers) + 1, "GPTQ + learned scales" if learned else "GPTQ", "layer", progress) as pbar:
         calls = _layer_inputs(model, ids.repeat(len(loras), 1))  # masks and RoPE tables for the whole batch
         first = _hidden_of(calls[0])
         hidden = torch.cat([first[rows[0]] if lora is None else lora.first_hidden(model, ids, first[rows[0]]) for lora in loras])

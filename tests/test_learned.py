@@ -103,3 +103,12 @@ def test_effort_max_refuses_kept_adapters_and_short_text_in_one_line(tmp_path, t
         edgeq.export(tiny_llama, adapter=tiny_lora, keep_adapters=True, format="onnx", precision="int4", effort="max",
                      output=tmp_path / "kept", eval_tokens=0, progress=False)
     assert not (tmp_path / "short").exists() and not (tmp_path / "kept").exists()
+
+
+def test_a_planned_export_takes_effort_max_with_the_plans_own_types(tmp_path, tiny_llama):
+    common = dict(format="gguf", size="140KB", calibration=DEFAULT_TEXT, calibration_tokens=2048, progress=False)
+    standard = edgeq.inspect(edgeq.export(tiny_llama, output=tmp_path / "standard", **common))
+    best = edgeq.inspect(edgeq.export(tiny_llama, output=tmp_path / "max", effort="max", **common))
+    assert standard["rounding"] == "gptq" and best["rounding"] == "learned"
+    assert {n: t["type"] for n, t in best["tensors"].items()} == {n: t["type"] for n, t in standard["tensors"].items()}
+    assert best["quality"]["kl"] < standard["quality"]["kl"], (best["quality"], standard["quality"])

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .errors import EdgeqError
+from .quant.effort import BY_GPTQ
 
 
 class PrecisionSpace(Protocol):
@@ -93,7 +94,7 @@ class FormatSpec:
         """Whether an export at `precision` rounds by GPTQ, and so loads the float model (`rounding` None: the
         default, which for a format with `gptq_needs_text` is GPTQ only when the user gave calibration text)."""
         default = next(iter(self.roundings), None) if text_given or not self.gptq_needs_text else "nearest"
-        return (rounding or default) in ("gptq", "learned") and precision in self.gptq_precisions
+        return (rounding or default) in BY_GPTQ and precision in self.gptq_precisions
 
     def device_precisions(self) -> tuple[str, ...]:
         """What a device profile may list for this format: the uniform precisions with a nominal size."""

@@ -54,6 +54,7 @@ from .codes import SharedCodes, compressor
 from .spec import COREML, INT4_BLOCKS, gptq_grid
 from .merge import merge_packages
 from .package import describe, weight_ops
+from edgeq.quant.effort import BY_GPTQ
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.mlpackage"
@@ -297,7 +298,7 @@ class CoreMLConverter:
         spec = DecoderSpec.from_source(source, context)
         shapes = {n: tuple(s) for n, s in source.shapes().items()}
         stored = dataclasses.replace(spec, tied=True) if head_is_embedding(source) else spec
-        gptq = rounding in ("gptq", "learned") and calibration is not None
+        gptq = rounding in BY_GPTQ and calibration is not None
         plan = precision_plan(stored, shapes, precision, overrides, gptq=gptq)
         int4 = any(p in INT4_BLOCKS for p in plan.values())
         importance = calibration.importance(progress) if int4 and calibration is not None and not gptq else None

@@ -27,6 +27,7 @@ from . import quant, report
 from .graph import ExportedDecoder
 from .program import METHOD, runner_metadata
 from .spec import ETRECORD_FILE, EXECUTORCH, LINEARS
+from edgeq.quant.effort import BY_GPTQ
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pte"
@@ -160,7 +161,7 @@ class ExecuTorchConverter:
         shapes = {n: tuple(s) for n, s in source.shapes().items() if not n.endswith("rotary_emb.inv_freq")}
         plan = precision_plan(spec, shapes, precision, overrides)
         quantized = any(p != "fp32" for p in plan.values())
-        gptq = quantized and rounding in ("gptq", "learned") and calibration is not None
+        gptq = quantized and rounding in BY_GPTQ and calibration is not None
         started = time.perf_counter()
         codes = gptq_codes(calibration, plan, spec.tied, progress, rounding == "learned") if gptq else {}
         importance = calibration.importance(progress) if quantized and not gptq and calibration is not None else None

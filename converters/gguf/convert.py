@@ -26,6 +26,7 @@ from .layout import graph, rope_rows, tensor_plan
 from .spec import GGUF
 from .quantize import FLOAT_TYPES, quantize, read_tensor_types
 from .vocab import general_name, write_vocab
+from edgeq.quant.effort import BY_GPTQ
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.gguf"
@@ -178,7 +179,7 @@ class GGUFConverter:
         to_gguf = {hf: name for hf, name, _ in written}
         matrices = [hf for hf, _, shape in written if len(shape) == 2]
         gguf_overrides = {to_gguf[hf]: t for hf, t in self.spec.check_overrides(overrides, matrices, source.shapes()).items()}
-        gptq = calibration is not None and (rounding in ("gptq", "learned") or (rounding is None and calibration.given))
+        gptq = calibration is not None and (rounding in BY_GPTQ or (rounding is None and calibration.given))
         # under GPTQ, llama.cpp's rounding survives only in types without a grid: its importance matrix (a pass over
         # the calibration text) is measured for them alone, when the file has some
         importance = (calibration.importance(progress) if not gptq else calibration.measured_importance()) if calibration else None

@@ -26,6 +26,7 @@ from .spec import BLOCK_SIZES, INT_TYPES, INT8_BLOCK, ONNX, int4_block
 from .blocks import BlockGrid, Quantized
 from .graph import DATA_FILE, DecoderGraph, matrix_shape
 from .weights import read_back
+from edgeq.quant.effort import BY_GPTQ
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
@@ -153,7 +154,7 @@ class ONNXConverter:
             raise EdgeqError(f"accuracy level {accuracy_level} is not one of 0-4 (MatMulNBits' compute type; 4 = int8, 1 = fp32)")
         if rounding not in self.spec.roundings:
             raise EdgeqError(f"rounding {rounding!r} is not one of {', '.join(self.spec.roundings)}")
-        use_gptq = rounding in ("gptq", "learned") and calibration is not None
+        use_gptq = rounding in BY_GPTQ and calibration is not None
         plan = plan_precisions(source, precision, overrides, gptq=use_gptq)
         blocks = block_sizes(plan, source.shapes(), block_size)
         integer = any(kind in INT_TYPES for kind in plan.values())

@@ -17,6 +17,7 @@ from __future__ import annotations
 from ..errors import EdgeqError
 
 EFFORTS = ("fast", "standard", "max")
+BY_GPTQ = ("gptq", "learned")  # the roundings that run GPTQ over the float model (learned scales start from it)
 _ROUNDING = {"fast": "nearest", "standard": None, "max": "learned"}  # None: the format's own default, its error-correcting rounding where it wins
 # Fewest calibration tokens GPTQ is given: below two windows of 512 the Hessian of even a 896-wide layer is rank-deficient
 # and the damping, not the data, decides how errors move.

@@ -41,9 +41,9 @@ def _one_line_error(excinfo) -> str:
     return message
 
 
-def _int_bytes(shape, bits, block=32):
+def _int_bytes(shape, bits, block=32, scales="fp32"):
     rows, cols = shape
-    return rows * cols * bits // 8 + rows * (cols // block) * 4  # codes + one float32 scale per block
+    return rows * cols * bits // 8 + rows * (cols // block) * {"fp32": 4, "fp16": 2}[scales]  # codes + one scale per block
 
 
 def test_int8_types_and_sizes_read_back(tmp_path, tiny_llama):
@@ -52,7 +52,8 @@ def test_int8_types_and_sizes_read_back(tmp_path, tiny_llama):
     matrices = {n: t for n, t in manifest["tensors"].items() if len(t["shape"]) == 2}
     assert len(matrices) == 2 + 2 * 7  # embeddings, lm_head, 7 per layer
     for info in matrices.values():
-        assert info["type"] == "int8" and info["block_size"] == 32 and info["bytes"] == _int_bytes(info["shape"], 8)
+        assert info["type"] == "int8" and info["block_size"] == 32 and info["scales"] == "fp16"  # activations far below float16's range
+        assert info["bytes"] == _int_bytes(info["shape"], 8, scales="fp16")
     assert manifest["tensors"]["model.norm.weight"]["type"] == "fp32"
     assert 8.0 < manifest["bits_per_weight"] < 9.5 and not manifest["mismatches"]
     # q/k/v and gate/up each run as one kernel: 4 per layer and the lm_head
@@ -233,3 +234,68 @@ def test_smollm2_fp32_matches_torch(tmp_path):
     with edgeq.load(bundle, n_ctx=512) as lm:
         quality = _quality(ref, lm.engine.score(window), window)
     assert quality.kl < 1e-4 and quality.top1 >= 0.999
+
+
+@pytest.fixture(scope="module")
+def tiny_tied(tmp_path_factory):
+    return build_model(tmp_path_factory.mktemp("tied"), tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("table", ["int8", "int4"])
+def test_a_tied_table_is_stored_once_for_the_lookup_and_the_head(tmp_path, tiny_tied, table, monkeypatch):
+    """The lookup reads the head's MatMulNBits blocks (one stored table, as llama.cpp stores a tied one), with the same
+    logits as two stored copies; a type asked for either name is the table's."""
+    from edgeq.converters.onnx import graph as onnx_graph
+
+    def export(name, shared):
+        monkeypatch.setattr(onnx_graph, "shares_table", onnx_graph.shares_table if shared else lambda *a: False)
+        bundle = edgeq.export(tiny_tied, format="onnx", precision="int4", tensor_types={"lm_head.weight": table},
+                              rounding="nearest", output=tmp_path / name, eval_tokens=0)
+        with edgeq.load(bundle, threads=1) as lm:
+            return bundle, edgeq.inspect(bundle)["tensors"], lm.engine.score(TEXT)
+
+    bundle, tensors, logits = export("shared", True)
+    assert "lm_head.weight" not in tensors and tensors["model.embed_tokens.weight"]["type"] == table
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    readers = {n.op_type for n in graph.node if "model.embed_tokens.weight" in n.input}
+    assert readers == {"MatMulNBits", "Reshape"}
+    assert not [i.name for i in graph.initializer if i.name.startswith("lm_head")]
+    _, two_tensors, two_logits = export("two", False)
+    assert np.array_equal(logits, two_logits)
+    table_bytes = tensors["model.embed_tokens.weight"]["bytes"]
+    assert two_tensors["lm_head.weight"]["bytes"] == table_bytes
+    assert sum(t["bytes"] for t in two_tensors.values()) - sum(t["bytes"] for t in tensors.values()) == table_bytes
+
+
+def test_a_tied_table_asked_two_types_is_written_twice(tmp_path, tiny_tied):
+    bundle = edgeq.export(tiny_tied, format="onnx", precision="int4", rounding="nearest", output=tmp_path / "b", eval_tokens=0,
+                          tensor_types={"lm_head.weight": "int4", "model.embed_tokens.weight": "int8"})
+    types = {name: t["type"] for name, t in edgeq.inspect(bundle)["tensors"].items()}
+    assert types["lm_head.weight"] == "int4" and types["model.embed_tokens.weight"] == "int8"
+
+
+def test_a_layer_with_massive_activations_keeps_float32_scales(tmp_path, monkeypatch):
+    """Float16 scales make MatMulNBits compute in float16; a down_proj whose outputs reach 10^5 would overflow it, so it
+    keeps float32 scales (blocks of 64: the same bytes at 4 bits) and the logits stay the model's."""
+    from safetensors.torch import load_file, save_file
+
+    from edgeq.converters.onnx import convert as onnx_convert
+
+    folder = build_model(tmp_path / "massive")
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"] *= 3e4
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    ref = TorchEngine(open_model(folder)).score(TEXT)
+    bundle = _export(folder, tmp_path, "int4")
+    tensors = edgeq.inspect(bundle)["tensors"]
+    massive, calm = tensors["model.layers.0.mlp.down_proj.weight"], tensors["model.layers.1.mlp.down_proj.weight"]
+    assert (massive["scales"], massive["block_size"], calm["scales"], calm["block_size"]) == ("fp32", 64, "fp16", 32)
+    assert massive["bytes"] == calm["bytes"]
+    with edgeq.load(bundle, threads=1) as lm:
+        kept = _quality(ref, lm.engine.score(TEXT)).kl
+    monkeypatch.setattr(onnx_convert, "HALF_PEAK", float("inf"))  # every layer in float16, as without the measurement
+    forced = edgeq.export(folder, format="onnx", precision="int4", output=tmp_path / "forced", eval_tokens=0)
+    assert edgeq.inspect(forced)["tensors"]["model.layers.0.mlp.down_proj.weight"]["scales"] == "fp16"
+    with edgeq.load(forced, threads=1) as lm:
+        logits = lm.engine.score(TEXT)
+    assert not np.isfinite(logits).all() or _quality(ref, logits).kl > 10 * kept, kept

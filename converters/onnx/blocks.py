@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from edgeq.quant.grid import SymmetricGrid, search
 @dataclass(frozen=True)
 class Quantized:
     data: np.ndarray    # uint8 codes: (rows, blocks, block*bits/8) for MatMulNBits, (rows, cols*bits/8) for GatherBlockQuantized
-    scales: np.ndarray  # float32 (rows, blocks)
+    scales: np.ndarray  # float32 or float16 (rows, blocks): MatMulNBits multiplies in its scales' dtype
     bits: int
     block_size: int
 
@@ -38,18 +39,24 @@ def _padded_blocks(weight: torch.Tensor, importance: np.ndarray | None, block_si
     return w.view(rows, n_blocks, block_size), imp.view(1, n_blocks, block_size)
 
 
-def _pack(q: torch.Tensor, scales: torch.Tensor, bits: int, block_size: int) -> Quantized:
+def _pack(q: torch.Tensor, scales: torch.Tensor, bits: int, block_size: int, half: bool) -> Quantized:
     codes = (q + 2 ** (bits - 1)).to(torch.uint8).numpy()
     if bits == 4:
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return Quantized(np.ascontiguousarray(codes), scales.reshape(q.shape[0], -1).numpy().astype(np.float32), bits, block_size)
+    return Quantized(np.ascontiguousarray(codes), scales.reshape(q.shape[0], -1).numpy().astype(np.float16 if half else np.float32),
+                     bits, block_size)
 
 
-def quantize_blocks(weight: torch.Tensor, bits: int, block_size: int, importance: np.ndarray | None = None) -> Quantized:
-    """Symmetric block-wise quantization of a (rows, cols) weight along its columns (the input dimension)."""
+def quantize_blocks(weight: torch.Tensor, bits: int, block_size: int, importance: np.ndarray | None = None,
+                    half: bool = False) -> Quantized:
+    """Symmetric block-wise quantization of a (rows, cols) weight along its columns (the input dimension); `half`
+    stores float16 scales, and the codes are rounded at them."""
     w, imp = _padded_blocks(weight, importance, block_size)
     q, scales = search(w, imp, bits)
-    return _pack(q, scales, bits, block_size)
+    if half:
+        scales = scales.half().float()
+        q = (w / torch.where(scales == 0, torch.ones_like(scales), scales)).round_().clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return _pack(q, scales, bits, block_size, half)
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,18 @@ class BlockGrid(SymmetricGrid):
         rows, cols = rounded.shape
         blocks = rounded.view(rows, cols // self.block, self.block)
         scales = scales.view(rows, -1, 1)
-        return _pack(self.codes(blocks, scales), scales, self.bits, self.block)
+        return _pack(self.codes(blocks, scales), scales, self.bits, self.block, self.scale_dtype == torch.float16)
+
+
+@dataclass(frozen=True)
+class HalfBlockGrid(BlockGrid):
+    """The same blocks with float16 scales (MatMulNBits on float16 activations), as GGUF's Q4_0/Q8_0 store theirs: at
+    4 bits, blocks of 32 for the bytes float32 scales take at 64. The kernel multiplies code × scale in float32."""
+
+    scale_dtype: ClassVar[torch.dtype] = torch.float16
+
+    def round(self, column: torch.Tensor, scale: torch.Tensor, index: int) -> torch.Tensor:
+        return self.codes(column, scale) * scale
 
 
 def dequantize(q: Quantized, cols: int) -> np.ndarray:

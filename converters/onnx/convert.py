@@ -14,6 +14,7 @@ The graph itself, and its interface, is `edgeq.converters.onnx.graph`.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import onnx
@@ -22,9 +23,9 @@ from edgeq.errors import EdgeqError
 from edgeq.formats import warn_mismatches
 from edgeq.intake import SourceModel
 
-from .spec import BLOCK_SIZES, INT_TYPES, INT8_BLOCK, ONNX, int4_block
-from .blocks import BlockGrid, Quantized
-from .graph import DATA_FILE, DecoderGraph, matrix_shape
+from .spec import BLOCK_SIZES, HALF_PEAK, INT_TYPES, INT8_BLOCK, ONNX, int4_block
+from .blocks import BlockGrid, HalfBlockGrid, Quantized
+from .graph import DATA_FILE, HEAD, TABLE, DecoderGraph, matrix_shape
 from .weights import read_back
 from edgeq.quant.effort import BY_GPTQ
 
@@ -38,22 +39,42 @@ ORT_FORMAT_LIMIT = 2 << 30  # an .ort file is one flatbuffer, which cannot pass 
 def plan_precisions(source: SourceModel, precision: str, overrides: dict[str, str] | None, gptq: bool = False) -> dict[str, str]:
     """HF weight name → encoding for every matrix. INT4 keeps embeddings at INT8, and the lm_head too unless
     GPTQ rounds it: rounded alone, a 4-bit lm_head costs SmolLM2 +0.055 KL (llama.cpp keeps its output at 6 bits);
-    with GPTQ +0.014, and its bytes are what a decode step reads most (4 bits decode as fast as the builder's)."""
+    with GPTQ +0.014, and its bytes are what a decode step reads most (4 bits decode as fast as the builder's).
+    A tied table is stored once for both (`shares_table`), so it stays at INT8: as 4-bit rows, the lookup costs
+    more than the bytes save (bench/README.md)."""
     shapes = source.shapes()
     names = [n for n, s in shapes.items() if len(s) == 2]
-    if "lm_head.weight" not in shapes:
-        names.append("lm_head.weight")  # tied: written from the embedding, but planned on its own
-    kept = ("model.embed_tokens.weight",) if gptq else ("lm_head.weight", "model.embed_tokens.weight")
+    tied = HEAD not in shapes
+    if tied:
+        names.append(HEAD)  # written from the embedding, and planned with it
+    kept = (TABLE,) if gptq and not tied else (HEAD, TABLE)
     plan = {}
     for name in names:
         plan[name] = "int8" if precision == "int4" and name in kept else precision
-    plan.update(ONNX.check_overrides(overrides, list(plan), shapes))
+    checked = ONNX.check_overrides(overrides, list(plan), shapes)
+    plan.update(checked)
+    if tied and len({TABLE, HEAD} & set(checked)) == 1:  # one stored table (`shares_table`): an integer type for it names both
+        asked = TABLE if TABLE in checked else HEAD
+        if checked[asked] in INT_TYPES:
+            plan[TABLE] = plan[HEAD] = checked[asked]
     return plan
 
 
-def block_sizes(plan: dict[str, str], shapes: dict[str, tuple], block_size: int | None) -> dict[str, int]:
+def half_scaled(plan: dict[str, str], peaks: dict[str, float] | None, tied: bool) -> frozenset[str]:
+    """The integer weights stored with float16 scales: every one whose layer's calibration activations stay below
+    `HALF_PEAK`; a lookup's rows are weights, always small, but a tied table is the head's. None without calibration
+    to measure them on."""
+    if peaks is None:
+        return frozenset()
+    safe = {n for n, kind in plan.items() if kind in INT_TYPES and peaks.get(n, math.inf) < HALF_PEAK}
+    if plan.get(TABLE) in INT_TYPES and (not tied or HEAD in safe):
+        safe.add(TABLE)
+    return frozenset(safe)
+
+
+def block_sizes(plan: dict[str, str], shapes: dict[str, tuple], block_size: int | None, half: frozenset[str]) -> dict[str, int]:
     """The block of every integer matrix: INT8 blocks of 32 (Q8_0's layout); INT4 the block asked, which must divide
-    every INT4 width, or without one 64 where it divides and the next size that does elsewhere."""
+    every INT4 width, or without one 32 (float16 scales) or 64 (float32) where it divides and the next size that does elsewhere."""
     if block_size is not None and block_size not in BLOCK_SIZES:
         raise EdgeqError(f"INT4 block size {block_size} is not supported; choose one of {', '.join(map(str, BLOCK_SIZES))}")
     blocks = {}
@@ -62,7 +83,7 @@ def block_sizes(plan: dict[str, str], shapes: dict[str, tuple], block_size: int 
         if kind == "int8":
             blocks[name] = INT8_BLOCK
         elif kind == "int4":
-            blocks[name] = int4_block(width, block_size)
+            blocks[name] = int4_block(width, block_size, name in half)
             if blocks[name] is None:
                 fits = [b for b in BLOCK_SIZES if width % b == 0]
                 asked = f"INT4 block size {block_size} does not divide" if block_size else "no INT4 block size divides"
@@ -71,7 +92,7 @@ def block_sizes(plan: dict[str, str], shapes: dict[str, tuple], block_size: int 
     return blocks
 
 
-def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], progress: bool | None,
+def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], half: frozenset[str], progress: bool | None,
                   adapters=None, learned: bool = False) -> dict[str, Quantized]:
     """Every MatMulNBits weight of the plan, rounded by GPTQ on the calibration text (the embedding is a lookup: no inputs to compensate).
 
@@ -80,7 +101,7 @@ def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], pro
     from edgeq.quant.effort import require_tokens
     from edgeq.quant.gptq import quantize_model
 
-    grids = {name: BlockGrid(int(kind[3:]), blocks[name]) for name, kind in plan.items()
+    grids = {name: (HalfBlockGrid if name in half else BlockGrid)(int(kind[3:]), blocks[name]) for name, kind in plan.items()
              if kind in INT_TYPES and name != "model.embed_tokens.weight"}
     if grids:
         require_tokens(calibration, "max" if learned else "standard")
@@ -156,16 +177,18 @@ class ONNXConverter:
             raise EdgeqError(f"rounding {rounding!r} is not one of {', '.join(self.spec.roundings)}")
         use_gptq = rounding in BY_GPTQ and calibration is not None
         plan = plan_precisions(source, precision, overrides, gptq=use_gptq)
-        blocks = block_sizes(plan, source.shapes(), block_size)
         integer = any(kind in INT_TYPES for kind in plan.values())
-        rounded = gptq_rounding(calibration, plan, blocks, progress, adapters, rounding == "learned") if use_gptq and integer else None
+        measured = integer and calibration is not None and (use_gptq or calibration.given)
+        half = half_scaled(plan, calibration.activation_peaks(keep_loaded=use_gptq) if measured else None, HEAD not in source.shapes())
+        blocks = block_sizes(plan, source.shapes(), block_size, half)
+        rounded = gptq_rounding(calibration, plan, blocks, half, progress, adapters, rounding == "learned") if use_gptq and integer else None
         importance = calibration.importance(progress) if integer and not use_gptq and calibration is not None else None
         slots = None
         if adapters:
             from .adapters import LoraSlots
 
             slots = LoraSlots(adapters, source.shapes())
-        model = DecoderGraph(source, stage, plan, blocks, accuracy_level, importance, rounded, slots).build(progress)
+        model = DecoderGraph(source, stage, plan, blocks, accuracy_level, importance, rounded, slots, half).build(progress)
         check_operators(model)
         onnx.save_model(model, str(stage / MODEL_FILE))
         try:

@@ -28,9 +28,20 @@ DATA_FILE = "model.onnx.data"
 OPSET = 23  # RMSNormalization is standard from 23
 
 
+TABLE, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
 def matrix_shape(shapes: dict[str, tuple], name: str) -> tuple:
     """(rows, cols) of a planned matrix; a tied lm_head has the embedding's."""
-    return tuple(shapes.get(name) or shapes["model.embed_tokens.weight"])
+    return tuple(shapes.get(name) or shapes[TABLE])
+
+
+def shares_table(shapes: dict[str, tuple], plan: dict[str, str], blocks: dict[str, int]) -> bool:
+    """Whether the lookup and the head read one stored table: the checkpoint ties them and the plan encodes both alike in
+    integer blocks. The head's MatMulNBits layout is then the only copy (GatherBlockQuantized reads the same bytes as
+    rows), as llama.cpp stores a tied table once; a float or a differently encoded pair is written twice."""
+    return (HEAD not in shapes and plan.get(HEAD) == plan.get(TABLE) in INT_TYPES
+            and blocks.get(HEAD) == blocks.get(TABLE))
 
 
 class DecoderGraph:
@@ -38,20 +49,24 @@ class DecoderGraph:
 
     def __init__(self, source: SourceModel, stage: Path, plan: dict[str, str], blocks: dict[str, int],
                  accuracy_level: int, importance: dict[str, np.ndarray] | None, rounded: dict[str, Quantized] | None = None,
-                 lora=None):
+                 lora=None, half: frozenset[str] = frozenset()):
         self.source, self.plan, self.blocks = source, plan, blocks
         self.lora = lora  # onnx_adapters.LoraSlots of the kept adapters, or None
+        self.half = half  # integer weights stored with float16 scales
         self.accuracy_level, self.importance = accuracy_level, importance or {}
         self.rounded = dict(rounded or {})  # GPTQ's result, taken (and dropped) as each weight is written
         self.data = ExternalData(stage, DATA_FILE)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._consts: dict[tuple, str] = {}
+        self._written: dict[str, tuple] = {}  # stored name → what `_quantized` returned for it
+        self._as_half: dict[str, str] = {}  # an input → its float16 cast, for MatMulNBits with float16 scales
         self.shape = shape = ModelShape.from_config(source.config)
         self.hidden, self.layers, self.n_head, self.n_kv, self.head_dim = shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.head_dim
         self.eps = float(source.config["rms_norm_eps"])
         self.arch = source.arch  # the family's block: norm offset, sandwich norms, activation, fused projections
         self.rope_inputs: dict[int, tuple[str, str]] = {}  # id(Rope) → its cos/sin inputs of GroupQueryAttention
+        self.shared_table = shares_table(source.shapes(), plan, blocks)
 
     def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> str | list[str]:
         name = f"/{op}_{len(self.nodes)}"
@@ -76,17 +91,31 @@ class DecoderGraph:
         self.initializers.append(self.data.add(name, array))
         return name
 
-    def _quantized(self, name: str) -> tuple[str, str, int, int, int, int]:
-        """Writes `name` and its scales as the plan encodes them; returns (weight, scales, rows, cols, bits, block)."""
+    def _quantized(self, name: str, stored_as: str | None = None) -> tuple[str, str, int, int, int, int]:
+        """Writes `name` (under `stored_as`, default its own name) and its scales as the plan encodes them; returns
+        (weight, scales, rows, cols, bits, block). A shared table is written once and found again by its stored name."""
+        stored = stored_as or name
+        if stored in self._written:
+            return self._written[stored]
         q = self.rounded.pop(name, None)
         if q is None:
-            q = quantize_blocks(self._tensor(name), int(self.plan[name][3:]), self.blocks[name], self.importance.get(name))
-        self.add_weight(f"{name}.scales", q.scales)
-        return self.add_weight(name, q.data), f"{name}.scales", *matrix_shape(self.source.shapes(), name), q.bits, q.block_size
+            q = quantize_blocks(self._tensor(name), int(self.plan[name][3:]), self.blocks[name], self.importance.get(name),
+                                half=name in self.half)
+        self.add_weight(f"{stored}.scales", q.scales)
+        self._written[stored] = (self.add_weight(stored, q.data), f"{stored}.scales", *matrix_shape(self.source.shapes(), name),
+                                 q.bits, q.block_size, q.scales.dtype == np.float16)
+        return self._written[stored]
 
-    def _matmul_nbits(self, x: str, weight: str, scales: str, rows: int, cols: int, bits: int, block: int) -> str:
-        return self.node("MatMulNBits", [x, weight, scales], domain="com.microsoft", K=cols, N=rows, bits=bits,
-                         block_size=block, accuracy_level=self.accuracy_level)
+    def _matmul_nbits(self, x: str, weight: str, scales: str, rows: int, cols: int, bits: int, block: int, half: bool) -> str:
+        """MatMulNBits computes in its scales' dtype: float16 scales take `x` cast to float16 (once per input) and give
+        float16 out, cast back, so the residual stream and everything else stay float32."""
+        if half:
+            if x not in self._as_half:
+                self._as_half[x] = self.node("Cast", [x], to=TensorProto.FLOAT16)
+            x = self._as_half[x]
+        out = self.node("MatMulNBits", [x, weight, scales], domain="com.microsoft", K=cols, N=rows, bits=bits,
+                        block_size=block, accuracy_level=self.accuracy_level)
+        return self.node("Cast", [out], to=TensorProto.FLOAT) if half else out
 
     def _bias(self, out: str, bias: str | None) -> str:
         if bias and bias in self.source.shapes():
@@ -99,7 +128,8 @@ class DecoderGraph:
     def linear(self, x: str, name: str, bias: str | None = None) -> str:
         kind = self.plan[name]
         if kind in ("int4", "int8"):
-            return self._lora(x, [name], self._bias(self._matmul_nbits(x, *self._quantized(name)), bias))
+            stored = TABLE if self.shared_table and name == HEAD else None
+            return self._lora(x, [name], self._bias(self._matmul_nbits(x, *self._quantized(name, stored)), bias))
         weight = self._tensor(name)
         if kind == "fp16":
             out = self.node("MatMul", [x, self.node("Cast", [self.add_weight(name, weight.T.half().numpy())], to=TensorProto.FLOAT)])
@@ -112,7 +142,7 @@ class DecoderGraph:
         at load), outputs side by side; None unless the plan quantizes them alike. q/k/v are 192-576 rows each
         on small models, and one larger kernel decodes faster than three small ones. The file keeps one tensor
         per HF name."""
-        kinds = {(self.plan[n], self.blocks.get(n)) for n in names}
+        kinds = {(self.plan[n], self.blocks.get(n), n in self.half) for n in names}
         present = [b for b in biases if b and b in self.source.shapes()]
         if len(kinds) > 1 or next(iter(kinds))[0] not in INT_TYPES or 0 < len(present) < len(names):
             return None
@@ -136,17 +166,26 @@ class DecoderGraph:
         return self._lora(ids, ["model.embed_tokens.weight"], self._embedding(ids))
 
     def _embedding(self, ids: str) -> str:
-        name = "model.embed_tokens.weight"
+        name = TABLE
+        if self.shared_table:  # the head's MatMulNBits blocks, read as rows (GatherBlockQuantized takes them 2-D)
+            data, scales, rows, _, bits, block, half = self._quantized(HEAD, stored_as=TABLE)
+            table = self.node("Reshape", [data, self.const([rows, -1])])
+            return self._lookup(table, ids, scales, bits, block, half)
         kind, weight = self.plan[name], self._tensor(name)
         if kind in ("int4", "int8"):
             bits = int(kind[3:])
-            q = quantize_blocks(weight, bits, self.blocks[name])
+            q = quantize_blocks(weight, bits, self.blocks[name], half=name in self.half)
             data = self.add_weight(name, q.data.reshape(q.data.shape[0], -1))
-            return self.node("GatherBlockQuantized", [data, ids, self.add_weight(f"{name}.scales", q.scales)], domain="com.microsoft",
-                             bits=bits, block_size=q.block_size, gather_axis=0, quantize_axis=1)
+            return self._lookup(data, ids, self.add_weight(f"{name}.scales", q.scales), bits, q.block_size, q.scales.dtype == np.float16)
         if kind == "fp16":
             return self.node("Cast", [self.node("Gather", [self.add_weight(name, weight.half().numpy()), ids])], to=TensorProto.FLOAT)
         return self.node("Gather", [self.add_weight(name, weight.numpy()), ids])
+
+    def _lookup(self, table: str, ids: str, scales: str, bits: int, block: int, half: bool) -> str:
+        """Rows of a block-quantized table (in its scales' dtype), as float32."""
+        rows = self.node("GatherBlockQuantized", [table, ids, scales], domain="com.microsoft",
+                         bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
+        return self.node("Cast", [rows], to=TensorProto.FLOAT) if half else rows
 
     def _norm_weight(self, name: str) -> str:
         """The gain as the kernel multiplies by it: Gemma's (1 + w) is stored as such."""

@@ -11,26 +11,30 @@ from edgeq.formats import FormatSpec
 INT_TYPES = ("int4", "int8")
 FLOAT_TYPES = ("fp32", "fp16")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-# INT4 block when none is asked: 64 where it divides the width, else the next that does (bench/README.md
-# has the KL and decode speed of 64 vs 32; mlx-lm's default group is 64 too).
-DEFAULT_INT4_BLOCKS = (64, 32, 16)
+# INT4 block when none is asked: with float16 scales 32 (Q4_0's layout and bytes), with float32 scales 64 for the
+# same bytes; else the next that divides the width (bench/README.md has the KL of each).
+DEFAULT_INT4_BLOCKS = {True: (32, 16), False: (64, 32, 16)}
 INT8_BLOCK = 32  # Q8_0's layout
+# Float16 scales make MatMulNBits compute in float16: a layer whose calibration activations (in or out) reach past
+# this stays at float32 scales, 8x short of float16's 65504 (`edgeq.quant.importance.activation_peaks`).
+HALF_PEAK = 8192.0
 ALIGN = 64 * 1024  # large tensors start on this boundary in the external-data file, so onnxruntime can memory-map them
 
 
-def int4_block(width: int, asked: int | None = None) -> int | None:
-    """The INT4 block for a matrix `width` inputs wide: the one asked if it divides, else the default rule; None if none fits."""
-    for block in (asked,) if asked else DEFAULT_INT4_BLOCKS:
+def int4_block(width: int, asked: int | None = None, half: bool = True) -> int | None:
+    """The INT4 block for a matrix `width` inputs wide: the one asked if it divides, else the default rule for its scales'
+    dtype (`half`: float16); None if none fits."""
+    for block in (asked,) if asked else DEFAULT_INT4_BLOCKS[half]:
         if width % block == 0:
             return block
     return None
 
 
 class ONNXSpace:
-    """What the ONNX converter writes: symmetric blocks with float32 scales, int4 in the converter's default
+    """What the ONNX converter writes: symmetric blocks with float16 scales, int4 in the converter's default
     block (see `int4_block`) and int8 in blocks of 32 (MatMulNBits), rounded by the converter's
     importance-weighted scale search; or fp16. (An export rounds by GPTQ on top, which only lowers the error
-    priced here.)"""
+    priced here; a layer with massive activations keeps float32 scales in blocks twice as long, the same bytes at 4 bits.)"""
 
     format = "onnx"
     float_bytes = 4
@@ -47,7 +51,7 @@ class ONNXSpace:
         n = int(np.prod(shape))
         if precision == "fp16":
             return 2 * n
-        return n * int(precision[3:]) // 8 + -(-shape[-1] // self._block(precision, shape)) * shape[0] * 4
+        return n * int(precision[3:]) // 8 + -(-shape[-1] // self._block(precision, shape)) * shape[0] * 2
 
     def round_trip(self, weight, precision, importance):
         if precision == "fp16":
@@ -57,7 +61,7 @@ class ONNXSpace:
         from .blocks import dequantize, quantize_blocks
 
         block = self._block(precision, weight.shape)
-        q = quantize_blocks(torch.from_numpy(np.ascontiguousarray(weight)), int(precision[3:]), block, importance)
+        q = quantize_blocks(torch.from_numpy(np.ascontiguousarray(weight)), int(precision[3:]), block, importance, half=True)
         return dequantize(q, weight.shape[1])
 
 
@@ -69,7 +73,7 @@ class ONNXFormat(FormatSpec):
     default_precision = "int4"
     float_precision = "fp32"
     planned_precision = "int4"  # the base of a planned export; the plan names every matrix
-    nominal_bpw = {"int4": 5.0, "int8": 8.0, "fp16": 16.0, "fp32": 32.0}
+    nominal_bpw = {"int4": 5.0, "int8": 8.5, "fp16": 16.0, "fp32": 32.0}
     options = ("mobile", "block_size", "rounding")
     roundings = ("gptq", "nearest", "learned")
     gptq_precisions = ("int4", "int8")

@@ -72,6 +72,8 @@ def read_back(model_file: Path, planned: dict[str, str]) -> dict:
     model = onnx.load(str(model_file), load_external_data=False)
     consumers: dict[str, onnx.NodeProto] = {}
     for node in model.graph.node:
+        if node.op_type == "Reshape":  # a shared table's lookup reads the head's blocks through a Reshape
+            continue
         for index, name in enumerate(node.input):
             if index < 2 or node.op_type != "MatMulNBits":  # MatMulNBits' scales belong to their weight
                 consumers.setdefault(name, node)
@@ -80,12 +82,16 @@ def read_back(model_file: Path, planned: dict[str, str]) -> dict:
             for name in node.input:
                 consumers[name] = consumers[node.output[0]]
     companions = {t.name: _nbytes(t) for t in model.graph.initializer if t.name.endswith(".scales")}
+    scale_types = {t.name: {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16"}.get(t.data_type)
+                   for t in model.graph.initializer if t.name.endswith(".scales")}
     tensors, mismatches = {}, []
     for t in model.graph.initializer:
         if not t.name.endswith((".weight", ".bias")):
             continue
         info = _describe(t.name, t, consumers.get(t.name))
         info["bytes"] = _nbytes(t) + companions.get(f"{t.name}.scales", 0)
+        if f"{t.name}.scales" in scale_types:
+            info["scales"] = scale_types[f"{t.name}.scales"]
         tensors[t.name] = info
         asked = planned.get(t.name)
         if asked and asked != info["type"]:

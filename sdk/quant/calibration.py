@@ -77,6 +77,17 @@ class Calibration:
             self.used = True
         return self._importance
 
+    def activation_peaks(self, keep_loaded: bool) -> dict[str, float]:
+        """The largest |activation| at every linear layer, on the first two windows (`importance.activation_peaks`);
+        the float model stays loaded if `keep_loaded` (GPTQ comes next) or if it already was."""
+        from .importance import activation_peaks
+
+        loaded_for_it = not self.reference.loaded
+        peaks = activation_peaks(self.model, self.windows[:2])
+        if loaded_for_it and not keep_loaded:
+            self.release()
+        return peaks
+
     def describe(self) -> dict | None:
         if not self.used:
             return None

@@ -41,3 +41,28 @@ def compute_importance(model, windows: list[list[int]], progress: bool | None = 
         for h in hooks:
             h.remove()
     return {name: (sums[name] / counts[name]).numpy().astype(np.float32) for name in sums}
+
+
+def activation_peaks(model, windows: list[list[int]]) -> dict[str, float]:
+    """The largest |activation| into and out of every linear layer on `windows` (HF weight names). A kernel that
+    computes in float16 (ONNX's MatMulNBits with float16 scales) overflows past 65504, and some models carry
+    "massive activations" of 10^4 (SmolLM2-135M: 24176 out of one down_proj). They sit on the first positions of any
+    text, so a couple of windows find them. The head's input is the final norm's output; its logits are not computed."""
+    import torch
+
+    peaks: dict[str, float] = {}
+
+    def record(name, *tensors):
+        peaks[name] = max(peaks.get(name, 0.0), *(float(t.detach().abs().max()) for t in tensors))
+
+    hooks = [module.register_forward_hook(lambda m, inputs, output, name=f"{name}.weight": record(name, inputs[0], output))
+             for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and module is not model.lm_head]
+    hooks.append(model.model.norm.register_forward_hook(lambda m, inputs, output: record("lm_head.weight", output)))
+    try:
+        with torch.inference_mode():
+            for window in windows:
+                model.model(input_ids=torch.tensor([window]), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return peaks

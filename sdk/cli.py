@@ -107,7 +107,7 @@ def main(ctx, debug, verbose, progress):
 @click.option("--eval-tokens", default=1024, show_default=True, type=types.TOKENS_OR_ZERO, help="Tokens of the short quality check stored in the manifest (0 skips it).")
 @click.option("--mobile", is_flag=True, help="onnx: also write the ORT format (.ort) and the operator config ONNX Runtime Mobile builds need.")
 @click.option("--block-size", type=click.IntRange(min=1), help="onnx int4: input columns per quantization block (16, 32, 64, 128 or 256; "
-                                              "default: 64 where it divides a tensor's width, else 32 or 16).")
+                                              "default: 32 with float16 scales, 64 for a layer that keeps float32 ones; else 16 or 32).")
 @click.option("--rounding", type=click.Choice(["gptq", "nearest", "learned"]),
               help="gptq rounds with error feedback on calibration text, so a 4-bit lm_head keeps quality (minutes on "
                    "1B+ models); nearest rounds each block alone (seconds; the lm_head stays 8-bit). onnx int4/int8: gptq "

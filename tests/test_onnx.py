@@ -274,9 +274,10 @@ def test_a_tied_table_asked_two_types_is_written_twice(tmp_path, tiny_tied):
     assert types["lm_head.weight"] == "int4" and types["model.embed_tokens.weight"] == "int8"
 
 
-def test_a_layer_with_massive_activations_keeps_float32_scales(tmp_path, monkeypatch):
-    """Float16 scales make MatMulNBits compute in float16; a down_proj whose outputs reach 10^5 would overflow it, so it
-    keeps float32 scales (blocks of 64: the same bytes at 4 bits) and the logits stay the model's."""
+def test_a_layer_with_massive_activations_computes_scaled_down_in_float16(tmp_path, monkeypatch):
+    """Float16 scales make MatMulNBits compute in float16; a down_proj whose outputs reach 10^5 would overflow it, so its
+    input is divided by a power of two before the cast and its output multiplied back after, and the logits stay the
+    model's; without that scaling they do not."""
     from safetensors.torch import load_file, save_file
 
     from edgeq.converters.onnx import convert as onnx_convert
@@ -286,16 +287,18 @@ def test_a_layer_with_massive_activations_keeps_float32_scales(tmp_path, monkeyp
     weights["model.layers.0.mlp.down_proj.weight"] *= 3e4
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     ref = TorchEngine(open_model(folder)).score(TEXT)
-    bundle = _export(folder, tmp_path, "int4")
-    tensors = edgeq.inspect(bundle)["tensors"]
-    massive, calm = tensors["model.layers.0.mlp.down_proj.weight"], tensors["model.layers.1.mlp.down_proj.weight"]
-    assert (massive["scales"], massive["block_size"], calm["scales"], calm["block_size"]) == ("fp32", 64, "fp16", 32)
-    assert massive["bytes"] == calm["bytes"]
-    with edgeq.load(bundle, threads=1) as lm:
-        kept = _quality(ref, lm.engine.score(TEXT)).kl
-    monkeypatch.setattr(onnx_convert, "HALF_PEAK", float("inf"))  # every layer in float16, as without the measurement
-    forced = edgeq.export(folder, format="onnx", precision="int4", output=tmp_path / "forced", eval_tokens=0)
-    assert edgeq.inspect(forced)["tensors"]["model.layers.0.mlp.down_proj.weight"]["scales"] == "fp16"
-    with edgeq.load(forced, threads=1) as lm:
-        logits = lm.engine.score(TEXT)
-    assert not np.isfinite(logits).all() or _quality(ref, logits).kl > 10 * kept, kept
+
+    def export(name):
+        bundle = edgeq.export(folder, format="onnx", precision="int4", output=tmp_path / name, eval_tokens=0)
+        tensors = edgeq.inspect(bundle)["tensors"]
+        assert {(t["scales"], t["block_size"]) for t in tensors.values() if t["type"] == "int4"} == {("fp16", 32)}
+        graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+        with edgeq.load(bundle, threads=1) as lm:
+            return sum(n.op_type == "Mul" for n in graph.node), lm.engine.score(TEXT)
+
+    muls, logits = export("scaled")
+    kept = _quality(ref, logits).kl
+    monkeypatch.setattr(onnx_convert, "HALF_PEAK", float("inf"))  # no layer scaled
+    plain_muls, plain = export("plain")
+    assert muls == plain_muls + 2  # down by 2^k before layer 0's down_proj, up after
+    assert not np.isfinite(plain).all() or _quality(ref, plain).kl > 10 * kept, kept

@@ -60,19 +60,21 @@ def plan_precisions(source: SourceModel, precision: str, overrides: dict[str, st
     return plan
 
 
-def half_scaled(plan: dict[str, str], peaks: dict[str, float] | None, tied: bool) -> frozenset[str]:
-    """The integer weights stored with float16 scales: every one whose layer's calibration activations stay below
-    `HALF_PEAK`; a lookup's rows are weights, always small, but a tied table is the head's. None without calibration
-    to measure them on."""
+def half_scaled(plan: dict[str, str], peaks: dict[str, float] | None) -> dict[str, int]:
+    """The integer weights stored with float16 scales, each with the power of two its input is divided by: MatMulNBits
+    then computes in float16, and a layer whose calibration activations (in or out) reach `HALF_PEAK` computes on
+    them scaled down (exactly, by a power of two) and scaled back up in float32. None without calibration to measure
+    them on: float32 scales everywhere."""
     if peaks is None:
-        return frozenset()
-    safe = {n for n, kind in plan.items() if kind in INT_TYPES and peaks.get(n, math.inf) < HALF_PEAK}
-    if plan.get(TABLE) in INT_TYPES and (not tied or HEAD in safe):
-        safe.add(TABLE)
-    return frozenset(safe)
+        return {}
+    shifts = {n: 0 if peaks.get(n, 0.0) < HALF_PEAK else math.floor(math.log2(peaks[n] / HALF_PEAK)) + 1
+              for n, kind in plan.items() if kind in INT_TYPES and n != TABLE}
+    if plan.get(TABLE) in INT_TYPES:
+        shifts[TABLE] = 0  # a lookup's rows are weights, always small (a tied table is the head's: no input to scale)
+    return shifts
 
 
-def block_sizes(plan: dict[str, str], shapes: dict[str, tuple], block_size: int | None, half: frozenset[str]) -> dict[str, int]:
+def block_sizes(plan: dict[str, str], shapes: dict[str, tuple], block_size: int | None, half: dict[str, int]) -> dict[str, int]:
     """The block of every integer matrix: INT8 blocks of 32 (Q8_0's layout); INT4 the block asked, which must divide
     every INT4 width, or without one 32 (float16 scales) or 64 (float32) where it divides and the next size that does elsewhere."""
     if block_size is not None and block_size not in BLOCK_SIZES:
@@ -92,7 +94,7 @@ def block_sizes(plan: dict[str, str], shapes: dict[str, tuple], block_size: int 
     return blocks
 
 
-def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], half: frozenset[str], progress: bool | None,
+def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], half: dict[str, int], progress: bool | None,
                   adapters=None, learned: bool = False) -> dict[str, Quantized]:
     """Every MatMulNBits weight of the plan, rounded by GPTQ on the calibration text (the embedding is a lookup: no inputs to compensate).
 
@@ -179,7 +181,7 @@ class ONNXConverter:
         plan = plan_precisions(source, precision, overrides, gptq=use_gptq)
         integer = any(kind in INT_TYPES for kind in plan.values())
         measured = integer and calibration is not None and (use_gptq or calibration.given)
-        half = half_scaled(plan, calibration.activation_peaks(keep_loaded=use_gptq) if measured else None, HEAD not in source.shapes())
+        half = half_scaled(plan, calibration.activation_peaks(keep_loaded=use_gptq) if measured else None)
         blocks = block_sizes(plan, source.shapes(), block_size, half)
         rounded = gptq_rounding(calibration, plan, blocks, half, progress, adapters, rounding == "learned") if use_gptq and integer else None
         importance = calibration.importance(progress) if integer and not use_gptq and calibration is not None else None

@@ -49,10 +49,10 @@ class DecoderGraph:
 
     def __init__(self, source: SourceModel, stage: Path, plan: dict[str, str], blocks: dict[str, int],
                  accuracy_level: int, importance: dict[str, np.ndarray] | None, rounded: dict[str, Quantized] | None = None,
-                 lora=None, half: frozenset[str] = frozenset()):
+                 lora=None, half: dict[str, int] | None = None):
         self.source, self.plan, self.blocks = source, plan, blocks
         self.lora = lora  # onnx_adapters.LoraSlots of the kept adapters, or None
-        self.half = half  # integer weights stored with float16 scales
+        self.half = half or {}  # integer weights stored with float16 scales → the power of two their input is divided by
         self.accuracy_level, self.importance = accuracy_level, importance or {}
         self.rounded = dict(rounded or {})  # GPTQ's result, taken (and dropped) as each weight is written
         self.data = ExternalData(stage, DATA_FILE)
@@ -60,7 +60,7 @@ class DecoderGraph:
         self.initializers: list[TensorProto] = []
         self._consts: dict[tuple, str] = {}
         self._written: dict[str, tuple] = {}  # stored name → what `_quantized` returned for it
-        self._as_half: dict[str, str] = {}  # an input → its float16 cast, for MatMulNBits with float16 scales
+        self._as_half: dict[tuple[str, int], str] = {}  # (input, shift) → its float16 cast, for MatMulNBits with float16 scales
         self.shape = shape = ModelShape.from_config(source.config)
         self.hidden, self.layers, self.n_head, self.n_kv, self.head_dim = shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.head_dim
         self.eps = float(source.config["rms_norm_eps"])
@@ -106,16 +106,22 @@ class DecoderGraph:
                                  q.bits, q.block_size, q.scales.dtype == np.float16)
         return self._written[stored]
 
-    def _matmul_nbits(self, x: str, weight: str, scales: str, rows: int, cols: int, bits: int, block: int, half: bool) -> str:
-        """MatMulNBits computes in its scales' dtype: float16 scales take `x` cast to float16 (once per input) and give
-        float16 out, cast back, so the residual stream and everything else stay float32."""
+    def _matmul_nbits(self, x: str, weight: str, scales: str, rows: int, cols: int, bits: int, block: int, half: bool,
+                      shift: int = 0) -> str:
+        """MatMulNBits computes in its scales' dtype: float16 scales take `x` cast to float16 (once per input; divided by
+        2^shift first where the layer's activations would overflow float16) and give float16 out, cast back (and
+        multiplied back), so the residual stream and everything else stay float32."""
         if half:
-            if x not in self._as_half:
-                self._as_half[x] = self.node("Cast", [x], to=TensorProto.FLOAT16)
-            x = self._as_half[x]
+            if (x, shift) not in self._as_half:
+                scaled = self.node("Mul", [x, self.const(2.0 ** -shift, np.float32)]) if shift else x
+                self._as_half[x, shift] = self.node("Cast", [scaled], to=TensorProto.FLOAT16)
+            x = self._as_half[x, shift]
         out = self.node("MatMulNBits", [x, weight, scales], domain="com.microsoft", K=cols, N=rows, bits=bits,
                         block_size=block, accuracy_level=self.accuracy_level)
-        return self.node("Cast", [out], to=TensorProto.FLOAT) if half else out
+        if not half:
+            return out
+        out = self.node("Cast", [out], to=TensorProto.FLOAT)
+        return self.node("Mul", [out, self.const(2.0 ** shift, np.float32)]) if shift else out
 
     def _bias(self, out: str, bias: str | None) -> str:
         if bias and bias in self.source.shapes():
@@ -129,7 +135,8 @@ class DecoderGraph:
         kind = self.plan[name]
         if kind in ("int4", "int8"):
             stored = TABLE if self.shared_table and name == HEAD else None
-            return self._lora(x, [name], self._bias(self._matmul_nbits(x, *self._quantized(name, stored)), bias))
+            out = self._matmul_nbits(x, *self._quantized(name, stored), shift=self.half.get(name, 0))
+            return self._lora(x, [name], self._bias(out, bias))
         weight = self._tensor(name)
         if kind == "fp16":
             out = self.node("MatMul", [x, self.node("Cast", [self.add_weight(name, weight.T.half().numpy())], to=TensorProto.FLOAT)])
@@ -142,14 +149,15 @@ class DecoderGraph:
         at load), outputs side by side; None unless the plan quantizes them alike. q/k/v are 192-576 rows each
         on small models, and one larger kernel decodes faster than three small ones. The file keeps one tensor
         per HF name."""
-        kinds = {(self.plan[n], self.blocks.get(n), n in self.half) for n in names}
+        kinds = {(self.plan[n], self.blocks.get(n), self.half.get(n)) for n in names}
         present = [b for b in biases if b and b in self.source.shapes()]
         if len(kinds) > 1 or next(iter(kinds))[0] not in INT_TYPES or 0 < len(present) < len(names):
             return None
         parts = [self._quantized(n) for n in names]
         weight = self.node("Concat", [p[0] for p in parts], axis=0)
         scales = self.node("Concat", [p[1] for p in parts], axis=0)
-        out = self._lora(x, names, self._matmul_nbits(x, weight, scales, sum(p[2] for p in parts), *parts[0][3:]))
+        out = self._matmul_nbits(x, weight, scales, sum(p[2] for p in parts), *parts[0][3:], shift=self.half.get(names[0], 0))
+        out = self._lora(x, names, out)
         if not present:
             return out
         return self.node("Add", [out, self.node("Concat", [self.add_weight(b, self._tensor(b).numpy()) for b in present], axis=0)])

@@ -16,7 +16,8 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_INT4_BLOCKS = {True: (32, 16), False: (64, 32, 16)}
 INT8_BLOCK = 32  # Q8_0's layout
 # Float16 scales make MatMulNBits compute in float16: a layer whose calibration activations (in or out) reach past
-# this stays at float32 scales, 8x short of float16's 65504 (`edgeq.quant.importance.activation_peaks`).
+# this computes on them divided by a power of two, to stay 8x short of float16's 65504
+# (`edgeq.quant.importance.activation_peaks`).
 HALF_PEAK = 8192.0
 ALIGN = 64 * 1024  # large tensors start on this boundary in the external-data file, so onnxruntime can memory-map them
 
@@ -34,7 +35,7 @@ class ONNXSpace:
     """What the ONNX converter writes: symmetric blocks with float16 scales, int4 in the converter's default
     block (see `int4_block`) and int8 in blocks of 32 (MatMulNBits), rounded by the converter's
     importance-weighted scale search; or fp16. (An export rounds by GPTQ on top, which only lowers the error
-    priced here; a layer with massive activations keeps float32 scales in blocks twice as long, the same bytes at 4 bits.)"""
+    priced here.)"""
 
     format = "onnx"
     float_bytes = 4

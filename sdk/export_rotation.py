@@ -69,7 +69,7 @@ def _measure(job, rotated, rotated_calibration, convert) -> dict:
               "bytes": {"off": off[1], "on": on[1]}, "tokens": sum(len(w) for w in windows),
               "how": "both models converted with the export's own rounding, KL against the float model on the calibration text"}
     if choice["chosen"] == "on" and on[1] > off[1]:
-        # an untied head's bytes bought the win (GGUF writes a tied head once): not the same-size trade auto may make
+        # an untied head's bytes bought the win (GGUF and ONNX write a tied table once): not the same-size trade auto may make
         choice["chosen"] = "off"
         choice["declined"] = (f"the rotated file is {on[1] - off[1]:,} bytes larger (its head untied); "
                               "pass rotate='on' to accept that")

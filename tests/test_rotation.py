@@ -98,7 +98,10 @@ def test_rotate_auto_measures_both_and_keeps_the_lower_at_the_same_size(tmp_path
     kl = record["auto"]["kl"]
     assert kl["on"] > 0 and kl["off"] > 0
     size = record["auto"]["bytes"]
-    if tied:  # the head untied (a perturbed final norm); ONNX writes a tied head as a tensor of its own anyway
+    if tied:  # the head untied (a perturbed final norm): a table of its own where ONNX shares one, which auto declines
+        assert size["on"] > size["off"] > 0 and not record["applied"]
+        assert ("declined" in record["auto"]) == (kl["on"] < kl["off"])
+    else:
         assert size["on"] == size["off"] > 0
     assert record["applied"] == (kl["on"] < kl["off"] and size["on"] <= size["off"])
     assert (manifest["source"]["path"] != str(folder)) == record["applied"]  # the converter read the chosen weights

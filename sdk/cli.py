@@ -123,12 +123,13 @@ def main(ctx, debug, verbose, progress):
 @click.option("--kv-cache", type=click.Choice(["auto", "f16", "q8_0", "q4_0"]),
               help="gguf: the type llama.cpp stores its KV cache in (type_k/type_v). auto (default) chooses it with the "
                    "weights on a --device whose memory binds at its context (measured at long context), else f16.")
-@click.option("--rotate", type=click.Choice(["off", "on", "auto"]), default="off", show_default=True,
+@click.option("--rotate", type=click.Choice(["off", "on", "auto"]),
               help="Rotate the residual stream (a randomised Hadamard, and one per attention head on v/o) in the "
                    "weights before quantizing: the same function, outlier channels spread so 4-bit grids fit better; "
                    "no new runtime op, every format. auto quantizes both ways on the calibration text and keeps the "
-                   "lower KL (it is no free win: it can lose), declining a rotation whose file is larger (an untied head). "
-                   "Not for Gemma 3 or --keep-adapters.")
+                   "lower KL (it is no free win: it can lose), declining a rotation whose file is over 1% larger (an "
+                   "untied head). Not for Gemma 3 or --keep-adapters. Default: on for onnx rounded by GPTQ (where the "
+                   "model allows it), off elsewhere.")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="NAME=TYPE",
               help="With --precision: give one tensor (HF name) another type, e.g. lm_head.weight=int4 (repeatable).")
 @click.option("--eval-data", type=types.TextFile("eval data"),

@@ -41,7 +41,7 @@ class ExportOptions:
     rounding: str | None = None
     effort: str | None = None
     kv_cache: str | None = None
-    rotate: str = "off"
+    rotate: str | None = None  # None: the format's default (`FormatSpec.rotates_by_default`)
     output: str | Path | None = None
     overwrite: bool = False
     trust_pickle: bool = False
@@ -70,7 +70,7 @@ class ExportOptions:
         if rounding_for(self.effort, self.rounding) == "learned" and self.keep_adapters:  # an unknown effort, or both given: refused before any work
             raise EdgeqError("--effort max (learned scales) does not fit a base for kept adapters yet: merge the "
                              "adapters, or keep them with --effort standard")
-        if self.rotate not in ROTATE_CHOICES:
+        if self.rotate is not None and self.rotate not in ROTATE_CHOICES:
             raise EdgeqError(f"rotate={self.rotate!r} is not one of {', '.join(ROTATE_CHOICES)}")
         if self.adapters is not None and self.adapter is not None:
             raise EdgeqError("pass the adapters either as adapter= or as adapters=, not both")

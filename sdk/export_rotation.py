@@ -17,16 +17,33 @@ import tempfile
 from pathlib import Path
 
 from .quant.calibration import Calibration
-from .quant.rotation import check_rotatable, rotated_source
+from .quant.rotation import HEAD_MIX_TENSOR, check_rotatable, rotated_source
 
 log = logging.getLogger(__name__)
 AUTO_TOKENS = 2048  # calibration tokens each trial conversion is scored on
+# A rotated file may be this much larger and still count as the same size: ONNX's head mix (hidden × hidden at 16 bits,
+# 0.7% of SmolLM2's int4 file, 0.4% of a 1.5B's) rides; an untied head (18% of SmolLM2's GGUF Q4_0) does not.
+SAME_SIZE = 0.01
 
 
-def check_rotation(opts, kept_adapters: bool, source) -> None:
-    """Refusals before any work: a family or kept adapters that a rotation cannot preserve."""
-    if opts.rotate != "off":
+def choose_rotation(opts, spec, precision: str, kept_adapters: bool, source) -> tuple[str, str | None]:
+    """The rotation an export runs (off, on, auto), and why the format's default one does not run. Asked for: checked
+    before any work (a family or kept adapters it cannot preserve are refused). Not asked: on where the format rotates
+    by default and the export rounds by GPTQ (ONNX: a rotation helps GPTQ, bench/README.md), unless the model cannot
+    be rotated, which the manifest then says."""
+    from .errors import EdgeqError
+
+    if opts.rotate is not None:
+        if opts.rotate != "off":
+            check_rotatable(source, kept_adapters)
+        return opts.rotate, None
+    if not (spec.rotates_by_default and spec.rounds_by_gptq(precision, opts.format_options["rounding"], opts.calibration is not None)):
+        return "off", None
+    try:
         check_rotatable(source, kept_adapters)
+    except EdgeqError as exc:
+        return "off", str(exc)
+    return "on", None
 
 
 def _windows(calibration) -> list[list[int]]:
@@ -68,11 +85,11 @@ def _measure(job, rotated, rotated_calibration, convert) -> dict:
     choice = {"chosen": "on" if on[0] < off[0] else "off", "kl": {"off": off[0], "on": on[0]},
               "bytes": {"off": off[1], "on": on[1]}, "tokens": sum(len(w) for w in windows),
               "how": "both models converted with the export's own rounding, KL against the float model on the calibration text"}
-    if choice["chosen"] == "on" and on[1] > off[1]:
+    if choice["chosen"] == "on" and on[1] > off[1] * (1 + SAME_SIZE):
         # an untied head's bytes bought the win (GGUF and ONNX write a tied table once): not the same-size trade auto may make
         choice["chosen"] = "off"
-        choice["declined"] = (f"the rotated file is {on[1] - off[1]:,} bytes larger (its head untied); "
-                              "pass rotate='on' to accept that")
+        choice["declined"] = (f"the rotated file is {on[1] - off[1]:,} bytes larger (its head untied), over "
+                              f"{SAME_SIZE:.0%} more; pass rotate='on' to accept that")
     return choice
 
 
@@ -82,8 +99,10 @@ def rotate_job(job, convert) -> None:
     what was done, or measured, in `job.rotation`."""
     from .float_model import FloatReference
 
-    asked = job.opts.rotate
+    asked = job.rotate
     if asked == "off":
+        if job.opts.rotate is None and job.rotate_declined:
+            job.rotation = {"asked": "default", "applied": False, "why": job.rotate_declined}
         return
     rotated, facts = rotated_source(job.source, progress=job.progress)
     reference = FloatReference(rotated)
@@ -97,7 +116,7 @@ def rotate_job(job, convert) -> None:
         facts = {**facts, "auto": choice}
         log.info("rotate=auto: KL on the calibration text %.5f unrotated, %.5f rotated: %s", choice["kl"]["off"],
                  choice["kl"]["on"], "rotating" if chosen == "on" else "not rotating")
-    job.rotation = {"asked": asked, "applied": chosen == "on", **facts}
+    job.rotation = {"asked": asked if job.opts.rotate else "default", "applied": chosen == "on", **facts}
     if chosen != "on":
         return
     job.reference.release()
@@ -105,13 +124,19 @@ def rotate_job(job, convert) -> None:
 
 
 def rotation_manifest(job, fields: dict) -> dict | None:
-    """What the manifest says: the rotation (or the measurement that declined it), and an untied head's bytes."""
+    """What the manifest says: the rotation (or the measurement that declined it), and what the tie cost: an untied
+    head's bytes, or the bytes of the mix that kept one table."""
     if job.rotation is None:
         return None
     record = dict(job.rotation)
     record.pop("tied", None)
+    record.pop("head_mix", None)  # the rotated folder's file; the manifest says what the bundle holds
     if record["applied"] and record.get("tied_head", "").startswith("untied"):
         tensors = fields.get("tensors") or {}
-        head = tensors.get("lm_head.weight") or tensors.get("output.weight")  # GGUF's files name it llama.cpp's way
-        record["untied_head_bytes"] = head["bytes"] if head else None
+        if mix := tensors.get(HEAD_MIX_TENSOR):
+            record["tied_head"] = "one table: the head reads it after a hidden × hidden mix (the final norm's gain, rotated)"
+            record["head_mix_bytes"] = mix["bytes"]
+        else:
+            head = tensors.get("lm_head.weight") or tensors.get("output.weight")  # GGUF's files name it llama.cpp's way
+            record["untied_head_bytes"] = head["bytes"] if head else None
     return record

@@ -20,7 +20,7 @@ from .errors import EdgeqError
 from .export_checks import check_targets, measure
 from .export_options import ExportOptions
 from .export_planning import calibrate, fits_size
-from .export_rotation import check_rotation, rotate_job, rotation_manifest
+from .export_rotation import choose_rotation, rotate_job, rotation_manifest
 from .formats import FormatSpec
 from .model_card import write_card
 from .model_shape import ModelShape
@@ -61,6 +61,8 @@ class ExportJob:
     adapters: list = field(default_factory=list)        # edgeq.adapter_set.KeptAdapter: LoRAs kept apart from the base
     adapter_data: dict = field(default_factory=dict)    # adapter name → its eval data file
     rotation: dict | None = None        # what rotate= did (edgeq.export_rotation), for the manifest
+    rotate: str = "off"                 # the rotation run: asked, or the format's default (`choose_rotation`)
+    rotate_declined: str | None = None  # why the format's default rotation does not run on this model
 
     @property
     def targets(self):
@@ -161,7 +163,7 @@ def resolve(opts: ExportOptions) -> ExportJob:
         from .quant.kv_cache import check_cache_type
 
         check_cache_type(opts.kv_cache, ModelShape.from_config(source.config).head_dim)
-    check_rotation(opts, bool(kept), source)
+    rotate, rotate_declined = choose_rotation(opts, spec, chosen, bool(kept), source)
     kept = keep_adapters_for(source, spec, kept) if kept else []
     name = f"{source.name}-{profile.id if profile else 'generic'}-{'planned' if planned else chosen.lower()}"
     out = Path(opts.output) if opts.output else Path(name)
@@ -169,7 +171,8 @@ def resolve(opts: ExportOptions) -> ExportJob:
     check_writable(out, opts.overwrite, inputs)
     reference = FloatReference(source)
     job = ExportJob(opts, source, spec, chosen, planned, profile, out, options, opts.tensor_types, reference,
-                    Calibration(source, opts.calibration, opts.calibration_tokens, reference=reference), inputs=inputs)
+                    Calibration(source, opts.calibration, opts.calibration_tokens, reference=reference), inputs=inputs,
+                    rotate=rotate, rotate_declined=rotate_declined)
     if kept or opts.adapter_data or opts.compare_merged:
         from .adapter_quality import check_adapter_data
         from .validate import read_text_file
@@ -203,7 +206,7 @@ def check_memory(job: ExportJob) -> None:
     reasons = [why for why, needed in (
         ("a precision plan", job.planned), ("the quality check (--eval-tokens)", job.opts.eval_tokens > 0),
         ("--eval-data", job.data is not None), ("GPTQ rounding", job.spec.rounds_by_gptq(job.precision, job.options.get("rounding"), job.calibration.given)),
-        ("the importance matrix of --calibration", job.calibration.given), ("--rotate", job.opts.rotate != "off")) if needed]
+        ("the importance matrix of --calibration", job.calibration.given), ("--rotate", job.rotate != "off")) if needed]
     if not reasons:
         return
     from .float_model import stored_16bit

@@ -61,6 +61,7 @@ class FormatSpec:
     roundings: tuple[str, ...] = ()   # what its `rounding` option accepts, the default first
     gptq_precisions: tuple[str, ...] = ()  # the precisions `rounding="gptq"` rounds by GPTQ
     gptq_needs_text = False           # the default rounding is GPTQ only on the user's own calibration text
+    rotates_by_default = False        # rotate=None rotates where the export rounds by GPTQ and the model allows it
     kept_adapters: str | None = None  # the engine's own adapter form, when `convert(adapters=)` writes LoRAs apart from the base
     kept_adapters_refusal = "edgeq does not write adapter files for it"  # why not, when it cannot
     kv_element_bytes: int = 2         # bytes per KV-cache element as the runtime allocates it

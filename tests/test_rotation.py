@@ -80,12 +80,51 @@ def test_every_format_reads_the_rotated_model(fmt, tmp_path):
     folder = build_model(tmp_path / "m", tie_word_embeddings=True, norm_noise=0.3)
     spec = registry.formats.get(fmt)
     bundle = edgeq.export(folder, format=fmt, precision=spec.float_precision, output=tmp_path / "b", eval_tokens=0, rotate="on")
-    record = json.loads((bundle / "edgeq.json").read_text())["rotation"]
-    assert record["applied"] and record["tied_head"].startswith("untied") and record["untied_head_bytes"] > 0
+    manifest = json.loads((bundle / "edgeq.json").read_text())
+    record = manifest["rotation"]
+    if fmt == "onnx":  # one table, which the head reads after the final norm's gain rotated (a hidden × hidden mix)
+        assert record["tied_head"].startswith("one table") and record["head_mix_bytes"] > 0
+    else:
+        assert record["tied_head"].startswith("untied") and record["untied_head_bytes"] > 0
+    assert record["applied"]
     ref = TorchEngine(open_model(folder)).score(TEXT)
     with _load(bundle, fmt) as lm:
         got = lm.engine.score(TEXT)
     assert _kl(ref, got).kl < KL_BOUND[fmt]
+
+
+def test_onnx_keeps_one_table_for_a_rotated_tied_model_at_the_cost_of_the_mix(tmp_path):
+    """A rotation unties the head (the final norm's gain); ONNX still stores one table, and the file grows by the
+    hidden × hidden mix alone."""
+    folder = build_model(tmp_path / "m", hidden_size=128, intermediate_size=256, tie_word_embeddings=True, norm_noise=0.3)
+    sizes = {}
+    for rotate in ("off", "on"):
+        bundle = edgeq.export(folder, format="onnx", precision="int8", rounding="nearest", output=tmp_path / rotate,
+                              eval_tokens=0, rotate=rotate)
+        manifest = json.loads((bundle / "edgeq.json").read_text())
+        assert "lm_head.weight" not in manifest["tensors"]  # the head reads the lookup's blocks
+        sizes[rotate] = sum(t["bytes"] for t in manifest["tensors"].values())
+    assert sizes["on"] - sizes["off"] == manifest["rotation"]["head_mix_bytes"] == 128 * 128 * 2
+    ref = TorchEngine(open_model(folder)).score(TEXT)
+    with _load(bundle, "onnx") as lm:
+        assert _kl(ref, lm.engine.score(TEXT)).kl < 0.02  # int8 of the unrotated model: 0.006 (int4's 0.66 either way)
+
+
+def test_a_head_mix_that_does_not_make_the_head_is_ignored(tmp_path, caplog):
+    """The mix is read only where the weights agree with it: a folder's file is not trusted."""
+    from edgeq.quant.rotation import HEAD_MIX_FILE, head_mix
+
+    folder = build_model(tmp_path / "m", tie_word_embeddings=True, norm_noise=0.3)
+    rotated, _ = rotated_source(open_model(folder))
+    mix = head_mix(rotated)
+    embed, head = rotated.tensor("model.embed_tokens.weight"), rotated.tensor("lm_head.weight")
+    assert mix is not None and torch.allclose(embed @ torch.from_numpy(mix), head, atol=1e-5)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for item in rotated.path.iterdir():
+        (copy / item.name).write_bytes(item.read_bytes())
+    np.save(copy / HEAD_MIX_FILE, mix * 1.01)
+    assert head_mix(open_model(copy)) is None and "is not the head" in caplog.text
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -121,3 +160,23 @@ def test_what_a_rotation_cannot_preserve_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(EdgeqError, match="rotate='sideways' is not one of off, on, auto"):
         edgeq.export(llama, rotate="sideways")
+
+
+def test_onnx_rotates_by_default_where_gptq_rounds_and_the_model_allows_it(tmp_path):
+    """The format's default (`rotates_by_default`): ONNX rounded by GPTQ rotates; asked off, rounded to nearest, or a
+    family a rotation cannot preserve, it does not, and the manifest says why not for the last."""
+    llama = build_model(tmp_path / "llama")
+
+    def rotation(folder, out, **options):
+        bundle = edgeq.export(folder, output=tmp_path / out, eval_tokens=0, calibration_tokens=1024, **options)
+        return json.loads((bundle / "edgeq.json").read_text()).get("rotation")
+
+    record = rotation(llama, "default", format="onnx", precision="int4")
+    assert record["asked"] == "default" and record["applied"]
+    assert rotation(llama, "off", format="onnx", precision="int4", rotate="off") is None
+    assert rotation(llama, "nearest", format="onnx", precision="int4", rounding="nearest") is None
+    assert rotation(llama, "gguf", format="gguf", precision="Q8_0") is None
+    cls, overrides = ARCHITECTURES["gemma3"]
+    gemma = build_model(tmp_path / "gemma", cls, **overrides)
+    record = rotation(gemma, "gemma-int8", format="onnx", precision="int8")
+    assert record["asked"] == "default" and not record["applied"] and "post-attention" in record["why"]

@@ -13,21 +13,24 @@ The graph itself, and its interface, is `edgeq.converters.onnx.graph`.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from edgeq.errors import EdgeqError
 from edgeq.formats import warn_mismatches
 from edgeq.intake import SourceModel
 
-from .spec import BLOCK_SIZES, HALF_PEAK, INT_TYPES, INT8_BLOCK, ONNX, int4_block
+from .spec import BLOCK_SIZES, HALF_PEAK, INT_TYPES, INT8_BLOCK, ONNX, TABLE_INT8_BLOCK, int4_block
 from .blocks import BlockGrid, HalfBlockGrid, Quantized
 from .graph import DATA_FILE, HEAD, TABLE, DecoderGraph, matrix_shape
 from .weights import read_back
 from edgeq.quant.effort import BY_GPTQ
+from edgeq.quant.rotation import head_mix
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
@@ -75,15 +78,17 @@ def half_scaled(plan: dict[str, str], peaks: dict[str, float] | None) -> dict[st
 
 
 def block_sizes(plan: dict[str, str], shapes: dict[str, tuple], block_size: int | None, half: dict[str, int]) -> dict[str, int]:
-    """The block of every integer matrix: INT8 blocks of 32 (Q8_0's layout); INT4 the block asked, which must divide
-    every INT4 width, or without one 32 (float16 scales) or 64 (float32) where it divides and the next size that does elsewhere."""
+    """The block of every integer matrix: INT8 blocks of 32 (Q8_0's layout), 64 for the embedding table and a tied head
+    reading it; INT4 the block asked, which must divide every INT4 width, or without one 32 (float16 scales) or 64
+    (float32) where it divides and the next size that does elsewhere."""
     if block_size is not None and block_size not in BLOCK_SIZES:
         raise EdgeqError(f"INT4 block size {block_size} is not supported; choose one of {', '.join(map(str, BLOCK_SIZES))}")
     blocks = {}
     for name, kind in plan.items():
         width = matrix_shape(shapes, name)[1]
         if kind == "int8":
-            blocks[name] = INT8_BLOCK
+            table = name == TABLE or (name == HEAD and HEAD not in shapes)
+            blocks[name] = TABLE_INT8_BLOCK if table and width % TABLE_INT8_BLOCK == 0 else INT8_BLOCK
         elif kind == "int4":
             blocks[name] = int4_block(width, block_size, name in half)
             if blocks[name] is None:
@@ -94,9 +99,21 @@ def block_sizes(plan: dict[str, str], shapes: dict[str, tuple], block_size: int 
     return blocks
 
 
+def tied_through_mix(source: SourceModel) -> tuple[SourceModel, np.ndarray | None]:
+    """A rotated checkpoint whose head is its embedding times a mix (`edgeq.quant.rotation.head_mix`), seen as tied, and
+    the mix: the graph multiplies by it before the head and stores one table, as for any tied model."""
+    mix = head_mix(source)
+    if mix is None:
+        return source, None
+    view = copy.copy(source)
+    view.index = {name: info for name, info in source.index.items() if name != HEAD}
+    return view, mix
+
+
 def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], half: dict[str, int], progress: bool | None,
-                  adapters=None, learned: bool = False) -> dict[str, Quantized]:
-    """Every MatMulNBits weight of the plan, rounded by GPTQ on the calibration text (the embedding is a lookup: no inputs to compensate).
+                  adapters=None, learned: bool = False, skip: tuple[str, ...] = (TABLE,)) -> dict[str, Quantized]:
+    """Every MatMulNBits weight of the plan but `skip`, rounded by GPTQ on the calibration text (the embedding is a lookup:
+    no inputs to compensate; a head read through a mix reads the table, which the calibration model's head is not).
 
     With `adapters` kept apart (`KeptAdapter`s), the one base serves each of them too, on activations its own
     calibration never produces: GPTQ compensates for the base's stream and every adapter's (`quantize_model`'s variants)."""
@@ -104,7 +121,7 @@ def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], hal
     from edgeq.quant.gptq import quantize_model
 
     grids = {name: (HalfBlockGrid if name in half else BlockGrid)(int(kind[3:]), blocks[name]) for name, kind in plan.items()
-             if kind in INT_TYPES and name != "model.embed_tokens.weight"}
+             if kind in INT_TYPES and name not in skip}
     if grids:
         require_tokens(calibration, "max" if learned else "standard")
     return quantize_model(calibration.model, calibration.windows, grids, progress, variants=adapters or (),
@@ -178,19 +195,23 @@ class ONNXConverter:
         if rounding not in self.spec.roundings:
             raise EdgeqError(f"rounding {rounding!r} is not one of {', '.join(self.spec.roundings)}")
         use_gptq = rounding in BY_GPTQ and calibration is not None
+        source, mix = tied_through_mix(source)
         plan = plan_precisions(source, precision, overrides, gptq=use_gptq)
         integer = any(kind in INT_TYPES for kind in plan.values())
         measured = integer and calibration is not None and (use_gptq or calibration.given)
         half = half_scaled(plan, calibration.activation_peaks(keep_loaded=use_gptq) if measured else None)
         blocks = block_sizes(plan, source.shapes(), block_size, half)
-        rounded = gptq_rounding(calibration, plan, blocks, half, progress, adapters, rounding == "learned") if use_gptq and integer else None
+        skip = (TABLE,) if mix is None else (TABLE, HEAD)
+        rounded = gptq_rounding(calibration, plan, blocks, half, progress, adapters, rounding == "learned", skip) if use_gptq and integer else None
         importance = calibration.importance(progress) if integer and not use_gptq and calibration is not None else None
+        if importance and mix is not None:
+            importance = {n: v for n, v in importance.items() if n != HEAD}  # measured on the head's input, not the mix's output
         slots = None
         if adapters:
             from .adapters import LoraSlots
 
             slots = LoraSlots(adapters, source.shapes())
-        model = DecoderGraph(source, stage, plan, blocks, accuracy_level, importance, rounded, slots, half).build(progress)
+        model = DecoderGraph(source, stage, plan, blocks, accuracy_level, importance, rounded, slots, half, mix).build(progress)
         check_operators(model)
         onnx.save_model(model, str(stage / MODEL_FILE))
         try:

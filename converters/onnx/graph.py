@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 from edgeq.intake import SourceModel
 from edgeq.model_shape import ModelShape
 from edgeq.progress import bar
+from edgeq.quant.rotation import HEAD_MIX_TENSOR
 
 from .blocks import Quantized, quantize_blocks
 from .spec import INT_TYPES
@@ -49,10 +50,11 @@ class DecoderGraph:
 
     def __init__(self, source: SourceModel, stage: Path, plan: dict[str, str], blocks: dict[str, int],
                  accuracy_level: int, importance: dict[str, np.ndarray] | None, rounded: dict[str, Quantized] | None = None,
-                 lora=None, half: dict[str, int] | None = None):
+                 lora=None, half: dict[str, int] | None = None, head_mix: np.ndarray | None = None):
         self.source, self.plan, self.blocks = source, plan, blocks
         self.lora = lora  # onnx_adapters.LoraSlots of the kept adapters, or None
         self.half = half or {}  # integer weights stored with float16 scales → the power of two their input is divided by
+        self.head_mix = head_mix  # a rotated tied model's: the head reads the table after this hidden × hidden matrix
         self.accuracy_level, self.importance = accuracy_level, importance or {}
         self.rounded = dict(rounded or {})  # GPTQ's result, taken (and dropped) as each weight is written
         self.data = ExternalData(stage, DATA_FILE)
@@ -133,6 +135,9 @@ class DecoderGraph:
 
     def linear(self, x: str, name: str, bias: str | None = None) -> str:
         kind = self.plan[name]
+        if name == HEAD and self.head_mix is not None:  # symmetric: x·M is the head's input for the table's rows
+            mix = self.node("Cast", [self.add_weight(HEAD_MIX_TENSOR, self.head_mix.astype(np.float16))], to=TensorProto.FLOAT)
+            x = self.node("MatMul", [x, mix])
         if kind in ("int4", "int8"):
             stored = TABLE if self.shared_table and name == HEAD else None
             out = self._matmul_nbits(x, *self._quantized(name, stored), shift=self.half.get(name, 0))

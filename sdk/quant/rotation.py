@@ -14,7 +14,9 @@ Q (R1) spreads each outlier over every channel, and the model computes the same 
 No runtime op is added: the result is an ordinary checkpoint of the same family, which every converter writes
 as it writes any other (`rotated_source`). A tied head stays tied when the final norm's gain is one value (a
 scalar commutes with Q); otherwise the head is E·diag(g)·Q ≠ E·Q and gets a tensor of its own, which the
-manifest records with its bytes. q/k/v biases (Qwen2) are on outputs R1 does not touch; v's follows R2.
+manifest records with its bytes. That head is also (E·Q)·M with M = Qᵀ·diag(g)·Q, hidden × hidden: the rotated folder
+keeps M beside the checkpoint (`head_mix`), so a format that can multiply by it before the head (ONNX) still stores
+one table, where GGUF cannot. q/k/v biases (Qwen2) are on outputs R1 does not touch; v's follows R2.
 Families whose norms sit after a sublayer (Gemma 2/3's post-attention and post-feedforward norms) scale the
 sublayer's output per channel after the rotation would have to act, so no weight can carry it: refused by name.
 """
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 ROTATE_CHOICES = ("off", "on", "auto")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
 _CHUNK = 16384  # rows of an embedding or head rotated at a time (float64 work space)
+HEAD_MIX_FILE = "edgeq_head_mix.npy"  # not .safetensors: a folder's safetensors files are its checkpoint
+HEAD_MIX_TENSOR = "lm_head.mix.weight"  # the mix as a format writes it beside the one table
 
 
 def check_rotatable(source, kept_adapters: bool = False) -> None:
@@ -118,34 +122,26 @@ def _rotate_layer(tensors: dict, p: str, config: dict, arch, r1: np.ndarray, r2:
     tensors[down] = (q_t.T @ tensors[down].double()).float()
 
 
-def rotate_tensors(tensors: dict, config: dict, arch, seed: int = 0, progress: bool | None = None) -> dict:
-    """Rotates a decoder's float tensors (HF names) in place: R1 on the residual stream, R2 per head on v/o, norms
-    folded. Returns what was done, for the manifest; `tensors` gains `lm_head.weight` when the tie cannot stay."""
+def _rotate_ends(tensors: dict, r1: np.ndarray, arch) -> tuple[str, np.ndarray | None]:
+    """The embedding, the final norm and the head (HF names) rotated in place. Returns what became of a tie, and the
+    head's mix M (lm_head = embedding · M) when a tie could not stay (`tensors` then gains `lm_head.weight`), else None."""
     import torch
 
-    rng = np.random.default_rng(seed)
-    hidden, head_dim = config["hidden_size"], _head_dim(config)
-    r1, r1_how = random_rotation(hidden, rng)
-    r2, r2_how = random_rotation(head_dim, rng)
-    offset = arch.norm_offset
-    with bar(config["num_hidden_layers"], "rotating", "layer", progress) as pbar:
-        for i in range(config["num_hidden_layers"]):
-            _rotate_layer(tensors, f"model.layers.{i}.", config, arch, r1, r2)
-            pbar.update(1)
-    final = tensors["model.norm.weight"].double() + offset
+    final = tensors["model.norm.weight"].double() + arch.norm_offset
     tied = "lm_head.weight" not in tensors
-    facts = {"r1": f"{r1_how}, {hidden} wide", "r2": f"{r2_how}, per head ({head_dim} wide) on v_proj/o_proj",
-             "seed": seed, "norms_folded": True}
+    mix = None
     if tied and bool(torch.all(final == final[0])):
-        facts["tied_head"] = "kept: the final norm's gain is one value, which commutes with the rotation"
+        how = "kept: the final norm's gain is one value, which commutes with the rotation"
     else:
         head = tensors["model.embed_tokens.weight"] if tied else tensors["lm_head.weight"]
-        tensors["lm_head.weight"] = _right(head, r1, _fold_norm(tensors, "model.norm.weight", offset))
-        facts["tied_head"] = ("untied: the final norm's per-channel gain folds into the head but not into the "
-                              "embedding, so the head is a tensor of its own") if tied else "not tied in the source"
+        tensors["lm_head.weight"] = _right(head, r1, _fold_norm(tensors, "model.norm.weight", arch.norm_offset))
+        how = ("untied: the final norm's per-channel gain folds into the head but not into the embedding, so the head "
+               "is a tensor of its own (or the embedding times a hidden × hidden mix, where the format can multiply by "
+               "one)") if tied else "not tied in the source"
+        if tied:
+            mix = (r1.T @ (final.numpy()[:, None] * r1)).astype(np.float32)  # final: the gain, offset included
     tensors["model.embed_tokens.weight"] = _right(tensors["model.embed_tokens.weight"], r1)
-    facts["tied"] = "lm_head.weight" not in tensors
-    return facts
+    return how, mix
 
 
 def _cache_folder(source, seed: int) -> Path:
@@ -153,17 +149,45 @@ def _cache_folder(source, seed: int) -> Path:
 
     from ..default_model import cache_dir
 
-    key = hashlib.sha256(json.dumps([source.fingerprint(), seed, 1]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([source.fingerprint(), seed, 3]).encode()).hexdigest()[:16]
     return cache_dir() / "rotated" / key / source.name  # the folder's name is the model's: a bundle is named after it
 
 
 def _write(source, folder: Path, seed: int, progress: bool | None) -> None:
-    """The rotated checkpoint: float32 safetensors, the config (its tie), the source's tokenizer and template."""
+    """The rotated checkpoint: float32 safetensors written a layer at a time (so memory holds one layer and the
+    embedding, not the model twice over), the config (its tie), the source's tokenizer and template."""
     from safetensors.torch import save_file
 
-    tensors = {name: t.float().contiguous() for name, t in source.tensors()}
-    facts = rotate_tensors(tensors, source.config, source.arch, seed, progress)
-    config = {**source.config, "tie_word_embeddings": facts["tied"], "torch_dtype": "float32"}
+    config, arch = source.config, source.arch
+    rng = np.random.default_rng(seed)
+    hidden, head_dim, layers = config["hidden_size"], _head_dim(config), config["num_hidden_layers"]
+    r1, r1_how = random_rotation(hidden, rng)
+    r2, r2_how = random_rotation(head_dim, rng)
+    names, weight_map, total = list(source.shapes()), {}, 0
+
+    def save(tensors: dict, file: str) -> None:
+        nonlocal total
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    with bar(layers, "rotating", "layer", progress) as pbar:
+        for i in range(layers):
+            prefix = f"model.layers.{i}."
+            tensors = {n: source.tensor(n).float() for n in names if n.startswith(prefix)}
+            _rotate_layer(tensors, prefix, config, arch, r1, r2)
+            save(tensors, f"model-layer-{i:05d}.safetensors")
+            pbar.update(1)
+    rest = {n: source.tensor(n).float() for n in names if not n.startswith("model.layers.")}
+    tied_head, mix = _rotate_ends(rest, r1, arch)
+    save(rest, "model-rest.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")
+    facts = {"r1": f"{r1_how}, {hidden} wide", "r2": f"{r2_how}, per head ({head_dim} wide) on v_proj/o_proj",
+             "seed": seed, "norms_folded": True, "tied_head": tied_head, "tied": "lm_head.weight" not in rest}
+    if mix is not None:
+        np.save(folder / HEAD_MIX_FILE, mix)
+        facts["head_mix"] = HEAD_MIX_FILE
+    config = {**config, "tie_word_embeddings": facts["tied"], "torch_dtype": "float32"}
     config.pop("dtype", None)
     for item in source.path.iterdir():
         if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):
@@ -173,7 +197,6 @@ def _write(source, folder: Path, seed: int, progress: bool | None) -> None:
             if item.is_file() and (item.name.startswith(("tokenizer", "special_tokens", "chat_template")) or item.suffix == ".jinja"):
                 shutil.copy2(item, folder / item.name)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "edgeq_rotation.json").write_text(json.dumps(facts, indent=2) + "\n")
 
 
@@ -203,3 +226,29 @@ def rotated_source(source, seed: int = 0, progress: bool | None = None):
                                                         **({"adapter": str(source.adapter.path)} if source.adapter else {})}}
     facts = json.loads((folder / "edgeq_rotation.json").read_text())
     return rotated, facts
+
+
+def head_mix(source) -> np.ndarray | None:
+    """M of a rotated checkpoint whose head is its embedding times M (float32, hidden × hidden), or None. Read only from
+    a folder this module wrote (its facts name the file) and checked against the weights themselves: on rows of the
+    embedding, E·M must give the head's rows, or the file is ignored with a warning."""
+    import torch
+
+    facts = source.path / "edgeq_rotation.json"
+    if source.adapter is not None or "lm_head.weight" not in source.shapes() or not facts.is_file():
+        return None
+    try:
+        named = json.loads(facts.read_text()).get("head_mix")
+        mix = torch.from_numpy(np.load(source.path / HEAD_MIX_FILE, allow_pickle=False)).double() if named == HEAD_MIX_FILE else None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s's head mix (%s): the head is written as a tensor of its own", source.name, exc)
+        return None
+    hidden = source.config["hidden_size"]
+    if mix is None or tuple(mix.shape) != (hidden, hidden):
+        return None
+    rows = torch.linspace(0, source.shapes()["lm_head.weight"][0] - 1, 64).long()
+    embed, head = source.tensor("model.embed_tokens.weight")[rows].double(), source.tensor("lm_head.weight")[rows].double()
+    if float((embed @ mix - head).norm() / head.norm()) > 1e-4:
+        log.warning("ignoring %s's head mix: the embedding times it is not the head", source.name)
+        return None
+    return mix.float().numpy()

@@ -1,15 +1,17 @@
 """Quality of edgeq's ONNX export against the torch reference and llama.cpp's own quantizer, on the same tokens.
 
-Rows: edgeq ONNX fp32; int8 and int4 as exported by default (GPTQ on edgeq's built-in calibration text,
+Rows: edgeq ONNX fp32; int8 and int4 as exported by default (rotated, GPTQ on edgeq's built-in calibration text,
 INT4 blocks of 32 with float16 scales, an untied lm_head at 4 bits, a tied table once at 8 bits); int4 blocks of 32
-with `rounding="nearest"` (each block alone, float32 scales, 8-bit lm_head); int4 with GPTQ on the calibration text
-llama.cpp's imatrix also gets, by default and in blocks of 32; llama.cpp's own pipeline (convert_hf_to_gguf.py f16, llama-quantize Q8_0 / Q4_0, and Q4_0
-with llama-imatrix from the same calibration text); optionally onnxruntime-genai's builder int4 graph
-(--genai). All are scored by edgeq's evaluator against the torch reference logits, computed once.
-Bars (issue 3): fp32 KL < 1e-4 and top-1 >= 0.999; int8 KL <= 1.5x Q8_0's; int4 block 32 KL <= Q4_0's
+with `rounding="nearest"` (each block alone, unrotated, 8-bit lm_head); int4 with the calibration text llama.cpp's
+imatrix also gets: by default, unrotated (`rotate="off"`), and at `effort="max"`; llama.cpp's own pipeline
+(convert_hf_to_gguf.py f16, llama-quantize Q8_0 / Q4_0, and Q4_0 with llama-imatrix from the same calibration text);
+optionally onnxruntime-genai's builder int4 graph (--genai). All are scored by edgeq's evaluator against the torch
+reference logits, computed once, and printed with their weight bytes.
+Bars (issue 3): fp32 KL < 1e-4 and top-1 >= 0.999; int8 KL <= 1.5x Q8_0's; unrotated int4 KL <= Q4_0 + imatrix's
 (both from the same calibration text: the last 200k characters of the eval file, disjoint from its windows).
 Issue 13: the default int4 (built-in text) KL <= Q4_0 + imatrix's (which saw text like the windows').
-Issue 29: int4 with the calibration text KL <= 0.5x Q4_0 + imatrix's, judged where its weights are no larger.
+Issue 29: the default int4 with the calibration text KL <= 0.5x Q4_0 + imatrix's, judged where its weights are no
+larger (the max row's ratio is printed beside it).
 
     LLAMA_CPP_BIN=... LLAMA_CPP_SRC=... python bench/onnx_quality.py [--model qwen-coder] [--genai]
 
@@ -28,9 +30,10 @@ import numpy as np
 import edgeq
 
 # (edgeq row, anchor row, bar or None for a ratio that is only reported)
-RATIOS = (("onnx-int8", "llama.cpp-Q8_0", 1.5), ("onnx-int4-b32+calibration", "llama.cpp-Q4_0+imatrix", 1.0),
-          ("onnx-int4+calibration", "llama.cpp-Q4_0+imatrix", None), ("onnx-int4", "llama.cpp-Q4_0+imatrix", 1.0),
-          ("onnx-int4-b32-nearest", "llama.cpp-Q4_0", None), ("onnx-int4", "genai-int4", None))
+RATIOS = (("onnx-int8", "llama.cpp-Q8_0", 1.5), ("onnx-int4-unrotated+calibration", "llama.cpp-Q4_0+imatrix", 1.0),
+          ("onnx-int4+calibration", "llama.cpp-Q4_0+imatrix", None), ("onnx-int4-max+calibration", "llama.cpp-Q4_0+imatrix", None),
+          ("onnx-int4", "llama.cpp-Q4_0+imatrix", 1.0), ("onnx-int4-b32-nearest", "llama.cpp-Q4_0", None),
+          ("onnx-int4", "genai-int4", None))
 
 
 class GenaiGraph:
@@ -58,11 +61,14 @@ class GenaiGraph:
 
 def engines(args, calibration: Path):
     """(label, opener) of every row: edgeq ONNX bundles, llama.cpp's own GGUF files, optionally the genai graph."""
-    rows = (("fp32", None, None, None), ("int8", None, None, None), ("int4", "nearest", 32, None), ("int4", None, None, None),
-            ("int4", None, None, calibration), ("int4", None, 32, calibration))
-    for precision, rounding, block, calib in rows:
-        label = f"onnx-{precision}" + (f"-b{block}" if block else "") + (f"-{rounding}" if rounding else "") + ("+calibration" if calib else "")
-        yield label, lambda p=precision, r=rounding, b=block, c=calib, l=label: open_bundle(args, args.work / l, p, r, b, c)
+    rows = {"onnx-fp32": dict(precision="fp32"), "onnx-int8": dict(precision="int8"),
+            "onnx-int4-b32-nearest": dict(precision="int4", rounding="nearest", block_size=32),
+            "onnx-int4": dict(precision="int4"),
+            "onnx-int4+calibration": dict(precision="int4", calibration=calibration),
+            "onnx-int4-unrotated+calibration": dict(precision="int4", calibration=calibration, rotate="off"),
+            "onnx-int4-max+calibration": dict(precision="int4", calibration=calibration, effort="max")}
+    for label, options in rows.items():
+        yield label, lambda o=options, l=label: open_bundle(args, args.work / l, **o)
     files = anchors.llamacpp_files(args.model, args.work, ["Q8_0", "Q4_0"], calibration, args.calibration_tokens, args.threads)
     for name in ("Q8_0", "Q4_0", "Q4_0+imatrix"):
         size = sum(t["bytes"] for t in harness.gguf_types(files[name])["tensors"].values())
@@ -77,9 +83,9 @@ def genai_graph(args) -> GenaiGraph:
     return GenaiGraph(out, args.threads)
 
 
-def open_bundle(args, out: Path, precision: str, rounding: str | None, block: int | None, calibration: Path | None):
-    bundle = edgeq.export(args.model, format="onnx", precision=precision, output=out, eval_tokens=0, progress=False,
-                          rounding=rounding, block_size=block, calibration=calibration, calibration_tokens=args.calibration_tokens)
+def open_bundle(args, out: Path, **options):
+    bundle = edgeq.export(args.model, format="onnx", output=out, eval_tokens=0, progress=False,
+                          calibration_tokens=args.calibration_tokens, **options)
     weights = sum(t["bytes"] for t in edgeq.inspect(bundle)["tensors"].values())
     return harness.bundle_engine(bundle, args.threads, args.ctx), weights
 

@@ -180,3 +180,16 @@ def test_onnx_rotates_by_default_where_gptq_rounds_and_the_model_allows_it(tmp_p
     gemma = build_model(tmp_path / "gemma", cls, **overrides)
     record = rotation(gemma, "gemma-int8", format="onnx", precision="int8")
     assert record["asked"] == "default" and not record["applied"] and "post-attention" in record["why"]
+
+
+def test_a_rotated_tied_head_typed_apart_from_its_table_is_written_as_its_own_tensor(tmp_path):
+    """The mix pays only for one shared table: a head the request types apart is the rotated head itself, rounded by
+    GPTQ like any linear (not the table's rows behind a mix)."""
+    folder = build_model(tmp_path / "m", tie_word_embeddings=True, norm_noise=0.3)
+    bundle = edgeq.export(folder, format="onnx", precision="int4", output=tmp_path / "b", eval_tokens=0, calibration_tokens=1024,
+                          tensor_types={"lm_head.weight": "int4", "model.embed_tokens.weight": "int8"})
+    manifest = json.loads((bundle / "edgeq.json").read_text())
+    tensors, record = manifest["tensors"], manifest["rotation"]
+    assert tensors["lm_head.weight"]["type"] == "int4" and tensors["model.embed_tokens.weight"]["type"] == "int8"
+    assert "lm_head.mix.weight" not in tensors and record["untied_head_bytes"] == tensors["lm_head.weight"]["bytes"]
+    assert record["applied"] and manifest["rounding"] == "gptq"

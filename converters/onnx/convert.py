@@ -195,8 +195,12 @@ class ONNXConverter:
         if rounding not in self.spec.roundings:
             raise EdgeqError(f"rounding {rounding!r} is not one of {', '.join(self.spec.roundings)}")
         use_gptq = rounding in BY_GPTQ and calibration is not None
-        source, mix = tied_through_mix(source)
-        plan = plan_precisions(source, precision, overrides, gptq=use_gptq)
+        tied, mix = tied_through_mix(source)
+        plan = plan_precisions(tied, precision, overrides, gptq=use_gptq)
+        if mix is not None and plan[HEAD] == plan[TABLE] in INT_TYPES:
+            source = tied
+        elif mix is not None:  # a plan that types the head apart: the rotated head is its own tensor, rounded by GPTQ
+            mix, plan = None, plan_precisions(source, precision, overrides, gptq=use_gptq)
         integer = any(kind in INT_TYPES for kind in plan.values())
         measured = integer and calibration is not None and (use_gptq or calibration.given)
         half = half_scaled(plan, calibration.activation_peaks(keep_loaded=use_gptq) if measured else None)

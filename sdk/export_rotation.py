@@ -16,6 +16,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+from .errors import EdgeqError
 from .quant.calibration import Calibration
 from .quant.rotation import HEAD_MIX_TENSOR, check_rotatable, rotated_source
 
@@ -31,8 +32,6 @@ def choose_rotation(opts, spec, precision: str, kept_adapters: bool, source) -> 
     before any work (a family or kept adapters it cannot preserve are refused). Not asked: on where the format rotates
     by default and the export rounds by GPTQ (ONNX: a rotation helps GPTQ, bench/README.md), unless the model cannot
     be rotated, which the manifest then says."""
-    from .errors import EdgeqError
-
     if opts.rotate is not None:
         if opts.rotate != "off":
             check_rotatable(source, kept_adapters)

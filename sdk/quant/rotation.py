@@ -149,16 +149,22 @@ def _cache_folder(source, seed: int) -> Path:
 
     from ..default_model import cache_dir
 
-    key = hashlib.sha256(json.dumps([source.fingerprint(), seed, 3]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([source.fingerprint(), seed, 4]).encode()).hexdigest()[:16]
     return cache_dir() / "rotated" / key / source.name  # the folder's name is the model's: a bundle is named after it
 
 
 def _write(source, folder: Path, seed: int, progress: bool | None) -> None:
-    """The rotated checkpoint: float32 safetensors written a layer at a time (so memory holds one layer and the
-    embedding, not the model twice over), the config (its tie), the source's tokenizer and template."""
+    """The rotated checkpoint: safetensors written a layer at a time (so memory holds one layer and the embedding, not
+    the model twice over), the config (its tie), the source's tokenizer and template. Float32, except where the source
+    is a large 16-bit checkpoint: then its 16-bit type, so the float model every later step holds stays 16-bit
+    (`stored_16bit`; float32 would double an export's memory, 6 GB more at 1.5B), at that type's rounding of the
+    rotated weights."""
     from safetensors.torch import save_file
 
+    from ..float_model import stored_16bit
+
     config, arch = source.config, source.arch
+    dtype = stored_16bit(source)
     rng = np.random.default_rng(seed)
     hidden, head_dim, layers = config["hidden_size"], _head_dim(config), config["num_hidden_layers"]
     r1, r1_how = random_rotation(hidden, rng)
@@ -167,7 +173,8 @@ def _write(source, folder: Path, seed: int, progress: bool | None) -> None:
 
     def save(tensors: dict, file: str) -> None:
         nonlocal total
-        save_file({n: t.contiguous() for n, t in tensors.items()}, str(folder / file), metadata={"format": "pt"})
+        tensors = {n: (t.to(dtype) if dtype is not None else t).contiguous() for n, t in tensors.items()}
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -183,11 +190,12 @@ def _write(source, folder: Path, seed: int, progress: bool | None) -> None:
     save(rest, "model-rest.safetensors")
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")
     facts = {"r1": f"{r1_how}, {hidden} wide", "r2": f"{r2_how}, per head ({head_dim} wide) on v_proj/o_proj",
-             "seed": seed, "norms_folded": True, "tied_head": tied_head, "tied": "lm_head.weight" not in rest}
+             "seed": seed, "norms_folded": True, "tied_head": tied_head, "tied": "lm_head.weight" not in rest,
+             "stored_as": str(dtype or "torch.float32").removeprefix("torch.")}
     if mix is not None:
         np.save(folder / HEAD_MIX_FILE, mix)
         facts["head_mix"] = HEAD_MIX_FILE
-    config = {**config, "tie_word_embeddings": facts["tied"], "torch_dtype": "float32"}
+    config = {**config, "tie_word_embeddings": facts["tied"], "torch_dtype": facts["stored_as"]}
     config.pop("dtype", None)
     for item in source.path.iterdir():
         if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):

@@ -191,3 +191,18 @@ def test_a_rotated_tied_head_typed_apart_from_its_table_is_written_as_its_own_te
     assert tensors["lm_head.weight"]["type"] == "int4" and tensors["model.embed_tokens.weight"]["type"] == "int8"
     assert "lm_head.mix.weight" not in tensors and record["untied_head_bytes"] == tensors["lm_head.weight"]["bytes"]
     assert record["applied"] and manifest["rounding"] == "gptq"
+
+
+def test_a_large_16_bit_model_is_rotated_into_its_own_type(tmp_path, monkeypatch):
+    """The float model every later step holds stays 16-bit (`stored_16bit`), as for the unrotated model; the rotated
+    weights are that type's rounding of the rotation, near the same function."""
+    from edgeq import float_model
+    from test_float_model import _bf16_checkpoint
+
+    folder = _bf16_checkpoint(tmp_path / "llama", "llama")
+    monkeypatch.setattr(float_model, "FLOAT32_RESIDENT_BYTES", 0)
+    rotated, facts = rotated_source(open_model(folder))
+    assert facts["stored_as"] == "bfloat16" and set(rotated.dtypes().values()) == {"BF16"}
+    assert float_model.stored_16bit(rotated) == torch.bfloat16
+    before, after = _logits(folder), _logits(rotated.path)
+    assert np.abs(before - after).max() < 0.05 * np.abs(before).max()  # 0.024 here: bf16's rounding, on a random model

@@ -176,6 +176,39 @@ def test_int4_default_block_is_64_where_it_divides_and_smaller_where_not(tmp_pat
     assert wide["block_size"] == 64 and wide["tensors"]["model.layers.0.mlp.down_proj.weight"]["block_size"] == 64
 
 
+def test_int4_types_named_by_block_are_written_priced_and_read_back_as_asked(tmp_path, tiny_llama):
+    """A plan moves bytes between tensors through int4 types named by their block; each is written in that block,
+    costs what the planner's space prices, and a wrong one is refused in one line."""
+    from edgeq.converters.onnx.spec import ONNX
+
+    source = open_model(tiny_llama)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    asked = {"model.layers.0.self_attn.q_proj.weight": "int4-block16", "model.layers.0.self_attn.k_proj.weight": "int4-block64",
+             "model.layers.1.mlp.down_proj.weight": "int4-block128", "model.layers.1.mlp.up_proj.weight": "int4-block32"}
+    fields = ONNXConverter().convert(source, stage, precision="int4", overrides=asked, rounding="nearest")
+    assert fields["mismatches"] == []
+    space, shapes = ONNX.space(), source.shapes()
+    for name, kind in asked.items():
+        info = fields["tensors"][name]
+        assert info["type"] == kind and info["block_size"] == int(kind.split("block")[1])
+        block = info["block_size"]
+        assert info["bytes"] == _int_bytes(shapes[name], 4, block, scales=info["scales"])
+        assert space.nbytes(kind, shapes[name]) == _int_bytes(shapes[name], 4, block, scales="fp16")  # a plan's scales (calibrated)
+    graph = onnx.load(str(stage / "model.onnx"), load_external_data=False).graph
+    consumer = {i: n for n in graph.node for i in n.input}
+    down = consumer["model.layers.1.mlp.down_proj.weight"]
+    assert next(a.i for a in down.attribute if a.name == "block_size") == 128
+    # q and k at different blocks are not packed into one kernel: q's node reads q alone, in blocks of 16
+    q_node = consumer["model.layers.0.self_attn.q_proj.weight"]
+    assert q_node.op_type == "MatMulNBits" and next(a.i for a in q_node.attribute if a.name == "block_size") == 16
+    assert space.candidates(shapes["model.layers.1.mlp.down_proj.weight"])[:4] == ["int4-block128", "int4-block64", "int4", "int4-block16"]
+    for kind, match in (("int4-block48", "unknown ONNX tensor type"), ("int4-block128", "does not divide the width 64")):
+        with pytest.raises(edgeq.EdgeqError, match=match) as excinfo:
+            ONNXConverter().convert(source, tmp_path, precision="int4", overrides={"model.layers.0.mlp.up_proj.weight": kind})
+        _one_line_error(excinfo)
+
+
 def test_corrupt_onnx_in_a_bundle_is_caught(tmp_path, tiny_llama):
     bundle = _export(tiny_llama, tmp_path, "int8")
     with open(bundle / "model.onnx", "r+b") as f:

@@ -25,7 +25,7 @@ from edgeq.errors import EdgeqError
 from edgeq.formats import warn_mismatches
 from edgeq.intake import SourceModel
 
-from .spec import BLOCK_SIZES, HALF_PEAK, INT_TYPES, INT8_BLOCK, ONNX, TABLE_INT8_BLOCK, int4_block
+from .spec import BLOCK_SIZES, HALF_PEAK, INT4_BLOCKS, INT8_BLOCK, ONNX, TABLE_INT8_BLOCK, int4_block, type_bits
 from .blocks import BlockGrid, HalfBlockGrid, Quantized
 from .graph import DATA_FILE, HEAD, TABLE, DecoderGraph, matrix_shape
 from .weights import read_back
@@ -58,7 +58,7 @@ def plan_precisions(source: SourceModel, precision: str, overrides: dict[str, st
     plan.update(checked)
     if tied and len({TABLE, HEAD} & set(checked)) == 1:  # one stored table (`shares_table`): an integer type for it names both
         asked = TABLE if TABLE in checked else HEAD
-        if checked[asked] in INT_TYPES:
+        if type_bits(checked[asked]):
             plan[TABLE] = plan[HEAD] = checked[asked]
     return plan
 
@@ -71,16 +71,16 @@ def half_scaled(plan: dict[str, str], peaks: dict[str, float] | None) -> dict[st
     if peaks is None:
         return {}
     shifts = {n: 0 if peaks.get(n, 0.0) < HALF_PEAK else math.floor(math.log2(peaks[n] / HALF_PEAK)) + 1
-              for n, kind in plan.items() if kind in INT_TYPES and n != TABLE}
-    if plan.get(TABLE) in INT_TYPES:
+              for n, kind in plan.items() if type_bits(kind) and n != TABLE}
+    if type_bits(plan.get(TABLE, "")):
         shifts[TABLE] = 0  # a lookup's rows are weights, always small (a tied table is the head's: no input to scale)
     return shifts
 
 
 def block_sizes(plan: dict[str, str], shapes: dict[str, tuple], block_size: int | None, half: dict[str, int]) -> dict[str, int]:
     """The block of every integer matrix: INT8 blocks of 32 (Q8_0's layout), 64 for the embedding table and a tied head
-    reading it; INT4 the block asked, which must divide every INT4 width, or without one 32 (float16 scales) or 64
-    (float32) where it divides and the next size that does elsewhere."""
+    reading it; INT4 the block its type names (`int4-block64`), else the block asked, which must divide every INT4 width,
+    or without one 32 (float16 scales) or 64 (float32) where it divides and the next size that does elsewhere."""
     if block_size is not None and block_size not in BLOCK_SIZES:
         raise EdgeqError(f"INT4 block size {block_size} is not supported; choose one of {', '.join(map(str, BLOCK_SIZES))}")
     blocks = {}
@@ -89,6 +89,10 @@ def block_sizes(plan: dict[str, str], shapes: dict[str, tuple], block_size: int 
         if kind == "int8":
             table = name == TABLE or (name == HEAD and HEAD not in shapes)
             blocks[name] = TABLE_INT8_BLOCK if table and width % TABLE_INT8_BLOCK == 0 else INT8_BLOCK
+        elif kind in INT4_BLOCKS:
+            blocks[name] = INT4_BLOCKS[kind]
+            if width % blocks[name]:
+                raise EdgeqError(f"{kind} does not divide the width {width} of {name}; plan it at another block or at int8")
         elif kind == "int4":
             blocks[name] = int4_block(width, block_size, name in half)
             if blocks[name] is None:
@@ -120,8 +124,8 @@ def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], hal
     from edgeq.quant.effort import require_tokens
     from edgeq.quant.gptq import quantize_model
 
-    grids = {name: (HalfBlockGrid if name in half else BlockGrid)(int(kind[3:]), blocks[name]) for name, kind in plan.items()
-             if kind in INT_TYPES and name not in skip}
+    grids = {name: (HalfBlockGrid if name in half else BlockGrid)(type_bits(kind), blocks[name]) for name, kind in plan.items()
+             if type_bits(kind) and name not in skip}
     if grids:
         require_tokens(calibration, "max" if learned else "standard")
     return quantize_model(calibration.model, calibration.windows, grids, progress, variants=adapters or (),
@@ -197,11 +201,11 @@ class ONNXConverter:
         use_gptq = rounding in BY_GPTQ and calibration is not None
         tied, mix = tied_through_mix(source)
         plan = plan_precisions(tied, precision, overrides, gptq=use_gptq)
-        if mix is not None and plan[HEAD] == plan[TABLE] in INT_TYPES:
+        if mix is not None and plan[HEAD] == plan[TABLE] and type_bits(plan[HEAD]):
             source = tied
         elif mix is not None:  # a plan that types the head apart: the rotated head is its own tensor, rounded by GPTQ
             mix, plan = None, plan_precisions(source, precision, overrides, gptq=use_gptq)
-        integer = any(kind in INT_TYPES for kind in plan.values())
+        integer = any(type_bits(kind) for kind in plan.values())
         measured = integer and calibration is not None and (use_gptq or calibration.given)
         half = half_scaled(plan, calibration.activation_peaks(keep_loaded=use_gptq) if measured else None)
         blocks = block_sizes(plan, source.shapes(), block_size, half)
@@ -225,7 +229,7 @@ class ONNXConverter:
         extra = write_ort_format(stage) if mobile else []
         report = read_back(stage / MODEL_FILE, plan)
         warn_mismatches(log, report["mismatches"])
-        int4_blocks = sorted({blocks[n] for n, kind in plan.items() if kind == "int4"})
+        int4_blocks = sorted({blocks[n] for n, kind in plan.items() if type_bits(kind) == 4})
         if adapters:
             from .adapters import write_adapter
 

@@ -22,7 +22,7 @@ from edgeq.progress import bar
 from edgeq.quant.rotation import HEAD_MIX_TENSOR
 
 from .blocks import Quantized, quantize_blocks
-from .spec import INT_TYPES
+from .spec import type_bits
 from .weights import ExternalData
 
 DATA_FILE = "model.onnx.data"
@@ -41,7 +41,7 @@ def shares_table(shapes: dict[str, tuple], plan: dict[str, str], blocks: dict[st
     """Whether the lookup and the head read one stored table: the checkpoint ties them and the plan encodes both alike in
     integer blocks. The head's MatMulNBits layout is then the only copy (GatherBlockQuantized reads the same bytes as
     rows), as llama.cpp stores a tied table once; a float or a differently encoded pair is written twice."""
-    return (HEAD not in shapes and plan.get(HEAD) == plan.get(TABLE) in INT_TYPES
+    return (HEAD not in shapes and plan.get(HEAD) == plan.get(TABLE) and bool(type_bits(plan.get(HEAD, "")))
             and blocks.get(HEAD) == blocks.get(TABLE))
 
 
@@ -101,7 +101,7 @@ class DecoderGraph:
             return self._written[stored]
         q = self.rounded.pop(name, None)
         if q is None:
-            q = quantize_blocks(self._tensor(name), int(self.plan[name][3:]), self.blocks[name], self.importance.get(name),
+            q = quantize_blocks(self._tensor(name), type_bits(self.plan[name]), self.blocks[name], self.importance.get(name),
                                 half=name in self.half)
         self.add_weight(f"{stored}.scales", q.scales)
         self._written[stored] = (self.add_weight(stored, q.data), f"{stored}.scales", *matrix_shape(self.source.shapes(), name),
@@ -138,7 +138,7 @@ class DecoderGraph:
         if name == HEAD and self.head_mix is not None:  # symmetric: x·M is the head's input for the table's rows
             mix = self.node("Cast", [self.add_weight(HEAD_MIX_TENSOR, self.head_mix.astype(np.float16))], to=TensorProto.FLOAT)
             x = self.node("MatMul", [x, mix])
-        if kind in ("int4", "int8"):
+        if type_bits(kind):
             stored = TABLE if self.shared_table and name == HEAD else None
             out = self._matmul_nbits(x, *self._quantized(name, stored), shift=self.half.get(name, 0))
             return self._lora(x, [name], self._bias(out, bias))
@@ -156,7 +156,7 @@ class DecoderGraph:
         per HF name."""
         kinds = {(self.plan[n], self.blocks.get(n), self.half.get(n)) for n in names}
         present = [b for b in biases if b and b in self.source.shapes()]
-        if len(kinds) > 1 or next(iter(kinds))[0] not in INT_TYPES or 0 < len(present) < len(names):
+        if len(kinds) > 1 or not type_bits(next(iter(kinds))[0]) or 0 < len(present) < len(names):
             return None
         parts = [self._quantized(n) for n in names]
         weight = self.node("Concat", [p[0] for p in parts], axis=0)
@@ -185,8 +185,7 @@ class DecoderGraph:
             table = self.node("Reshape", [data, self.const([rows, -1])])
             return self._lookup(table, ids, scales, bits, block, half)
         kind, weight = self.plan[name], self._tensor(name)
-        if kind in ("int4", "int8"):
-            bits = int(kind[3:])
+        if bits := type_bits(kind):
             q = quantize_blocks(weight, bits, self.blocks[name], half=name in self.half)
             data = self.add_weight(name, q.data.reshape(q.data.shape[0], -1))
             return self._lookup(data, ids, self.add_weight(f"{name}.scales", q.scales), bits, q.block_size, q.scales.dtype == np.float16)

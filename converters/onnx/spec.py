@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgeq.errors import EdgeqError
 from edgeq.formats import FormatSpec
 
-INT_TYPES = ("int4", "int8")
 FLOAT_TYPES = ("fp32", "fp16")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+# int4 tensor types named by their block, for a plan (or an override): smaller blocks where a tensor is sensitive, larger
+# where it is not, so a plan moves bytes between tensors at one file size, as Core ML's plans do. Plain "int4" is the
+# converter's default block (`int4_block`).
+INT4_BLOCKS = {"int4-block16": 16, "int4-block32": 32, "int4-block64": 64, "int4-block128": 128}
+TENSOR_TYPES = ("int4", *INT4_BLOCKS, "int8", "fp16", "fp32")
 # INT4 block when none is asked: with float16 scales 32 (Q4_0's layout and bytes), with float32 scales 64 for the
 # same bytes; else the next that divides the width (bench/README.md has the KL of each).
 DEFAULT_INT4_BLOCKS = {True: (32, 16), False: (64, 32, 16)}
@@ -26,6 +31,11 @@ HALF_PEAK = 8192.0
 ALIGN = 64 * 1024  # large tensors start on this boundary in the external-data file, so onnxruntime can memory-map them
 
 
+def type_bits(kind: str) -> int | None:
+    """Bits per code of an integer tensor type (4 or 8); None for a float one."""
+    return 4 if kind == "int4" or kind in INT4_BLOCKS else 8 if kind == "int8" else None
+
+
 def int4_block(width: int, asked: int | None = None, half: bool = True) -> int | None:
     """The INT4 block for a matrix `width` inputs wide: the one asked if it divides, else the default rule for its scales'
     dtype (`half`: float16); None if none fits."""
@@ -36,27 +46,31 @@ def int4_block(width: int, asked: int | None = None, half: bool = True) -> int |
 
 
 class ONNXSpace:
-    """What the ONNX converter writes: symmetric blocks with float16 scales, int4 in the converter's default
-    block (see `int4_block`) and int8 in blocks of 32 (MatMulNBits), rounded by the converter's
-    importance-weighted scale search; or fp16. (An export rounds by GPTQ on top, which only lowers the error
-    priced here.)"""
+    """What the ONNX converter writes: symmetric blocks with float16 scales, int4 in blocks of 16-128 (plain "int4"
+    is the converter's default block, see `int4_block`) and int8 in blocks of 32 (MatMulNBits), rounded by the
+    converter's importance-weighted scale search; or fp16. (An export rounds by GPTQ on top, which only lowers the
+    error priced here.)"""
 
     format = "onnx"
     float_bytes = 4
 
     @staticmethod
     def _block(precision: str, shape) -> int | None:
-        return int4_block(shape[-1]) if precision == "int4" else INT8_BLOCK
+        if precision == "int4":
+            return int4_block(shape[-1])
+        return INT4_BLOCKS.get(precision, INT8_BLOCK)
 
     def candidates(self, shape):
-        usable = ["int4"] if self._block("int4", shape) else []
-        return usable + ["int8", "fp16"]
+        default = self._block("int4", shape)
+        usable = ["int4"] if default else []
+        usable += [kind for kind, block in INT4_BLOCKS.items() if shape[-1] % block == 0 and block != default]
+        return sorted(usable + ["int8", "fp16"], key=lambda kind: self.nbytes(kind, shape))
 
     def nbytes(self, precision, shape):
         n = int(np.prod(shape))
         if precision == "fp16":
             return 2 * n
-        return n * int(precision[3:]) // 8 + -(-shape[-1] // self._block(precision, shape)) * shape[0] * 2
+        return n * type_bits(precision) // 8 + -(-shape[-1] // self._block(precision, shape)) * shape[0] * 2
 
     def round_trip(self, weight, precision, importance):
         if precision == "fp16":
@@ -66,7 +80,7 @@ class ONNXSpace:
         from .blocks import dequantize, quantize_blocks
 
         block = self._block(precision, weight.shape)
-        q = quantize_blocks(torch.from_numpy(np.ascontiguousarray(weight)), int(precision[3:]), block, importance, half=True)
+        q = quantize_blocks(torch.from_numpy(np.ascontiguousarray(weight)), type_bits(precision), block, importance, half=True)
         return dequantize(q, weight.shape[1])
 
 
@@ -103,10 +117,16 @@ class ONNXFormat(FormatSpec):
     def space(self):
         return ONNXSpace()
 
+    def tensor_type(self, asked: str) -> str:
+        """A precision, or an int4 type named by its block (`int4-block64`): what a plan or `--tensor-type` names."""
+        name = str(asked).lower()
+        if name in TENSOR_TYPES:
+            return name
+        raise EdgeqError(f"unknown ONNX tensor type {asked!r}; use one of {', '.join(TENSOR_TYPES)}")
+
     def check_source(self, source) -> None:
         """onnxruntime's GroupQueryAttention rotates part of a head only in multiples of 16 dims (its cos/sin tables
         a multiple of 8 wide); Phi-4-mini's 96 of 128 is one."""
-        from edgeq.errors import EdgeqError
         from edgeq.model_shape import ModelShape
 
         shape = ModelShape.from_config(source.config)

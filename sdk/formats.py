@@ -116,6 +116,11 @@ class FormatSpec:
         """What one tensor may be stored as (by default: any of the format's precisions)."""
         return self.normalize(asked)
 
+    def stored_once(self, source) -> dict[str, str]:
+        """Tensors of `source` a bundle of this format stores as another (follower → leader): a plan gives them one type
+        and counts their bytes once. By default none (a tied checkpoint's head is no tensor of its own)."""
+        return {}
+
     def file_overhead(self, source, tensors: int) -> int:
         """Bytes the model file holds beside the weights (metadata, alignment): part of what `--size` bounds."""
         return 0

@@ -7,7 +7,7 @@ from . import registry
 from .quant.budget import budget_bytes
 from .quant.calibration import Calibration
 from .quant.knapsack import Plan, plan_precisions
-from .quant.sensitivity import measure_sensitivity
+from .quant.sensitivity import measure_sensitivity, stored_once
 
 
 def plan(model: str | Path | None = None, *, revision: str | None = None, device: str | Path | None = None, format: str = registry.DEFAULT_FORMAT,
@@ -52,10 +52,11 @@ def plan_for(source, fmt: str, calibration: Calibration, *, profile=None, size=N
 
 
 def sensitivity_for(source, fmt: str, calibration: Calibration, progress=None):
-    """Sensitivity on the calibration data (cached by its hash); its importance matrix goes to `calibration`."""
+    """Sensitivity on the calibration data (cached by its hash), with the tensors the format stores as one planned as
+    one (`FormatSpec.stored_once`); its importance matrix goes to `calibration`."""
     sensitivity = measure_sensitivity(source, fmt, calibration.text, progress=progress)
     calibration.adopt_importance(sensitivity.importance)
-    return sensitivity
+    return stored_once(sensitivity, registry.formats.get(fmt).stored_once(source))
 
 
 def budget_for(sensitivity, source, fmt: str, *, profile=None, size=None, bits_per_weight=None) -> int:

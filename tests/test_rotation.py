@@ -206,3 +206,30 @@ def test_a_large_16_bit_model_is_rotated_into_its_own_type(tmp_path, monkeypatch
     assert float_model.stored_16bit(rotated) == torch.bfloat16
     before, after = _logits(folder), _logits(rotated.path)
     assert np.abs(before - after).max() < 0.05 * np.abs(before).max()  # 0.024 here: bf16's rounding, on a random model
+
+
+def test_a_plan_for_onnx_prices_a_rotated_tied_table_once(tmp_path):
+    """ONNX stores a rotated tied model's table once (the head reads it through the mix), so its plan gives the head the
+    table's type, counts the table's bytes once, and adds the head's predicted error to the table's."""
+    from edgeq.quant.calibration import CALIBRATION_TEXT, Calibration
+    from edgeq.quant.sensitivity import measure_sensitivity
+    from edgeq.planning import sensitivity_for
+
+    folder = build_model(tmp_path / "m", hidden_size=128, intermediate_size=256, tie_word_embeddings=True, norm_noise=0.3)
+    rotated, _ = rotated_source(open_model(folder))
+    table, head = "model.embed_tokens.weight", "lm_head.weight"
+    separate = measure_sensitivity(rotated, "onnx", CALIBRATION_TEXT, progress=False).tensors
+    planned = sensitivity_for(rotated, "onnx", Calibration(rotated, None), progress=False).tensors
+    assert head in separate and head not in planned and planned[table]["shares"] == [head]
+    for precision, option in planned[table]["options"].items():
+        assert option["bytes"] == separate[table]["options"][precision]["bytes"]
+        assert option["dkl"] == pytest.approx(separate[table]["options"][precision]["dkl"] + separate[head]["options"][precision]["dkl"])
+    assert registry.formats.get("gguf").stored_once(rotated) == {}  # GGUF writes the rotated head as its own tensor
+
+    bundle = edgeq.export(folder, format="onnx", bits_per_weight=5.5, output=tmp_path / "b", eval_tokens=0,
+                          calibration_tokens=1024, rotate="on")
+    manifest = json.loads((bundle / "edgeq.json").read_text())
+    entries = {e["tensor"]: e for e in manifest["plan"]["entries"]}
+    assert entries[head]["precision"] == entries[table]["precision"] and entries[head]["bytes"] == 0
+    assert head not in manifest["tensors"] and manifest["rotation"]["head_mix_bytes"] == 128 * 128 * 2  # one table
+    assert manifest["mismatches"] == []

@@ -117,6 +117,13 @@ class ONNXFormat(FormatSpec):
     def space(self):
         return ONNXSpace()
 
+    def stored_once(self, source) -> dict[str, str]:
+        """A rotated tied head (its own tensor in the rotated checkpoint) reads the one table through its mix
+        (`edgeq.quant.rotation.head_mix`), stored once when both get one integer type."""
+        from edgeq.quant.rotation import head_mix
+
+        return {"lm_head.weight": "model.embed_tokens.weight"} if head_mix(source) is not None else {}
+
     def tensor_type(self, asked: str) -> str:
         """A precision, or an int4 type named by its block (`int4-block64`): what a plan or `--tensor-type` names."""
         name = str(asked).lower()

@@ -95,5 +95,9 @@ def plan_precisions(sensitivity, budget_bytes: int) -> Plan:
         spent += extra
         level[name] += 1
         push(name)
-    entries = [PlanEntry(name, *hulls[name][level[name]]) for name in tensors]
+    entries = []
+    for name, info in tensors.items():
+        precision, nbytes, dkl = hulls[name][level[name]]
+        entries.append(PlanEntry(name, precision, nbytes, dkl))
+        entries += [PlanEntry(follower, precision, 0, 0.0) for follower in info.get("shares", ())]  # stored as `name`
     return Plan(sensitivity.format, budget_bytes, entries, sensitivity.fixed_bytes)

@@ -15,7 +15,8 @@ import json
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ SAMPLE_ROWS = 128
 class Sensitivity:
     format: str
     tensors: dict          # hf name → {"shape", "kind", "options": {precision: {"bytes", "proxy", "dkl"}}, "measured"}
+    #                        (and "shares": [hf names stored as this tensor, planned with it]; `stored_once`)
     fixed_bytes: int       # tensors that are never quantized (norms, biases)
     correlation: float | None
     measured: int
@@ -43,6 +45,23 @@ class Sensitivity:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "importance"}
+
+
+def stored_once(sensitivity: Sensitivity, pairs: dict[str, str]) -> Sensitivity:
+    """The sensitivity as a format sees it that stores each follower of `pairs` (follower → leader) as its leader: one
+    tensor, one type, one set of bytes (ONNX's table, which a rotated tied head reads through a mix). The follower's
+    ΔKL joins its leader's at every precision both have, at the leader's bytes alone, and the leader lists it under
+    `shares`, so a plan names both alike. The cached sensitivity is left as it was."""
+    pairs = {follower: leader for follower, leader in pairs.items() if follower in sensitivity.tensors and leader in sensitivity.tensors}
+    if not pairs:
+        return sensitivity
+    tensors = copy.deepcopy(sensitivity.tensors)
+    for follower, leader in pairs.items():
+        gone, kept = tensors.pop(follower), tensors[leader]
+        kept["options"] = {p: {**o, "proxy": o["proxy"] + gone["options"][p]["proxy"], "dkl": o["dkl"] + gone["options"][p]["dkl"]}
+                           for p, o in kept["options"].items() if p in gone["options"]}
+        kept["shares"] = [*kept.get("shares", []), follower]
+    return replace(sensitivity, tensors=tensors)
 
 
 def tensor_kind(name: str) -> str:

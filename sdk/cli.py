@@ -363,9 +363,9 @@ def plan(model, revision, device, format_, size, bits_per_weight, adapter, calib
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    click.echo(f"{'tensor':52} {'precision':>9} {'bytes':>11} {'pred. ΔKL':>10}")
+    click.echo(f"{'tensor':52} {'precision':>13} {'bytes':>11} {'pred. ΔKL':>10}")
     for e in result.entries:
-        click.echo(f"{e.tensor:52} {e.precision:>9} {e.bytes:>11,} {e.dkl:>10.5f}")
+        click.echo(f"{e.tensor:52} {e.precision:>13} {e.bytes:>11,} {e.dkl:>10.5f}")
     counts: dict[str, int] = {}
     for e in result.entries:
         counts[e.precision] = counts.get(e.precision, 0) + 1

@@ -233,3 +233,25 @@ def test_a_plan_for_onnx_prices_a_rotated_tied_table_once(tmp_path):
     assert entries[head]["precision"] == entries[table]["precision"] and entries[head]["bytes"] == 0
     assert head not in manifest["tensors"] and manifest["rotation"]["head_mix_bytes"] == 128 * 128 * 2  # one table
     assert manifest["mismatches"] == []
+
+
+def test_gptq_rounds_a_shared_table_for_the_heads_input_through_the_mix(tmp_path):
+    """ONNX stores a rotated tied model's table once, and the head reads it after the mix: GPTQ rounds that table for the
+    head's input times the mix, below nearest rounding's output error, and puts the float model's table back."""
+    from edgeq.converters.onnx.blocks import BlockGrid, dequantize
+    from edgeq.quant.calibration import Calibration
+    from edgeq.quant.gptq import quantize_model
+    from edgeq.quant.rotation import head_mix
+
+    folder = build_model(tmp_path / "m", hidden_size=128, intermediate_size=256, tie_word_embeddings=True, norm_noise=0.3)
+    rotated, _ = rotated_source(open_model(folder))
+    table = rotated.tensor("model.embed_tokens.weight").float()
+    calibration = Calibration(rotated, None, 1024)
+    gains = {}
+    codes = quantize_model(calibration.model, calibration.windows, {"lm_head.weight": BlockGrid(4, 32)}, progress=False,
+                           gains=gains, head_mix=head_mix(rotated))
+    got = torch.from_numpy(dequantize(codes["lm_head.weight"], table.shape[1]))
+    head = rotated.tensor("lm_head.weight").float()
+    assert (got - table).norm() < 0.2 * table.norm() < (got - head).norm()  # the table's rows, not the rotated head's
+    assert gains["lm_head.weight"] < 0.95
+    assert torch.equal(calibration.model.model.embed_tokens.weight.float(), table)

@@ -115,9 +115,10 @@ def tied_through_mix(source: SourceModel) -> tuple[SourceModel, np.ndarray | Non
 
 
 def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], half: dict[str, int], progress: bool | None,
-                  adapters=None, learned: bool = False, skip: tuple[str, ...] = (TABLE,)) -> dict[str, Quantized]:
-    """Every MatMulNBits weight of the plan but `skip`, rounded by GPTQ on the calibration text (the embedding is a lookup:
-    no inputs to compensate; a head read through a mix reads the table, which the calibration model's head is not).
+                  adapters=None, learned: bool = False, mix: np.ndarray | None = None) -> dict[str, Quantized]:
+    """Every MatMulNBits weight of the plan but the embedding (a lookup: no inputs to compensate), rounded by GPTQ on the
+    calibration text. A head read through a `mix` is the one stored table: it is rounded for the head's input times the
+    mix (the lookup reads the same codes; its share of the error is a tenth of the head's on SmolLM2, bench/README.md).
 
     With `adapters` kept apart (`KeptAdapter`s), the one base serves each of them too, on activations its own
     calibration never produces: GPTQ compensates for the base's stream and every adapter's (`quantize_model`'s variants)."""
@@ -125,11 +126,11 @@ def gptq_rounding(calibration, plan: dict[str, str], blocks: dict[str, int], hal
     from edgeq.quant.gptq import quantize_model
 
     grids = {name: (HalfBlockGrid if name in half else BlockGrid)(type_bits(kind), blocks[name]) for name, kind in plan.items()
-             if type_bits(kind) and name not in skip}
+             if type_bits(kind) and name != TABLE}
     if grids:
         require_tokens(calibration, "max" if learned else "standard")
     return quantize_model(calibration.model, calibration.windows, grids, progress, variants=adapters or (),
-                          gains=calibration.gptq_gains, learned=learned) if grids else {}
+                          gains=calibration.gptq_gains, learned=learned, head_mix=mix) if grids else {}
 
 
 def _is_function(node: onnx.NodeProto, opsets: dict[str, int]) -> bool:
@@ -209,8 +210,7 @@ class ONNXConverter:
         measured = integer and calibration is not None and (use_gptq or calibration.given)
         half = half_scaled(plan, calibration.activation_peaks(keep_loaded=use_gptq) if measured else None)
         blocks = block_sizes(plan, source.shapes(), block_size, half)
-        skip = (TABLE,) if mix is None else (TABLE, HEAD)
-        rounded = gptq_rounding(calibration, plan, blocks, half, progress, adapters, rounding == "learned", skip) if use_gptq and integer else None
+        rounded = gptq_rounding(calibration, plan, blocks, half, progress, adapters, rounding == "learned", mix) if use_gptq and integer else None
         importance = calibration.importance(progress) if integer and not use_gptq and calibration is not None else None
         if importance and mix is not None:
             importance = {n: v for n, v in importance.items() if n != HEAD}  # measured on the head's input, not the mix's output

@@ -345,7 +345,7 @@ def _run(layer: nn.Module, call: tuple[tuple, dict], hidden: torch.Tensor, weigh
 
 def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], progress: bool | None = None,
                    variants: Sequence[Variant] = (), into: MutableMapping[str, Any] | None = None,
-                   gains: dict[str, float] | None = None, learned: bool = False) -> MutableMapping[str, Any]:
+                   gains: dict[str, float] | None = None, learned: bool = False, head_mix=None) -> MutableMapping[str, Any]:
     """GPTQ of every linear weight `grids` names (HF names) of a transformers decoder, layer by layer on `windows`.
 
     `variants` are LoRA adapters the rounded base will also run with (kept apart from it, switched on at run
@@ -360,6 +360,10 @@ def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], prog
     activations for every token of every stream, and the Hessian of the input being rounded.
 
     `learned` fits each layer's block scales after GPTQ by `edgeq.quant.learned` (`--effort max`; not with variants).
+
+    `head_mix` (hidden × hidden, symmetric) is given when the head is the embedding table read through a mix
+    (`edgeq.quant.rotation.head_mix`): "lm_head.weight" is then the table, rounded for the head's input times the mix,
+    which is what the one stored table computes the logits from.
     """
     if learned and variants:
         raise EdgeqError("learned scales (--effort max) are not fitted for a base with kept adapters yet: merge the "
@@ -395,10 +399,16 @@ def quantize_model(model, windows: list[list[int]], grids: dict[str, Grid], prog
             pbar.update(1)
         if "lm_head.weight" in grids:  # its input is the final norm's output: no need to compute the logits
             # a LoRA on lm_head changes its output, not its input: each stream's final states are all it needs
-            hooks = _RoundingHooks({"lm_head": model.lm_head}, grids, real, results, gains)
+            head, x = model.lm_head, model.model.norm(hidden)
+            if head_mix is not None:
+                table = model.model.embed_tokens.weight
+                head = nn.Linear(table.shape[1], table.shape[0], bias=False)
+                head.weight = table  # rounded in place and put back by `restore`, as any weight
+                x = x.float() @ torch.as_tensor(head_mix, dtype=torch.float32)
+            hooks = _RoundingHooks({"lm_head": head}, grids, real, results, gains)
             try:
-                hooks.round("lm_head", model.lm_head, model.model.norm(hidden))
+                hooks.round("lm_head", head, x)
             finally:
-                hooks.restore({"lm_head": model.lm_head})
+                hooks.restore({"lm_head": head})
         pbar.update(1)
     return results

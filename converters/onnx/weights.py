@@ -67,14 +67,6 @@ def _describe(name: str, tensor: TensorProto, consumer: onnx.NodeProto | None) -
     return {"type": dtype, "shape": shape}
 
 
-def _written_as(asked: str, info: dict) -> bool:
-    """Whether a weight described by `info` is stored as the tensor type `asked` (an int4 type named by its block is
-    that block too)."""
-    if asked in INT4_BLOCKS:
-        return info["type"] in ("int4", asked) and info.get("block_size") == INT4_BLOCKS[asked]
-    return asked == info["type"]
-
-
 def read_back(model_file: Path, planned: dict[str, str]) -> dict:
     """Types, shapes and bytes of every weight as written, real bits per weight, and where the file differs from `planned`."""
     model = onnx.load(str(model_file), load_external_data=False)
@@ -102,8 +94,8 @@ def read_back(model_file: Path, planned: dict[str, str]) -> dict:
             info["scales"] = scale_types[f"{t.name}.scales"]
         tensors[t.name] = info
         asked = planned.get(t.name)
-        if asked in INT4_BLOCKS and _written_as(asked, info):
-            info["type"] = asked  # named as the plan names it; its block_size says the same
-        if asked and not _written_as(asked, info):
+        if asked in INT4_BLOCKS and info["type"] == "int4" and info["block_size"] == INT4_BLOCKS[asked]:
+            info["type"] = asked  # an int4 type named by its block, as the plan names it
+        if asked and asked != info["type"]:
             mismatches.append({"tensor": t.name, "asked": asked, "got": info["type"], "why": "the writer did not apply the plan"})
     return readback(tensors, mismatches)

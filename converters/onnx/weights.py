@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 from edgeq.formats import readback
 
-from .spec import ALIGN as _ALIGN, INT4_BLOCKS
+from .spec import ALIGN as _ALIGN, ALIGN_ABOVE as _ALIGN_ABOVE, INT4_BLOCKS
 
 
 class ExternalData:
@@ -29,7 +29,7 @@ class ExternalData:
 
     def add(self, name: str, array: np.ndarray) -> TensorProto:
         array = np.ascontiguousarray(array)
-        if array.nbytes >= _ALIGN:
+        if array.nbytes > _ALIGN_ABOVE:
             pad = -self._offset % _ALIGN
             self._file.write(b"\0" * pad)
             self._offset += pad

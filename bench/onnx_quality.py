@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 from lib import anchors
@@ -100,8 +101,10 @@ def planned_bundle(args, calibration: Path, sizes: dict):
 
 
 def open_bundle(args, out: Path, **options):
+    start = time.perf_counter()
     bundle = edgeq.export(args.model, format="onnx", output=out, eval_tokens=0, progress=False,
                           calibration_tokens=args.calibration_tokens, **options)
+    print(f"  {out.name}: exported in {time.perf_counter() - start:.0f} s", flush=True)
     weights = sum(t["bytes"] for t in edgeq.inspect(bundle)["tensors"].values())
     return harness.bundle_engine(bundle, args.threads, args.ctx), weights
 

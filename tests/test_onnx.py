@@ -233,6 +233,21 @@ def test_only_arrays_over_a_mebibyte_are_aligned_in_the_external_data(tmp_path):
     assert len(written) < sum(sizes) + 2 * ALIGN
 
 
+def test_what_the_model_file_holds_beside_the_weights_is_priced(tmp_path):
+    """--size plans the weights within what the format's file_overhead leaves: the graph, alignment and the RoPE
+    tables over the trained context (float32 cos and sin, 8.4 MB at Qwen2.5's 32k) must be in it, or a plan lands over."""
+    from edgeq.converters.onnx.spec import ONNX
+
+    source = open_model(build_model(tmp_path / "long", max_position_embeddings=65536))
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    fields = ONNXConverter().convert(source, stage, precision="int4", rounding="nearest")
+    beside = sum((stage / n).stat().st_size for n in ("model.onnx", "model.onnx.data")) - sum(t["bytes"] for t in fields["tensors"].values())
+    estimate = ONNX.file_overhead(source, len(source.shapes()))
+    assert beside > 4 << 20  # 65536 positions x 8 frequencies x 4 bytes, cos and sin
+    assert 0.9 < estimate / beside < 1.1
+
+
 def test_corrupt_onnx_in_a_bundle_is_caught(tmp_path, tiny_llama):
     bundle = _export(tiny_llama, tmp_path, "int8")
     with open(bundle / "model.onnx", "r+b") as f:

@@ -113,14 +113,20 @@ class ONNXFormat(FormatSpec):
                      "graph, which edgeq does not write.")
 
     def file_overhead(self, source, tensors):
-        # each array over ALIGN_ABOVE in the default int4 layout (codes, and float16 scales in blocks of 32) pays half
-        # an ALIGN on average before it; the graph holds about a kilobyte per node. A plan whose file still comes out
+        # the float32 cos/sin tables of each RoPE over the trained context (8.4 MB on Qwen2.5-Coder-0.5B's 32k); each
+        # array over ALIGN_ABOVE in the default int4 layout (codes, and float16 scales in blocks of 32) pays half an
+        # ALIGN on average before it; the graph holds about a kilobyte per node. A plan whose file still comes out
         # larger is planned again by the excess.
+        from edgeq.model_shape import ModelShape
+
+        shape = ModelShape.from_config(source.config)
+        pairs = sum(2 if rope.kind == "longrope" else 1 for rope in shape.distinct_ropes())
+        rope_tables = pairs * 2 * shape.max_positions * (shape.rotary_dim // 2) * 4
         aligned = 0
-        for shape in source.shapes().values():
-            n = int(np.prod(shape))
+        for dims in source.shapes().values():
+            n = int(np.prod(dims))
             aligned += (n // 2 > ALIGN_ABOVE) + (n // INT8_BLOCK * 2 > ALIGN_ABOVE)
-        return aligned * ALIGN // 2 + tensors * 1024
+        return rope_tables + aligned * ALIGN // 2 + tensors * 1024
 
     def space(self):
         return ONNXSpace()

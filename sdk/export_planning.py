@@ -74,7 +74,7 @@ def overhead_bytes(job) -> int:
     copied = sum((job.source.tokenizer_folder / n).stat().st_size for n in TOKENIZER_FILES if (job.source.tokenizer_folder / n).is_file())
     template = len((job.source.chat_template() or "").encode())
     tensors = len(job.source.shapes())
-    return copied + template + job.spec.file_overhead(job.source, tensors) + 400 * tensors + (8 << 10)
+    return copied + template + job.spec.file_overhead(job.source, tensors, job.context) + 400 * tensors + (8 << 10)
 
 
 def manifest_bytes(manifest: dict) -> int:

@@ -72,6 +72,12 @@ class ExportJob:
     def progress(self) -> bool | None:
         return self.opts.progress
 
+    @property
+    def context(self) -> int:
+        """Tokens the bundle's engine holds: the device's context, else DEFAULT_CONTEXT, capped by the trained one."""
+        trained = self.source.config.get("max_position_embeddings", DEFAULT_CONTEXT)
+        return min(self.profile.context_length if self.profile else DEFAULT_CONTEXT, trained)
+
 
 def choose_format(fmt: str | None, profile) -> FormatSpec:
     if fmt:
@@ -238,8 +244,7 @@ def convert(job: ExportJob, stage: Path) -> None:
 
     converter = job.spec.converter()
     extra = {"adapters": job.adapters} if job.adapters else {}
-    trained = job.source.config.get("max_position_embeddings", DEFAULT_CONTEXT)
-    context = min(job.profile.context_length if job.profile else DEFAULT_CONTEXT, trained)
+    context = job.context
     if "context" in job.spec.options:  # a format whose cache is sized at export (ExecuTorch's static cache)
         extra["context"] = context
     fields = converter.convert(job.source, stage, precision=job.precision, overrides=job.overrides,

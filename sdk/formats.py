@@ -121,8 +121,9 @@ class FormatSpec:
         and counts their bytes once. By default none (a tied checkpoint's head is no tensor of its own)."""
         return {}
 
-    def file_overhead(self, source, tensors: int) -> int:
-        """Bytes the model file holds beside the weights (metadata, alignment): part of what `--size` bounds."""
+    def file_overhead(self, source, tensors: int, context: int) -> int:
+        """Bytes the model files hold beside the weights (metadata, alignment, tables sized by the `context` the bundle
+        is exported for): part of what `--size` bounds."""
         return 0
 
     def space(self) -> PrecisionSpace:

@@ -276,3 +276,28 @@ def test_profile_refuses_a_file_that_is_not_an_etdump_in_one_line(ascii_bundle, 
     with pytest.raises(EdgeqError, match="junk.etdp is not an ETDump") as refused:
         profile_trace(ascii_bundle, junk)
     assert "\n" not in str(refused.value)
+
+
+def test_what_a_plan_does_not_price_is_in_the_file_overhead(tmp_path):
+    """--size leaves the plan what file_overhead does not claim. A tied checkpoint's head is no tensor a plan prices, yet
+    the program stores it apart (8da8w); with norms, RoPE tables over the static cache and the serialized program it
+    must be claimed, or a plan lands over --size and is made again."""
+    from conftest import build_model
+
+    from edgeq.converters.executorch.convert import ExecuTorchConverter
+    from edgeq.converters.executorch.layouts import LINEARS
+    from edgeq.intake import open_model
+
+    source = open_model(build_model(tmp_path / "tied", tie_word_embeddings=True))
+    shapes = source.shapes()
+    assert "lm_head.weight" not in shapes
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    fields = ExecuTorchConverter().convert(source, stage, precision="8da4w", rounding="nearest", context=256)
+    space = et_spec.EXECUTORCH.space()
+    priced = sum(space.nbytes("8da4w", dims) if name == "model.embed_tokens.weight" else fields["tensors"][name]["bytes"]
+                 for name, dims in shapes.items() if len(dims) == 2)
+    beside = sum((stage / name).stat().st_size for name in ("model.pte", et_spec.ETRECORD_FILE)) - priced
+    estimate = et_spec.EXECUTORCH.file_overhead(source, len(shapes), 256)
+    assert fields["tensors"]["lm_head.weight"]["bytes"] == LINEARS["8da8w"].nbytes(shapes["model.embed_tokens.weight"])
+    assert 0.85 < estimate / beside < 1.25

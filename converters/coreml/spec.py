@@ -228,7 +228,7 @@ class CoreMLFormat(FormatSpec):
         """Core ML predicts on Apple platforms only; elsewhere quality is measured on the package's weights in torch."""
         return "coreml" if sys.platform == "darwin" else "coreml-torch"
 
-    def file_overhead(self, source, tensors):
+    def file_overhead(self, source, tensors, context):
         # the program spec of two functions names every weight op twice; weights align to 64 bytes
         return tensors * (2 * 1024 + 64) + (256 << 10)
 

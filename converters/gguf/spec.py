@@ -74,7 +74,7 @@ class GGUFFormat(FormatSpec):
             raise EdgeqError(f"unknown GGUF tensor type {asked!r}; use one of Q8_0, Q6_K, Q5_K, Q4_K, Q4_0, F16, ...")
         return name
 
-    def file_overhead(self, source, tensors):
+    def file_overhead(self, source, tensors, context):
         # the vocabulary and merges travel as metadata (about the size of tokenizer.json), plus per-tensor
         # info and alignment to 32 bytes
         tokenizer = source.tokenizer_folder / "tokenizer.json"

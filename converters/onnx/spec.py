@@ -112,7 +112,7 @@ class ONNXFormat(FormatSpec):
                      "`chat_template.jinja` render the prompt. onnxruntime-genai needs a `genai_config.json` describing the "
                      "graph, which edgeq does not write.")
 
-    def file_overhead(self, source, tensors):
+    def file_overhead(self, source, tensors, context):
         # the float32 cos/sin tables of each RoPE over the trained context (8.4 MB on Qwen2.5-Coder-0.5B's 32k); each
         # array over ALIGN_ABOVE in the default int4 layout (codes, and float16 scales in blocks of 32) pays half an
         # ALIGN on average before it; the graph holds about a kilobyte per node. A plan whose file still comes out

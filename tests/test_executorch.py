@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib import metadata
 import re
 
+import numpy as np
 import pytest
 
 from edgeq.converters.executorch import spec as et_spec
@@ -280,8 +281,8 @@ def test_profile_refuses_a_file_that_is_not_an_etdump_in_one_line(ascii_bundle, 
 
 def test_what_a_plan_does_not_price_is_in_the_file_overhead(tmp_path):
     """--size leaves the plan what file_overhead does not claim. A tied checkpoint's head is no tensor a plan prices, yet
-    the program stores it apart (8da8w); with norms, RoPE tables over the static cache and the serialized program it
-    must be claimed, or a plan lands over --size and is made again."""
+    the program stores it apart (8da8w); with RoPE tables over the static cache and the serialized program it must be
+    claimed, or a plan lands over --size and is made again. (Norms and biases are the plan's fixed bytes.)"""
     from conftest import build_model
 
     from edgeq.converters.executorch.convert import ExecuTorchConverter
@@ -297,6 +298,7 @@ def test_what_a_plan_does_not_price_is_in_the_file_overhead(tmp_path):
     space = et_spec.EXECUTORCH.space()
     priced = sum(space.nbytes("8da4w", dims) if name == "model.embed_tokens.weight" else fields["tensors"][name]["bytes"]
                  for name, dims in shapes.items() if len(dims) == 2)
+    priced += 4 * sum(int(np.prod(dims)) for dims in shapes.values() if len(dims) == 1)
     beside = sum((stage / name).stat().st_size for name in ("model.pte", et_spec.ETRECORD_FILE)) - priced
     estimate = et_spec.EXECUTORCH.file_overhead(source, len(shapes), 256)
     assert fields["tensors"]["lm_head.weight"]["bytes"] == LINEARS["8da8w"].nbytes(shapes["model.embed_tokens.weight"])

@@ -111,8 +111,7 @@ class ExecuTorchFormat(FormatSpec):
 
     def file_overhead(self, source, tensors, context):
         """What a plan does not price: a tied head (the program stores it apart from the table, at 8da8w beside a 4-bit
-        plan: 28.5 MB on SmolLM2-135M, which a plan missed and re-planned for), float32 norms and biases, RoPE's cos and
-        sin over the static cache (float32, `rotary_dim` wide each), and the serialized program: 11-15 KB a layer in
+        plan: 28.5 MB on SmolLM2-135M, which a plan missed and re-planned for), RoPE's cos and sin over the static cache (float32, `rotary_dim` wide each), and the serialized program: 11-15 KB a layer in
         model.pte and 11 KB in the ETRecord (SmolLM2-135M, 30 layers, context 4096: 2.57 MB beside the priced weights in
         model.pte, 2.1 MB of it RoPE tables; 0.34 MB of ETRecord)."""
         from edgeq.model_shape import ModelShape
@@ -120,9 +119,8 @@ class ExecuTorchFormat(FormatSpec):
         shapes = source.shapes()
         shape = ModelShape.from_config(source.config)
         head = LINEARS["8da8w"].nbytes(shapes["model.embed_tokens.weight"]) if "lm_head.weight" not in shapes else 0
-        vectors = 4 * sum(int(np.prod(dims)) for dims in shapes.values() if len(dims) == 1)
         rope = 2 * 4 * context * (shape.rotary_dim or shape.head_dim)
-        return head + vectors + rope + shape.layers * (28 << 10) + (20 << 10)
+        return head + rope + shape.layers * (28 << 10) + (20 << 10)
 
     def space(self):
         return ExecuTorchSpace()

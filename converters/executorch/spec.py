@@ -111,9 +111,9 @@ class ExecuTorchFormat(FormatSpec):
 
     def file_overhead(self, source, tensors, context):
         """What a plan does not price: a tied head (the program stores it apart from the table, at 8da8w beside a 4-bit
-        plan: 28.5 MB on SmolLM2-135M, which a plan missed and re-planned for), RoPE's cos and sin over the static cache (float32, `rotary_dim` wide each), and the serialized program: 11-15 KB a layer in
-        model.pte and 11 KB in the ETRecord (SmolLM2-135M, 30 layers, context 4096: 2.57 MB beside the priced weights in
-        model.pte, 2.1 MB of it RoPE tables; 0.34 MB of ETRecord)."""
+        plan: 28.5 MB on SmolLM2-135M), RoPE's cos and sin over the static cache (float32, `rotary_dim` wide each), and
+        the serialized program: 11-15 KB a layer in model.pte and 11 KB in the ETRecord (SmolLM2-135M, 30 layers,
+        context 4096: 2.42 MB beside the priced weights in model.pte, 2.1 MB of it RoPE tables; 0.34 MB of ETRecord)."""
         from edgeq.model_shape import ModelShape
 
         shapes = source.shapes()

@@ -125,7 +125,7 @@ class ONNXFormat(FormatSpec):
         aligned = 0
         for dims in source.shapes().values():
             n = int(np.prod(dims))
-            aligned += (n // 2 > ALIGN_ABOVE) + (n // INT8_BLOCK * 2 > ALIGN_ABOVE)
+            aligned += (n // 2 > ALIGN_ABOVE) + (n // DEFAULT_INT4_BLOCKS[True][0] * 2 > ALIGN_ABOVE)
         return rope_tables + aligned * ALIGN // 2 + tensors * 1024
 
     def space(self):

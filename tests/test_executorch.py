@@ -280,13 +280,12 @@ def test_profile_refuses_a_file_that_is_not_an_etdump_in_one_line(ascii_bundle, 
 
 
 def test_what_a_plan_does_not_price_is_in_the_file_overhead(tmp_path):
-    """--size leaves the plan what file_overhead does not claim. A tied checkpoint's head is no tensor a plan prices, yet
-    the program stores it apart (8da8w); with RoPE tables over the static cache and the serialized program it must be
-    claimed, or a plan lands over --size and is made again. (Norms and biases are the plan's fixed bytes.)"""
+    """--size leaves the plan what file_overhead does not claim: RoPE tables over the static cache and the serialized
+    program, or a plan lands over --size and is made again. A tied checkpoint's head, which the program stores apart
+    from the table, is the plan's to price (at the bytes the file holds); norms and biases are its fixed bytes."""
     from conftest import build_model
 
     from edgeq.converters.executorch.convert import ExecuTorchConverter
-    from edgeq.converters.executorch.layouts import LINEARS
     from edgeq.intake import open_model
 
     source = open_model(build_model(tmp_path / "tied", tie_word_embeddings=True))
@@ -298,8 +297,47 @@ def test_what_a_plan_does_not_price_is_in_the_file_overhead(tmp_path):
     space = et_spec.EXECUTORCH.space()
     priced = sum(space.nbytes("8da4w", dims) if name == "model.embed_tokens.weight" else fields["tensors"][name]["bytes"]
                  for name, dims in shapes.items() if len(dims) == 2)
-    priced += 4 * sum(int(np.prod(dims)) for dims in shapes.values() if len(dims) == 1)
+    head = space.nbytes("8da8w", tuple(shapes["model.embed_tokens.weight"]))
+    assert fields["tensors"]["lm_head.weight"]["bytes"] == head
+    priced += head + 4 * sum(int(np.prod(dims)) for dims in shapes.values() if len(dims) == 1)
     beside = sum((stage / name).stat().st_size for name in ("model.pte", et_spec.ETRECORD_FILE)) - priced
     estimate = et_spec.EXECUTORCH.file_overhead(source, len(shapes), 256)
-    assert fields["tensors"]["lm_head.weight"]["bytes"] == LINEARS["8da8w"].nbytes(shapes["model.embed_tokens.weight"])
     assert 0.85 < estimate / beside < 1.25
+
+
+def test_a_tied_head_is_planned_and_measured_apart_from_its_table(tmp_path):
+    """ExecuTorch stores a tied checkpoint's head apart from the embedding table, so its sensitivity lists the head as a
+    tensor of its own, and rounding the table is measured on the lookup alone: the head keeps the float values."""
+    import torch
+    from conftest import build_model
+
+    from edgeq.float_model import load_float_model
+    from edgeq.intake import open_model
+    from edgeq.metrics import kl_rows
+    from edgeq.quant.calibration import CALIBRATION_TEXT
+    from edgeq.quant.sensitivity import measure_sensitivity, simulate
+
+    source = open_model(build_model(tmp_path / "tied", tie_word_embeddings=True, seed=3))
+    sensitivity = measure_sensitivity(source, "executorch", CALIBRATION_TEXT, progress=False)
+    table, head = sensitivity.tensors["model.embed_tokens.weight"], sensitivity.tensors["lm_head.weight"]
+    assert head["shape"] == table["shape"] and head["kind"] == "lm_head"
+    assert head["measured"] is not None and table["measured"] is not None
+    assert set(head["options"]) == {"8da4w", "8da4w-g64", "8da8w", "fp32"}
+
+    space = et_spec.EXECUTORCH.space()
+    model = load_float_model(source)
+    window = list(range(3, 40))
+    ids = torch.tensor([window])
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        table_only = simulate(model, {"model.embed_tokens.weight": "8da4w"}, space, sensitivity.importance, window)
+        embed = model.get_input_embeddings()
+        saved = embed.weight.data
+        model.lm_head.weight = torch.nn.Parameter(saved.clone(), requires_grad=False)
+        embed.weight.data = torch.from_numpy(space.round_trip(saved.numpy(), "8da4w", None))
+        lookup_rounded = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        both = torch.log_softmax(torch.nn.functional.linear(model.model(input_ids=ids).last_hidden_state[0], embed.weight).float(), -1)
+    assert table_only == pytest.approx(float(kl_rows(ref, lookup_rounded).mean()), rel=1e-4)
+    assert float(kl_rows(ref, both).mean()) != pytest.approx(table_only, rel=1e-2)  # the table and the head rounded
+    reloaded = load_float_model(source)
+    assert reloaded.lm_head.weight is reloaded.get_input_embeddings().weight

@@ -54,6 +54,7 @@ class ExecuTorchSpace:
 
     format = "executorch"
     float_bytes = 4
+    tied_head_apart = True  # the table is a lookup, the head a linear layer: a tied checkpoint's head is a tensor to plan
 
     def candidates(self, shape):
         usable = [p for p, linear in LINEARS.items() if linear.dynamic and (not linear.group or shape[-1] % linear.group == 0)]
@@ -110,17 +111,15 @@ class ExecuTorchFormat(FormatSpec):
         return super().read_trace(bundle, manifest, trace)
 
     def file_overhead(self, source, tensors, context):
-        """What a plan does not price: a tied head (the program stores it apart from the table, at 8da8w beside a 4-bit
-        plan: 28.5 MB on SmolLM2-135M), RoPE's cos and sin over the static cache (float32, `rotary_dim` wide each), and
+        """What a plan does not price: RoPE's cos and sin over the static cache (float32, `rotary_dim` wide each), and
         the serialized program: 11-15 KB a layer in model.pte and 11 KB in the ETRecord (SmolLM2-135M, 30 layers,
-        context 4096: 2.42 MB beside the priced weights in model.pte, 2.1 MB of it RoPE tables; 0.34 MB of ETRecord)."""
+        context 4096: 2.42 MB beside the priced weights in model.pte, 2.1 MB of it RoPE tables; 0.34 MB of ETRecord).
+        A tied checkpoint's head, stored apart from the table, is priced by the plan (`tied_head_apart`)."""
         from edgeq.model_shape import ModelShape
 
-        shapes = source.shapes()
         shape = ModelShape.from_config(source.config)
-        head = LINEARS["8da8w"].nbytes(shapes["model.embed_tokens.weight"]) if "lm_head.weight" not in shapes else 0
         rope = 2 * 4 * context * (shape.rotary_dim or shape.head_dim)
-        return head + rope + shape.layers * (28 << 10) + (20 << 10)
+        return rope + shape.layers * (28 << 10) + (20 << 10)
 
     def space(self):
         return ExecuTorchSpace()

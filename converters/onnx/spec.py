@@ -57,6 +57,7 @@ class ONNXSpace:
 
     format = "onnx"
     float_bytes = 4
+    tied_head_apart = False
 
     @staticmethod
     def _block(precision: str, shape) -> int | None:

@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import copy
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from .calibration import WINDOW, calibration_windows
 from .importance import compute_importance
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 8  # bump when a precision space changes its bytes or round trip, or what is measured changes
+CACHE_VERSION = 9  # bump when a precision space changes its bytes or round trip, or what is measured changes
 SAMPLE_ROWS = 128
 
 
@@ -111,6 +112,7 @@ def _options(space, name, weight, importance, token_freq, tied_output_importance
     return options
 
 
+TIED_HEAD = "lm_head.weight"
 TOKENS, MEASURE_TOKENS = 4096, 256  # calibration tokens for the importance matrix; of them, the sequence KL is measured on
 
 
@@ -145,10 +147,11 @@ def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = TOKENS, m
     token_freq = np.bincount(np.concatenate(windows), minlength=source.vocab_size).astype(np.float64)
     token_freq /= token_freq.sum()
     tied = bool(source.config.get("tie_word_embeddings"))
+    apart = tied and space.tied_head_apart
     rng = np.random.default_rng(0)
 
     tensors, fixed = {}, 0
-    names = list(source.shapes())
+    names = [*source.shapes(), *([TIED_HEAD] if apart else [])]
     with bar(len(names), "sensitivity: proxies", "tensor", progress) as pbar:
         for name in names:
             param = model.get_parameter(name)
@@ -156,7 +159,7 @@ def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = TOKENS, m
                 fixed += param.numel() * space.float_bytes
             else:
                 weight = param.detach().float().numpy()
-                tied_imp = importance.get("lm_head.weight") if tied and name.endswith("embed_tokens.weight") else None
+                tied_imp = importance.get(TIED_HEAD) if tied and not apart and name.endswith("embed_tokens.weight") else None
                 options = _options(space, name, weight, importance.get(name), token_freq, tied_imp, rng)
                 tensors[name] = {"shape": list(param.shape), "kind": tensor_kind(name), "options": options, "measured": None}
             pbar.update(1)
@@ -208,6 +211,11 @@ def _measure_sample(model, tensors, space, importance, window, sample, progress)
     """KL of the model with each sampled tensor rounded alone. The layers before a tensor's own compute what they did
     in the reference pass, so they are replayed from it (`Replay`): a measurement costs the layers from its tensor's
     on, half the model on average, through the model's own forward (its norm, head and any logit scaling)."""
+    with head_apart(model, space):
+        return _measure_each(model, tensors, space, importance, window, sample, progress)
+
+
+def _measure_each(model, tensors, space, importance, window, sample, progress) -> int:
     import torch
 
     from .stand_in import Replay, layers_replaced
@@ -244,6 +252,25 @@ def _measure_sample(model, tensors, space, importance, window, sample, progress)
     return done
 
 
+@contextmanager
+def head_apart(model, space):
+    """The model as `space`'s format computes it: a format that stores a tied checkpoint's head apart from its table
+    (ExecuTorch: a lookup table and a linear layer, each at its own precision) rounds the two alone, so for the
+    duration the head gets a parameter of its own over the same values. Other models and formats are left as they are."""
+    import torch
+
+    head, table = model.get_output_embeddings(), model.get_input_embeddings()
+    if not space.tied_head_apart or head is None or head.weight is not table.weight:
+        yield
+        return
+    shared = head.weight
+    head.weight = torch.nn.Parameter(shared.data, requires_grad=False)
+    try:
+        yield
+    finally:
+        head.weight = shared
+
+
 def simulate(model, choice: dict[str, str], space, importance: dict, window: list[int]) -> float:
     """KL over `window` of the model with every tensor of `choice` (HF name → precision) rounded at once by the
     format's round trip, against the model as it is: what summing per-tensor ΔKL cannot see (interactions within a
@@ -259,9 +286,9 @@ def simulate(model, choice: dict[str, str], space, importance: dict, window: lis
         return torch.from_numpy(space.round_trip(data.float().numpy(), choice[name], None if "embed" in name else importance.get(name)))
 
     ids = torch.tensor([window])
-    params = {n: model.get_parameter(n) for n in choice if _layer(n) < 0}  # the embedding and an untied head
-    saved = {n: p.data for n, p in params.items()}
-    with torch.inference_mode():
+    with torch.inference_mode(), head_apart(model, space):
+        params = {n: model.get_parameter(n) for n in choice if _layer(n) < 0}  # the embedding and a head of its own
+        saved = {n: p.data for n, p in params.items()}
         ref = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
         try:
             for n, p in params.items():
@@ -276,8 +303,8 @@ def simulate(model, choice: dict[str, str], space, importance: dict, window: lis
 
 
 def _first_changed_layer(model, name: str) -> int:
-    """The first decoder layer whose output rounding `name` changes: a layer's own tensors change it, an untied head
-    none (all replayed), the embedding (and a head tied to it) the first."""
+    """The first decoder layer whose output rounding `name` changes: a layer's own tensors change it, a head of its own
+    none (all replayed), the embedding (and a head that is its table) the first."""
     if _layer(name) >= 0:
         return _layer(name)
     if name.startswith("lm_head") and model.get_parameter(name) is not model.get_input_embeddings().weight:

@@ -23,7 +23,7 @@ class PrecisionSpace(Protocol):
 
     format: str
     float_bytes: int  # per element of the tensors that are never quantized (norms, biases)
-    tied_head_apart: bool  # a tied checkpoint's head is stored apart from the table, at a precision of its own
+    tied_head_types: tuple[str, ...]  # what a tied checkpoint's head may be stored as apart from its table; () if it is the table
 
     def candidates(self, shape: tuple[int, ...]) -> list[str]:
         """Precisions this tensor can take, smallest first."""

@@ -307,7 +307,8 @@ def test_what_a_plan_does_not_price_is_in_the_file_overhead(tmp_path):
 
 def test_a_tied_head_is_planned_and_measured_apart_from_its_table(tmp_path):
     """ExecuTorch stores a tied checkpoint's head apart from the embedding table, so its sensitivity lists the head as a
-    tensor of its own, and rounding the table is measured on the lookup alone: the head keeps the float values."""
+    tensor of its own (at the types `tied_head_types` allows), and rounding the table is measured on the lookup alone:
+    the head keeps the float values."""
     import torch
     from conftest import build_model
 
@@ -322,7 +323,7 @@ def test_a_tied_head_is_planned_and_measured_apart_from_its_table(tmp_path):
     table, head = sensitivity.tensors["model.embed_tokens.weight"], sensitivity.tensors["lm_head.weight"]
     assert head["shape"] == table["shape"] and head["kind"] == "lm_head"
     assert head["measured"] is not None and table["measured"] is not None
-    assert set(head["options"]) == {"8da4w", "8da4w-g64", "8da8w", "fp32"}
+    assert list(head["options"]) == ["8da8w", "fp32"]  # GPTQ cannot round a tied head: it keeps 8 bits or more
 
     space = et_spec.EXECUTORCH.space()
     model = load_float_model(source)

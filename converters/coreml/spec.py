@@ -34,7 +34,7 @@ class CoreMLSpace:
 
     format = "coreml"
     float_bytes = 2
-    tied_head_apart = False
+    tied_head_types = ()  # a tied checkpoint's head is the table
 
     def candidates(self, shape):
         usable = [p for p, block in INT4_BLOCKS.items() if shape[-1] % block == 0] + ["int8", "fp16"]

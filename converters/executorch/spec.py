@@ -54,7 +54,10 @@ class ExecuTorchSpace:
 
     format = "executorch"
     float_bytes = 4
-    tied_head_apart = True  # the table is a lookup, the head a linear layer: a tied checkpoint's head is a tensor to plan
+    # The table is a lookup and the head a linear layer, so a tied checkpoint's head is a tensor to plan. GPTQ cannot
+    # round it (the float model's head is the table's tensor), and at 8da4w by nearest it cost SmolLM2-135M more than
+    # the 8da8w linears its bytes bought (planned 1.10x the uniform's KL; bench/README.md): it keeps 8 bits or more.
+    tied_head_types = ("8da8w", "fp32")
 
     def candidates(self, shape):
         usable = [p for p, linear in LINEARS.items() if linear.dynamic and (not linear.group or shape[-1] % linear.group == 0)]
@@ -114,7 +117,7 @@ class ExecuTorchFormat(FormatSpec):
         """What a plan does not price: RoPE's cos and sin over the static cache (float32, `rotary_dim` wide each), and
         the serialized program: 11-15 KB a layer in model.pte and 11 KB in the ETRecord (SmolLM2-135M, 30 layers,
         context 4096: 2.42 MB beside the priced weights in model.pte, 2.1 MB of it RoPE tables; 0.34 MB of ETRecord).
-        A tied checkpoint's head, stored apart from the table, is priced by the plan (`tied_head_apart`)."""
+        A tied checkpoint's head, stored apart from the table, is priced by the plan (`tied_head_types`)."""
         from edgeq.model_shape import ModelShape
 
         shape = ModelShape.from_config(source.config)

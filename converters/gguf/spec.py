@@ -18,7 +18,7 @@ class GGUFSpace:
 
     format = "gguf"
     float_bytes = 4
-    tied_head_apart = False
+    tied_head_types = ()  # a tied checkpoint's head is the table
     types = ("Q4_0", "IQ4_NL", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0", "F16")
 
     def candidates(self, shape):

@@ -57,7 +57,7 @@ class ONNXSpace:
 
     format = "onnx"
     float_bytes = 4
-    tied_head_apart = False
+    tied_head_types = ()  # a tied checkpoint's head is the table
 
     @staticmethod
     def _block(precision: str, shape) -> int | None:

@@ -147,7 +147,7 @@ def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = TOKENS, m
     token_freq = np.bincount(np.concatenate(windows), minlength=source.vocab_size).astype(np.float64)
     token_freq /= token_freq.sum()
     tied = bool(source.config.get("tie_word_embeddings"))
-    apart = tied and space.tied_head_apart
+    apart = tied and bool(space.tied_head_types)
     rng = np.random.default_rng(0)
 
     tensors, fixed = {}, 0
@@ -161,6 +161,8 @@ def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = TOKENS, m
                 weight = param.detach().float().numpy()
                 tied_imp = importance.get(TIED_HEAD) if tied and not apart and name.endswith("embed_tokens.weight") else None
                 options = _options(space, name, weight, importance.get(name), token_freq, tied_imp, rng)
+                if name == TIED_HEAD and apart:
+                    options = {p: o for p, o in options.items() if p in space.tied_head_types}
                 tensors[name] = {"shape": list(param.shape), "kind": tensor_kind(name), "options": options, "measured": None}
             pbar.update(1)
 
@@ -260,7 +262,7 @@ def head_apart(model, space):
     import torch
 
     head, table = model.get_output_embeddings(), model.get_input_embeddings()
-    if not space.tied_head_apart or head is None or head.weight is not table.weight:
+    if not space.tied_head_types or head is None or head.weight is not table.weight:
         yield
         return
     shared = head.weight

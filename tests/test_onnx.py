@@ -89,6 +89,28 @@ def test_int4_plan_overrides_are_applied_in_the_file(tmp_path, tiny_llama):
         ONNXConverter().convert(source, tmp_path, precision="int4", overrides={"model.layers.9.mlp.up_proj.weight": "int8"})
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_int4_rounded_by_gptq_writes_its_recipe(tmp_path, tied):
+    """The INT4 default (GPTQ) is a recipe, read back from the file: k/v/o_proj at INT8, down_proj in blocks of 16, the
+    rest in blocks of 32, and the table at INT4, in blocks of 128 for a lookup alone, of 16 when the head reads it too.
+    Without GPTQ the table stays at INT8."""
+    folder = build_model(tmp_path / "m", hidden_size=128, intermediate_size=256, tie_word_embeddings=tied)
+    bundle = edgeq.export(folder, format="onnx", precision="int4", output=tmp_path / "gptq", eval_tokens=0)
+    tensors = edgeq.inspect(bundle)["tensors"]
+    written = {name: (t["type"], t.get("block_size")) for name, t in tensors.items()}
+    for name, kind in written.items():
+        if name.endswith(("k_proj.weight", "v_proj.weight", "o_proj.weight")):
+            assert kind == ("int8", 32), name
+        elif name.endswith("down_proj.weight"):
+            assert kind == ("int4-block16", 16), name
+        elif name.endswith(("q_proj.weight", "gate_proj.weight", "up_proj.weight")) or name == "lm_head.weight":
+            assert kind == ("int4", 32), name
+    assert "lm_head.weight" not in written if tied else "lm_head.weight" in written
+    assert written["model.embed_tokens.weight"] == (("int4-block16", 16) if tied else ("int4-block128", 128))
+    nearest = edgeq.export(folder, format="onnx", precision="int4", rounding="nearest", output=tmp_path / "nearest", eval_tokens=0)
+    assert edgeq.inspect(nearest)["tensors"]["model.embed_tokens.weight"]["type"] == "int8"
+
+
 def test_tensor_types_make_exceptions_to_a_forced_precision(tmp_path, tiny_llama):
     bundle = edgeq.export(tiny_llama, format="onnx", precision="int4", tensor_types={"lm_head.weight": "int4"},
                           output=tmp_path / "head4", eval_tokens=0)

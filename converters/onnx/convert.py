@@ -39,21 +39,31 @@ OPS_CONFIG = "required_operators.config"
 ORT_FORMAT_LIMIT = 2 << 30  # an .ort file is one flatbuffer, which cannot pass 2 GiB
 
 
-def plan_precisions(source: SourceModel, precision: str, overrides: dict[str, str] | None, gptq: bool = False) -> dict[str, str]:
-    """HF weight name → encoding for every matrix. INT4 keeps embeddings at INT8, and the lm_head too unless
-    GPTQ rounds it: rounded alone, a 4-bit lm_head costs SmolLM2 +0.055 KL (llama.cpp keeps its output at 6 bits);
-    with GPTQ +0.014, and its bytes are what a decode step reads most (4 bits decode as fast as the builder's).
-    A tied table is stored once for both (`shares_table`), so it stays at INT8: as 4-bit rows, the lookup costs
-    more than the bytes save (bench/README.md)."""
+# INT4's default when GPTQ rounds it: a recipe, as llama.cpp's Q4_K_M is one, that lands below llama.cpp Q4_0's bytes.
+# The attention's k/v/o projections at INT8 (small under grouped-query attention; 4 bits hurt them most), down_proj in
+# blocks of 16, and the embedding table at INT4: in blocks of 128 for an untied lookup, of 16 for a table the head
+# reads too. bench/README.md has what each step bought on SmolLM2-135M and Qwen2.5-Coder-0.5B.
+RECIPE_INT8 = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight")
+RECIPE_FINE = ("mlp.down_proj.weight",)
+RECIPE_TABLE = {True: "int4-block16", False: "int4-block128"}  # tied → its type
+
+
+def plan_precisions(source: SourceModel, precision: str, overrides: dict[str, str] | None, gptq: bool = False,
+                    block_size: int | None = None) -> dict[str, str]:
+    """HF weight name → encoding for every matrix. INT4 without GPTQ keeps the embedding table and the lm_head at INT8:
+    rounded alone, a 4-bit lm_head costs SmolLM2 +0.055 KL (llama.cpp keeps its output at 6 bits). With GPTQ the head
+    costs +0.014 at 4 bits, and its bytes are what a decode step reads most, so INT4 is the recipe above (`RECIPE_*`;
+    without its blocks of 16 when a block size is asked). A tied table is stored once for both (`shares_table`)."""
     shapes = source.shapes()
     names = [n for n, s in shapes.items() if len(s) == 2]
     tied = HEAD not in shapes
     if tied:
         names.append(HEAD)  # written from the embedding, and planned with it
-    kept = (TABLE,) if gptq and not tied else (HEAD, TABLE)
-    plan = {}
-    for name in names:
-        plan[name] = "int8" if precision == "int4" and name in kept else precision
+    plan = dict.fromkeys(names, precision)
+    if precision == "int4" and not gptq:
+        plan.update(dict.fromkeys((HEAD, TABLE), "int8"))
+    elif precision == "int4":
+        plan.update(_recipe(names, shapes, tied, block_size))
     checked = ONNX.check_overrides(overrides, list(plan), shapes)
     plan.update(checked)
     if tied and len({TABLE, HEAD} & set(checked)) == 1:  # one stored table (`shares_table`): an integer type for it names both
@@ -61,6 +71,19 @@ def plan_precisions(source: SourceModel, precision: str, overrides: dict[str, st
         if type_bits(checked[asked]):
             plan[TABLE] = plan[HEAD] = checked[asked]
     return plan
+
+
+def _recipe(names: list[str], shapes: dict, tied: bool, block_size: int | None) -> dict[str, str]:
+    """The INT4 recipe's types where they differ from plain int4 (a block that does not divide a width is left out)."""
+    table = RECIPE_TABLE[tied]
+    width = matrix_shape(shapes, TABLE)[1]
+    types = dict.fromkeys((TABLE, HEAD) if tied else (TABLE,), table if width % INT4_BLOCKS[table] == 0 else "int8")
+    for name in names:
+        if name.endswith(RECIPE_INT8):
+            types[name] = "int8"
+        elif name.endswith(RECIPE_FINE) and block_size is None and matrix_shape(shapes, name)[1] % 16 == 0:
+            types[name] = "int4-block16"
+    return types
 
 
 def half_scaled(plan: dict[str, str], peaks: dict[str, float] | None) -> dict[str, int]:
@@ -201,11 +224,11 @@ class ONNXConverter:
             raise EdgeqError(f"rounding {rounding!r} is not one of {', '.join(self.spec.roundings)}")
         use_gptq = rounding in BY_GPTQ and calibration is not None
         tied, mix = tied_through_mix(source)
-        plan = plan_precisions(tied, precision, overrides, gptq=use_gptq)
+        plan = plan_precisions(tied, precision, overrides, gptq=use_gptq, block_size=block_size)
         if mix is not None and plan[HEAD] == plan[TABLE] and type_bits(plan[HEAD]):
             source = tied
         elif mix is not None:  # a plan that types the head apart: the rotated head is its own tensor, rounded by GPTQ
-            mix, plan = None, plan_precisions(source, precision, overrides, gptq=use_gptq)
+            mix, plan = None, plan_precisions(source, precision, overrides, gptq=use_gptq, block_size=block_size)
         integer = any(type_bits(kind) for kind in plan.values())
         measured = integer and calibration is not None and (use_gptq or calibration.given)
         half = half_scaled(plan, calibration.activation_peaks(keep_loaded=use_gptq) if measured else None)

@@ -29,7 +29,7 @@ from .calibration import WINDOW, calibration_windows
 from .importance import compute_importance
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 9  # bump when a precision space changes its bytes or round trip, or what is measured changes
+CACHE_VERSION = 10  # bump when a precision space changes its bytes or round trip, or what is measured changes
 SAMPLE_ROWS = 128
 
 

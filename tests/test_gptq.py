@@ -235,15 +235,15 @@ def test_onnx_rounding_defaults_and_choices(tmp_path, tiny_llama):
 
 @pytest.mark.integration
 def test_smollm2_int4_gptq_beats_nearest_rounding_with_one_tied_table(tmp_path):
-    """On the real (tied) model: GPTQ's bundle stays below nearest rounding's KL; both store the table once, at 8 bits,
-    for the lookup and the head."""
+    """On the real (tied) model: GPTQ's bundle (the INT4 recipe) stays below nearest rounding's KL in no more bytes;
+    both store the table once for the lookup and the head, GPTQ's at 4 bits in blocks of 16, nearest's at 8."""
     from edgeq.default_model import default_model_path
 
     model = default_model_path(progress=False)
     source = open_model(model)
     held_out = calibration_windows(source.chat_tokenizer(), DEFAULT_TEXT, 1024, 256)[:2]  # not the built-in calibration text
     reference = TorchEngine(source)
-    kl = {}
+    kl, weight_bytes = {}, {}
     for rounding in ("gptq", "nearest"):
         bundle = edgeq.export(model, format="onnx", precision="int4", rounding=rounding, output=tmp_path / rounding,
                               eval_tokens=0, progress=False)
@@ -253,5 +253,8 @@ def test_smollm2_int4_gptq_beats_nearest_rounding_with_one_tied_table(tmp_path):
                 acc.add(reference.score(window), lm.engine.score(window), window)
         kl[rounding] = acc.result(ctx=256).kl
         tensors = edgeq.inspect(bundle)["tensors"]
-        assert "lm_head.weight" not in tensors and tensors["model.embed_tokens.weight"]["type"] == "int8"
+        assert "lm_head.weight" not in tensors
+        assert tensors["model.embed_tokens.weight"]["type"] == {"gptq": "int4-block16", "nearest": "int8"}[rounding]
+        weight_bytes[rounding] = sum(t["bytes"] for t in tensors.values())
     assert kl["gptq"] < kl["nearest"], kl
+    assert weight_bytes["gptq"] <= weight_bytes["nearest"], weight_bytes

@@ -84,8 +84,8 @@ def _proxy(weight: np.ndarray, quantized: np.ndarray, column_weight: np.ndarray 
     return float((err * column_weight).sum() * scale) if column_weight is not None else float(err.sum() * scale)
 
 
-def _options(space, name, weight, importance, token_freq, tied_output_importance, rng) -> dict:
-    """bytes and proxy error of each candidate precision of one tensor."""
+def _options(space, name, weight, candidates, importance, token_freq, tied_output_importance, rng) -> dict:
+    """bytes and proxy error of each of `candidates` (smallest first) for one tensor."""
     shape = tuple(weight.shape)
     options = {}
     is_embedding = name.endswith("embed_tokens.weight")
@@ -97,7 +97,7 @@ def _options(space, name, weight, importance, token_freq, tied_output_importance
         row_weight = None
     sample = weight[rows]
     out_rows = rng.choice(shape[0], size=min(SAMPLE_ROWS, shape[0]), replace=False) if tied_output_importance is not None else None
-    for p in space.candidates(shape):
+    for p in candidates:
         imatrix = None if is_embedding else importance
         q = space.round_trip(sample, p, imatrix)
         err = (sample - q) ** 2
@@ -160,14 +160,14 @@ def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = TOKENS, m
             else:
                 weight = param.detach().float().numpy()
                 tied_imp = importance.get(TIED_HEAD) if tied and not apart and name.endswith("embed_tokens.weight") else None
-                options = _options(space, name, weight, importance.get(name), token_freq, tied_imp, rng)
-                if name == TIED_HEAD and apart:
-                    options = {p: o for p, o in options.items() if p in space.tied_head_types}
+                candidates = space.tied_head_types if name == TIED_HEAD and apart else space.candidates(weight.shape)
+                options = _options(space, name, weight, candidates, importance.get(name), token_freq, tied_imp, rng)
                 tensors[name] = {"shape": list(param.shape), "kind": tensor_kind(name), "options": options, "measured": None}
             pbar.update(1)
 
     sequence = measured_sequence(windows, measure_tokens)
-    measured = _measure_sample(model, tensors, space, importance, sequence, sample, progress)
+    with head_apart(model, space):
+        measured = _measure_sample(model, tensors, space, importance, sequence, sample, progress)
     correlation = _calibrate(tensors)
     result = Sensitivity(fmt, tensors, fixed, correlation, measured, key, importance)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,11 +213,6 @@ def _measure_sample(model, tensors, space, importance, window, sample, progress)
     """KL of the model with each sampled tensor rounded alone. The layers before a tensor's own compute what they did
     in the reference pass, so they are replayed from it (`Replay`): a measurement costs the layers from its tensor's
     on, half the model on average, through the model's own forward (its norm, head and any logit scaling)."""
-    with head_apart(model, space):
-        return _measure_each(model, tensors, space, importance, window, sample, progress)
-
-
-def _measure_each(model, tensors, space, importance, window, sample, progress) -> int:
     import torch
 
     from .stand_in import Replay, layers_replaced

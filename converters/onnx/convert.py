@@ -45,6 +45,7 @@ ORT_FORMAT_LIMIT = 2 << 30  # an .ort file is one flatbuffer, which cannot pass 
 # reads too. bench/README.md has what each step bought on SmolLM2-135M and Qwen2.5-Coder-0.5B.
 RECIPE_INT8 = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight")
 RECIPE_FINE = ("mlp.down_proj.weight",)
+RECIPE_FINE_TYPE = "int4-block16"
 RECIPE_TABLE = {True: "int4-block16", False: "int4-block128"}  # tied → its type
 
 
@@ -81,8 +82,8 @@ def _recipe(names: list[str], shapes: dict, tied: bool, block_size: int | None) 
     for name in names:
         if name.endswith(RECIPE_INT8):
             types[name] = "int8"
-        elif name.endswith(RECIPE_FINE) and block_size is None and matrix_shape(shapes, name)[1] % 16 == 0:
-            types[name] = "int4-block16"
+        elif name.endswith(RECIPE_FINE) and block_size is None and matrix_shape(shapes, name)[1] % INT4_BLOCKS[RECIPE_FINE_TYPE] == 0:
+            types[name] = RECIPE_FINE_TYPE
     return types
 
 

@@ -373,6 +373,10 @@ def plan(model, revision, device, format_, size, bits_per_weight, adapter, calib
                f"predicted KL {result.predicted_kl:.4f}; " + ", ".join(f"{p} ×{n}" for p, n in sorted(counts.items())))
     info = result.sensitivity
     click.echo(f"sensitivity: {info['measured_tensors']} tensors measured, proxy rank correlation {info['proxy_rank_correlation']}")
+    if info.get("gptq_gains"):
+        spread = sorted(g for by_precision in info["gptq_gains"].values() for g in by_precision.values())
+        click.echo(f"priced for GPTQ rounding: it leaves {spread[0]:.2f}-{spread[-1]:.2f} of nearest rounding's error, by kind "
+                   "and precision, on calibration text it did not round on")
     if result.kv_cache:
         _print_kv_trade(result.kv_cache)
 

@@ -132,20 +132,25 @@ def _plan_check(job, reference, candidate) -> dict:
     """The planner's prediction beside the bundle's KL on the very tokens it was predicted on (the calibration
     sequence sensitivity measured); a gap of more than 1.3x either way is reported. The prediction is the plan
     simulated: every tensor rounded at once by the format's round trip on the float model (`sensitivity.simulate`),
-    which sees what summing per-tensor ΔKL misses; where GPTQ rounded, it is scaled by GPTQ's measured output-error
-    ratio to nearest rounding (`edgeq.quant.gptq.gain`), weighted by each tensor's share of the summed ΔKL."""
+    which sees what summing per-tensor ΔKL misses; where GPTQ rounded, it is scaled by the output-error ratio to
+    nearest rounding GPTQ measured on these tokens as it rounded each tensor (`edgeq.quant.gptq.gain`), weighted by
+    each tensor's share of the summed nearest-rounding ΔKL. (The plan itself was priced by gains judged on other
+    tokens than GPTQ's, `gptq_pricing`: what GPTQ keeps on text it did not see.)"""
     from .quant.sensitivity import measured_sequence, simulate
 
     plan, gains, calibration = job.plan, job.calibration.gptq_gains or {}, job.calibration
     sequence = measured_sequence(calibration.windows)
-    summed = sum(e.dkl * gains.get(e.tensor, 1.0) for e in plan.entries)
-    priced = summed / plan.predicted_kl if plan.predicted_kl else 1.0
+    nearest = {e.tensor: job.sensitivity.tensors.get(e.tensor, {}).get("options", {}).get(e.precision, {}).get("nearest_dkl", e.dkl)
+               for e in plan.entries}
+    at_nearest = sum(nearest.values())
+    summed = sum(dkl * gains.get(tensor, 1.0) for tensor, dkl in nearest.items())
+    priced = summed / at_nearest if at_nearest else 1.0
     simulated = simulate(calibration.model, plan.overrides(), job.spec.space(), calibration.importance() or {}, sequence)
     predicted = simulated * priced
     measured = compare(reference, candidate, [sequence], text="calibration text").kl
     ratio = measured / predicted if predicted else float("inf")
     check = {"predicted_kl": round(predicted, 6), "measured_kl": round(measured, 6), "ratio": round(ratio, 3),
-             "summed_kl": round(summed, 6), "simulated_kl": round(simulated, 6),
+             "summed_kl": round(summed, 6), "nearest_kl": round(at_nearest, 6), "simulated_kl": round(simulated, 6),
              "predicted_on": f"{plan.sensitivity.get('calibration', 'calibration text')}, {len(sequence)} tokens (the plan simulated)",
              "measured_on": f"same {len(sequence)} tokens", "sample_kl": job.manifest["quality"]["kl"]}
     if gains:

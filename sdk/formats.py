@@ -33,6 +33,10 @@ class PrecisionSpace(Protocol):
     def round_trip(self, weight: np.ndarray, precision: str, importance: np.ndarray | None) -> np.ndarray:
         """The weight as the format will hold it (quantized, then dequantized), float32."""
 
+    def gptq_grid(self, precision: str, weight, importance: np.ndarray | None):
+        """The grid (`edgeq.quant.gptq.Grid`) an export rounding by GPTQ rounds a (rows, cols) torch `weight` on at
+        `precision`, or None where it keeps nearest rounding (float types, widths the blocks do not divide)."""
+
 
 @runtime_checkable
 class Converter(Protocol):

@@ -7,6 +7,7 @@ from . import registry
 from .quant.budget import budget_bytes
 from .quant.calibration import Calibration
 from .quant.knapsack import Plan, plan_precisions
+from .quant.gptq_pricing import priced_for_gptq
 from .quant.sensitivity import measure_sensitivity, stored_once
 
 
@@ -51,12 +52,16 @@ def plan_for(source, fmt: str, calibration: Calibration, *, profile=None, size=N
     return plan_from(None, sensitivity, calibration, budget=budget)
 
 
-def sensitivity_for(source, fmt: str, calibration: Calibration, progress=None):
-    """Sensitivity on the calibration data (cached by its hash), with the tensors the format stores as one planned as
-    one (`FormatSpec.stored_once`); its importance matrix goes to `calibration`."""
+def sensitivity_for(source, fmt: str, calibration: Calibration, progress=None, rounding: str | None = None):
+    """Sensitivity on the calibration data (cached by its hash), priced for GPTQ where the export at `rounding` (None:
+    the format's default) rounds by it, with the tensors the format stores as one planned as one
+    (`FormatSpec.stored_once`); its importance matrix goes to `calibration`."""
+    spec = registry.formats.get(fmt)
     sensitivity = measure_sensitivity(source, fmt, calibration.text, progress=progress)
     calibration.adopt_importance(sensitivity.importance)
-    return stored_once(sensitivity, registry.formats.get(fmt).stored_once(source))
+    if spec.rounds_by_gptq(spec.planned_precision, rounding, calibration.given):
+        sensitivity = priced_for_gptq(sensitivity)
+    return stored_once(sensitivity, spec.stored_once(source))
 
 
 def budget_for(sensitivity, source, fmt: str, *, profile=None, size=None, bits_per_weight=None) -> int:
@@ -68,5 +73,8 @@ def plan_from(plan: Plan | None, sensitivity, calibration: Calibration, *, budge
     result = plan if plan is not None else plan_precisions(sensitivity, budget)
     result.sensitivity = {"key": sensitivity.key, "measured_tensors": sensitivity.measured,
                           "proxy_rank_correlation": sensitivity.correlation,
-                          "calibration": str(calibration.text) if calibration.given else "built-in calibration text"}
+                          "calibration": str(calibration.text) if calibration.given else "built-in calibration text",
+                          "priced_for": sensitivity.priced_for}
+    if sensitivity.priced_for == "gptq":
+        result.sensitivity["gptq_gains"] = sensitivity.gptq_gains
     return result

@@ -55,6 +55,10 @@ class CoreMLSpace:
             return w.astype(np.float32)
         return dequantize(*linear_codes(w, precision, importance))
 
+    def gptq_grid(self, precision, weight, importance):
+        """int4 only: int8 and fp16 keep nearest rounding (`gptq_precisions`)."""
+        return gptq_grid(precision) if precision in INT4_BLOCKS else None
+
 
 def linear_codes(weight: np.ndarray, precision: str, importance: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

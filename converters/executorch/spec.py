@@ -78,6 +78,13 @@ class ExecuTorchSpace:
         group = linear.group or weight.shape[1]
         return (codes.float().view(weight.shape[0], -1, group) * scales.view(weight.shape[0], -1, 1)).reshape(weight.shape).numpy()
 
+    def gptq_grid(self, precision, weight, importance):
+        if precision == "fp32":
+            return None
+        from edgeq.converters.executorch.quant import gptq_grid
+
+        return gptq_grid(weight, precision, importance)
+
 
 class ExecuTorchFormat(FormatSpec):
     name = "executorch"

@@ -37,6 +37,11 @@ class GGUFSpace:
 
         return round_trip(weight, precision, importance)
 
+    def gptq_grid(self, precision, weight, importance):
+        from edgeq.converters.gguf.blocks import grid_for
+
+        return grid_for(precision, weight.shape[1])
+
 
 class GGUFFormat(FormatSpec):
     name = "gguf"

@@ -88,6 +88,15 @@ class ONNXSpace:
         q = quantize_blocks(torch.from_numpy(np.ascontiguousarray(weight)), type_bits(precision), block, importance, half=True)
         return dequantize(q, weight.shape[1])
 
+    def gptq_grid(self, precision, weight, importance):
+        """The float16-scaled blocks the round trip prices (an export keeps float32 scales only where activations
+        would overflow float16)."""
+        if type_bits(precision) is None:
+            return None
+        from .blocks import HalfBlockGrid
+
+        return HalfBlockGrid(type_bits(precision), self._block(precision, weight.shape))
+
 
 class ONNXFormat(FormatSpec):
     name = "onnx"

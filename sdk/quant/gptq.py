@@ -160,10 +160,12 @@ def _upper_gram(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(blas.ssyrk(1.0, rows.T, trans=0, lower=0))
 
 
-def gain(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Tensor, grid: Grid) -> float:
+def gain(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Tensor, grid: Grid, judged_on: torch.Tensor | None = None) -> float:
     """GPTQ's output error over nearest rounding's on the same grid and Hessian, tr(ΔW H ΔWᵀ) each: how much of a
-    tensor's predicted ΔKL (priced by the planner at nearest rounding) is left under GPTQ."""
-    full = hessian + hessian.triu(1).T  # `hessian` holds the upper triangle
+    tensor's predicted ΔKL (priced by the planner at nearest rounding) is left under GPTQ. With `judged_on` (the
+    Hessian, upper triangle, of other tokens than the ones GPTQ rounded for) the errors are those on that text."""
+    judge = hessian if judged_on is None else judged_on
+    full = judge + judge.triu(1).T  # a Hessian holds its upper triangle
     importance = torch.diag(hessian).float()
     errors = [0.0, 0.0]
     for top in range(0, weight.shape[0], ROW_CHUNK):

@@ -26,10 +26,11 @@ from .. import registry
 from ..metrics import kl_rows
 from ..progress import bar
 from .calibration import WINDOW, calibration_windows
+from .gptq_pricing import FIT_TOKENS, JUDGE_TOKENS, LAYERS as GAIN_LAYERS, by_kind, measure_gains
 from .importance import compute_importance
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 10  # bump when a precision space changes its bytes or round trip, or what is measured changes
+CACHE_VERSION = 11  # bump when a precision space changes its bytes or round trip, or what is measured changes
 SAMPLE_ROWS = 128
 
 
@@ -43,6 +44,8 @@ class Sensitivity:
     measured: int
     key: str
     importance: dict = field(default_factory=dict, repr=False)  # hf name → mean squared input; stored beside, as .npz
+    gptq_gains: dict = field(default_factory=dict)  # kind → precision → what GPTQ leaves of nearest's error (`gptq_pricing`)
+    priced_for: str = "nearest"  # the rounding the options' ΔKL are priced for ("gptq": `gptq_pricing.priced_for_gptq`)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "importance"}
@@ -59,7 +62,7 @@ def stored_once(sensitivity: Sensitivity, pairs: dict[str, str]) -> Sensitivity:
     tensors = copy.deepcopy(sensitivity.tensors)
     for follower, leader in pairs.items():
         gone, kept = tensors.pop(follower), tensors[leader]
-        kept["options"] = {p: {**o, "proxy": o["proxy"] + gone["options"][p]["proxy"], "dkl": o["dkl"] + gone["options"][p]["dkl"]}
+        kept["options"] = {p: {**o, **{k: o[k] + gone["options"][p][k] for k in ("proxy", "dkl", "nearest_dkl") if k in o}}
                            for p, o in kept["options"].items() if p in gone["options"]}
         kept["shares"] = [*kept.get("shares", []), follower]
     return replace(sensitivity, tensors=tensors)
@@ -169,7 +172,10 @@ def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = TOKENS, m
     with head_apart(model, space):
         measured = _measure_sample(model, tensors, space, importance, sequence, sample, progress)
     correlation = _calibrate(tensors)
-    result = Sensitivity(fmt, tensors, fixed, correlation, measured, key, importance)
+    gain_windows = calibration_windows(tokenizer, text, FIT_TOKENS + JUDGE_TOKENS, WINDOW)
+    gains = measure_gains(model, _gain_targets(model, tensors), space, gain_windows, importance, progress)
+    gains = by_kind(gains, {name: info["kind"] for name, info in tensors.items()})
+    result = Sensitivity(fmt, tensors, fixed, correlation, measured, key, importance, gains)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_path.with_name(cache_path.stem + ".tmp.npz")
     np.savez(tmp, **importance)
@@ -178,6 +184,15 @@ def measure_sensitivity(source, fmt: str, text: Path, *, tokens: int = TOKENS, m
     tmp.write_text(json.dumps(result.to_dict()))
     tmp.replace(cache_path)
     return result
+
+
+def _gain_targets(model, tensors: dict) -> dict[str, list[str]]:
+    """The tensors GPTQ's gain is measured on (name → its precisions): every weight of a few layers spread over depth,
+    and a head of its own (a tied head is the lookup table, which no export rounds by GPTQ)."""
+    layers = set(_spread(list(range(len(model.model.layers))))[:GAIN_LAYERS])
+    own_head = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    return {name: list(info["options"]) for name, info in tensors.items()
+            if _layer(name) in layers or (name == TIED_HEAD and own_head)}
 
 
 def _measurement_order(tensors: dict) -> list[str]:

@@ -76,9 +76,6 @@ def test_planned_export_applies_every_tensor(tiny_llama, tmp_path):
         if entry["tensor"] in to_gguf:
             assert written[to_gguf[entry["tensor"]]]["type"] == entry["precision"]
     assert manifest["mismatches"] == []
-    check = manifest["plan_check"]
-    assert {"predicted_kl", "measured_kl", "ratio"} <= set(check) and check["sample_kl"] == manifest["quality"]["kl"]
-    # measured on the very tokens the prediction was made on: the calibration sequence sensitivity measured
     from edgeq import registry
     from edgeq.intake import open_model
     from edgeq.quality import compare
@@ -86,6 +83,12 @@ def test_planned_export_applies_every_tensor(tiny_llama, tmp_path):
     from edgeq.quant.sensitivity import MEASURE_TOKENS, measured_sequence
 
     source = open_model(tiny_llama)
+    beside = (bundle / manifest["model_file"]).stat().st_size - sum(t["bytes"] for t in written.values())
+    estimate = registry.formats.get("gguf").file_overhead(source, len(source.shapes()), 2048)
+    assert abs(estimate - beside) <= 0.05 * beside, (estimate, beside)  # the vocabulary as written: --size spends the rest
+    check = manifest["plan_check"]
+    assert {"predicted_kl", "measured_kl", "ratio"} <= set(check) and check["sample_kl"] == manifest["quality"]["kl"]
+    # measured on the very tokens the prediction was made on: the calibration sequence sensitivity measured
     sequence = measured_sequence(calibration_windows(source.chat_tokenizer(), CALIBRATION_TEXT, 4096, 512))
     assert len(sequence) == MEASURE_TOKENS and check["measured_on"] == f"same {MEASURE_TOKENS} tokens"
     assert 1 / 1.3 <= check["ratio"] <= 1.3 and "note" not in check  # nearest rounding: the round trip is the converter's

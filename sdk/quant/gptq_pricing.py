@@ -31,7 +31,7 @@ def measure_gains(model, targets: dict[str, list[str]], space, windows: list[lis
     nearest rounding get none. (A text of one window is judged on itself.)"""
     import torch
 
-    from .gptq import _inverse_hessian_factor, gain, gptq
+    from .gptq import _inverse_hessian_factor, damping, gain, gptq
 
     fit, judge = split_windows(windows)
     grams = _hessians(model, list(targets), fit, judge)
@@ -43,7 +43,7 @@ def measure_gains(model, targets: dict[str, list[str]], space, windows: list[lis
             rows = torch.from_numpy(np.sort(rng.choice(weight.shape[0], size=min(SAMPLE_ROWS, weight.shape[0]), replace=False)))
             sample = weight[rows].contiguous()
             hessian, judged = grams[name]
-            factor = _inverse_hessian_factor(hessian)
+            factor = _inverse_hessian_factor(hessian, damping(sum(map(len, fit)), hessian.shape[0]))
             for precision in precisions:
                 grid = space.gptq_grid(precision, sample, importance.get(name))
                 if grid is not None and sample.shape[1] % grid.block == 0:

@@ -5,7 +5,7 @@ import pytest
 
 import edgeq
 from edgeq.errors import EdgeqError
-from edgeq.quant.knapsack import _hull, plan_precisions
+from edgeq.quant.knapsack import plan_precisions
 from edgeq.quant.sensitivity import Sensitivity
 
 
@@ -41,9 +41,19 @@ def test_budget_too_small_is_an_error():
         plan_precisions(SENS, 150)
 
 
-def test_hull_drops_options_that_buy_nothing():
-    hull = _hull({"a": {"bytes": 100, "dkl": 1.0}, "b": {"bytes": 150, "dkl": 0.9}, "c": {"bytes": 200, "dkl": 0.2}, "d": {"bytes": 300, "dkl": 0.5}})
-    assert [p for p, _, _ in hull] == ["a", "c"]
+def test_options_that_buy_nothing_are_never_chosen():
+    sens = _sensitivity(t={"a": (100, 1.0), "b": (150, 0.9), "c": (200, 0.2), "d": (300, 0.5)})
+    assert [plan_precisions(sens, 10 + budget).overrides()["t"] for budget in (100, 170, 250, 400)] == ["a", "b", "c", "c"]
+
+
+def test_a_large_upgrade_that_buys_the_most_is_taken_over_many_small_ones():
+    """Three small upgrades buy more ΔKL per byte, one large one more in all: the plan takes the large one. (Taking the
+    best ratio first spends 150 bytes on the small ones and leaves the large one no room: ΔKL 1.0 instead of 0.3.)"""
+    small = {"q4": (100, 0.1), "q8": (150, 0.0)}
+    sens = _sensitivity(big={"q4": (100, 1.0), "q8": (1000, 0.0)}, s1=small, s2=small, s3=small)
+    plan = plan_precisions(sens, 10 + 400 + 900)
+    assert plan.overrides() == {"big": "q8", "s1": "q4", "s2": "q4", "s3": "q4"} and plan.predicted_kl == pytest.approx(0.3)
+    assert plan.total_bytes <= 1310
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +148,9 @@ def test_planned_coreml_export_writes_the_planned_type_of_every_weight(tiny_llam
 
 
 def test_a_planned_export_rounded_by_gptq_prices_its_prediction_for_gptq(tiny_llama, tmp_path):
-    """With calibration text a planned GGUF export rounds by GPTQ; the plan check scales each rounded tensor's predicted
-    ΔKL by GPTQ's measured output-error ratio to nearest rounding, so the prediction it checks is GPTQ's, not nearest's."""
+    """With calibration text a planned GGUF export rounds by GPTQ and its plan is priced for it; the plan check scales
+    the simulated plan (nearest rounding's round trip) by what that pricing leaves of nearest's summed ΔKL, so the
+    prediction it checks is GPTQ's, not nearest's."""
     from edgeq.quality import DEFAULT_TEXT
 
     calibration = tmp_path / "calibration.txt"
@@ -148,7 +159,8 @@ def test_a_planned_export_rounded_by_gptq_prices_its_prediction_for_gptq(tiny_ll
                           output=tmp_path / "planned", eval_tokens=128, eval_ctx=64)
     manifest = edgeq.inspect(bundle)
     check = manifest["plan_check"]
-    assert manifest["rounding"] == "gptq" and "gptq_priced" in check
+    assert manifest["rounding"] == "gptq" and "gptq_on_its_own_tokens" in check
+    assert manifest["plan"]["sensitivity"]["priced_for"] == "gptq" and check["summed_kl"] == pytest.approx(manifest["plan"]["predicted_kl"], abs=1e-6)
     assert 0 < check["summed_kl"] < check["nearest_kl"]  # GPTQ leaves less than nearest's dKL
     priced = check["summed_kl"] / check["nearest_kl"]
     assert check["predicted_kl"] == pytest.approx(check["simulated_kl"] * priced, rel=1e-3)

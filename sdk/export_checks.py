@@ -135,7 +135,7 @@ def _plan_check(job, reference, candidate) -> dict:
     which sees what summing per-tensor ΔKL misses, scaled by what the plan's own pricing leaves of nearest rounding's
     summed ΔKL (GPTQ's gains judged on text it did not fit, `gptq_pricing`; 1 for a plan priced at nearest). GPTQ's
     gains on its own tokens, measured as the export rounded each tensor (`edgeq.quant.gptq.gain`), are reported beside:
-    scaled by those, predictions fell 1.15-1.4x short of the measured KL even on these tokens (bench/README.md)."""
+    scaled by those, predictions fell short of the measured KL even on these tokens (bench/README.md)."""
     from .quant.sensitivity import measured_sequence, simulate
 
     plan, gains, calibration = job.plan, job.calibration.gptq_gains or {}, job.calibration

@@ -24,7 +24,7 @@ def calibrate(job) -> None:
     from .planning import budget_for, plan_from, sensitivity_for
 
     job.sensitivity = sensitivity_for(job.source, job.spec.name, job.calibration, job.progress, job.options.get("rounding"))
-    job.calibration.gptq_gains = {}  # GPTQ, where it rounds, says how much of each tensor's priced ΔKL it leaves
+    job.calibration.gptq_gains = {}  # GPTQ, where it rounds, reports what it left on its own tokens (the plan check)
     if job.targets and job.opts.size is None and job.opts.bits_per_weight is None:
         from .quant.targets import smallest_passing_plan
 

@@ -96,9 +96,9 @@ class GGUFFormat(FormatSpec):
         return name
 
     def file_overhead(self, source, tensors, context):
-        """The vocabulary as `vocab.write_vocab` writes it, the other keys (the chat template among them, ~1.5 KB) and
-        each tensor's info with its alignment to 32 bytes (~64 B). (Counted as tokenizer.json's own size, it was twice
-        SmolLM2's 1.8 MB: a plan at --size left that much unspent.)"""
+        """The vocabulary as `vocab.write_vocab` writes it, the other keys (the chat template among them) and each
+        tensor's info with its alignment to 32 bytes. tokenizer.json's own size, JSON's quoting and every token's id,
+        is about twice that: a plan at --size left the difference unspent."""
         tokenizer = source.tokenizer_folder / "tokenizer.json"
         vocabulary = vocabulary_bytes(json.loads(tokenizer.read_text()), source.vocab_size) if tokenizer.is_file() else 0
         return vocabulary + 1536 + 64 * tensors

@@ -2,13 +2,12 @@
 
 Sensitivity prices every option at the format's nearest (importance-weighted) round trip. An export that rounds by
 GPTQ lowers that error by a share that differs by precision and kind of tensor, so a plan priced at nearest rounding
-buys bits GPTQ makes unnecessary: an ExecuTorch plan that raised 80 linears to 8da8w lost to the uniform GPTQ 8da4w
-(bench/README.md). A few decoder layers spread over depth (and a head of its own) get their inputs' full Hessian
+buys bits GPTQ makes unnecessary (an ExecuTorch plan that raised linears to 8da8w lost to the uniform GPTQ 8da4w so). A few decoder layers spread over depth (and a head of its own) get their inputs' full Hessian
 of the calibration text; GPTQ rounds a sample of their rows at every precision the format has a grid for, on the
 tokens an export rounds on (its default `calibration_tokens`), and the ratio of output errors GPTQ / nearest
-(`gptq.gain`) is judged on the text that follows. GPTQ fits its own tokens far better than other text, and by how
-much depends on how many tokens it had (bench/README.md): on SmolLM2's down_proj, Q4_0, the held-out ratio is 0.84
-after 8192 tokens and 1.3 after 2048, where its own tokens say 0.43. A plan is judged on text it did not see.
+(`gptq.gain`) is judged on the text that follows: GPTQ fits its own tokens far better than other text, by a margin
+that shrinks with the tokens it had (bench/README.md, "Plans priced for GPTQ"), and a plan is judged on text it did
+not see.
 """
 from __future__ import annotations
 

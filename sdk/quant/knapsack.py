@@ -4,8 +4,8 @@ A pure function of (sensitivity, budget): a multiple-choice knapsack, solved exa
 bytes each tensor may take beyond its smallest precision, in `STEPS` steps of the budget (each option's extra bytes
 rounded up, so the plan never exceeds it). The greedy it replaces (the upgrade buying the most ΔKL per byte, along
 each tensor's convex hull) is optimal only for the relaxation: a large upgrade that did not fit when its turn came
-(a tied table from Q5_0 to Q8_0 is 10.6 MB on SmolLM2) was dropped for good, and 1.8% more budget moved a plan's
-predicted KL by half (bench/README.md, "Plans priced for GPTQ").
+(a tied table to Q8_0) was dropped for good, and a little more budget could halve a plan's predicted KL
+(bench/README.md, "Plans priced for GPTQ").
 """
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def damping(tokens: int, width: int) -> float:
     return DAMPING if tokens >= TOKENS_PER_INPUT * width else WIDE_DAMPING
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+def _inverse_hessian_factor(hessian: torch.Tensor, damped_by: float = DAMPING) -> torch.Tensor:
     """Upper Cholesky factor U of H^-1 (damped), H^-1 = UᵀU: row j holds how column j's error spreads to the later columns.
 
     With P the order-reversing permutation and L the lower Cholesky factor of PHP, U = P·L⁻¹·P (UᵀU = P(LLᵀ)⁻¹P = H⁻¹):
@@ -99,7 +99,7 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damping: float = DAMPING) -> 
     diagonal = np.arange(len(reversed_))
     dead = diagonal[reversed_[diagonal, diagonal] == 0]  # inputs never active in the calibration text: nothing to compensate through them
     reversed_[dead, dead] = 1.0
-    damp = damping * reversed_[diagonal, diagonal].mean()
+    damp = damped_by * reversed_[diagonal, diagonal].mean()
     for _ in range(5):
         damped = reversed_.copy(order="F")
         damped[diagonal, diagonal] += damp

@@ -67,7 +67,7 @@ def test_with_few_tokens_per_input_gptq_is_damped_more_and_keeps_more_of_its_gai
     """A Hessian from 2 tokens per column of a gated input (what a down_proj reads: heavy-tailed) fits those tokens' own
     correlations; `damping` gives it more damping, which leaves less output error on tokens GPTQ did not see
     (`gain`'s `judged_on`) than the paper's 0.01 does."""
-    from edgeq.quant.gptq import DAMPING, WIDE_DAMPING, _inverse_hessian_factor, damping, gain
+    from edgeq.quant.gptq import DAMPING, WIDE_DAMPING, inverse_hessian_factor, damping, gain
 
     cols = 256
     x = _correlated_inputs(cols, n=8192, seed=3)
@@ -77,7 +77,7 @@ def test_with_few_tokens_per_input_gptq_is_damped_more_and_keeps_more_of_its_gai
     hessian, other = torch.triu(fit.T @ fit / len(fit)), torch.triu(judged.T @ judged / len(judged))
     assert damping(len(fit), cols) == WIDE_DAMPING > DAMPING == damping(8 * cols, cols)
     grid = BlockGrid(4, 32)
-    kept = {d: gain(weight, gptq(weight, hessian, grid, _inverse_hessian_factor(hessian, d))[0], hessian, grid, other)
+    kept = {d: gain(weight, gptq(weight, hessian, grid, inverse_hessian_factor(hessian, d))[0], hessian, grid, other)
             for d in (DAMPING, damping(len(fit), cols))}
     assert kept[WIDE_DAMPING] < 0.95 * kept[DAMPING]
 

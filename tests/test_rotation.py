@@ -223,7 +223,8 @@ def test_a_plan_for_onnx_prices_a_rotated_tied_table_once(tmp_path):
     assert head in separate and head not in planned and planned[table]["shares"] == [head]
     for precision, option in planned[table]["options"].items():
         assert option["bytes"] == separate[table]["options"][precision]["bytes"]
-        assert option["dkl"] == pytest.approx(separate[table]["options"][precision]["dkl"] + separate[head]["options"][precision]["dkl"])
+        # priced for GPTQ (ONNX's default): the nearest-rounding errors add up, each at its own gain
+        assert option["nearest_dkl"] == pytest.approx(separate[table]["options"][precision]["dkl"] + separate[head]["options"][precision]["dkl"])
     assert registry.formats.get("gguf").stored_once(rotated) == {}  # GGUF writes the rotated head as its own tensor
 
     bundle = edgeq.export(folder, format="onnx", bits_per_weight=5.5, output=tmp_path / "b", eval_tokens=0,

@@ -84,7 +84,7 @@ def damping(tokens: int, width: int) -> float:
     return DAMPING if tokens >= TOKENS_PER_INPUT * width else WIDE_DAMPING
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, damped_by: float = DAMPING) -> torch.Tensor:
+def inverse_hessian_factor(hessian: torch.Tensor, damped_by: float = DAMPING) -> torch.Tensor:
     """Upper Cholesky factor U of H^-1 (damped), H^-1 = UᵀU: row j holds how column j's error spreads to the later columns.
 
     With P the order-reversing permutation and L the lower Cholesky factor of PHP, U = P·L⁻¹·P (UᵀU = P(LLᵀ)⁻¹P = H⁻¹):
@@ -114,13 +114,13 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damped_by: float = DAMPING) -
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rounds a (rows, cols) weight column by column; returns (rounded weight, scales (rows, cols / block[, k])).
-    Of `hessian` only the upper triangle is read. `factor` is `_inverse_hessian_factor(hessian)`, given when weights
+    Of `hessian` only the upper triangle is read. `factor` is `inverse_hessian_factor(hessian)`, given when weights
     that share an input share it. Rows are independent given the Hessian, so a tall weight (a head of 128-262k
     rows) goes `ROW_CHUNK` rows at a time: its float32 working copies are a chunk's, not the whole matrix's."""
     rows, cols = weight.shape
     if cols % grid.block:
         raise ValueError(f"width {cols} is not a multiple of the block {grid.block}")
-    factor = _inverse_hessian_factor(hessian) if factor is None else factor
+    factor = inverse_hessian_factor(hessian) if factor is None else factor
     importance = torch.diag(hessian).float()
     rounded = torch.empty(rows, cols)
     scales = []
@@ -159,7 +159,7 @@ def _gptq_rows(weight: torch.Tensor, factor: torch.Tensor, importance: torch.Ten
     return rounded.T, torch.stack(scales, 1)
 
 
-def _upper_gram(x: torch.Tensor) -> torch.Tensor:
+def upper_gram(x: torch.Tensor) -> torch.Tensor:
     """The upper triangle (zeros below) of XᵀX over every token of a (tokens, width) activation: all GPTQ reads of a
     Hessian, and all BLAS's syrk computes, at half the flops of a matrix product (at 1.5B, the 8960-wide down_proj's
     sum costs nearly as much as the layer's forward pass)."""
@@ -209,8 +209,8 @@ class _RoundingHooks:
 
     def _hessian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens = x[self.real] if not bool(self.real.all()) else x.reshape(-1, x.shape[-1])  # padding is no input to round for
-        hessian = _upper_gram(tokens) / len(tokens)
-        return x, hessian, _inverse_hessian_factor(hessian, damping(len(tokens), hessian.shape[0]))
+        hessian = upper_gram(tokens) / len(tokens)
+        return x, hessian, inverse_hessian_factor(hessian, damping(len(tokens), hessian.shape[0]))
 
     def _hook(self, name: str):
         def hook(module, inputs):

@@ -30,7 +30,7 @@ def measure_gains(model, targets: dict[str, list[str]], space, windows: list[lis
     nearest rounding get none. (A text of one window is judged on itself.)"""
     import torch
 
-    from .gptq import _inverse_hessian_factor, damping, gain, gptq
+    from .gptq import inverse_hessian_factor, damping, gain, gptq
 
     fit, judge = split_windows(windows)
     grams = _hessians(model, list(targets), fit, judge)
@@ -42,7 +42,7 @@ def measure_gains(model, targets: dict[str, list[str]], space, windows: list[lis
             rows = torch.from_numpy(np.sort(rng.choice(weight.shape[0], size=min(SAMPLE_ROWS, weight.shape[0]), replace=False)))
             sample = weight[rows].contiguous()
             hessian, judged = grams[name]
-            factor = _inverse_hessian_factor(hessian, damping(sum(map(len, fit)), hessian.shape[0]))
+            factor = inverse_hessian_factor(hessian, damping(sum(map(len, fit)), hessian.shape[0]))
             for precision in precisions:
                 grid = space.gptq_grid(precision, sample, importance.get(name))
                 if grid is not None and sample.shape[1] % grid.block == 0:
@@ -80,14 +80,14 @@ def _hessians(model, names: list[str], fit: list[list[int]], judge: list[list[in
     input is the final norm's output, read there: the head itself never runs (as `compute_importance`)."""
     import torch
 
-    from .gptq import _upper_gram
+    from .gptq import upper_gram
 
     sums: dict[str, list] = {name: [0, 0] for name in names}
     counts = [0, 0]
     part = [0]
 
     def record(name, x):
-        sums[name][part[0]] = sums[name][part[0]] + _upper_gram(x.reshape(-1, x.shape[-1]))
+        sums[name][part[0]] = sums[name][part[0]] + upper_gram(x.reshape(-1, x.shape[-1]))
 
     hooks = []
     for name in names:

@@ -70,3 +70,29 @@ def test_edgeq_plan_says_what_rounding_it_priced(tiny_llama):
     shown = CliRunner().invoke(main, ["plan", str(tiny_llama), "--format", "onnx", "--bits-per-weight", "6"])
     assert shown.exit_code == 0, shown.output
     assert "priced for GPTQ rounding: it leaves" in shown.output  # ONNX rounds by GPTQ on the built-in text too
+
+
+def test_gains_stop_the_forward_after_the_deepest_layer_priced_with_the_same_result(tiny_llama):
+    """Layers past the deepest one priced never run (a tied head is not priced), and what is measured does not move."""
+    from edgeq import registry
+    from edgeq.float_model import load_float_model
+    from edgeq.intake import open_model
+    from edgeq.quant.calibration import CALIBRATION_TEXT, WINDOW, calibration_windows
+    from edgeq.quant.gptq_pricing import measure_gains
+
+    source = open_model(tiny_llama)
+    model = load_float_model(source)
+    windows = calibration_windows(source.chat_tokenizer(), CALIBRATION_TEXT, 4 * WINDOW, WINDOW)
+    space = registry.formats.get("onnx").space()
+    last = len(model.model.layers) - 1
+    first_q, last_q = "model.layers.0.self_attn.q_proj.weight", f"model.layers.{last}.self_attn.q_proj.weight"
+    runs = []
+    hook = model.model.layers[last].register_forward_hook(lambda *_: runs.append(1))
+    try:
+        early = measure_gains(model, {first_q: ["int4", "int8"]}, space, windows, {}, progress=False)
+        assert not runs  # stopped after layer 0
+        whole = measure_gains(model, {first_q: ["int4", "int8"], last_q: ["int4"]}, space, windows, {}, progress=False)
+        assert runs  # the last layer priced: the whole stack ran
+    finally:
+        hook.remove()
+    assert early[first_q] == whole[first_q] and set(early[first_q]) == {"int4", "int8"}

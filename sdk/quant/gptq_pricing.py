@@ -12,6 +12,7 @@ not see.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -75,9 +76,14 @@ def by_kind(gains: dict[str, dict[str, float]], kinds: dict[str, str]) -> dict[s
     return {kind: {p: round(float(np.median(v)), 4) for p, v in values.items()} for kind, values in found.items()}
 
 
+class _DeepEnough(Exception):
+    """Raised once the deepest layer whose inputs are priced has run: the layers after it would run for nothing."""
+
+
 def _hessians(model, names: list[str], fit: list[list[int]], judge: list[list[int]]) -> dict:
     """HF name → (Hessian of its input on `fit`, on `judge`), each the upper triangle of XᵀX / tokens. The head's
-    input is the final norm's output, read there: the head itself never runs (as `compute_importance`)."""
+    input is the final norm's output, read there: the head itself never runs (as `compute_importance`). Without a
+    head to price, the forward stops after the deepest layer priced (at 1.5B, layer 14 of 28: half the cost)."""
     import torch
 
     from .gptq import upper_gram
@@ -89,6 +95,9 @@ def _hessians(model, names: list[str], fit: list[list[int]], judge: list[list[in
     def record(name, x):
         sums[name][part[0]] = sums[name][part[0]] + upper_gram(x.reshape(-1, x.shape[-1]))
 
+    def stop(*_):
+        raise _DeepEnough
+
     hooks = []
     for name in names:
         if name == "lm_head.weight":
@@ -96,11 +105,17 @@ def _hessians(model, names: list[str], fit: list[list[int]], judge: list[list[in
         else:
             module = model.get_submodule(name.removesuffix(".weight"))
             hooks.append(module.register_forward_pre_hook(lambda m, inputs, name=name: record(name, inputs[0])))
+    layers = [re.match(r"model\.layers\.(\d+)\.", name) for name in names]
+    if all(layers):
+        hooks.append(model.model.layers[max(int(m[1]) for m in layers)].register_forward_hook(stop))
     try:
         with torch.inference_mode():
             for part[0], windows in enumerate((fit, judge)):
                 for window in windows:
-                    model.model(input_ids=torch.tensor([window]), use_cache=False)
+                    try:
+                        model.model(input_ids=torch.tensor([window]), use_cache=False)
+                    except _DeepEnough:
+                        pass
                     counts[part[0]] += len(window)
     finally:
         for hook in hooks:

@@ -18,6 +18,12 @@ from .validate import first_error
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int:
+    """The decoder layer an HF weight name belongs to, or -1 (the embedding, the final norm, the head)."""
+    m = _LAYER.match(name)
+    return int(m[1]) if m else -1
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 

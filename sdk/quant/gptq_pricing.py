@@ -12,11 +12,11 @@ not see.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import replace
 
 import numpy as np
 
+from ..checkpoint import layer_index
 from ..progress import bar
 
 SAMPLE_ROWS = 128  # rows of a tensor GPTQ rounds per precision: rows are independent given the Hessian
@@ -105,9 +105,9 @@ def _hessians(model, names: list[str], fit: list[list[int]], judge: list[list[in
         else:
             module = model.get_submodule(name.removesuffix(".weight"))
             hooks.append(module.register_forward_pre_hook(lambda m, inputs, name=name: record(name, inputs[0])))
-    layers = [re.match(r"model\.layers\.(\d+)\.", name) for name in names]
-    if all(layers):
-        hooks.append(model.model.layers[max(int(m[1]) for m in layers)].register_forward_hook(stop))
+    layers = [layer_index(name) for name in names]
+    if min(layers) >= 0:
+        hooks.append(model.model.layers[max(layers)].register_forward_hook(stop))
     try:
         with torch.inference_mode():
             for part[0], windows in enumerate((fit, judge)):

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import registry
+from ..checkpoint import layer_index
 from ..metrics import kl_rows
 from ..progress import bar
 from .calibration import WINDOW, calibration_windows
@@ -192,7 +193,7 @@ def _gain_targets(model, tensors: dict) -> dict[str, list[str]]:
     layers = set(_spread(list(range(len(model.model.layers))))[:GAIN_LAYERS])
     own_head = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is not model.get_input_embeddings().weight
     return {name: list(info["options"]) for name, info in tensors.items()
-            if _layer(name) in layers or (name == TIED_HEAD and own_head)}
+            if layer_index(name) in layers or (name == TIED_HEAD and own_head)}
 
 
 def _measurement_order(tensors: dict) -> list[str]:
@@ -299,7 +300,7 @@ def simulate(model, choice: dict[str, str], space, importance: dict, window: lis
 
     ids = torch.tensor([window])
     with torch.inference_mode(), head_apart(model, space):
-        params = {n: model.get_parameter(n) for n in choice if _layer(n) < 0}  # the embedding and a head of its own
+        params = {n: model.get_parameter(n) for n in choice if layer_index(n) < 0}  # the embedding and a head of its own
         saved = {n: p.data for n, p in params.items()}
         ref = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
         try:
@@ -317,16 +318,11 @@ def simulate(model, choice: dict[str, str], space, importance: dict, window: lis
 def _first_changed_layer(model, name: str) -> int:
     """The first decoder layer whose output rounding `name` changes: a layer's own tensors change it, a head of its own
     none (all replayed), the embedding (and a head that is its table) the first."""
-    if _layer(name) >= 0:
-        return _layer(name)
+    if layer_index(name) >= 0:
+        return layer_index(name)
     if name.startswith("lm_head") and model.get_parameter(name) is not model.get_input_embeddings().weight:
         return len(model.model.layers)
     return 0
-
-
-def _layer(name: str) -> int:
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    return int(m[1]) if m else -1
 
 
 def _factor(known: list[tuple[int, float]], layer: int, fallback: float) -> float:
@@ -352,14 +348,14 @@ def _calibrate(tensors: dict) -> float | None:
     known: dict[str, list[tuple[int, float]]] = {}
     for name, info in tensors.items():
         if info["measured"] is not None:
-            known.setdefault(info["kind"], []).append((_layer(name), info["measured"] / base(info)))
+            known.setdefault(info["kind"], []).append((layer_index(name), info["measured"] / base(info)))
     for points in known.values():
         points.sort()
     overall = float(np.median([c for points in known.values() for _, c in points])) if known else 1.0
     predicted, actual = [], []
     for name, info in tensors.items():
         points = known.get(info["kind"], [])
-        layer = _layer(name)
+        layer = layer_index(name)
         if info["measured"] is not None:
             c = info["measured"] / base(info)
             others = [p for p in points if p[0] != layer]
